@@ -1,0 +1,212 @@
+"""`EngineArgs`: every engine option in one place, with vLLM's names and defaults, turned once
+into the frozen `EngineConfig` that every process reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+
+from ember.workers.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+from ember.workers.model_loader.resolve import resolve_model
+from ember.workers.models.registry import resolve_architecture
+
+_DTYPE_NAMES = {
+    "float32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "half": "float16",
+}
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_MAX_LEN_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "max_sequence_length",
+)
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # None = the embedded default model
+    tokenizer: str | None = None
+    tokenizer_mode: str = "auto"
+    skip_tokenizer_init: bool = False
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    quantization: str | None = None
+    revision: str | None = None
+    seed: int | None = 0
+    gpu_memory_utilization: float = 0.9
+    swap_space: float = 4
+    enforce_eager: bool = False
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    long_prefill_token_threshold: int = 0
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
+    load_format: str = "auto"
+    device: str = "auto"
+    num_threads: int | None = None
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def _validate(self) -> None:
+        if self.quantization is not None:
+            raise NotImplementedError(
+                f"quantization={self.quantization!r} is not supported yet; GGUF files are "
+                "dequantised on load"
+            )
+        if self.tensor_parallel_size != 1:
+            raise NotImplementedError("tensor_parallel_size > 1 is not supported yet")
+        if self.tokenizer_mode not in ("auto", "slow"):
+            raise ValueError(
+                f"tokenizer_mode must be 'auto' or 'slow', got {self.tokenizer_mode!r}"
+            )
+        if self.load_format not in _LOAD_FORMATS:
+            raise ValueError(
+                f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}"
+            )
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be non-negative, got {self.swap_space}")
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two <= 128, got {self.block_size}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(
+                f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}"
+            )
+
+    def _device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        return self.device
+
+    def create_engine_config(self) -> EngineConfig:
+        self._validate()
+        device = self._device()
+        model_dir, gguf_file = resolve_model(self.model, self.revision)
+        hf_config = load_config(model_dir, self.trust_remote_code)
+        max_model_len = _max_model_len(hf_config, self.max_model_len)
+        default_batched_tokens = 8192 if device == "cuda" else 2048
+        model_config = ModelConfig(
+            model=self.model or gguf_file or model_dir,
+            model_dir=model_dir,
+            architecture=resolve_architecture(hf_config),
+            dtype=_resolve_dtype(self.dtype, hf_config, device),
+            max_model_len=max_model_len,
+            vocab_size=hf_config.vocab_size,
+            eos_token_ids=_eos_token_ids(model_dir, hf_config),
+            load_format=self.load_format,
+            gguf_file=gguf_file,
+            tokenizer=self.tokenizer or model_dir,
+            revision=self.revision,
+            seed=0 if self.seed is None else self.seed,
+            trust_remote_code=self.trust_remote_code,
+        )
+        return EngineConfig(
+            model=model_config,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                num_kv_blocks=self.num_gpu_blocks_override,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                enable_prefix_caching=self.enable_prefix_caching,
+                swap_space_gib=self.swap_space,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens or default_batched_tokens,
+                max_model_len=max_model_len,
+                long_prefill_token_threshold=self.long_prefill_token_threshold,
+            ),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            device=DeviceConfig(
+                device=device, num_threads=self.num_threads, enforce_eager=self.enforce_eager
+            ),
+        )
+
+
+def load_config(model_dir: str, trust_remote_code: bool) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise ValueError(
+                f"the model in {model_dir!r} needs code from its repository; pass "
+                "trust_remote_code=True if you trust it"
+            ) from exc
+        raise
+
+
+def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
+    derived = None
+    for key in _MAX_LEN_KEYS:
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            derived = value if derived is None else min(derived, value)
+    if derived is None:
+        derived = 2048
+    if requested is None:
+        return derived
+    if requested > derived:
+        raise ValueError(
+            f"max_model_len={requested} is longer than the model's maximum of {derived} "
+            "(from its config.json)"
+        )
+    return requested
+
+
+def _resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device: str) -> str:
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype != "auto":
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(
+                f"dtype must be 'auto' or one of {sorted(_DTYPE_NAMES)}, got {dtype!r}"
+            )
+        return _DTYPE_NAMES[dtype]
+    if device == "cpu":
+        # Decision: float32 on CPU until the bfloat16 CPU path is measured (parity tests use it).
+        return "float32"
+    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    name = str(config_dtype).removeprefix("torch.") if config_dtype is not None else "float32"
+    return "bfloat16" if name == "float32" else _DTYPE_NAMES.get(name, "bfloat16")
+
+
+def _eos_token_ids(model_dir: str, hf_config: PretrainedConfig) -> tuple[int, ...]:
+    eos = None
+    if os.path.exists(os.path.join(model_dir, "generation_config.json")):
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    if eos is None:
+        eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)

@@ -1,0 +1,77 @@
+"""The engine core's step: schedule, execute on the workers, update, and report what changed.
+
+`EngineCore` is plain, single-threaded logic; `ember.enginecore.__main__` wraps it in a process
+with ZeroMQ I/O threads, and tests and tools may drive it in-process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ember.enginecore.executor import Executor, UniProcExecutor
+from ember.enginecore.kv_cache_manager import KVCacheManager
+from ember.enginecore.messages import EngineCoreOutput, EngineCoreRequest, FinishReason
+from ember.enginecore.request import Request
+from ember.enginecore.scheduler import Scheduler
+from ember.workers.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor_class: type[Executor] = UniProcExecutor):
+        self.executor = executor_class(config)
+        try:
+            num_blocks = config.cache.num_kv_blocks or self.executor.determine_num_kv_blocks()
+            block_size = config.cache.block_size
+            max_model_len = config.model.max_model_len
+            blocks_per_request = -(-max_model_len // block_size)
+            if num_blocks - 1 < blocks_per_request:
+                raise ValueError(
+                    f"the KV cache holds {(num_blocks - 1) * block_size} tokens, fewer than one "
+                    f"request of max_model_len={max_model_len}: raise kv_cache_memory_bytes "
+                    f"(or gpu_memory_utilization), or lower max_model_len"
+                )
+            self.executor.initialize_kv_cache(num_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens; maximum concurrency at "
+            "max_model_len=%d: %.1fx",
+            num_blocks - 1,
+            block_size,
+            (num_blocks - 1) * block_size,
+            max_model_len,
+            (num_blocks - 1) / blocks_per_request,
+        )
+        self.config = dataclasses.replace(
+            config, cache=dataclasses.replace(config.cache, num_kv_blocks=num_blocks)
+        )
+        self.kv_cache_manager = KVCacheManager(num_blocks, block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
+        self.eos_token_ids = config.model.eos_token_ids
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self.scheduler.add_request(Request.from_engine_core_request(request, self.eos_token_ids))
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        finished = self.scheduler.finish_requests(request_ids, FinishReason.ABORT)
+        return [
+            EngineCoreOutput(r.request_id, [], finish_reason=FinishReason.ABORT) for r in finished
+        ]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        """Run one step; return the outputs of the requests that produced or finished."""
+        if not self.scheduler.has_unfinished_requests():
+            return []
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.executor.execute_model(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,96 @@
+"""Messages between the frontend and the engine core (msgspec structs, no pickle).
+
+`EngineCoreRequest` is received here; `EngineCoreOutput(s)` are received by the frontend but
+defined here, the lowest layer that uses them (the frontend imports downward only).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from ember.workers.sampling_params import SamplingParams
+
+
+class FinishReason(enum.IntEnum):
+    """Why a request finished; `str()` gives vLLM's strings ("stop", "length", "abort")."""
+
+    STOP = 0
+    LENGTH = 1
+    ABORT = 2
+    ERROR = 3
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float = 0.0
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """What one request produced in one step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    outputs: list[EngineCoreOutput] = []
+    timestamp: float = 0.0
+
+
+class MessageType:
+    """The first frame of every message: `[type][msgpack payload][raw tensor frames...]`."""
+
+    # client -> engine core
+    HELLO = b"H"  # handshake; answered with READY (or STARTUP_ERROR)
+    ADD = b"A"  # payload: list[EngineCoreRequest]
+    ABORT = b"B"  # payload: list[str] (request ids)
+    UTILITY = b"U"  # payload: UtilityRequest
+    # engine core -> client
+    READY = b"R"  # payload: EngineCoreReadyInfo
+    STARTUP_ERROR = b"S"  # payload: EngineError
+    OUTPUTS = b"O"  # payload: EngineCoreOutputs
+    UTILITY_OUTPUT = b"V"  # payload: UtilityOutput
+    ENGINE_DEAD = b"D"  # payload: EngineError; the engine core is stopping
+
+
+class EngineCoreReadyInfo(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The engine's facts, sent in reply to the handshake."""
+
+    max_model_len: int
+    num_kv_blocks: int
+    block_size: int
+    dtype: str
+    vocab_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+class UtilityRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    call_id: int
+    method: str
+    args: list = []
+
+
+class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    call_id: int
+    result: object = None
+    error: str | None = None
+
+
+class EngineError(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    error_type: str
+    message: str

@@ -1,0 +1,192 @@
+"""Drives one worker process per tensor-parallel rank over the shared-memory broadcast queue.
+
+    engine core ──MessageQueue(N readers)──▶ worker 0 .. worker N-1
+                ◀──MessageQueue(1 reader)─── worker r   (one reply queue per worker)
+
+Workers are started with `subprocess` (`python -m ember.workers`); each prints its reply
+queue's handle on stdout. A worker that dies makes the next call raise `EngineDeadError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import msgspec
+
+from ember.enginecore.exceptions import EngineDeadError, EngineStartupError
+from ember.enginecore.executor import Executor
+from ember.workers.config import EngineConfig
+from ember.workers.rpc import (
+    DetermineNumKVBlocks,
+    ExecuteModel,
+    InitializeKVCache,
+    Shutdown,
+    WorkerCall,
+    WorkerReply,
+    call_encoder,
+    reply_decoder,
+)
+from ember.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from ember.workers.shm_broadcast import MessageQueue, QueueHandle
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.5
+_STARTUP_TIMEOUT_S = 600.0
+_SHUTDOWN_TIMEOUT_S = 5.0
+# The engine core's next call follows a reply at once; spinning longer would take CPU from
+# the model's threads on small machines.
+_BROADCAST_SPIN_S = 0.0005
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, config: EngineConfig):
+        super().__init__(config)
+        self.world_size = config.parallel.tensor_parallel_size
+        self.workers: list[subprocess.Popen] = []
+        self.reply_queues: list[MessageQueue] = []
+        self._private_dir = tempfile.mkdtemp(prefix="ember-workers-")
+        self.broadcast = MessageQueue(
+            self.world_size, chunk_bytes=1 << 20, num_chunks=8, spin_s=_BROADCAST_SPIN_S
+        )
+        try:
+            self._start_workers()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_workers(self) -> None:
+        config_path = os.path.join(self._private_dir, "config.json")
+        with open(config_path, "wb") as f:
+            f.write(msgspec.json.encode(self.config))
+        handle = msgspec.json.encode(self.broadcast.export_handle()).decode()
+        for rank in range(self.world_size):
+            command = [
+                sys.executable,
+                "-m",
+                "ember.workers",
+                "--config",
+                config_path,
+                "--broadcast-handle",
+                handle,
+                "--rank",
+                str(rank),
+            ]
+            self.workers.append(
+                subprocess.Popen(
+                    command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
+                )
+            )
+        for rank, process in enumerate(self.workers):
+            line = process.stdout.readline()
+            if not line:
+                raise EngineStartupError(
+                    f"worker {rank} exited during startup (exit code {process.wait()})"
+                )
+            reply_handle = msgspec.json.decode(line, type=QueueHandle)
+            self.reply_queues.append(MessageQueue.attach(reply_handle, reader_rank=0))
+        self.broadcast.wait_until_ready(timeout_s=60)
+        # Each worker says it is ready once its model is loaded.
+        for reply in self._collect(timeout_s=_STARTUP_TIMEOUT_S, what="startup"):
+            if reply.error is not None:
+                raise _rebuild_error(reply)
+
+    def _collect(self, timeout_s: float | None = None, what: str = "call") -> list[WorkerReply]:
+        """One reply from every rank, watching that each worker stays alive."""
+        replies = []
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for rank, queue in enumerate(self.reply_queues):
+            while True:
+                try:
+                    payload = queue.dequeue(timeout_s=_POLL_S)
+                    break
+                except (TimeoutError, EOFError):
+                    self._check_alive(rank)
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(f"worker {rank} did not answer {what}") from None
+            replies.append(reply_decoder.decode(payload))
+        return replies
+
+    def _check_alive(self, rank: int) -> None:
+        code = self.workers[rank].poll()
+        if code is not None:
+            raise EngineDeadError(f"worker {rank} died (exit code {code})")
+
+    def check_health(self) -> None:
+        for rank in range(len(self.workers)):
+            self._check_alive(rank)
+
+    def _call(self, call: WorkerCall) -> list[WorkerReply]:
+        self.broadcast.enqueue(call_encoder.encode(call))
+        replies = self._collect()
+        for reply in replies:
+            if reply.error is not None:
+                raise _rebuild_error(reply)
+        return replies
+
+    def determine_num_kv_blocks(self) -> int:
+        return min(reply.num_blocks for reply in self._call(DetermineNumKVBlocks()))
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self._call(InitializeKVCache(num_blocks))
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self._call(ExecuteModel(scheduler_output))[0].runner_output
+
+    def shutdown(self) -> None:
+        if getattr(self, "_shut_down", False):
+            return
+        self._shut_down = True
+        alive = [p for p in self.workers if p.poll() is None]
+        if alive and self.reply_queues:
+            try:
+                self.broadcast.enqueue(call_encoder.encode(Shutdown()), timeout_s=1.0)
+            except (TimeoutError, OSError, RuntimeError):
+                pass
+        for process in self.workers:
+            if process.stdin:
+                process.stdin.close()
+        deadline = time.monotonic() + _SHUTDOWN_TIMEOUT_S
+        for process in self.workers:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            if process.stdout:
+                process.stdout.close()
+        for queue in self.reply_queues:
+            queue.close()
+        self.broadcast.close()
+        _remove_dir(self._private_dir)
+
+
+_KNOWN_ERRORS = {
+    cls.__name__: cls
+    for cls in (ValueError, TypeError, FileNotFoundError, NotImplementedError, MemoryError)
+}
+
+
+def _rebuild_error(reply: WorkerReply) -> Exception:
+    """The worker's exception as the same builtin type where it is a plain one."""
+    error_class = _KNOWN_ERRORS.get(reply.error_type or "", RuntimeError)
+    message = (
+        reply.error
+        if error_class is not RuntimeError
+        else (f"worker {reply.rank}: {reply.error_type}: {reply.error}")
+    )
+    return error_class(message)
+
+
+def _remove_dir(path: str) -> None:
+    try:
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,234 @@
+"""The user's side of the engine core: starts `python -m ember.enginecore` in a private
+directory, talks to it over ZeroMQ with msgspec messages, and stops it.
+
+The child notices this process's death by itself (EOF on its stdin pipe); this side notices the
+child's death while waiting for outputs and raises `EngineDeadError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+
+import msgspec
+import zmq
+
+from ember.enginecore.exceptions import EngineDeadError, EngineStartupError
+from ember.enginecore.messages import (
+    EngineCoreOutputs,
+    EngineCoreReadyInfo,
+    EngineCoreRequest,
+    EngineError,
+    MessageType,
+    UtilityOutput,
+    UtilityRequest,
+)
+from ember.workers.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+_POLL_MS = 100
+_HANDSHAKE_RESEND_S = 0.5
+_STARTUP_TIMEOUT_S = 900.0
+_SHUTDOWN_TIMEOUT_S = 10.0
+_ERROR_TYPES = {
+    cls.__name__: cls
+    for cls in (ValueError, TypeError, FileNotFoundError, NotImplementedError, MemoryError)
+}
+
+
+class _Resources:
+    """Everything the client must release; closed by `shutdown()` or by `weakref.finalize`
+    (garbage collection, interpreter exit), never by `__del__`."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.context: zmq.Context | None = None
+        self.sockets: list[zmq.Socket] = []
+        self.private_dir: str | None = None
+
+    def close(self) -> None:
+        process = self.process
+        if process is not None:
+            if process.stdin is not None and not process.stdin.closed:
+                try:
+                    process.stdin.close()  # EOF: the engine core stops and stops its workers
+                except OSError:
+                    pass
+            try:
+                process.wait(timeout=_SHUTDOWN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.terminate()
+                try:
+                    process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for socket in self.sockets:
+            socket.close(linger=0)
+        self.sockets = []
+        if self.context is not None:
+            self.context.term()
+            self.context = None
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+            self.private_dir = None
+
+
+class EngineCoreClient:
+    def __init__(self, config: EngineConfig):
+        self._resources = _Resources()
+        self._finalizer = weakref.finalize(self, self._resources.close)
+        self.dead_reason: str | None = None
+        self._utility_ids = itertools.count()
+        self._output_decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
+        self._encoder = msgspec.msgpack.Encoder()
+        try:
+            self._start(config)
+            self.ready_info = self._handshake()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
+        resources = self._resources
+        resources.private_dir = tempfile.mkdtemp(prefix="ember-")  # mode 0700
+        config_path = os.path.join(resources.private_dir, "config.json")
+        with open(config_path, "wb") as f:
+            f.write(msgspec.json.encode(config))
+        input_address = f"ipc://{resources.private_dir}/input.sock"
+        output_address = f"ipc://{resources.private_dir}/output.sock"
+        resources.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ember.enginecore",
+                "--config",
+                config_path,
+                "--input-address",
+                input_address,
+                "--output-address",
+                output_address,
+            ],
+            stdin=subprocess.PIPE,
+            start_new_session=True,  # the terminal's Ctrl-C reaches only the user's process
+        )
+        self.identity = b"c" + secrets.token_bytes(7)
+        resources.context = zmq.Context(io_threads=1)
+        self.input_socket = resources.context.socket(zmq.DEALER)
+        self.output_socket = resources.context.socket(zmq.DEALER)
+        for socket, address in (
+            (self.input_socket, input_address),
+            (self.output_socket, output_address),
+        ):
+            socket.setsockopt(zmq.IDENTITY, self.identity)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(address)
+            resources.sockets.append(socket)
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self._resources.process
+
+    @property
+    def input_address(self) -> str:
+        return f"ipc://{self._resources.private_dir}/input.sock"
+
+    def _handshake(self) -> EngineCoreReadyInfo:
+        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+        next_hello = 0.0
+        while time.monotonic() < deadline:
+            if time.monotonic() >= next_hello:
+                self.input_socket.send(MessageType.HELLO)
+                next_hello = time.monotonic() + _HANDSHAKE_RESEND_S
+            if self.output_socket.poll(_POLL_MS):
+                message_type, payload = self.output_socket.recv_multipart()[:2]
+                if message_type == MessageType.READY:
+                    return msgspec.msgpack.decode(payload, type=EngineCoreReadyInfo)
+                if message_type == MessageType.STARTUP_ERROR:
+                    error = msgspec.msgpack.decode(payload, type=EngineError)
+                    raise _ERROR_TYPES.get(error.error_type, EngineStartupError)(error.message)
+            code = self.process.poll()
+            if code is not None:
+                raise EngineStartupError(
+                    f"the engine core exited during startup (exit code {code}); "
+                    "its log above says why"
+                )
+        raise EngineStartupError(f"the engine core was not ready after {_STARTUP_TIMEOUT_S} s")
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def _send(self, message_type: bytes, payload: object) -> None:
+        self._check_alive()
+        self.input_socket.send_multipart([message_type, self._encoder.encode(payload)])
+
+    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
+        self._send(MessageType.ADD, requests)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        if request_ids and self.dead_reason is None and self.process.poll() is None:
+            self._send(MessageType.ABORT, request_ids)
+
+    def get_outputs(self, timeout_s: float) -> EngineCoreOutputs | None:
+        """The next batch of outputs, or None after `timeout_s`; raises EngineDeadError."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._check_alive()
+            wait_ms = int(min(_POLL_MS, max(0.0, deadline - time.monotonic()) * 1000))
+            if self.output_socket.poll(wait_ms):
+                message = self._receive()
+                if message is not None:
+                    return message
+            elif time.monotonic() >= deadline:
+                return None
+
+    def _receive(self) -> EngineCoreOutputs | None:
+        frames = self.output_socket.recv_multipart(copy=False)
+        message_type = frames[0].bytes
+        if message_type == MessageType.OUTPUTS:
+            return self._output_decoder.decode(frames[1].buffer)
+        if message_type == MessageType.UTILITY_OUTPUT:
+            self._pending_utility = msgspec.msgpack.decode(frames[1].buffer, type=UtilityOutput)
+        elif message_type == MessageType.ENGINE_DEAD:
+            error = msgspec.msgpack.decode(frames[1].buffer, type=EngineError)
+            self.dead_reason = error.message
+            self._check_alive()
+        return None
+
+    def call_utility(self, method: str, *args: object, timeout_s: float = 60.0) -> object:
+        call_id = next(self._utility_ids)
+        self._pending_utility = None
+        self._send(MessageType.UTILITY, UtilityRequest(call_id, method, list(args)))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if self.output_socket.poll(_POLL_MS):
+                self._receive()
+                reply = self._pending_utility
+                if reply is not None and reply.call_id == call_id:
+                    if reply.error is not None:
+                        raise RuntimeError(reply.error)
+                    return reply.result
+        raise TimeoutError(f"the engine core did not answer {method!r} in {timeout_s} s")
+
+    def _check_alive(self) -> None:
+        if self.dead_reason is None:
+            code = self.process.poll()
+            if code is not None:
+                self.dead_reason = f"the engine core process exited (exit code {code})"
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+
+    def is_alive(self) -> bool:
+        return self.dead_reason is None and self.process.poll() is None
+
+    def shutdown(self) -> None:
+        self._finalizer()

@@ -1,0 +1,125 @@
+"""Turns what users pass to `LLM.generate` into token ids, and checks them before anything is
+sent to the engine: every accepted form of vLLM's prompts, lengths, vocabulary and parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ember.workers.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class ProcessedPrompt:
+    prompt: str | None
+    prompt_token_ids: list[int]
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in value
+    )
+
+
+def normalize_prompts(prompts: Any) -> list[str | list[int] | dict]:
+    """A string, a list of strings, a list of token ids, a list of lists of token ids, or prompt
+    dicts, as a list with one entry per prompt."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(
+            "prompts must be a string, a list of strings, a list of token ids, a list of lists "
+            f"of token ids, or prompt dicts; got {type(prompts).__name__}"
+        )
+    if prompts and _is_token_ids(prompts):
+        return [list(prompts)]
+    return list(prompts)
+
+
+def tokenize_prompt(prompt: Any, tokenizer: Any, index: int) -> ProcessedPrompt:
+    if isinstance(prompt, dict):
+        unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data", "cache_salt"}
+        if unknown:
+            raise ValueError(f"prompt {index}: unknown keys {sorted(unknown)}")
+        if prompt.get("multi_modal_data") is not None:
+            raise NotImplementedError("multi_modal_data is not supported")
+        if prompt.get("cache_salt") is not None:
+            raise NotImplementedError("cache_salt is not supported yet")
+        if "prompt_token_ids" in prompt:
+            token_ids = prompt["prompt_token_ids"]
+            if not _is_token_ids(token_ids):
+                raise TypeError(f"prompt {index}: prompt_token_ids must be a list of ints")
+            return ProcessedPrompt(prompt.get("prompt"), list(token_ids))
+        if "prompt" in prompt:
+            prompt = prompt["prompt"]
+        else:
+            raise ValueError(f"prompt {index}: a prompt dict needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True was given)")
+        return ProcessedPrompt(prompt, tokenizer.encode(prompt))
+    if _is_token_ids(prompt):
+        return ProcessedPrompt(None, list(prompt))
+    raise TypeError(
+        f"prompt {index} must be a string, a list of token ids or a prompt dict, "
+        f"got {type(prompt).__name__}"
+    )
+
+
+def check_prompt(
+    processed: ProcessedPrompt, index: int, max_model_len: int, vocab_size: int
+) -> None:
+    token_ids = processed.prompt_token_ids
+    if not token_ids:
+        raise ValueError(f"prompt {index} is empty")
+    if len(token_ids) > max_model_len:
+        raise ValueError(
+            f"prompt {index} is {len(token_ids)} tokens long, longer than "
+            f"max_model_len={max_model_len}"
+        )
+    low, high = min(token_ids), max(token_ids)
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"prompt {index} holds token id {bad}, outside the vocabulary [0, {vocab_size})"
+        )
+
+
+# SamplingParams fields the engine does not act on yet: refused rather than ignored.
+_UNSUPPORTED = {
+    "n": lambda v: v != 1,
+    "presence_penalty": lambda v: v != 0.0,
+    "frequency_penalty": lambda v: v != 0.0,
+    "repetition_penalty": lambda v: v != 1.0,
+    "min_p": lambda v: v != 0.0,
+    "logprobs": lambda v: v is not None,
+    "prompt_logprobs": lambda v: v is not None,
+    "logit_bias": lambda v: bool(v),
+    "allowed_token_ids": lambda v: v is not None,
+    "bad_words": lambda v: bool(v),
+}
+
+
+def check_sampling_params(params: Any, index: int) -> SamplingParams:
+    if not isinstance(params, SamplingParams):
+        raise TypeError(
+            f"sampling_params[{index}] must be a SamplingParams, got {type(params).__name__}"
+        )
+    for name, is_set in _UNSUPPORTED.items():
+        if is_set(getattr(params, name)):
+            raise NotImplementedError(f"SamplingParams.{name} is not supported yet")
+    return params
+
+
+def per_prompt_params(params: Any, num_prompts: int) -> Sequence[SamplingParams]:
+    if params is None:
+        params = SamplingParams()
+    if isinstance(params, (list, tuple)):
+        if len(params) != num_prompts:
+            raise ValueError(
+                f"sampling_params has {len(params)} entries for {num_prompts} prompts; "
+                "give one, or one per prompt"
+            )
+        return [check_sampling_params(p, i) for i, p in enumerate(params)]
+    return [check_sampling_params(params, 0)] * num_prompts

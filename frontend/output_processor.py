@@ -1,0 +1,91 @@
+"""Turns the engine core's per-step token ids into `RequestOutput`s: incremental detokenizing,
+stop strings (which abort the request in the engine), and finish reasons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ember.detokenizer import IncrementalDetokenizer
+from ember.enginecore.messages import EngineCoreOutput, FinishReason
+from ember.outputs import CompletionOutput, RequestOutput
+from ember.workers.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    detokenizer: IncrementalDetokenizer
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def to_output(self) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0,
+            text=self.detokenizer.output_text,
+            token_ids=list(self.detokenizer.output_token_ids),
+            cumulative_logprob=None,
+            logprobs=None,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            prompt_logprobs=None,
+            outputs=[completion],
+            finished=self.finished,
+            num_cached_tokens=self.num_cached_tokens,
+        )
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any | None):
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+    ) -> None:
+        detokenizer = IncrementalDetokenizer.from_sampling_params(
+            self.tokenizer, prompt_token_ids, params
+        )
+        self.states[request_id] = RequestState(request_id, prompt, prompt_token_ids, detokenizer)
+
+    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestState], list[str]]:
+        """Apply one step's outputs; return the requests that finished, and the ids the engine
+        must abort (a stop string ended them here)."""
+        finished, to_abort = [], []
+        for output in outputs:
+            state = self.states.get(output.request_id)
+            if state is None:  # a request this process already gave up on
+                continue
+            stopped_by_token = output.finish_reason is FinishReason.STOP
+            stop_string = state.detokenizer.update(output.new_token_ids, stopped_by_token)
+            if stop_string is not None:
+                state.finish_reason, state.stop_reason = "stop", stop_string
+                if not output.finished:
+                    to_abort.append(output.request_id)
+            elif output.finished:
+                state.finish_reason = str(output.finish_reason)
+                state.stop_reason = output.stop_reason
+            if state.finished:
+                finished.append(self.states.pop(output.request_id))
+        return finished, to_abort
+
+    def abort_all(self) -> list[str]:
+        request_ids = list(self.states)
+        self.states.clear()
+        return request_ids

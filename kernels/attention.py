@@ -1,0 +1,195 @@
+"""Attention over a paged KV cache, for a flat batch mixing decode tokens and prefill chunks.
+
+Called by `ember.workers.layers.attention.Attention`. The KV cache of one layer is a tensor
+`[2, num_blocks, block_size, num_kv_heads, head_dim]` (keys, then values). A request's tokens
+live in the blocks its block table lists:
+
+    request r, block_size 4, 10 tokens in the cache:
+      block_table[r] = [7, 2, 9]      slots: 7*4+0 .. 7*4+3 | 2*4+0 .. 2*4+3 | 9*4+0, 9*4+1
+
+New keys and values are written through `slot_mapping` (one slot per scheduled token, -1 for a
+padding token that must not be written). Requests with a single scheduled token (decodes) come
+first in the batch and are computed together; each longer chunk (prefill) is computed on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where each request's tokens sit in the flat batch and in the paged KV cache.
+
+    The batch holds `num_decodes` single-token requests first, then prefill chunks:
+        query_start_loc = [0, 1, 2, 7, 12]   -> two decodes, then chunks of 5 and 5 tokens
+        seq_lens        = [40, 9, 5, 20]     -> tokens in the cache after this step, per request
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = do not write
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor  # [num_reqs] int32
+    block_table: torch.Tensor  # [num_reqs, max_blocks_per_req] int32
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, so that the reference path never reads a device tensor back.
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+def write_kv_cache(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store `key`/`value` [T, Hkv, D] into the slots of `kv_cache` named by `slot_mapping` [T]."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of `query` [T, Hq, D] over the cached keys/values of each request.
+
+    The keys and values of this step must already be in `kv_cache` (see `write_kv_cache`).
+    Query token j of a chunk of length q_len sits at position seq_len - q_len + j and sees the
+    cached positions p with p <= its position (and p > position - sliding_window if set).
+    """
+    output = torch.empty_like(query)
+    num_decodes = metadata.num_decodes
+    if num_decodes > 0:
+        output[:num_decodes] = _decode_attention(
+            query[:num_decodes], kv_cache, metadata, scale, sliding_window, logits_soft_cap
+        )
+    starts = metadata.query_start_loc_cpu
+    for req in range(num_decodes, metadata.num_reqs):
+        start, end = starts[req], starts[req + 1]
+        output[start:end] = _chunk_attention(
+            query[start:end],
+            kv_cache,
+            metadata.block_table[req],
+            metadata.seq_lens_cpu[req],
+            scale,
+            sliding_window,
+            logits_soft_cap,
+        )
+    return output
+
+
+def _gather_kv(
+    kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [..., num_tokens, Hkv, D] of the blocks `block_ids` [..., n]."""
+    blocks = kv_cache[:, block_ids]  # [2, ..., n, block_size, Hkv, D]
+    blocks = blocks.flatten(-4, -3)[..., :num_tokens, :, :]
+    return blocks[0], blocks[1]
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    logits_soft_cap: float | None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """query [B, Hq, Q, D], key/value [B, Hkv, K, D], mask [B or 1, 1, Q, K] (True = attend)."""
+    if logits_soft_cap is None:
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scale, is_causal=is_causal, enable_gqa=True
+        )
+    group = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(group, dim=1)
+    value = value.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
+    if is_causal:
+        q_len, k_len = scores.shape[-2:]
+        mask = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), value.float()).to(query.dtype)
+
+
+def _decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:
+    """All single-token requests at once: keys padded to the longest context and masked."""
+    num_decodes = query.shape[0]
+    block_size = kv_cache.shape[2]
+    seq_lens = metadata.seq_lens[:num_decodes]
+    max_len = max(metadata.seq_lens_cpu[:num_decodes])
+    num_blocks = -(-max_len // block_size)
+    block_ids = metadata.block_table[:num_decodes, :num_blocks]
+    key, value = _gather_kv(kv_cache, block_ids, max_len)  # [B, L, Hkv, D]
+    positions = torch.arange(max_len, device=query.device)
+    mask = positions[None, :] < seq_lens[:, None]
+    if sliding_window is not None:
+        mask &= positions[None, :] >= (seq_lens[:, None] - sliding_window)
+    out = _attend(
+        query.unsqueeze(2),  # [B, Hq, 1, D]
+        key.transpose(1, 2).to(query.dtype),
+        value.transpose(1, 2).to(query.dtype),
+        mask[:, None, None, :],
+        scale,
+        logits_soft_cap,
+    )
+    return out.squeeze(2)
+
+
+def _chunk_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    seq_len: int,
+    scale: float,
+    sliding_window: int | None,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:
+    """One request's chunk of q_len tokens, the last q_len of its seq_len cached tokens."""
+    q_len = query.shape[0]
+    block_size = kv_cache.shape[2]
+    num_blocks = -(-seq_len // block_size)
+    key, value = _gather_kv(kv_cache, block_ids[:num_blocks], seq_len)  # [L, Hkv, D]
+    mask = None
+    is_causal = sliding_window is None and q_len == seq_len
+    if not is_causal:
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
+        key_pos = torch.arange(seq_len, device=query.device)[None, :]
+        mask = key_pos <= query_pos
+        if sliding_window is not None:
+            mask &= key_pos > query_pos - sliding_window
+        mask = mask[None, None]
+    out = _attend(
+        query.transpose(0, 1).unsqueeze(0),  # [1, Hq, Q, D]
+        key.transpose(0, 1).unsqueeze(0).to(query.dtype),
+        value.transpose(0, 1).unsqueeze(0).to(query.dtype),
+        mask,
+        scale,
+        logits_soft_cap,
+        is_causal=is_causal,
+    )
+    return out[0].transpose(0, 1)

@@ -1,0 +1,49 @@
+"""Rotary position embedding applied to query and key vectors, looked up by position."""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply_rotary_emb(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox_style: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate `query` [T, Hq, D] and `key` [T, Hk, D] by the angles of `positions` [T].
+
+    `cos_sin_cache` is [max_position, rotary_dim] holding [cos | sin] halves. Only the first
+    rotary_dim channels of each head rotate (partial rotary); the rest pass through.
+    Neox style pairs channel i with i + rotary_dim/2; GPT-J style pairs 2i with 2i+1.
+    """
+    cos_sin = cos_sin_cache.index_select(0, positions)
+    cos, sin = cos_sin.chunk(2, dim=-1)  # [T, rotary_dim / 2] each
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    rotary_dim = cos_sin_cache.shape[-1]
+    return (
+        _rotate(query, cos, sin, rotary_dim, is_neox_style),
+        _rotate(key, cos, sin, rotary_dim, is_neox_style),
+    )
+
+
+def _rotate(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, is_neox_style: bool
+) -> torch.Tensor:
+    x_rot = x[..., :rotary_dim].float()
+    if is_neox_style:
+        x1, x2 = x_rot.chunk(2, dim=-1)
+    else:
+        x1, x2 = x_rot[..., ::2], x_rot[..., 1::2]
+    out1 = x1 * cos - x2 * sin
+    out2 = x2 * cos + x1 * sin
+    if is_neox_style:
+        rotated = torch.cat((out1, out2), dim=-1)
+    else:
+        rotated = torch.stack((out1, out2), dim=-1).flatten(-2)
+    rotated = rotated.to(x.dtype)
+    if rotary_dim == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)

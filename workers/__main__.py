@@ -1,0 +1,5 @@
+"""`python -m ember.workers`: see `ember.workers.worker_process`."""
+
+from ember.workers.worker_process import main
+
+main()

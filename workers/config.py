@@ -1,0 +1,71 @@
+"""The engine's configuration: a chain of frozen dataclasses built once from the user's arguments.
+
+Built by `ember.enginecore.arg_utils.EngineArgs.create_engine_config`, sent to every process
+(msgspec encodes dataclasses), and read everywhere below. Each field is a plain value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which weights, how they are read, and the facts of the model the scheduler needs."""
+
+    model: str  # what the user asked for (repo id, directory, or .gguf file)
+    model_dir: str  # local directory holding config.json (and tokenizer files)
+    architecture: str  # e.g. "LlamaForCausalLM"
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    load_format: str = "auto"  # "auto" | "safetensors" | "gguf" | "dummy"
+    gguf_file: str | None = None  # path of the .gguf file when the weights come from one
+    tokenizer: str | None = None  # tokenizer directory (defaults to model_dir)
+    revision: str | None = None
+    seed: int = 0
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The paged KV cache: block geometry and how much memory it may take."""
+
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None  # CPU budget; None = derived from free memory
+    num_kv_blocks: int | None = None  # set by the engine once the capacity is known
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    swap_space_gib: float = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Limits of one engine step."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    long_prefill_token_threshold: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    device: str = "cpu"  # "cpu" | "cuda"
+    num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+    enforce_eager: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)

@@ -1,0 +1,1 @@
+"""Layers shared by every model: parallel linear layers, embeddings, norms, rotary, attention."""

@@ -1,0 +1,58 @@
+"""Token embedding and LM head, with the vocabulary split across tensor-parallel ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.workers.distributed import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from ember.workers.layers.linear import default_weight_loader
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds ceil(vocab / tp_size) rows; padding rows beyond the vocabulary are zero."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.num_embeddings = num_embeddings
+        self.rows_per_rank = -(-num_embeddings // self.tp_size)
+        self.vocab_start = self.tp_rank * self.rows_per_rank
+        self.weight = nn.Parameter(
+            torch.zeros(self.rows_per_rank, embedding_dim), requires_grad=False
+        )
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        if loaded_weight.shape[0] != self.num_embeddings:
+            raise ValueError(
+                f"shape mismatch: checkpoint has {tuple(loaded_weight.shape)}, model expects "
+                f"({self.num_embeddings}, {param.shape[1]})"
+            )
+        rows = min(self.rows_per_rank, self.num_embeddings - self.vocab_start)
+        default_weight_loader(
+            param.data.narrow(0, 0, rows), loaded_weight.narrow(0, self.vocab_start, rows)
+        )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local_ids = input_ids - self.vocab_start
+        outside = (local_ids < 0) | (local_ids >= self.rows_per_rank)
+        out = F.embedding(local_ids.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0)
+        return tp_all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection to vocabulary logits; may share its weight with the embedding."""
+
+    def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
+        self.weight = embedding.weight
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] (float32) of hidden states [N, H], gathered from every rank."""
+        logits = F.linear(hidden_states, self.weight)
+        logits = tp_all_gather(logits, dim=-1)
+        return logits[:, : self.num_embeddings].float()

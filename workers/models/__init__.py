@@ -1,0 +1,1 @@
+"""One module per model architecture; `registry` picks one by `architectures` in config.json."""

@@ -1,0 +1,45 @@
+"""Model architectures ember runs, by the name `architectures` in config.json gives."""
+
+from __future__ import annotations
+
+import importlib
+
+from transformers import PretrainedConfig
+
+# architecture name -> (module in ember.workers.models, class name)
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def resolve_architecture(config: PretrainedConfig) -> str:
+    """The first architecture of the config that ember supports, or a ValueError naming them."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not architectures:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", ""))
+        architectures = [name] if name else []
+    for name in architectures:
+        if name in _MODELS:
+            return name
+    raise ValueError(
+        f"unsupported model architecture {architectures or config.model_type!r}; "
+        f"ember supports: {', '.join(supported_architectures())}"
+    )
+
+
+def get_model_class(architecture: str) -> type:
+    if architecture not in _MODELS:
+        raise ValueError(
+            f"unsupported model architecture {architecture!r}; "
+            f"ember supports: {', '.join(supported_architectures())}"
+        )
+    module_name, class_name = _MODELS[architecture]
+    module = importlib.import_module(f"ember.workers.models.{module_name}")
+    return getattr(module, class_name)

@@ -1,0 +1,51 @@
+"""What the engine core tells the workers each step, and what rank 0 answers.
+
+Each step carries deltas: a request appears in full once (`NewRequestData`), then only what
+changed (`CachedRequestData`); workers keep the rest. Encoded with msgspec on the broadcast queue.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from ember.workers.sampling_params import SamplingParams
+
+
+class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A request the workers have not seen, or one resumed after a preemption (then its
+    earlier outputs come along, and the worker keeps the request's random generator)."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int = 0
+    output_token_ids: list[int] = []  # tokens generated before a preemption
+
+
+class CachedRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A request the workers already hold: its newly allocated blocks and progress."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+class SchedulerOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One engine step. Requests run in the order of `num_scheduled_tokens`."""
+
+    scheduled_new_reqs: list[NewRequestData] = []
+    scheduled_cached_reqs: list[CachedRequestData] = []
+    num_scheduled_tokens: dict[str, int] = {}
+    finished_req_ids: list[str] = []  # finished or aborted: forget them
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+
+class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The tokens sampled this step, for the requests that reached the end of their tokens."""
+
+    req_ids: list[str] = []
+    sampled_token_ids: list[int] = []

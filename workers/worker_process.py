@@ -1,0 +1,117 @@
+"""The worker process (`python -m ember.workers`): one tensor-parallel rank driven by the
+engine core over the shared-memory broadcast queue.
+
+Startup: read the EngineConfig and the broadcast queue's handle (JSON lines on argv files),
+create this rank's reply queue, print its handle as one JSON line on stdout, build the Worker,
+then answer calls until `Shutdown`, the queue closes, or the engine core goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+import msgspec
+
+from ember.workers.config import EngineConfig
+from ember.workers.parent_watch import set_process_name, watch_parent
+from ember.workers.rpc import (
+    DetermineNumKVBlocks,
+    ExecuteModel,
+    InitializeKVCache,
+    Shutdown,
+    WorkerCall,
+    WorkerReply,
+    call_decoder,
+    reply_encoder,
+)
+from ember.workers.shm_broadcast import MessageQueue, QueueHandle
+
+logger = logging.getLogger("ember.worker")
+
+_POLL_S = 1.0
+# A waiting worker spins this long after a message before it blocks: the engine core's next
+# call follows a reply within microseconds, while a longer spin would take CPU from the model.
+_SPIN_S = 0.0005
+
+
+def _answer(worker, call: WorkerCall, rank: int) -> WorkerReply:
+    if isinstance(call, ExecuteModel):
+        output = worker.execute_model(call.scheduler_output)
+        return WorkerReply(rank=rank, runner_output=output if rank == 0 else None)
+    if isinstance(call, DetermineNumKVBlocks):
+        return WorkerReply(rank=rank, num_blocks=worker.num_available_kv_blocks())
+    if isinstance(call, InitializeKVCache):
+        worker.initialize_kv_cache(call.num_blocks)
+        return WorkerReply(rank=rank)
+    raise TypeError(f"unknown worker call {type(call).__name__}")
+
+
+def run_worker(config: EngineConfig, broadcast_handle: QueueHandle, rank: int) -> None:
+    stop = threading.Event()
+    watch_parent(stop.set)
+    broadcast = MessageQueue.attach(broadcast_handle, reader_rank=rank)
+    replies = MessageQueue(1, chunk_bytes=1 << 20, num_chunks=4, spin_s=_SPIN_S)
+    sys.stdout.write(msgspec.json.encode(replies.export_handle()).decode() + "\n")
+    sys.stdout.flush()
+    replies.wait_until_ready(timeout_s=60)
+    from ember.workers.worker import Worker  # torch loads here, after the handshake is out
+
+    worker = None
+    try:
+        worker = Worker(config, rank)
+        replies.enqueue(reply_encoder.encode(WorkerReply(rank=rank)))  # ready
+    except Exception as exc:
+        logger.exception("worker %d failed to start", rank)
+        replies.enqueue(reply_encoder.encode(_error_reply(rank, exc)))
+    try:
+        while worker is not None and not stop.is_set():
+            try:
+                payload = broadcast.dequeue(timeout_s=_POLL_S)
+            except TimeoutError:
+                continue
+            except EOFError:
+                break
+            call = call_decoder.decode(payload)
+            if isinstance(call, Shutdown):
+                break
+            try:
+                reply = _answer(worker, call, rank)
+            except Exception as exc:
+                logger.exception("worker %d failed in %s", rank, type(call).__name__)
+                reply = _error_reply(rank, exc)
+            replies.enqueue(reply_encoder.encode(reply))
+    finally:
+        replies.close()
+        broadcast.close()
+
+
+def _error_reply(rank: int, exc: BaseException) -> WorkerReply:
+    return WorkerReply(rank=rank, error=str(exc), error_type=type(exc).__name__)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m ember.workers")
+    parser.add_argument("--config", required=True, help="EngineConfig as a JSON file")
+    parser.add_argument("--broadcast-handle", required=True, help="QueueHandle as JSON")
+    parser.add_argument("--rank", type=int, default=0)
+    args = parser.parse_args()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the user's process
+    set_process_name(f"ember-worker-{args.rank}")
+    logging.basicConfig(
+        level=os.environ.get("EMBER_LOG_LEVEL", "INFO"),
+        format=f"%(levelname)s %(asctime)s [worker {args.rank}] %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    with open(args.config, "rb") as f:
+        config = msgspec.json.decode(f.read(), type=EngineConfig)
+    handle = msgspec.json.decode(args.broadcast_handle.encode(), type=QueueHandle)
+    run_worker(config, handle, args.rank)
+
+
+if __name__ == "__main__":
+    main()
