@@ -18,6 +18,7 @@ from ember.workers.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from ember.workers.layers.rotary_embedding import rope_parameters
 from ember.workers.model_loader.resolve import resolve_model
 from ember.workers.models.registry import resolve_architecture
 
@@ -29,12 +30,15 @@ _DTYPE_NAMES = {
     "half": "float16",
 }
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-_MAX_LEN_KEYS = (
+_MAX_LEN_KEYS = (  # vLLM's list
     "max_position_embeddings",
     "n_positions",
     "max_seq_len",
     "seq_length",
+    "max_target_positions",
     "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
 )
 
 
@@ -167,6 +171,13 @@ def load_config(model_dir: str, trust_remote_code: bool) -> PretrainedConfig:
 
 
 def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
+    """vLLM's rule: the smallest length key of the config, stretched by the rope scaling factor
+    (yarn: from `original_max_position_embeddings`; not for llama3 / longrope, whose configs
+    state the stretched length already). A longer `requested` is refused.
+
+    Decision for `dynamic` rope: the default stays the unstretched length, where ember equals
+    Hugging Face; a longer `max_model_len` may be asked for (up to the stretched length), and
+    the rotary table is then NTK-scaled for it as vLLM does."""
     derived = None
     for key in _MAX_LEN_KEYS:
         value = getattr(hf_config, key, None)
@@ -174,31 +185,79 @@ def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
             derived = value if derived is None else min(derived, value)
     if derived is None:
         derived = 2048
+    default = limit = derived
+    rope = rope_parameters(hf_config)
+    rope_type = rope.get("rope_type", "default")
+    factor = rope.get("factor")
+    if rope_type not in ("default", "llama3", "longrope", "su") and factor:
+        if rope_type == "yarn" and rope.get("original_max_position_embeddings"):
+            limit = rope["original_max_position_embeddings"]
+        limit = int(limit * factor)
+        default = derived if rope_type == "dynamic" else limit
     if requested is None:
-        return derived
-    if requested > derived:
+        return default
+    if requested > limit:
         raise ValueError(
-            f"max_model_len={requested} is longer than the model's maximum of {derived} "
+            f"max_model_len={requested} is longer than the model's maximum of {limit} "
             "(from its config.json)"
         )
     return requested
 
 
+# Models whose activations overflow float16 (vLLM refuses them too).
+_FLOAT16_UNSTABLE_MODEL_TYPES = ("gemma2", "gemma3", "gemma3_text")
+
+
 def _resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device: str) -> str:
+    """vLLM's rules: "auto" takes the config's dtype, float32 becoming bfloat16 on a GPU (on CPU
+    ember keeps float32, a decision until the bfloat16 CPU path is measured); a named dtype is
+    used as given, unless the device or the model cannot compute in it."""
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
-    if dtype != "auto":
-        if dtype not in _DTYPE_NAMES:
-            raise ValueError(
-                f"dtype must be 'auto' or one of {sorted(_DTYPE_NAMES)}, got {dtype!r}"
-            )
-        return _DTYPE_NAMES[dtype]
-    if device == "cpu":
-        # Decision: float32 on CPU until the bfloat16 CPU path is measured (parity tests use it).
-        return "float32"
-    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    name = str(config_dtype).removeprefix("torch.") if config_dtype is not None else "float32"
-    return "bfloat16" if name == "float32" else _DTYPE_NAMES.get(name, "bfloat16")
+    if dtype == "auto":
+        if device == "cpu":
+            return "float32"
+        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        name = str(config_dtype).removeprefix("torch.") if config_dtype is not None else "float32"
+        name = "bfloat16" if name == "float32" else _DTYPE_NAMES.get(name, "bfloat16")
+        if name == "float16" and hf_config.model_type in _FLOAT16_UNSTABLE_MODEL_TYPES:
+            name = "bfloat16"
+        if name == "bfloat16" and not torch.cuda.is_bf16_supported():
+            name = "float16"
+        return name
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
+    name = _DTYPE_NAMES[dtype]
+    if name == "float16" and hf_config.model_type in _FLOAT16_UNSTABLE_MODEL_TYPES:
+        raise ValueError(
+            f"dtype={dtype!r}: {hf_config.model_type} overflows in float16; use 'bfloat16' "
+            "or 'float32'"
+        )
+    if name == "float16" and device == "cpu" and not _cpu_computes(torch.float16):
+        raise ValueError(
+            f"dtype={dtype!r}: this torch build ({torch.__version__}) cannot compute in float16 "
+            "on CPU; use 'bfloat16' or 'float32'"
+        )
+    if name == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"dtype={dtype!r}: this GPU has no bfloat16 support (compute capability < 8.0); "
+            "use 'float16' or 'float32'"
+        )
+    return name
+
+
+def _cpu_computes(dtype: torch.dtype) -> bool:
+    """Whether the operations a model runs (matmul, attention, softmax, norms) work in `dtype`
+    on this CPU with this torch build."""
+    try:
+        x = torch.ones(1, 2, 4, 8, dtype=dtype)
+        torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
+        torch.nn.functional.linear(x, torch.ones(8, 8, dtype=dtype)).softmax(-1)
+        torch.nn.functional.silu(x).float().pow(2).mean(-1)
+        torch.nn.functional.layer_norm(x, (8,))
+    except RuntimeError:
+        return False
+    return True
 
 
 def _eos_token_ids(model_dir: str, hf_config: PretrainedConfig) -> tuple[int, ...]:

@@ -4,24 +4,34 @@ busy loop that drains inputs, steps the `EngineCore`, and sends outputs.
     clients' DEALERs ──▶ input ROUTER ── input thread ──▶ input queue ──▶ busy loop
     clients' DEALERs ◀── output ROUTER ◀─ output thread ◀─ output queue ◀─┘
 
-Each client connects a DEALER to both sockets under one identity; outputs of a request go to
-the client that sent it. Frames that do not decode are logged and dropped. This process does
-not import torch: the model lives in the worker processes.
+Each client connects a DEALER to both sockets under one identity; outputs of a request go to the
+client that sent it, so several frontends can share one engine. A client that stops sending
+(PING while it waits) for `CLIENT_TIMEOUT_S` has its requests aborted. With a token, only clients
+whose HELLO carried it are served. Frames that do not decode are logged and dropped.
+
+Started two ways: by a frontend (`--config`, private ipc:// addresses; the engine stops when its
+stdin reaches EOF), or standalone (`--model ... --listen ADDR`, serves until SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import queue
+import secrets
 import signal
+import sys
 import threading
+import time
 from collections import defaultdict
 
 import msgspec
 import zmq
 
+from ember.enginecore.addresses import is_loopback, socket_addresses
 from ember.enginecore.engine_core import EngineCore
 from ember.enginecore.exceptions import EngineDeadError
 from ember.enginecore.messages import (
@@ -29,11 +39,13 @@ from ember.enginecore.messages import (
     EngineCoreReadyInfo,
     EngineCoreRequest,
     EngineError,
+    Hello,
     MessageType,
     UtilityOutput,
     UtilityRequest,
 )
 from ember.enginecore.multiproc_executor import MultiprocExecutor
+from ember.enginecore.step_trace import StepTrace
 from ember.workers.config import EngineConfig
 from ember.workers.parent_watch import set_process_name, watch_parent
 
@@ -41,12 +53,22 @@ logger = logging.getLogger("ember.enginecore")
 
 _IDLE_POLL_S = 0.5
 _STARTUP_ERROR_GRACE_S = 5.0
+CLIENT_TIMEOUT_S = 10.0
 _STOP = object()  # an input-queue item that wakes the busy loop to stop
 
 
 class EngineCoreProc:
-    def __init__(self, config: EngineConfig, input_address: str, output_address: str):
+    def __init__(
+        self,
+        config: EngineConfig,
+        input_address: str,
+        output_address: str,
+        token: str | None = None,
+        client_timeout_s: float = CLIENT_TIMEOUT_S,
+    ):
         self.config = config
+        self.token = token
+        self.client_timeout_s = client_timeout_s
         self.context = zmq.Context(io_threads=1)
         self.input_socket = self.context.socket(zmq.ROUTER)
         self.input_socket.bind(input_address)
@@ -57,9 +79,13 @@ class EngineCoreProc:
         self.output_queue: queue.Queue = queue.Queue()
         self.stop_event = threading.Event()
         self.request_client: dict[str, bytes] = {}
-        self.clients: set[bytes] = set()
+        self.client_requests: dict[bytes, set[str]] = defaultdict(set)
+        self.client_last_seen: dict[bytes, float] = {}
+        self.authenticated: set[bytes] = set()
         self.engine_core: EngineCore | None = None
+        self.trace = StepTrace()
         self.decoders = {
+            MessageType.HELLO: msgspec.msgpack.Decoder(Hello),
             MessageType.ADD: msgspec.msgpack.Decoder(list[EngineCoreRequest]),
             MessageType.ABORT: msgspec.msgpack.Decoder(list[str]),
             MessageType.UTILITY: msgspec.msgpack.Decoder(UtilityRequest),
@@ -88,8 +114,10 @@ class EngineCoreProc:
         if len(frames) < 2:
             raise ValueError("expected [identity, type, payload...]")
         identity, message_type = frames[0].bytes, frames[1].bytes
-        if message_type == MessageType.HELLO:
+        if message_type == MessageType.PING:
             return identity, message_type, None
+        if message_type == MessageType.HELLO and len(frames) == 2:
+            return identity, message_type, Hello()
         if message_type not in self.decoders or len(frames) < 3:
             raise ValueError(f"unknown message type {message_type[:16]!r}")
         return identity, message_type, self.decoders[message_type].decode(frames[2].buffer)
@@ -112,20 +140,28 @@ class EngineCoreProc:
 
     # ---- busy loop ---------------------------------------------------------------------
 
-    def run(self) -> None:
+    def start_engine(self) -> bool:
+        """Build the engine core (workers, KV cache); on failure tell the client why."""
+        try:
+            self.engine_core = EngineCore(self.config, MultiprocExecutor)
+            return True
+        except Exception as exc:  # noqa: BLE001 (reported to the client, then exit)
+            logger.error("engine core failed to start: %s: %s", type(exc).__name__, exc)
+            self._report_startup_error(exc)
+            return False
+
+    def run(self, on_ready=None) -> None:
         input_thread = threading.Thread(target=self._input_loop, name="input", daemon=True)
         output_thread = threading.Thread(target=self._output_loop, name="output", daemon=True)
         input_thread.start()
         output_thread.start()
         try:
-            try:
-                self.engine_core = EngineCore(self.config, MultiprocExecutor)
-            except Exception as exc:  # noqa: BLE001 (reported to the client, then exit)
-                logger.error("engine core failed to start: %s: %s", type(exc).__name__, exc)
-                self._report_startup_error(exc)
-                return
-            self._busy_loop()
+            if self.start_engine():
+                if on_ready is not None:
+                    on_ready(self)
+                self._busy_loop()
         finally:
+            self._abort_everything("the engine core is shutting down")
             if self.engine_core is not None:
                 self.engine_core.shutdown()
             self.output_queue.put(_STOP)
@@ -151,6 +187,7 @@ class EngineCoreProc:
 
     def _busy_loop(self) -> None:
         core = self.engine_core
+        next_client_check = time.monotonic() + _IDLE_POLL_S
         while not self.stop_event.is_set():
             try:
                 if not core.has_unfinished_requests():
@@ -162,42 +199,107 @@ class EngineCoreProc:
                     self._handle_input(item)
                 while not self.input_queue.empty():
                     self._handle_input(self.input_queue.get_nowait())
+                if time.monotonic() >= next_client_check:
+                    self._drop_silent_clients()
+                    next_client_check = time.monotonic() + _IDLE_POLL_S
                 if core.has_unfinished_requests():
-                    self._emit(core.step())
-            except EngineDeadError as exc:
-                logger.error("engine is dead: %s", exc)
-                for identity in self.clients:
-                    self._send(
-                        identity, MessageType.ENGINE_DEAD, EngineError("EngineDeadError", str(exc))
-                    )
+                    with self.trace.span("step"):
+                        outputs = core.step()
+                    with self.trace.span("emit"):
+                        self._emit(outputs)
+            except Exception as exc:  # every client is told, then the engine stops
+                if isinstance(exc, EngineDeadError):
+                    logger.error("engine is dead: %s", exc)
+                else:
+                    logger.exception("engine core failed")
+                dead = EngineError("EngineDeadError", f"{type(exc).__name__}: {exc}")
+                for identity in list(self.client_last_seen):
+                    self._send(identity, MessageType.ENGINE_DEAD, dead)
+                self.request_client.clear()
                 return
 
     def _handle_input(self, item) -> None:
         if item is _STOP:
             return
         identity, message_type, payload = item
-        core = self.engine_core
-        self.clients.add(identity)
+        self.client_last_seen[identity] = time.monotonic()
         if message_type == MessageType.HELLO:
-            self._send(identity, MessageType.READY, self._ready_info())
+            self._hello(identity, payload)
+            return
+        if self.token is not None and identity not in self.authenticated:
+            logger.warning("dropped a message from a client that did not present the token")
+            return
+        core = self.engine_core
+        if message_type == MessageType.PING:
+            self._send(identity, MessageType.PONG, None)
         elif message_type == MessageType.ADD:
             for request in payload:
+                if request.request_id in self.request_client:
+                    logger.warning("dropped a request with a duplicate id %r", request.request_id)
+                    continue
                 self.request_client[request.request_id] = identity
+                self.client_requests[identity].add(request.request_id)
                 core.add_request(request)
         elif message_type == MessageType.ABORT:
-            outputs = core.abort_requests(payload)
-            self._emit(outputs)
+            own = [r for r in payload if self.request_client.get(r) == identity]
+            self._emit(core.abort_requests(own))
         elif message_type == MessageType.UTILITY:
             self._send(identity, MessageType.UTILITY_OUTPUT, self._call_utility(payload))
 
+    def _hello(self, identity: bytes, hello: Hello) -> None:
+        if self.token is not None and not secrets.compare_digest(
+            (hello.token or "").encode(), self.token.encode()
+        ):
+            logger.warning("refused a client with a wrong or missing token")
+            error = EngineError("PermissionError", "the engine core refused the token")
+            self._send(identity, MessageType.STARTUP_ERROR, error)
+            return
+        self.authenticated.add(identity)
+        self._send(identity, MessageType.READY, self._ready_info())
+
+    def _drop_silent_clients(self) -> None:
+        """Abort the requests of clients that stopped sending: they died or disconnected."""
+        deadline = time.monotonic() - self.client_timeout_s
+        for identity, request_ids in list(self.client_requests.items()):
+            if request_ids and self.client_last_seen.get(identity, 0.0) < deadline:
+                logger.warning(
+                    "client %s silent for %.0f s: aborting its %d requests",
+                    identity.hex(),
+                    self.client_timeout_s,
+                    len(request_ids),
+                )
+                self._emit(self.engine_core.abort_requests(list(request_ids)))
+                self.client_requests.pop(identity, None)
+                self.authenticated.discard(identity)
+
+    def _abort_everything(self, reason: str) -> None:
+        """On shutdown: finish every request as aborted and tell its client."""
+        if self.engine_core is None or not self.request_client:
+            return
+        self._emit(self.engine_core.abort_requests(list(self.request_client)))
+        logger.info("%s: in-flight requests aborted", reason)
+
     def _call_utility(self, request: UtilityRequest) -> UtilityOutput:
-        method = getattr(self.engine_core, f"utility_{request.method}", None)
+        method = getattr(self, f"utility_{request.method}", None) or getattr(
+            self.engine_core, f"utility_{request.method}", None
+        )
         if method is None:
             return UtilityOutput(request.call_id, error=f"unknown utility {request.method!r}")
         try:
             return UtilityOutput(request.call_id, result=method(*request.args))
         except Exception as exc:  # noqa: BLE001 (the caller gets the error)
             return UtilityOutput(request.call_id, error=f"{type(exc).__name__}: {exc}")
+
+    def utility_start_profile(self, profile_dir: str) -> None:
+        """Trace this loop and every worker (torch.profiler) until `stop_profile`."""
+        os.makedirs(profile_dir, exist_ok=True)
+        self.trace.start(os.path.join(profile_dir, "ember-enginecore.trace.json"))
+        self.engine_core.executor.start_profile(profile_dir)
+
+    def utility_stop_profile(self) -> list[str]:
+        """Write the traces; return their paths."""
+        paths = self.engine_core.executor.stop_profile()
+        return [self.trace.stop(), *paths]
 
     def _ready_info(self) -> EngineCoreReadyInfo:
         config = self.engine_core.config
@@ -209,6 +311,8 @@ class EngineCoreProc:
             vocab_size=config.model.vocab_size,
             max_num_seqs=config.scheduler.max_num_seqs,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            model=config.model.model,
+            tokenizer=config.model.tokenizer,
         )
 
     def _emit(self, outputs) -> None:
@@ -217,6 +321,8 @@ class EngineCoreProc:
         for output in outputs:
             if output.finished:
                 identity = self.request_client.pop(output.request_id, None)
+                if identity is not None:
+                    self.client_requests[identity].discard(output.request_id)
             else:
                 identity = self.request_client.get(output.request_id)
             if identity is not None:
@@ -225,22 +331,117 @@ class EngineCoreProc:
             self._send(identity, MessageType.OUTPUTS, EngineCoreOutputs(outputs=client_outputs))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m ember.enginecore")
-    parser.add_argument("--config", required=True, help="EngineConfig as a JSON file")
-    parser.add_argument("--input-address", required=True)
-    parser.add_argument("--output-address", required=True)
-    args = parser.parse_args()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the user's process
-    set_process_name("ember-enginecore")
+# ---- command line ----------------------------------------------------------------------
+
+
+def _engine_option_parser(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per EngineArgs field (standalone mode), typed from its default."""
+    from ember.enginecore.arg_utils import EngineArgs
+
+    group = parser.add_argument_group("engine options (as LLM(...) keyword arguments)")
+    for field in dataclasses.fields(EngineArgs):
+        flag = "--" + field.name.replace("_", "-")
+        if field.name == "model":
+            continue
+        if isinstance(field.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+            continue
+        kind = str(field.type)
+        convert = int if "int" in kind else float if "float" in kind else str
+        group.add_argument(flag, type=convert, default=field.default)
+
+
+def _standalone_config(args: argparse.Namespace) -> EngineConfig:
+    from ember.enginecore.arg_utils import EngineArgs
+
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    values["model"] = args.model
+    return EngineArgs(**values).create_engine_config()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m ember.enginecore",
+        description="ember's engine core. Standalone: --model M --listen ADDR [options].",
+    )
+    parser.add_argument("--model", help="standalone: the model to serve")
+    parser.add_argument("--listen", help="standalone: ipc:///path or tcp://HOST:PORT")
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a tcp address beyond loopback (then a token is required)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("EMBER_ENGINE_TOKEN"),
+        help="clients must present it (default: $EMBER_ENGINE_TOKEN)",
+    )
+    parser.add_argument(
+        "--client-timeout-s",
+        type=float,
+        default=CLIENT_TIMEOUT_S,
+        help="abort the requests of a client silent this long",
+    )
+    parser.add_argument("--config", help="(started by a frontend) EngineConfig as a JSON file")
+    parser.add_argument("--input-address", help=argparse.SUPPRESS)
+    parser.add_argument("--output-address", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--config" not in argv:  # standalone: EngineArgs (and torch) are needed to build a config
+        _engine_option_parser(parser)
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("EMBER_LOG_LEVEL", "INFO"),
         format="%(levelname)s %(asctime)s [enginecore] %(message)s",
         datefmt="%H:%M:%S",
     )
-    with open(args.config, "rb") as f:
-        config = msgspec.json.decode(f.read(), type=EngineConfig)
-    proc = EngineCoreProc(config, args.input_address, args.output_address)
+    set_process_name("ember-enginecore")
+    if args.config is not None:  # started by a frontend
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the user's process
+        with open(args.config, "rb") as f:
+            config = msgspec.json.decode(f.read(), type=EngineConfig)
+        # Its one client is the parent, watched through the stdin pipe: no silence timeout.
+        proc = EngineCoreProc(
+            config, args.input_address, args.output_address, client_timeout_s=float("inf")
+        )
+        signal.signal(signal.SIGTERM, lambda *_: proc.stop())
+        watch_parent(proc.stop)
+        proc.run()
+        return
+    if args.listen is None:
+        parser.error("give --listen ADDR (standalone) or --config (started by a frontend)")
+    token = args.token
+    if not is_loopback(args.listen):
+        if not args.allow_remote:
+            parser.error(
+                f"{args.listen} is not a loopback address: add --allow-remote "
+                "(clients will need the token) or listen on 127.0.0.1"
+            )
+        if token is None:
+            token = secrets.token_urlsafe(24)
+            print(f"EMBER ENGINE TOKEN {token}", flush=True)
+    config = _standalone_config(args)
+    input_address, output_address = socket_addresses(args.listen)
+    proc = EngineCoreProc(
+        config, input_address, output_address, token=token, client_timeout_s=args.client_timeout_s
+    )
     signal.signal(signal.SIGTERM, lambda *_: proc.stop())
-    watch_parent(proc.stop)
-    proc.run()
+    signal.signal(signal.SIGINT, lambda *_: proc.stop())
+
+    def announce(ready: EngineCoreProc) -> None:
+        info = ready._ready_info()
+        print(
+            "EMBER ENGINE READY "
+            + json.dumps(
+                {
+                    "address": args.listen,
+                    "model": info.model,
+                    "max_model_len": info.max_model_len,
+                    "num_kv_blocks": info.num_kv_blocks,
+                }
+            ),
+            flush=True,
+        )
+
+    proc.run(on_ready=announce)
+    sys.exit(0)

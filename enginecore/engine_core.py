@@ -39,19 +39,24 @@ class EngineCore:
             raise
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens; maximum concurrency at "
-            "max_model_len=%d: %.1fx",
+            "max_model_len=%d: %.1fx; prefix caching %s",
             num_blocks - 1,
             block_size,
             (num_blocks - 1) * block_size,
             max_model_len,
             (num_blocks - 1) / blocks_per_request,
+            "on" if config.cache.enable_prefix_caching else "off",
         )
         self.config = dataclasses.replace(
             config, cache=dataclasses.replace(config.cache, num_kv_blocks=num_blocks)
         )
-        self.kv_cache_manager = KVCacheManager(num_blocks, block_size)
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks, block_size, enable_caching=config.cache.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
         self.eos_token_ids = config.model.eos_token_ids
+
+    # ---- requests ----------------------------------------------------------------------
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self.scheduler.add_request(Request.from_engine_core_request(request, self.eos_token_ids))
@@ -75,3 +80,29 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+    # ---- utilities (called by name from clients: `core_process._call_utility`) ---------
+
+    def utility_reset_prefix_cache(self) -> bool:
+        """Forget every cached block; False (and nothing done) while requests hold blocks."""
+        reset = self.kv_cache_manager.reset_prefix_cache()
+        if not reset:
+            logger.warning(
+                "prefix cache not reset: %d requests still hold blocks",
+                len(self.kv_cache_manager.req_to_blocks),
+            )
+        return reset
+
+    def utility_get_stats(self) -> dict[str, int | float]:
+        """Counters since startup: prefix-cache lookups (in tokens), preemptions, KV usage."""
+        prefix_cache = self.kv_cache_manager.prefix_cache_stats
+        return {
+            "num_running_reqs": self.scheduler.num_running,
+            "num_waiting_reqs": self.scheduler.num_waiting,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "kv_cache_usage": self.kv_cache_manager.usage,
+            "prefix_cache_requests": prefix_cache.requests,
+            "prefix_cache_queries": prefix_cache.queries,
+            "prefix_cache_hits": prefix_cache.hits,
+            "prefix_cache_hit_rate": prefix_cache.hit_rate,
+        }

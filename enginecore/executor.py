@@ -27,6 +27,13 @@ class Executor(ABC):
     def check_health(self) -> None:
         """Raise if a worker is gone."""
 
+    @abstractmethod
+    def start_profile(self, profile_dir: str) -> None: ...
+
+    @abstractmethod
+    def stop_profile(self) -> list[str]:
+        """Stop profiling; the paths of the traces written, one per worker."""
+
     def shutdown(self) -> None:
         pass
 
@@ -48,3 +55,9 @@ class UniProcExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
+
+    def start_profile(self, profile_dir: str) -> None:
+        self.worker.start_profile(profile_dir)
+
+    def stop_profile(self) -> list[str]:
+        return [self.worker.stop_profile()]

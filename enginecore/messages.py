@@ -30,6 +30,9 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float = 0.0
+    # Part of the prefix-cache key of the request's blocks: requests share cached blocks only
+    # with requests of the same salt (vLLM's `cache_salt`).
+    cache_salt: str | None = None
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -55,7 +58,8 @@ class MessageType:
     """The first frame of every message: `[type][msgpack payload][raw tensor frames...]`."""
 
     # client -> engine core
-    HELLO = b"H"  # handshake; answered with READY (or STARTUP_ERROR)
+    HELLO = b"H"  # handshake, payload: Hello; answered with READY (or STARTUP_ERROR)
+    PING = b"P"  # "still here": sent while waiting, so the engine knows the client lives
     ADD = b"A"  # payload: list[EngineCoreRequest]
     ABORT = b"B"  # payload: list[str] (request ids)
     UTILITY = b"U"  # payload: UtilityRequest
@@ -65,6 +69,11 @@ class MessageType:
     OUTPUTS = b"O"  # payload: EngineCoreOutputs
     UTILITY_OUTPUT = b"V"  # payload: UtilityOutput
     ENGINE_DEAD = b"D"  # payload: EngineError; the engine core is stopping
+    PONG = b"Q"  # answer to PING: the engine core lives
+
+
+class Hello(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    token: str | None = None  # required by an engine core started with a token
 
 
 class EngineCoreReadyInfo(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -77,6 +86,8 @@ class EngineCoreReadyInfo(msgspec.Struct, array_like=True, omit_defaults=True, g
     vocab_size: int
     max_num_seqs: int
     max_num_batched_tokens: int
+    model: str = ""
+    tokenizer: str | None = None  # a local path an attaching frontend can load
 
 
 class UtilityRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

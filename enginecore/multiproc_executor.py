@@ -26,6 +26,8 @@ from ember.workers.rpc import (
     ExecuteModel,
     InitializeKVCache,
     Shutdown,
+    StartProfile,
+    StopProfile,
     WorkerCall,
     WorkerReply,
     call_encoder,
@@ -137,6 +139,12 @@ class MultiprocExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self._call(ExecuteModel(scheduler_output))[0].runner_output
+
+    def start_profile(self, profile_dir: str) -> None:
+        self._call(StartProfile(profile_dir))
+
+    def stop_profile(self) -> list[str]:
+        return [reply.trace_path for reply in self._call(StopProfile())]
 
     def shutdown(self) -> None:
         if getattr(self, "_shut_down", False):

@@ -1,10 +1,12 @@
-"""A request as the engine core tracks it: its tokens, progress and status."""
+"""A request as the engine core tracks it: its tokens, progress, status, and the hashes of its
+full blocks for the prefix cache. Created by `EngineCore.add_request`, driven by the `Scheduler`."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 
+from ember.enginecore.block_pool import BlockHash
 from ember.enginecore.messages import EngineCoreRequest, FinishReason
 from ember.workers.sampling_params import SamplingParams
 
@@ -23,12 +25,25 @@ class Request:
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...]
     arrival_time: float = 0.0
+    cache_salt: str | None = None
+    # The LoRA adapter's name once LoRA lands: part of every block's prefix-cache key.
+    lora_name: str | None = None
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)  # prompt, then outputs
     num_computed_tokens: int = 0
+    # Prompt tokens found in the prefix cache when first scheduled; -1 until then.
+    num_cached_tokens: int = -1
     num_preemptions: int = 0
+    # Hashes of the request's full blocks so far (filled by the KVCacheManager as blocks fill;
+    # a function of the tokens only, so they survive a preemption).
+    block_hashes: list[BlockHash] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.all_token_ids:
+            self.all_token_ids = self.prompt_token_ids + self.output_token_ids
 
     @classmethod
     def from_engine_core_request(
@@ -40,6 +55,7 @@ class Request:
             sampling_params=request.sampling_params,
             eos_token_ids=eos_token_ids,
             arrival_time=request.arrival_time,
+            cache_salt=request.cache_salt,
         )
 
     @property
@@ -48,11 +64,15 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.all_token_ids)
 
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    def append_output_token_id(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
 
     def check_stop(self, max_model_len: int) -> bool:
         """Record why the request is done after its newest token, if it is; return whether."""
@@ -67,9 +87,9 @@ class Request:
                 self.finish_reason, self.stop_reason = FinishReason.STOP, last
                 return True
         max_tokens = params.max_tokens
-        if (
-            max_tokens is not None and num_output >= max_tokens
-        ) or self.num_tokens >= max_model_len:
+        if (max_tokens is not None and num_output >= max_tokens) or len(
+            self.all_token_ids
+        ) >= max_model_len:
             self.finish_reason = FinishReason.LENGTH
             return True
         return False

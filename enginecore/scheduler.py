@@ -2,8 +2,11 @@
 
 Called by `EngineCore.step`. Running requests are served first (oldest first), then waiting
 ones while the budget, `max_num_seqs` and the KV cache allow. A long prompt is spread over
-several steps (chunked prefill). When blocks run out, the newest running request is preempted:
-its blocks are freed and it is recomputed later from its prompt and the tokens it already has.
+several steps (chunked prefill), at most `long_prefill_token_threshold` tokens a step when that
+is set. A waiting request starts after its longest prefix found in the prefix cache. When
+blocks run out, the newest running request is preempted: its blocks are freed and it is
+recomputed later from its prompt and the tokens it already has (vLLM's recompute; ember never
+swaps to CPU memory, so `swap_space` is unused).
 """
 
 from __future__ import annotations
@@ -47,14 +50,18 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None:
                 continue
-            if request.status is RequestStatus.RUNNING:
-                self.running.remove(request)
-            else:
+            if request.status is not RequestStatus.RUNNING:
                 self.waiting.remove(request)
             request.finish_reason = reason
             self._free(request)
             finished.append(request)
+        if finished:
+            self._drop_finished_from_running()
         return finished
+
+    def _drop_finished_from_running(self) -> None:
+        """One pass over the running list, however many requests finished this step."""
+        self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
 
     def _free(self, request: Request) -> None:
         request.status = RequestStatus.FINISHED
@@ -75,13 +82,6 @@ class Scheduler:
 
     # ---- one step ----------------------------------------------------------------------
 
-    def _num_new_tokens(self, request: Request, token_budget: int) -> int:
-        num_new = request.num_tokens - request.num_computed_tokens
-        threshold = self.config.long_prefill_token_threshold
-        if 0 < threshold < num_new:
-            num_new = threshold
-        return min(num_new, token_budget)
-
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
@@ -89,62 +89,86 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         # The workers keep the request's state (its random generator above all) until it is
-        # scheduled again as a new request.
+        # scheduled again as a new request. Its cached blocks stay in the prefix cache until
+        # evicted, so the resume may find most of them.
         self.waiting.appendleft(request)
 
     def schedule(self) -> SchedulerOutput:
         token_budget = self.config.max_num_batched_tokens
+        long_prefill_threshold = self.config.long_prefill_token_threshold
+        kv_cache_manager = self.kv_cache_manager
+        allocate_slots = kv_cache_manager.allocate_slots
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         preempted = False
 
+        # Running requests first, oldest first; a victim is taken from the end of the list, so
+        # it is never one already scheduled in this step.
+        running = self.running
         index = 0
-        while index < len(self.running) and token_budget > 0:
-            request = self.running[index]
-            num_new = self._num_new_tokens(request, token_budget)
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new)
-            while new_blocks is None:
-                victim = self.running.pop()
+        while index < len(running) and token_budget > 0:
+            request = running[index]
+            num_new = request.num_tokens - request.num_computed_tokens
+            if 0 < long_prefill_threshold < num_new:
+                num_new = long_prefill_threshold
+            num_new = min(num_new, token_budget)
+            new_block_ids = allocate_slots(request, num_new)
+            while new_block_ids is None:
+                victim = running.pop()
                 self._preempt(victim)
                 preempted = True
                 if victim is request:
                     break
-                new_blocks = self.kv_cache_manager.allocate_slots(request, num_new)
-            if new_blocks is None:
+                new_block_ids = allocate_slots(request, num_new)
+            if new_block_ids is None:
                 break
-            num_scheduled[request.request_id] = num_new
+            request_id = request.request_id
+            num_scheduled[request_id] = num_new
             token_budget -= num_new
             cached_reqs.append(
-                CachedRequestData(request.request_id, new_blocks, request.num_computed_tokens)
+                CachedRequestData(request_id, new_block_ids, request.num_computed_tokens)
             )
+            request.num_computed_tokens += num_new
             index += 1
 
+        # Then waiting ones (resumed preempted requests first), unless this step preempted.
+        waiting = self.waiting
         while (
-            self.waiting
+            waiting
             and token_budget > 0
             and not preempted
-            and len(self.running) < self.config.max_num_seqs
+            and len(running) < self.config.max_num_seqs
         ):
-            request = self.waiting[0]
-            num_new = self._num_new_tokens(request, token_budget)
-            if self.kv_cache_manager.allocate_slots(request, num_new) is None:
+            request = waiting[0]
+            computed_blocks, num_cached = kv_cache_manager.get_computed_blocks(request)
+            num_new = request.num_tokens - num_cached
+            if 0 < long_prefill_threshold < num_new:
+                num_new = long_prefill_threshold
+            num_new = min(num_new, token_budget)
+            if allocate_slots(request, num_new, computed_blocks) is None:
                 break
-            self.waiting.popleft()
-            self.running.append(request)
+            waiting.popleft()
+            running.append(request)
             request.status = RequestStatus.RUNNING
-            num_scheduled[request.request_id] = num_new
+            if request.num_cached_tokens < 0:  # first scheduled (not a resume)
+                request.num_cached_tokens = num_cached
+                if kv_cache_manager.enable_caching:
+                    kv_cache_manager.record_prefix_cache_lookup(request, num_cached)
+            request_id = request.request_id
+            num_scheduled[request_id] = num_new
             token_budget -= num_new
             new_reqs.append(
                 NewRequestData(
-                    req_id=request.request_id,
+                    req_id=request_id,
                     prompt_token_ids=request.prompt_token_ids,
                     sampling_params=request.sampling_params,
-                    block_ids=list(self.kv_cache_manager.blocks_of(request)),
-                    num_computed_tokens=request.num_computed_tokens,
+                    block_ids=kv_cache_manager.get_block_ids(request),
+                    num_computed_tokens=num_cached,
                     output_token_ids=list(request.output_token_ids),
                 )
             )
+            request.num_computed_tokens = num_cached + num_new
 
         output = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
@@ -153,31 +177,32 @@ class Scheduler:
             finished_req_ids=sorted(self.finished_req_ids),
         )
         self.finished_req_ids.clear()
-        for request_id, count in num_scheduled.items():
-            self.requests[request_id].num_computed_tokens += count
         return output
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        """Append the sampled tokens, finish the requests that are done, and say what changed."""
+        """Append the sampled tokens, finish the requests that are done, and say what changed.
+        A request's first output carries the number of its prompt tokens found in the cache."""
         outputs = []
         max_model_len = self.config.max_model_len
+        requests = self.requests
+        any_finished = False
         for request_id, token_id in zip(runner_output.req_ids, runner_output.sampled_token_ids):
-            request = self.requests.get(request_id)
+            request = requests.get(request_id)
             if request is None:  # aborted while the step ran
                 continue
             request.output_token_ids.append(token_id)
-            finished = request.check_stop(max_model_len)
-            if finished:
-                self.running.remove(request)
+            request.all_token_ids.append(token_id)
+            if request.check_stop(max_model_len):
                 self._free(request)
-            outputs.append(
-                EngineCoreOutput(
-                    request_id=request_id,
-                    new_token_ids=[token_id],
-                    finish_reason=request.finish_reason,
-                    stop_reason=request.stop_reason,
-                )
+                any_finished = True
+            output = EngineCoreOutput(
+                request_id, [token_id], request.finish_reason, request.stop_reason
             )
+            if len(request.output_token_ids) == 1:
+                output.num_cached_tokens = max(request.num_cached_tokens, 0)
+            outputs.append(output)
+        if any_finished:
+            self._drop_finished_from_running()
         return outputs

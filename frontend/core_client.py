@@ -1,8 +1,11 @@
 """The user's side of the engine core: starts `python -m ember.enginecore` in a private
-directory, talks to it over ZeroMQ with msgspec messages, and stops it.
+directory (or attaches to a standalone one by address), talks to it over ZeroMQ with msgspec
+messages, and stops it.
 
-The child notices this process's death by itself (EOF on its stdin pipe); this side notices the
-child's death while waiting for outputs and raises `EngineDeadError`.
+A spawned child notices this process's death by itself (EOF on its stdin pipe); this side
+notices the child's death while waiting for outputs and raises `EngineDeadError`. While waiting,
+the client PINGs every second; an attached engine that stays silent is reported dead, and the
+engine aborts the requests of a client that stays silent.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import weakref
 import msgspec
 import zmq
 
+from ember.enginecore.addresses import socket_addresses
 from ember.enginecore.exceptions import EngineDeadError, EngineStartupError
 from ember.enginecore.messages import (
     EngineCoreOutputs,
     EngineCoreReadyInfo,
     EngineCoreRequest,
     EngineError,
+    Hello,
     MessageType,
     UtilityOutput,
     UtilityRequest,
@@ -38,10 +43,20 @@ logger = logging.getLogger(__name__)
 _POLL_MS = 100
 _HANDSHAKE_RESEND_S = 0.5
 _STARTUP_TIMEOUT_S = 900.0
+_ATTACH_TIMEOUT_S = 30.0
 _SHUTDOWN_TIMEOUT_S = 10.0
+_PING_INTERVAL_S = 1.0
+_ENGINE_SILENCE_S = 30.0  # an attached engine silent this long while we wait is dead
 _ERROR_TYPES = {
     cls.__name__: cls
-    for cls in (ValueError, TypeError, FileNotFoundError, NotImplementedError, MemoryError)
+    for cls in (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        NotImplementedError,
+        MemoryError,
+        PermissionError,
+    )
 }
 
 
@@ -84,16 +99,29 @@ class _Resources:
 
 
 class EngineCoreClient:
-    def __init__(self, config: EngineConfig):
+    """Either spawns an engine core for `config`, or attaches to one listening at `address`."""
+
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        address: str | None = None,
+        token: str | None = None,
+    ):
         self._resources = _Resources()
         self._finalizer = weakref.finalize(self, self._resources.close)
         self.dead_reason: str | None = None
         self._utility_ids = itertools.count()
+        self._pending_utility: UtilityOutput | None = None
         self._output_decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
         self._encoder = msgspec.msgpack.Encoder()
+        self._last_sent = self._last_heard = time.monotonic()
         try:
-            self._start(config)
-            self.ready_info = self._handshake()
+            if address is None:
+                self._start(config)
+            else:
+                self._attach(address)
+            self.ready_info = self._handshake(token)
         except BaseException:
             self.shutdown()
             raise
@@ -121,6 +149,14 @@ class EngineCoreClient:
             stdin=subprocess.PIPE,
             start_new_session=True,  # the terminal's Ctrl-C reaches only the user's process
         )
+        self._connect(input_address, output_address)
+
+    def _attach(self, address: str) -> None:
+        self._connect(*socket_addresses(address))
+
+    def _connect(self, input_address: str, output_address: str) -> None:
+        resources = self._resources
+        self.input_address = input_address
         self.identity = b"c" + secrets.token_bytes(7)
         resources.context = zmq.Context(io_threads=1)
         self.input_socket = resources.context.socket(zmq.DEALER)
@@ -135,19 +171,18 @@ class EngineCoreClient:
             resources.sockets.append(socket)
 
     @property
-    def process(self) -> subprocess.Popen:
+    def process(self) -> subprocess.Popen | None:
+        """The engine-core process, when this client started it (None when attached)."""
         return self._resources.process
 
-    @property
-    def input_address(self) -> str:
-        return f"ipc://{self._resources.private_dir}/input.sock"
-
-    def _handshake(self) -> EngineCoreReadyInfo:
-        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+    def _handshake(self, token: str | None) -> EngineCoreReadyInfo:
+        timeout_s = _STARTUP_TIMEOUT_S if self.process is not None else _ATTACH_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
+        hello = self._encoder.encode(Hello(token=token))
         next_hello = 0.0
         while time.monotonic() < deadline:
             if time.monotonic() >= next_hello:
-                self.input_socket.send(MessageType.HELLO)
+                self.input_socket.send_multipart([MessageType.HELLO, hello])
                 next_hello = time.monotonic() + _HANDSHAKE_RESEND_S
             if self.output_socket.poll(_POLL_MS):
                 message_type, payload = self.output_socket.recv_multipart()[:2]
@@ -156,32 +191,40 @@ class EngineCoreClient:
                 if message_type == MessageType.STARTUP_ERROR:
                     error = msgspec.msgpack.decode(payload, type=EngineError)
                     raise _ERROR_TYPES.get(error.error_type, EngineStartupError)(error.message)
-            code = self.process.poll()
+            code = None if self.process is None else self.process.poll()
             if code is not None:
                 raise EngineStartupError(
                     f"the engine core exited during startup (exit code {code}); "
                     "its log above says why"
                 )
-        raise EngineStartupError(f"the engine core was not ready after {_STARTUP_TIMEOUT_S} s")
+        raise EngineStartupError(f"the engine core did not answer within {timeout_s} s")
 
     # ---- requests ----------------------------------------------------------------------
 
     def _send(self, message_type: bytes, payload: object) -> None:
         self._check_alive()
         self.input_socket.send_multipart([message_type, self._encoder.encode(payload)])
+        self._last_sent = time.monotonic()
+
+    def _ping_if_quiet(self) -> None:
+        if time.monotonic() - self._last_sent >= _PING_INTERVAL_S:
+            self.input_socket.send(MessageType.PING)
+            self._last_sent = time.monotonic()
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
         self._send(MessageType.ADD, requests)
 
     def abort_requests(self, request_ids: list[str]) -> None:
-        if request_ids and self.dead_reason is None and self.process.poll() is None:
+        if request_ids and self.is_alive():
             self._send(MessageType.ABORT, request_ids)
 
     def get_outputs(self, timeout_s: float) -> EngineCoreOutputs | None:
         """The next batch of outputs, or None after `timeout_s`; raises EngineDeadError."""
         deadline = time.monotonic() + timeout_s
+        self._last_heard = time.monotonic()
         while True:
             self._check_alive()
+            self._ping_if_quiet()
             wait_ms = int(min(_POLL_MS, max(0.0, deadline - time.monotonic()) * 1000))
             if self.output_socket.poll(wait_ms):
                 message = self._receive()
@@ -192,9 +235,12 @@ class EngineCoreClient:
 
     def _receive(self) -> EngineCoreOutputs | None:
         frames = self.output_socket.recv_multipart(copy=False)
+        self._last_heard = time.monotonic()
         message_type = frames[0].bytes
         if message_type == MessageType.OUTPUTS:
             return self._output_decoder.decode(frames[1].buffer)
+        if message_type == MessageType.PONG:
+            return None
         if message_type == MessageType.UTILITY_OUTPUT:
             self._pending_utility = msgspec.msgpack.decode(frames[1].buffer, type=UtilityOutput)
         elif message_type == MessageType.ENGINE_DEAD:
@@ -208,8 +254,10 @@ class EngineCoreClient:
         self._pending_utility = None
         self._send(MessageType.UTILITY, UtilityRequest(call_id, method, list(args)))
         deadline = time.monotonic() + timeout_s
+        self._last_heard = time.monotonic()
         while time.monotonic() < deadline:
             self._check_alive()
+            self._ping_if_quiet()
             if self.output_socket.poll(_POLL_MS):
                 self._receive()
                 reply = self._pending_utility
@@ -221,14 +269,24 @@ class EngineCoreClient:
 
     def _check_alive(self) -> None:
         if self.dead_reason is None:
-            code = self.process.poll()
-            if code is not None:
-                self.dead_reason = f"the engine core process exited (exit code {code})"
+            if self.process is not None:
+                code = self.process.poll()
+                if code is not None:
+                    self.dead_reason = f"the engine core process exited (exit code {code})"
+            elif time.monotonic() - self._last_heard > _ENGINE_SILENCE_S:
+                self.dead_reason = (
+                    f"the engine core at {self.input_address} stopped answering "
+                    f"for {_ENGINE_SILENCE_S:.0f} s"
+                )
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
 
     def is_alive(self) -> bool:
-        return self.dead_reason is None and self.process.poll() is None
+        try:
+            self._check_alive()
+        except EngineDeadError:
+            return False
+        return True
 
     def shutdown(self) -> None:
         self._finalizer()

@@ -14,6 +14,7 @@ from ember.workers.sampling_params import SamplingParams
 class ProcessedPrompt:
     prompt: str | None
     prompt_token_ids: list[int]
+    cache_salt: str | None = None  # keeps this prompt's prefix-cache blocks apart
 
 
 def _is_token_ids(value: Any) -> bool:
@@ -44,17 +45,21 @@ def tokenize_prompt(prompt: Any, tokenizer: Any, index: int) -> ProcessedPrompt:
             raise ValueError(f"prompt {index}: unknown keys {sorted(unknown)}")
         if prompt.get("multi_modal_data") is not None:
             raise NotImplementedError("multi_modal_data is not supported")
-        if prompt.get("cache_salt") is not None:
-            raise NotImplementedError("cache_salt is not supported yet")
+        cache_salt = prompt.get("cache_salt")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise TypeError(f"prompt {index}: cache_salt must be a str")
         if "prompt_token_ids" in prompt:
             token_ids = prompt["prompt_token_ids"]
             if not _is_token_ids(token_ids):
                 raise TypeError(f"prompt {index}: prompt_token_ids must be a list of ints")
-            return ProcessedPrompt(prompt.get("prompt"), list(token_ids))
-        if "prompt" in prompt:
-            prompt = prompt["prompt"]
-        else:
+            return ProcessedPrompt(prompt.get("prompt"), list(token_ids), cache_salt)
+        if "prompt" not in prompt:
             raise ValueError(f"prompt {index}: a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if not isinstance(prompt["prompt"], str):
+            raise TypeError(f"prompt {index}: 'prompt' must be a str")
+        processed = tokenize_prompt(prompt["prompt"], tokenizer, index)
+        processed.cache_salt = cache_salt
+        return processed
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True was given)")

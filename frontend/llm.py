@@ -4,6 +4,7 @@ then runs requests on an engine-core process and turns its tokens into `RequestO
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -53,9 +54,24 @@ class LLM:
         max_num_seqs: int = 256,
         **kwargs: Any,
     ) -> None:
+        engine_address = kwargs.pop("engine_address", None)
+        engine_token = kwargs.pop("engine_token", None)
+        self.profile_dir = kwargs.pop("profile_dir", None)
         unknown = set(kwargs) - EngineArgs.field_names()
         if unknown:
             raise TypeError(f"LLM() got unexpected keyword argument(s): {sorted(unknown)}")
+        if engine_address is not None:
+            self._attach(
+                engine_address,
+                engine_token,
+                model,
+                tokenizer,
+                tokenizer_mode,
+                skip_tokenizer_init,
+                trust_remote_code,
+                revision,
+            )
+            return
         self.engine_args = EngineArgs(
             model=model,
             tokenizer=tokenizer,
@@ -85,7 +101,39 @@ class LLM:
             )
         self.engine = EngineCoreClient(self.config)
         self.max_model_len = self.engine.ready_info.max_model_len
+        self.vocab_size = self.engine.ready_info.vocab_size
         self._request_counter = itertools.count()
+
+    def _attach(
+        self,
+        address,
+        token,
+        model,
+        tokenizer,
+        tokenizer_mode,
+        skip_tokenizer_init,
+        trust_remote_code,
+        revision,
+    ) -> None:
+        """Use a standalone engine core (`python -m ember.enginecore --listen ADDR`): the
+        tokenizer and detokenizer stay in this process, the model runs there."""
+        self.engine_args = None
+        self.config = None
+        self.engine = EngineCoreClient(address=address, token=token)
+        info = self.engine.ready_info
+        self.max_model_len = info.max_model_len
+        self.vocab_size = info.vocab_size
+        self.tokenizer = None
+        if not skip_tokenizer_init:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                tokenizer or info.tokenizer or model,
+                use_fast=tokenizer_mode != "slow",
+                trust_remote_code=trust_remote_code,
+                revision=revision,
+            )
+        # Request ids must not collide with other clients' ids in the shared engine.
+        prefix = self.engine.identity.hex()
+        self._request_counter = (f"{prefix}-{i}" for i in itertools.count())
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -102,6 +150,23 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
+    def start_profile(self, profile_dir: str | None = None) -> None:
+        """Start tracing the engine core's loop and every worker (torch.profiler); the traces,
+        one file per process, go to `profile_dir` (or `LLM(profile_dir=...)`)."""
+        profile_dir = profile_dir or self.profile_dir
+        if profile_dir is None:
+            raise ValueError("start_profile needs a profile_dir (here or in LLM(profile_dir=...))")
+        self.engine.call_utility("start_profile", os.path.abspath(profile_dir))
+
+    def stop_profile(self) -> list[str]:
+        """Stop tracing; return the paths of the trace files written."""
+        return self.engine.call_utility("stop_profile", timeout_s=300.0)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every block in the engine's prefix cache (vLLM's method); False, with
+        nothing done, while requests still hold blocks."""
+        return bool(self.engine.call_utility("reset_prefix_cache"))
+
     # ---- generation --------------------------------------------------------------------
 
     def generate(
@@ -117,7 +182,7 @@ class LLM:
             raise NotImplementedError("lora_request is not supported yet")
         prompt_list = normalize_prompts(prompts)
         params = per_prompt_params(sampling_params, len(prompt_list))
-        vocab_size = self.config.model.vocab_size
+        vocab_size = self.vocab_size
         processed = []
         for index, prompt in enumerate(prompt_list):
             item = tokenize_prompt(prompt, self.tokenizer, index)
@@ -133,7 +198,9 @@ class LLM:
             order[request_id] = index
             processor.add_request(request_id, item.prompt, item.prompt_token_ids, request_params)
             requests.append(
-                EngineCoreRequest(request_id, item.prompt_token_ids, request_params, now)
+                EngineCoreRequest(
+                    request_id, item.prompt_token_ids, request_params, now, item.cache_salt
+                )
             )
         results: list[RequestOutput | None] = [None] * len(requests)
         progress = _Progress(len(requests), use_tqdm)

@@ -72,6 +72,8 @@ class OutputProcessor:
             state = self.states.get(output.request_id)
             if state is None:  # a request this process already gave up on
                 continue
+            if output.num_cached_tokens:  # sent with the request's first output
+                state.num_cached_tokens = output.num_cached_tokens
             stopped_by_token = output.finish_reason is FinishReason.STOP
             stop_string = state.detokenizer.update(output.new_token_ids, stopped_by_token)
             if stop_string is not None:

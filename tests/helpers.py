@@ -79,3 +79,201 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
             pad_token_id=model.generation_config.eos_token_id,
         )
     return out[0, len(prompt) :].tolist()
+
+
+# ---- random models of every architecture, and prompt log-probabilities --------------------
+
+_BASE_SETTINGS = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.2,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+_LAYER_TYPES = ["sliding_attention", "full_attention"]
+_MOE = {"num_experts_per_tok": 2}
+# architecture -> (transformers config class, settings over _BASE_SETTINGS). Each turns on the
+# options the architecture is about: a sliding window shorter than the prompts, soft caps that
+# bite, biases, norms, partial rotary, a dense layer among MoE layers, Granite's multipliers.
+RANDOM_MODEL_SETTINGS: dict[str, tuple[str, dict]] = {
+    "LlamaForCausalLM": ("LlamaConfig", {}),
+    "MistralForCausalLM": ("MistralConfig", {"sliding_window": 16}),
+    "Qwen2ForCausalLM": ("Qwen2Config", {}),
+    "Qwen3ForCausalLM": ("Qwen3Config", {"head_dim": 32, "attention_bias": True}),
+    "Gemma2ForCausalLM": (
+        "Gemma2Config",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 10.0,
+            "sliding_window": 16,
+            "layer_types": _LAYER_TYPES,
+            "tie_word_embeddings": True,
+        },
+    ),
+    "Gemma3ForCausalLM": (
+        "Gemma3TextConfig",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 16,
+            "layer_types": _LAYER_TYPES,
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+            "tie_word_embeddings": True,
+        },
+    ),
+    "Phi3ForCausalLM": ("Phi3Config", {"partial_rotary_factor": 0.5}),
+    "OPTForCausalLM": (
+        "OPTConfig",
+        {"ffn_dim": 128, "word_embed_proj_dim": 64, "init_std": 0.2, "tie_word_embeddings": True},
+    ),
+    "GPT2LMHeadModel": (
+        "GPT2Config",
+        {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512, "tie_word_embeddings": True},
+    ),
+    "GPTNeoXForCausalLM": ("GPTNeoXConfig", {"rotary_pct": 0.5, "num_key_value_heads": 4}),
+    "MixtralForCausalLM": ("MixtralConfig", {"num_local_experts": 4, **_MOE}),
+    "Qwen2MoeForCausalLM": (
+        "Qwen2MoeConfig",
+        {
+            "num_experts": 4,
+            "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 96,
+            "mlp_only_layers": [1],
+            **_MOE,
+        },
+    ),
+    "Qwen3MoeForCausalLM": (
+        "Qwen3MoeConfig",
+        {"head_dim": 16, "num_experts": 4, "moe_intermediate_size": 64, **_MOE},
+    ),
+    "GraniteMoeForCausalLM": (
+        "GraniteMoeConfig",
+        {
+            "num_local_experts": 4,
+            "embedding_multiplier": 2.0,
+            "attention_multiplier": 0.1,
+            "residual_multiplier": 0.5,
+            "logits_scaling": 2.0,
+            **_MOE,
+        },
+    ),
+}
+
+
+def write_random_model(
+    path, architecture: str, *, seed: int = 0, max_shard_size: str | None = None, **overrides
+) -> str:
+    """Save a small random model of `architecture` (safetensors) and return its directory.
+
+    Weights are drawn wide (initializer_range 0.2) so that greedy choices are not near-ties,
+    and parameters that transformers initialises to a constant (norm weights, biases, routers)
+    are perturbed so that a wrong norm offset or a dropped bias shows.
+    """
+    import transformers
+
+    config_class_name, settings = RANDOM_MODEL_SETTINGS[architecture]
+    config = getattr(transformers, config_class_name)(**{**_BASE_SETTINGS, **settings, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.numel() > 1 and bool((param == param.flatten()[0]).all()):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(path), **kwargs)
+    return str(path)
+
+
+def forward_prompts(
+    model, prompts: list[list[int]], block_size: int = 4, split: float = 0.5
+) -> list[torch.Tensor]:
+    """Logits [len(prompt), vocab] (float32) of an ember model at every prompt position.
+
+    Two forwards over all prompts laid out flat in a paged KV cache with shuffled blocks: the
+    first `split` of each prompt, then the rest as a chunk over the cached part (every prompt
+    needs at least two tokens).
+    """
+    from ember.kernels.attention import AttentionMetadata
+    from ember.workers.layers.attention import Attention
+
+    blocks_per_prompt = [-(-len(p) // block_size) for p in prompts]
+    num_blocks = sum(blocks_per_prompt) + 1
+    free = (torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(0)) + 1).tolist()
+    block_tables = [[free.pop() for _ in range(n)] for n in blocks_per_prompt]
+    dtype = next(model.parameters()).dtype
+    for layer in (m for m in model.modules() if isinstance(m, Attention)):
+        shape = (2, num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+        layer.kv_cache = torch.zeros(shape, dtype=dtype)
+    firsts = [max(1, int(len(p) * split)) for p in prompts]
+    width = max(len(t) for t in block_tables)
+    block_table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables])
+    logits: list[list[torch.Tensor]] = [[] for _ in prompts]
+    for step in range(2):
+        spans = [(0, f) if step == 0 else (f, len(p)) for p, f in zip(prompts, firsts)]
+        input_ids, positions, starts = [], [], [0]
+        for prompt, (start, end) in zip(prompts, spans):
+            input_ids += prompt[start:end]
+            positions += range(start, end)
+            starts.append(starts[-1] + end - start)
+        positions_t = torch.tensor(positions)
+        req_index = torch.repeat_interleave(
+            torch.arange(len(prompts)), torch.tensor([e - s for s, e in spans])
+        )
+        slots = block_table[req_index, positions_t // block_size] * block_size
+        seq_lens = [end for _, end in spans]
+        query_lens = [end - start for start, end in spans]
+        metadata = AttentionMetadata(
+            slot_mapping=slots + positions_t % block_size,
+            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_table=block_table,
+            num_decodes=0,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=starts,
+            seq_lens_cpu=seq_lens,
+        )
+        with torch.inference_mode():
+            hidden = model(torch.tensor(input_ids), positions_t, metadata)
+            step_logits = model.compute_logits(hidden)
+        for i in range(len(prompts)):
+            logits[i].append(step_logits[starts[i] : starts[i + 1]])
+    return [torch.cat(parts) for parts in logits]
+
+
+def ember_prompt_logprobs(
+    model_dir: str, prompts: list[list[int]], dtype: str = "float32", **engine_kwargs
+) -> list[torch.Tensor]:
+    """log_softmax of ember's logits at every position of each prompt, the model built
+    in-process with `get_model` ([len(prompt), vocab] each)."""
+    from ember.enginecore.arg_utils import EngineArgs
+    from ember.workers.model_loader.loader import get_model
+
+    config = EngineArgs(model=model_dir, dtype=dtype, **engine_kwargs).create_engine_config()
+    model = get_model(config.model, torch.device("cpu"))
+    return [logits.log_softmax(-1) for logits in forward_prompts(model, prompts)]
+
+
+def hf_prompt_logprobs(model, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """log_softmax of a Hugging Face model's logits at every position of each prompt."""
+    with torch.no_grad():
+        return [model(torch.tensor([p])).logits[0].float().log_softmax(-1) for p in prompts]
+
+
+def assert_logprobs_close(
+    ember: list[torch.Tensor], reference: list[torch.Tensor], atol: float = 1e-3
+) -> None:
+    for i, (mine, theirs) in enumerate(zip(ember, reference)):
+        assert mine.shape == theirs.shape, f"prompt {i}: {mine.shape} vs {theirs.shape}"
+        diff = (mine - theirs).abs().max().item()
+        assert diff <= atol, f"prompt {i}: log-probabilities differ by up to {diff:.2e}"

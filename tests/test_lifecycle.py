@@ -96,7 +96,7 @@ def test_killed_worker_makes_generate_raise(tiny_dir):
     llm = _new_llm(tiny_dir)
     pids = _ember_pids(llm)
     worker = psutil.Process(pids[1])
-    params = SamplingParams(max_tokens=200, ignore_eos=True)
+    params = SamplingParams(max_tokens=250, ignore_eos=True)  # ~64k tokens: many seconds
 
     def kill_soon():
         time.sleep(1.0)
@@ -107,7 +107,7 @@ def test_killed_worker_makes_generate_raise(tiny_dir):
     threading.Thread(target=kill_soon, daemon=True).start()
     start = time.monotonic()
     with pytest.raises(EngineDeadError):
-        llm.generate([[1, 2, 3]] * 64, params, use_tqdm=False)
+        llm.generate([[1, 2, 3]] * 256, params, use_tqdm=False)
     assert time.monotonic() - start < 11
     llm.shutdown()
     _assert_gone(pids)

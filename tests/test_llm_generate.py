@@ -139,3 +139,16 @@ def test_unsupported_and_unknown_options_are_refused(tiny, tiny_dir):
         LLM(tiny_dir, quantization="awq")
     with pytest.raises(ValueError, match="max_model_len=100000"):
         LLM(tiny_dir, max_model_len=100000)
+
+
+def test_cache_salt_keeps_prefix_cache_blocks_apart(tiny):
+    prompt = random_prompts(1, 512, [41], seed=11)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+
+    def cached(salt):
+        request = {"prompt_token_ids": prompt, "cache_salt": salt}
+        return tiny.generate([request], params, use_tqdm=False)[0].num_cached_tokens
+
+    assert cached("alice") == 0
+    assert cached("bob") == 0  # same tokens, other salt: no hit
+    assert cached("alice") == 40  # ten full blocks of 4; the last prompt token is computed

@@ -1,6 +1,11 @@
-"""The scheduler and block manager as plain Python (no model), and preemption end to end."""
+"""The scheduler and block manager as plain Python (no model, or a model-free worker), and
+preemption end to end."""
 
 from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ember.enginecore.arg_utils import EngineArgs
 from ember.enginecore.engine_core import EngineCore
@@ -21,10 +26,10 @@ def _scheduler(num_blocks=64, block_size=4, budget=16, max_num_seqs=8):
     return Scheduler(config, KVCacheManager(num_blocks, block_size))
 
 
-def _request(request_id, prompt_len, max_tokens=4):
+def _request(request_id, prompt_len, max_tokens=4, first_token=10):
     return Request(
         request_id=request_id,
-        prompt_token_ids=list(range(10, 10 + prompt_len)),
+        prompt_token_ids=list(range(first_token, first_token + prompt_len)),
         sampling_params=SamplingParams(temperature=0.0, max_tokens=max_tokens),
         eos_token_ids=(2,),
     )
@@ -45,7 +50,7 @@ def _sample_everything(scheduler, output, token=7):
 def test_long_prompt_is_chunked_within_the_token_budget():
     scheduler = _scheduler(budget=16)
     scheduler.add_request(_request("long", 40))
-    scheduler.add_request(_request("short", 5))
+    scheduler.add_request(_request("short", 5, first_token=100))
     first = scheduler.schedule()
     assert first.num_scheduled_tokens == {"long": 16}
     assert _sample_everything(scheduler, first) == []
@@ -94,7 +99,7 @@ def test_eos_stops_unless_ignored():
 def test_newest_request_is_preempted_when_blocks_run_out():
     scheduler = _scheduler(num_blocks=5, block_size=4, budget=64)  # 4 usable blocks
     scheduler.add_request(_request("old", 7, max_tokens=20))
-    scheduler.add_request(_request("new", 7, max_tokens=20))
+    scheduler.add_request(_request("new", 7, max_tokens=20, first_token=100))
     _sample_everything(scheduler, scheduler.schedule())  # 2 blocks each, 8 tokens each now
     _sample_everything(scheduler, scheduler.schedule())  # the 8th token fits in block 2
     output = scheduler.schedule()  # the 9th token needs a 3rd block: "new" gives way
@@ -134,3 +139,173 @@ def test_preempted_requests_produce_the_same_tokens(tmp_path):
             assert core.scheduler.num_preemptions > 0
         core.shutdown()
     assert results[0] == results[1]
+
+
+def test_long_prefill_token_threshold_caps_each_prefill_chunk():
+    config = SchedulerConfig(
+        max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, long_prefill_token_threshold=6
+    )
+    scheduler = Scheduler(config, KVCacheManager(64, 4))
+    scheduler.add_request(_request("short", 3))
+    scheduler.add_request(_request("long", 20, first_token=100))
+    first = scheduler.schedule()
+    assert first.num_scheduled_tokens == {"short": 3, "long": 6}
+    _sample_everything(scheduler, first)
+    second = scheduler.schedule()  # a decode, and the long prompt's next 6 tokens
+    assert second.num_scheduled_tokens == {"short": 1, "long": 6}
+
+
+def test_prefix_cache_hit_skips_computed_blocks():
+    scheduler = _scheduler(budget=64)
+    scheduler.add_request(_request("first", 10, max_tokens=1))
+    _sample_everything(scheduler, scheduler.schedule())  # finished; its blocks stay cached
+    scheduler.add_request(_request("second", 11, max_tokens=2))  # the same 10 tokens, and one
+    output = scheduler.schedule()
+    (new,) = output.scheduled_new_reqs
+    assert new.num_computed_tokens == 8  # two full blocks found, the rest computed
+    assert output.num_scheduled_tokens == {"second": 3}
+    outputs = _sample_everything(scheduler, output)
+    assert outputs[0].num_cached_tokens == 8  # on the first output ...
+    assert _sample_everything(scheduler, scheduler.schedule())[0].num_cached_tokens == 0  # only
+    stats = scheduler.kv_cache_manager.prefix_cache_stats
+    assert (stats.requests, stats.queries, stats.hits) == (2, 21, 8)
+
+
+def test_preempted_request_resumes_from_its_cached_blocks():
+    scheduler = _scheduler(num_blocks=7, block_size=4, budget=64)  # 6 usable blocks
+    scheduler.add_request(_request("old", 8, max_tokens=8))  # 16 tokens: 4 blocks
+    scheduler.add_request(_request("new", 8, max_tokens=20, first_token=100))
+    while not scheduler.num_preemptions:  # both grow to 3 blocks; old's 4th preempts new
+        _sample_everything(scheduler, scheduler.schedule())
+    assert scheduler.waiting[0].request_id == "new"
+    # new's blocks went to the free queue last block first; old's 4th block evicted new's
+    # 3rd, and its 2 prompt blocks stay cached: the resume finds them.
+    while "old" in scheduler.requests:
+        _sample_everything(scheduler, scheduler.schedule())
+    (resumed,) = scheduler.schedule().scheduled_new_reqs
+    assert resumed.req_id == "new" and resumed.num_computed_tokens == 8
+    assert scheduler.requests["new"].num_cached_tokens == 0  # as first scheduled
+
+
+def test_engine_refuses_to_start_when_one_request_cannot_fit(tiny_llama_dir):
+    args = EngineArgs(
+        model=tiny_llama_dir, dtype="float32", max_model_len=256, num_gpu_blocks_override=16
+    )
+    with pytest.raises(ValueError, match=r"holds 240 tokens, fewer than one request of max_m"):
+        EngineCore(args.create_engine_config())
+    args = EngineArgs(model=tiny_llama_dir, dtype="float32", kv_cache_memory_bytes=4096)
+    with pytest.raises(ValueError, match="raise kv_cache_memory_bytes"):
+        EngineCore(args.create_engine_config())
+
+
+# ---- the scheduler and KV manager against a model-free worker ------------------------------
+
+
+class ShadowWorker:
+    """Stands in for the model runner, with a "KV cache" that remembers, per slot, a digest of
+    the tokens up to that position. Like the model runner it keeps per-request state from the
+    scheduler's deltas, writes every scheduled position through the block table (all writes
+    of a step before any read, as each attention layer does), and derives the next token from
+    what it reads back through the block table. A wrong block table, a stale cache hit, or a
+    hit on another request's blocks changes the tokens."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.slots: dict[int, int] = {}
+        self.states: dict[str, tuple[list[int], list[int], list[int]]] = {}
+
+    def execute_model(self, output) -> ModelRunnerOutput:
+        for req_id in output.finished_req_ids:
+            self.states.pop(req_id, None)
+        for new in output.scheduled_new_reqs:
+            tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
+            self.states[new.req_id] = (tokens, list(new.block_ids), [new.num_computed_tokens])
+        for cached in output.scheduled_cached_reqs:
+            _, block_ids, computed = self.states[cached.req_id]
+            block_ids.extend(cached.new_block_ids)
+            computed[0] = cached.num_computed_tokens
+        for req_id, count in output.num_scheduled_tokens.items():
+            tokens, block_ids, computed = self.states[req_id]
+            for position in range(computed[0], computed[0] + count):
+                self.slots[self._slot(block_ids, position)] = hash(tuple(tokens[: position + 1]))
+        req_ids, sampled = [], []
+        for req_id, count in output.num_scheduled_tokens.items():
+            tokens, block_ids, computed = self.states[req_id]
+            end = computed[0] + count
+            if end == len(tokens):
+                seen = tuple(self.slots[self._slot(block_ids, p)] for p in range(end))
+                tokens.append(_next_token(seen))
+                req_ids.append(req_id)
+                sampled.append(tokens[-1])
+        return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled)
+
+    def _slot(self, block_ids: list[int], position: int) -> int:
+        block_id = block_ids[position // self.block_size]
+        assert block_id != 0, "the null block was used"
+        return block_id * self.block_size + position % self.block_size
+
+
+def _next_token(digests: tuple[int, ...]) -> int:
+    return 3 + hash(digests) % 5
+
+
+def _reference_tokens(prompt: list[int], max_tokens: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        digests = tuple(hash(tuple(tokens[: p + 1])) for p in range(len(tokens)))
+        tokens.append(_next_token(digests))
+    return tokens[len(prompt) :]
+
+
+_SHARED_PREFIXES = [[], [9, 8, 7, 6, 5, 4, 3, 9, 8], [9, 8, 7, 6, 1, 1]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prompts=st.lists(
+        st.tuples(
+            st.sampled_from(_SHARED_PREFIXES),
+            st.lists(st.integers(3, 6), max_size=8),
+            st.integers(1, 10),
+        ).filter(lambda p: p[0] or p[1]),
+        min_size=1,
+        max_size=10,
+    ),
+    block_size=st.sampled_from([2, 4]),
+    spare_blocks=st.sampled_from([0, 2, 6, 100]),
+    budget=st.sampled_from([3, 8, 64]),
+    long_prefill_threshold=st.sampled_from([0, 5]),
+    max_num_seqs=st.sampled_from([2, 16]),
+    enable_caching=st.booleans(),
+)
+def test_tokens_do_not_depend_on_budget_chunking_caching_or_preemption(
+    prompts, block_size, spare_blocks, budget, long_prefill_threshold, max_num_seqs, enable_caching
+):
+    max_len = max(len(prefix) + len(suffix) + max_tokens for prefix, suffix, max_tokens in prompts)
+    num_blocks = 1 + -(-max_len // block_size) + spare_blocks  # one request always fits
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        max_model_len=256,
+        long_prefill_token_threshold=long_prefill_threshold,
+    )
+    kv_cache_manager = KVCacheManager(num_blocks, block_size, enable_caching)
+    scheduler = Scheduler(config, kv_cache_manager)
+    worker = ShadowWorker(block_size)
+    for index, (prefix, suffix, max_tokens) in enumerate(prompts):
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        scheduler.add_request(Request(str(index), prefix + suffix, params, eos_token_ids=()))
+    produced: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    for _ in range(10_000):
+        if not scheduler.has_unfinished_requests():
+            break
+        output = scheduler.schedule()
+        assert sum(output.num_scheduled_tokens.values()) <= budget
+        assert len(scheduler.running) <= max_num_seqs
+        for out in scheduler.update_from_output(output, worker.execute_model(output)):
+            produced[out.request_id].extend(out.new_token_ids)
+    assert not scheduler.has_unfinished_requests()
+    for index, (prefix, suffix, max_tokens) in enumerate(prompts):
+        assert produced[str(index)] == _reference_tokens(prefix + suffix, max_tokens)
+    assert kv_cache_manager.block_pool.num_free_blocks == num_blocks - 1  # nothing leaked
+    assert not kv_cache_manager.req_to_blocks and not kv_cache_manager.num_cached_blocks

@@ -10,6 +10,8 @@ Engines (``--engines``, in the order given):
 
 - ``ember``: ``ember.LLM(model=gguf).generate(token prompts, SamplingParams(max_tokens=...,
   ignore_eos=True, temperature=0.0))``, all prompts in one call.
+- ``ember-inproc`` (not run by default): ember's ``EngineCore`` and model in one process, with no
+  ZeroMQ and no shared memory; beside ``ember`` it shows what the process hops cost.
 - ``hf``: Hugging Face transformers ``generate`` on the dequantised GGUF (float32), batched with
   left padding and an attention mask (all prompts at once, or ``--hf-batch-size`` chunks),
   ``min_new_tokens = max_new_tokens = output_len``.
@@ -51,7 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("ember", "hf", "llama.cpp")
+ENGINES = ("ember", "hf", "llama.cpp", "ember-inproc")
 RESULT_MARKER = "@@BENCH_RESULT@@ "
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -172,6 +174,34 @@ def setup_ember(
     return generate_all
 
 
+def setup_ember_inproc(
+    args: argparse.Namespace, work: dict[str, Any], info: dict[str, Any]
+) -> GenerateAll:
+    """ember's engine core and model in this one process (no ZeroMQ, no shared memory): the
+    baseline that shows what the process hops of `LLM` cost."""
+    from ember.enginecore.arg_utils import EngineArgs
+    from ember.enginecore.engine_core import EngineCore
+    from ember.enginecore.messages import EngineCoreRequest
+    from ember.workers.sampling_params import SamplingParams
+
+    kwargs = json.loads(args.ember_kwargs) if args.ember_kwargs else {}
+    t0 = time.perf_counter()
+    core = EngineCore(EngineArgs(model=args.model, **kwargs).create_engine_config())
+    info["load_s"] = time.perf_counter() - t0
+    counter = iter(range(1 << 62))
+
+    def generate_all(prompts: list[list[int]], output_len: int) -> int:
+        params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+        for ids in prompts:
+            core.add_request(EngineCoreRequest(str(next(counter)), ids, params))
+        generated = 0
+        while core.has_unfinished_requests():
+            generated += sum(len(o.new_token_ids) for o in core.step())
+        return generated
+
+    return generate_all
+
+
 def setup_hf(args: argparse.Namespace, work: dict[str, Any], info: dict[str, Any]) -> GenerateAll:
     import torch
     from transformers import AutoModelForCausalLM
@@ -274,6 +304,7 @@ RUNNERS: dict[str, tuple[tuple[str, ...], Setup]] = {
     "ember": (("ember",), setup_ember),
     "hf": (("torch", "transformers", "gguf"), setup_hf),
     "llama.cpp": (("llama_cpp",), setup_llama_cpp),
+    "ember-inproc": (("ember.enginecore.engine_core",), setup_ember_inproc),
 }
 
 
@@ -411,7 +442,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=default_model(), help="GGUF file (all engines load it)")
     p.add_argument(
         "--engines",
-        default=",".join(ENGINES),
+        default="ember,hf,llama.cpp",
         help=f"comma-separated subset of {','.join(ENGINES)}, run in this order",
     )
     p.add_argument("--num-prompts", type=int, default=32)

@@ -31,7 +31,17 @@ class Shutdown(_Call, tag="shutdown"):
     pass
 
 
-WorkerCall = DetermineNumKVBlocks | InitializeKVCache | ExecuteModel | Shutdown
+class StartProfile(_Call, tag="start_profile"):
+    profile_dir: str
+
+
+class StopProfile(_Call, tag="stop_profile"):
+    pass
+
+
+WorkerCall = (
+    DetermineNumKVBlocks | InitializeKVCache | ExecuteModel | Shutdown | StartProfile | StopProfile
+)
 
 
 class WorkerReply(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -40,6 +50,7 @@ class WorkerReply(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     rank: int
     num_blocks: int | None = None
     runner_output: ModelRunnerOutput | None = None
+    trace_path: str | None = None
     error: str | None = None
     error_type: str | None = None
 

@@ -8,6 +8,7 @@ in a child process.
 from __future__ import annotations
 
 import logging
+import os
 
 import psutil
 import torch
@@ -30,6 +31,8 @@ class Worker:
         if self.device.type == "cpu" and config.device.num_threads:
             torch.set_num_threads(config.device.num_threads)
         self.model_runner = ModelRunner(config, self.device)
+        self.profiler: torch.profiler.profile | None = None
+        self.profile_dir: str | None = None
 
     def kv_cache_block_bytes(self) -> int:
         return self.model_runner.kv_cache_block_bytes()
@@ -54,3 +57,22 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+    def start_profile(self, profile_dir: str) -> None:
+        """Record every step with torch.profiler until `stop_profile`."""
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profile_dir = profile_dir
+        self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+        self.profiler.start()
+
+    def stop_profile(self) -> str:
+        """Stop recording; write this rank's Chrome trace and return its path."""
+        if self.profiler is None:
+            raise RuntimeError("the profiler was not started")
+        self.profiler.stop()
+        path = os.path.join(self.profile_dir, f"ember-worker-{self.rank}.trace.json")
+        self.profiler.export_chrome_trace(path)
+        self.profiler = None
+        return path

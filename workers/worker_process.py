@@ -24,6 +24,8 @@ from ember.workers.rpc import (
     ExecuteModel,
     InitializeKVCache,
     Shutdown,
+    StartProfile,
+    StopProfile,
     WorkerCall,
     WorkerReply,
     call_decoder,
@@ -48,6 +50,11 @@ def _answer(worker, call: WorkerCall, rank: int) -> WorkerReply:
     if isinstance(call, InitializeKVCache):
         worker.initialize_kv_cache(call.num_blocks)
         return WorkerReply(rank=rank)
+    if isinstance(call, StartProfile):
+        worker.start_profile(call.profile_dir)
+        return WorkerReply(rank=rank)
+    if isinstance(call, StopProfile):
+        return WorkerReply(rank=rank, trace_path=worker.stop_profile())
     raise TypeError(f"unknown worker call {type(call).__name__}")
 
 

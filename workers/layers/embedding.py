@@ -19,9 +19,13 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.rows_per_rank = -(-num_embeddings // self.tp_size)
         self.vocab_start = self.tp_rank * self.rows_per_rank
+        # Uninitialised, like every parameter: the checkpoint fills it (no second pass over
+        # memory); only the padding rows of the last rank are zeroed here.
         self.weight = nn.Parameter(
-            torch.zeros(self.rows_per_rank, embedding_dim), requires_grad=False
+            torch.empty(self.rows_per_rank, embedding_dim), requires_grad=False
         )
+        valid_rows = max(0, min(self.rows_per_rank, num_embeddings - self.vocab_start))
+        self.weight.data[valid_rows:].zero_()
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:

@@ -6,6 +6,9 @@ tensor per `shard_id`:
 
     QKVParallelLinear.weight rows:  [ q (Hq*D) | k (Hkv*D) | v (Hkv*D) ]   (this rank's heads)
     MergedColumnParallelLinear:     [ gate (I) | up (I) ]                  (this rank's slice)
+
+A checkpoint that already stores the fused tensor (Phi-3's `qkv_proj`, `gate_up_proj`; GPT-2's
+`c_attn`) passes `shard_id=None`; the loader splits it and loads each part as its own shard.
 """
 
 from __future__ import annotations
@@ -92,8 +95,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None):
-        if shard_id is None:
-            return super().weight_loader(param, loaded_weight)
+        if shard_id is None:  # the fused tensor: [ shard 0 | shard 1 | ... ] whole
+            check_shape(loaded_weight, (sum(self.output_sizes), *param.shape[1:]))
+            for index, part in enumerate(loaded_weight.split(self.output_sizes)):
+                self.weight_loader(param, part, index)
+            return
         shard_rows = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         check_shape(loaded_weight, (self.output_sizes[shard_id], *param.shape[1:]))
@@ -119,6 +125,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     ):
         tp_size = get_tp_size()
         total_num_kv_heads = total_num_kv_heads or total_num_heads
+        self.total_num_heads = total_num_heads
+        self.total_num_kv_heads = total_num_kv_heads
         self.head_size = head_size
         self.num_heads = divide(total_num_heads, tp_size, "number of attention heads")
         if tp_size >= total_num_kv_heads:
@@ -131,6 +139,16 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, output_size, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None):
+        if shard_id is None:  # the fused tensor [ q | k | v ] of all heads
+            sizes = [
+                self.total_num_heads * self.head_size,
+                self.total_num_kv_heads * self.head_size,
+                self.total_num_kv_heads * self.head_size,
+            ]
+            check_shape(loaded_weight, (sum(sizes), *param.shape[1:]))
+            for part, name in zip(loaded_weight.split(sizes), ("q", "k", "v")):
+                self.weight_loader(param, part, name)
+            return
         q_rows = self.num_heads * self.head_size
         kv_rows = self.num_kv_heads * self.head_size
         if shard_id == "q":

@@ -1,8 +1,13 @@
 """Where a model's files are: the embedded default, a .gguf file, a local directory, or a
-Hugging Face repo id fetched through huggingface_hub (its cache, `revision`, offline mode)."""
+Hugging Face repo id fetched through huggingface_hub (its cache, `revision`, offline mode).
+
+Called by `EngineArgs.create_engine_config` in the user's process; the processes below get the
+resolved local directory.
+"""
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 
@@ -39,15 +44,72 @@ def resolve_model(model: str | None, revision: str | None = None) -> tuple[str, 
         return os.path.abspath(model), None
     if os.path.exists(model):
         raise ValueError(f"model {model!r} is neither a directory nor a .gguf file")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
+    return hub_snapshot(model, revision), None
 
+
+# What a model needs from a repository: config, weights, tokenizer. Never Meta's `original/`
+# checkpoints or Mistral's `consolidated` copy of the same weights.
+_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+_IGNORE_PATTERNS = ["original/*", "consolidated*"]
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_cache_dir() -> str | None:
+    """The Hugging Face hub cache, read from the environment now (`HF_HUB_CACHE`, else
+    `HF_HOME`/hub), so that a variable set after huggingface_hub was imported still counts;
+    None means huggingface_hub's own default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
+    """The local snapshot directory of a Hugging Face repo at `revision` (branch, tag or commit;
+    None = main), downloaded into the hub cache if needed. With `HF_HUB_OFFLINE=1` only the
+    cache is read: refs/<revision> names the commit, snapshots/<commit> holds the files.
+    safetensors are fetched; `pytorch_model*.bin` only when the repository has none."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = constants.HF_HUB_OFFLINE or _env_flag("HF_HUB_OFFLINE")
+    kwargs = {
+        "revision": revision,
+        "cache_dir": hub_cache_dir(),
+        "local_files_only": offline,
+        "ignore_patterns": _IGNORE_PATTERNS,
+    }
+    where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
-        path = snapshot_download(
-            repo_id=model,
-            revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.bin"],
-        )
+        path = snapshot_download(repo_id, allow_patterns=_ALLOW_PATTERNS, **kwargs)
+        if not offline and not glob.glob(os.path.join(path, "*.safetensors")):
+            path = snapshot_download(
+                repo_id, allow_patterns=[*_ALLOW_PATTERNS, "pytorch_model*.bin"], **kwargs
+            )
     except HFValidationError as exc:
-        raise ValueError(f"model {model!r} is not a local path nor a valid repo id") from exc
-    return path, None
+        raise ValueError(f"model {repo_id!r} is not a local path nor a valid repo id") from exc
+    except RevisionNotFoundError as exc:
+        raise ValueError(f"revision {revision!r} of {repo_id!r} does not exist") from exc
+    except RepositoryNotFoundError as exc:
+        raise ValueError(
+            f"model {repo_id!r} is not a local path nor a repository on the Hugging Face hub "
+            "(or it is private: log in with `hf auth login`)"
+        ) from exc
+    except LocalEntryNotFoundError as exc:
+        cache = hub_cache_dir() or constants.HF_HUB_CACHE
+        reason = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        raise FileNotFoundError(
+            f"model {where} is not in the Hugging Face cache {cache!r} and {reason}"
+        ) from exc
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model {where} has no config.json (snapshot {path!r})")
+    return path

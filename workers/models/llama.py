@@ -1,4 +1,6 @@
-"""Llama (SmolLM2, Llama 2/3, and Mistral's checkpoints of the same shape) over a paged KV cache."""
+"""Llama (SmolLM2, Llama 2/3, Mistral) over a paged KV cache, and the blocks that the models
+shaped like it reuse: attention with options (biases, q/k norm, scale, soft cap, sliding window
+per layer), the gated MLP, and a decoder layer that takes another MLP (a mixture of experts)."""
 
 from __future__ import annotations
 
@@ -19,32 +21,66 @@ from ember.workers.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from ember.workers.layers.rotary_embedding import RotaryEmbedding
+from ember.workers.layers.rotary_embedding import get_rope, rope_layer_type
 from ember.workers.model_loader.weight_utils import load_weights_into
 
 
+def layer_sliding_window(config: PretrainedConfig, layer_idx: int) -> int | None:
+    """The sliding window of one layer: `sliding_window` for every layer, or only for the
+    layers that `layer_types` marks "sliding_attention" (Gemma 2/3, Qwen2); 0 means none."""
+    window = getattr(config, "sliding_window", None) or None
+    layer_types = getattr(config, "layer_types", None)
+    if window is not None and layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        max_position: int,
+        layer_idx: int = 0,
+        *,
+        qkv_bias: bool | None = None,  # None: the config's attention_bias
+        o_bias: bool | None = None,
+        qk_norm: type[nn.Module] | None = None,  # an RMSNorm class applied per head (Qwen3)
+        scale: float | None = None,  # None: head_dim ** -0.5
+        logits_soft_cap: float | None = None,
+    ):
         super().__init__()
         total_num_heads = config.num_attention_heads
         total_num_kv_heads = getattr(config, "num_key_value_heads", None) or total_num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_num_heads
-        bias = getattr(config, "attention_bias", False)
+        bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, self.head_dim, total_num_heads, total_num_kv_heads, bias=bias
+            config.hidden_size,
+            self.head_dim,
+            total_num_heads,
+            total_num_kv_heads,
+            bias=bias if qkv_bias is None else qkv_bias,
         )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.o_proj = RowParallelLinear(total_num_heads * self.head_dim, config.hidden_size, bias)
-        self.rotary_emb = RotaryEmbedding(config, self.head_dim, max_position)
+        self.o_proj = RowParallelLinear(
+            total_num_heads * self.head_dim, config.hidden_size, bias if o_bias is None else o_bias
+        )
+        self.q_norm = self.k_norm = None
+        if qk_norm is not None:
+            self.q_norm = qk_norm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = qk_norm(self.head_dim, config.rms_norm_eps)
+        self.rotary_emb = get_rope(
+            config, self.head_dim, max_position, layer_type=rope_layer_type(config, layer_idx)
+        )
         self.attn = Attention(
             self.num_heads,
             self.head_dim,
-            self.head_dim**-0.5,
+            self.head_dim**-0.5 if scale is None else scale,
             self.num_kv_heads,
-            sliding_window=getattr(config, "sliding_window", None),
+            sliding_window=layer_sliding_window(config, layer_idx),
+            logits_soft_cap=logits_soft_cap,
         )
 
     def forward(
@@ -52,32 +88,58 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, attn_metadata))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        intermediate_size: int | None = None,
+        hidden_act: str | None = None,
+    ):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        size = config.intermediate_size
+        size = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias)
-        self.act_fn = get_gated_activation(config.hidden_act)
+        self.act_fn = get_gated_activation(hidden_act or config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    """Pre-norm attention and MLP with the residual add fused into the next norm.
+
+    `mlp` replaces the dense MLP (e.g. a mixture of experts), registered under `mlp_name`, the
+    checkpoint's name for it (Mixtral: "block_sparse_moe"). GraniteMoE scales both branches
+    by `residual_multiplier` before they join the residual stream.
+    """
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        max_position: int,
+        layer_idx: int = 0,
+        *,
+        mlp: nn.Module | None = None,
+        mlp_name: str = "mlp",
+        residual_multiplier: float = 1.0,
+        **attention_options,
+    ):
         super().__init__()
-        self.self_attn = LlamaAttention(config, max_position)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, max_position, layer_idx, **attention_options)
+        self.mlp_name = mlp_name
+        setattr(self, mlp_name, mlp if mlp is not None else LlamaMLP(config))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.residual_multiplier = residual_multiplier
 
     def forward(
         self,
@@ -92,16 +154,22 @@ class LlamaDecoderLayer(nn.Module):
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states, attn_metadata)
+        if self.residual_multiplier != 1.0:
+            hidden_states = hidden_states * self.residual_multiplier
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        hidden_states = getattr(self, self.mlp_name)(hidden_states)
+        if self.residual_multiplier != 1.0:
+            hidden_states = hidden_states * self.residual_multiplier
+        return hidden_states, residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: PretrainedConfig, max_position: int, make_layer):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embedding_multiplier = 1.0
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, max_position) for _ in range(config.num_hidden_layers)
+            make_layer(config, max_position, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -109,6 +177,8 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
+        if self.embedding_multiplier != 1.0:
+            hidden_states = hidden_states * self.embedding_multiplier
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual, attn_metadata)
@@ -117,6 +187,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    """Llama; models of the same shape subclass it and override `make_layer`."""
+
     # checkpoint name -> (fused parameter name, shard id)
     packed_modules_mapping: ClassVar[dict[str, tuple[str, str | int]]] = {
         "q_proj": ("qkv_proj", "q"),
@@ -129,10 +201,15 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: PretrainedConfig, max_position: int):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_position)
+        # (checkpoint fragment, parameter fragment, shard id), tried before the packed mapping
+        self.name_mapping: list[tuple[str, str, object]] = []
+        self.model = LlamaModel(config, max_position, self.make_layer)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.tie_weights(self.model.embed_tokens)
+
+    def make_layer(self, config: PretrainedConfig, max_position: int, layer_idx: int) -> nn.Module:
+        return LlamaDecoderLayer(config, max_position, layer_idx)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
@@ -144,4 +221,10 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("lm_head.",) if getattr(self.config, "tie_word_embeddings", False) else ()
-        load_weights_into(self, weights, self.packed_modules_mapping, skip_prefixes=skip)
+        load_weights_into(
+            self,
+            weights,
+            self.packed_modules_mapping,
+            skip_prefixes=skip,
+            name_mapping=self.name_mapping,
+        )
