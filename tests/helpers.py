@@ -21,21 +21,7 @@ def write_random_llama(
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    settings = {
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "initializer_range": 0.2,
-        "tie_word_embeddings": False,
-        "rope_theta": 10000.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    }
-    settings.update(overrides)
+    settings = {**_BASE_SETTINGS, "rope_theta": 10000.0, **overrides}
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**settings)).eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
