@@ -68,6 +68,7 @@ class EngineArgs:
     load_format: str = "auto"
     device: str = "auto"
     num_threads: int | None = None
+    max_logprobs: int = 20
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -101,6 +102,10 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(
+                f"max_logprobs must be -1 or a non-negative integer, got {self.max_logprobs!r}"
+            )
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(
                 f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}"
@@ -134,6 +139,7 @@ class EngineArgs:
             revision=self.revision,
             seed=0 if self.seed is None else self.seed,
             trust_remote_code=self.trust_remote_code,
+            max_logprobs=self.max_logprobs,
         )
         return EngineConfig(
             model=model_config,

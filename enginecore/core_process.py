@@ -313,6 +313,7 @@ class EngineCoreProc:
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             model=config.model.model,
             tokenizer=config.model.tokenizer,
+            max_logprobs=config.model.max_logprobs,
         )
 
     def _emit(self, outputs) -> None:

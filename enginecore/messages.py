@@ -10,6 +10,7 @@ import enum
 
 import msgspec
 
+from ember.workers.logprobs import LogprobsLists
 from ember.workers.sampling_params import SamplingParams
 
 
@@ -43,6 +44,10 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # One row per new token, when the request asked for logprobs.
+    new_logprobs: LogprobsLists | None = None
+    # One row per prompt token computed this step (from the second on), for prompt_logprobs.
+    new_prompt_logprobs: LogprobsLists | None = None
 
     @property
     def finished(self) -> bool:
@@ -88,6 +93,7 @@ class EngineCoreReadyInfo(msgspec.Struct, array_like=True, omit_defaults=True, g
     max_num_batched_tokens: int
     model: str = ""
     tokenizer: str | None = None  # a local path an attaching frontend can load
+    max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for
 
 
 class UtilityRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

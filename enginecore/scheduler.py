@@ -188,7 +188,11 @@ class Scheduler:
         max_model_len = self.config.max_model_len
         requests = self.requests
         any_finished = False
-        for request_id, token_id in zip(runner_output.req_ids, runner_output.sampled_token_ids):
+        logprobs = runner_output.logprobs
+        prompt_logprobs = dict(runner_output.prompt_logprobs)
+        for row, (request_id, token_id) in enumerate(
+            zip(runner_output.req_ids, runner_output.sampled_token_ids)
+        ):
             request = requests.get(request_id)
             if request is None:  # aborted while the step ran
                 continue
@@ -202,7 +206,14 @@ class Scheduler:
             )
             if len(request.output_token_ids) == 1:
                 output.num_cached_tokens = max(request.num_cached_tokens, 0)
+            if logprobs is not None and request.sampling_params.logprobs is not None:
+                output.new_logprobs = logprobs.slice(row, row + 1)
+            output.new_prompt_logprobs = prompt_logprobs.pop(request_id, None)
             outputs.append(output)
+        # Prefill chunks that sampled nothing yet still send their prompt logprobs.
+        for request_id, chunk_logprobs in prompt_logprobs.items():
+            if request_id in requests:
+                outputs.append(EngineCoreOutput(request_id, [], new_prompt_logprobs=chunk_logprobs))
         if any_finished:
             self._drop_finished_from_running()
         return outputs

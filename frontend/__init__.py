@@ -19,10 +19,16 @@ _EXPORTS = {
     "Logprob": "ember.outputs",
     "EngineArgs": "ember.enginecore.arg_utils",
     "EngineDeadError": "ember.enginecore.exceptions",
+    "BeamSearchParams": "ember.beam_search",
+    "BeamSearchOutput": "ember.beam_search",
+    "BeamSearchSequence": "ember.beam_search",
 }
 
 __all__ = [
     "LLM",
+    "BeamSearchOutput",
+    "BeamSearchParams",
+    "BeamSearchSequence",
     "CompletionOutput",
     "EngineArgs",
     "EngineDeadError",
@@ -32,6 +38,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from ember.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
     from ember.enginecore.arg_utils import EngineArgs
     from ember.enginecore.exceptions import EngineDeadError
     from ember.llm import LLM

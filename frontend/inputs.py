@@ -91,33 +91,68 @@ def check_prompt(
         )
 
 
-# SamplingParams fields the engine does not act on yet: refused rather than ignored.
-_UNSUPPORTED = {
-    "n": lambda v: v != 1,
-    "presence_penalty": lambda v: v != 0.0,
-    "frequency_penalty": lambda v: v != 0.0,
-    "repetition_penalty": lambda v: v != 1.0,
-    "min_p": lambda v: v != 0.0,
-    "logprobs": lambda v: v is not None,
-    "prompt_logprobs": lambda v: v is not None,
-    "logit_bias": lambda v: bool(v),
-    "allowed_token_ids": lambda v: v is not None,
-    "bad_words": lambda v: bool(v),
-}
+def truncate_prompt(processed: ProcessedPrompt, params: SamplingParams, max_model_len: int) -> None:
+    """Keep the last `truncate_prompt_tokens` prompt tokens (-1: the last max_model_len)."""
+    keep = params.truncate_prompt_tokens
+    if keep is None:
+        return
+    if keep == -1:
+        keep = max_model_len
+    if len(processed.prompt_token_ids) > keep:
+        processed.prompt_token_ids = processed.prompt_token_ids[-keep:]
 
 
-def check_sampling_params(params: Any, index: int) -> SamplingParams:
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    """What a request's parameters are checked against: facts of the engine and tokenizer."""
+
+    vocab_size: int
+    max_model_len: int
+    max_logprobs: int
+    tokenizer: Any | None
+
+
+def check_sampling_params(params: Any, index: int, limits: EngineLimits) -> SamplingParams:
+    """Check what SamplingParams cannot check alone (token ids against the vocabulary, logprobs
+    against max_logprobs) and tokenize bad_words. Returns the params the engine gets: the
+    user's object, or a copy when the frontend had to fill in engine-side fields."""
     if not isinstance(params, SamplingParams):
         raise TypeError(
             f"sampling_params[{index}] must be a SamplingParams, got {type(params).__name__}"
         )
-    for name, is_set in _UNSUPPORTED.items():
-        if is_set(getattr(params, name)):
-            raise NotImplementedError(f"SamplingParams.{name} is not supported yet")
+    vocab_size = limits.vocab_size
+    for name in ("allowed_token_ids", "stop_token_ids"):
+        token_ids = getattr(params, name) or ()
+        if any(token_id >= vocab_size for token_id in token_ids):
+            raise ValueError(
+                f"{name} holds token id {max(token_ids)}, outside the vocabulary [0, {vocab_size})"
+            )
+    if params.logit_bias and max(params.logit_bias) >= vocab_size:
+        raise ValueError(
+            f"logit_bias holds token id {max(params.logit_bias)}, outside the vocabulary "
+            f"[0, {vocab_size})"
+        )
+    max_logprobs = limits.max_logprobs
+    for name in ("logprobs", "prompt_logprobs"):
+        requested = getattr(params, name)
+        if requested is None or max_logprobs == -1:
+            continue
+        if requested == -1 or requested > max_logprobs:
+            raise ValueError(
+                f"{name}={requested} is more than max_logprobs={max_logprobs}; raise "
+                "LLM(max_logprobs=...)"
+            )
+    if params.bad_words:
+        if limits.tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer (skip_tokenizer_init=True was given)")
+        params = params.clone()
+        params.update_from_tokenizer(limits.tokenizer)
     return params
 
 
-def per_prompt_params(params: Any, num_prompts: int) -> Sequence[SamplingParams]:
+def per_prompt_params(
+    params: Any, num_prompts: int, limits: EngineLimits
+) -> Sequence[SamplingParams]:
     if params is None:
         params = SamplingParams()
     if isinstance(params, (list, tuple)):
@@ -126,5 +161,5 @@ def per_prompt_params(params: Any, num_prompts: int) -> Sequence[SamplingParams]
                 f"sampling_params has {len(params)} entries for {num_prompts} prompts; "
                 "give one, or one per prompt"
             )
-        return [check_sampling_params(p, i) for i, p in enumerate(params)]
-    return [check_sampling_params(params, 0)] * num_prompts
+        return [check_sampling_params(p, i, limits) for i, p in enumerate(params)]
+    return [check_sampling_params(params, 0, limits)] * num_prompts

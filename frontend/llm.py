@@ -11,11 +11,20 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from ember.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
 from ember.core_client import EngineCoreClient
 from ember.enginecore.arg_utils import EngineArgs
 from ember.enginecore.messages import EngineCoreRequest
-from ember.inputs import check_prompt, normalize_prompts, per_prompt_params, tokenize_prompt
-from ember.output_processor import OutputProcessor
+from ember.inputs import (
+    EngineLimits,
+    ProcessedPrompt,
+    check_prompt,
+    normalize_prompts,
+    per_prompt_params,
+    tokenize_prompt,
+    truncate_prompt,
+)
+from ember.output_processor import OutputProcessor, ParentRequest
 from ember.outputs import RequestOutput
 from ember.workers.sampling_params import SamplingParams
 
@@ -102,6 +111,7 @@ class LLM:
         self.engine = EngineCoreClient(self.config)
         self.max_model_len = self.engine.ready_info.max_model_len
         self.vocab_size = self.engine.ready_info.vocab_size
+        self.max_logprobs = self.engine.ready_info.max_logprobs
         self._request_counter = itertools.count()
 
     def _attach(
@@ -123,6 +133,7 @@ class LLM:
         info = self.engine.ready_info
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
+        self.max_logprobs = info.max_logprobs
         self.tokenizer = None
         if not skip_tokenizer_init:
             self.tokenizer = AutoTokenizer.from_pretrained(
@@ -181,29 +192,67 @@ class LLM:
         if lora_request is not None:
             raise NotImplementedError("lora_request is not supported yet")
         prompt_list = normalize_prompts(prompts)
-        params = per_prompt_params(sampling_params, len(prompt_list))
-        vocab_size = self.vocab_size
+        limits = EngineLimits(
+            self.vocab_size, self.max_model_len, self.max_logprobs, self.tokenizer
+        )
+        params = per_prompt_params(sampling_params, len(prompt_list), limits)
         processed = []
-        for index, prompt in enumerate(prompt_list):
+        for index, (prompt, request_params) in enumerate(zip(prompt_list, params)):
             item = tokenize_prompt(prompt, self.tokenizer, index)
-            check_prompt(item, index, self.max_model_len, vocab_size)
+            truncate_prompt(item, request_params, self.max_model_len)
+            check_prompt(item, index, self.max_model_len, self.vocab_size)
             processed.append(item)
         if not processed:
             return []
+        return self._run_requests(processed, params, use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: list[Any],
+        params: BeamSearchParams,
+        lora_request: Any = None,
+        use_tqdm: bool = False,
+        concurrency_limit: int | None = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search: `beam_width` sequences per prompt, extended one token a step
+        by their top 2 × beam_width next tokens; see `ember.beam_search`."""
+        if lora_request is not None:
+            raise NotImplementedError("lora_request is not supported yet")
+        return run_beam_search(self, prompts, params, use_tqdm, concurrency_limit)
+
+    def _run_requests(
+        self,
+        processed: list[ProcessedPrompt],
+        params: list[SamplingParams],
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        """Send checked prompts to the engine and gather their outputs, in input order. A
+        prompt with n > 1 becomes n child requests (child i seeded with seed + i) that share
+        the prompt's cached KV blocks."""
         processor = OutputProcessor(self.tokenizer)
         requests, order = [], {}
         now = time.time()
         for index, (item, request_params) in enumerate(zip(processed, params)):
             request_id = str(next(self._request_counter))
             order[request_id] = index
-            processor.add_request(request_id, item.prompt, item.prompt_token_ids, request_params)
-            requests.append(
-                EngineCoreRequest(
-                    request_id, item.prompt_token_ids, request_params, now, item.cache_salt
+            parent = None if request_params.n == 1 else ParentRequest(request_id, request_params.n)
+            for child_index, child_params in enumerate(_child_params(request_params)):
+                child_id = request_id if parent is None else f"{child_index}_{request_id}"
+                processor.add_request(
+                    child_id,
+                    item.prompt,
+                    item.prompt_token_ids,
+                    child_params,
+                    child_index,
+                    parent,
                 )
-            )
-        results: list[RequestOutput | None] = [None] * len(requests)
-        progress = _Progress(len(requests), use_tqdm)
+                requests.append(
+                    EngineCoreRequest(
+                        child_id, item.prompt_token_ids, child_params, now, item.cache_salt
+                    )
+                )
+        results: list[RequestOutput | None] = [None] * len(processed)
+        progress = _Progress(len(processed), use_tqdm)
         try:
             self.engine.add_requests(requests)
             while processor.states:
@@ -212,9 +261,9 @@ class LLM:
                     continue
                 finished, to_abort = processor.process(outputs.outputs)
                 self.engine.abort_requests(to_abort)
-                for state in finished:
-                    results[order[state.request_id]] = state.to_output()
-                    progress.update(state)
+                for output in finished:
+                    results[order[output.request_id]] = output
+                    progress.update(output)
         except BaseException:
             # Ctrl-C or a dead engine: nothing of this call may keep running in the engine.
             pending = processor.abort_all()
@@ -224,6 +273,20 @@ class LLM:
         finally:
             progress.close()
         return results
+
+
+def _child_params(params: SamplingParams) -> list[SamplingParams]:
+    """The parameters of each of a prompt's n sequences (vLLM's parallel sampling)."""
+    if params.n == 1:
+        return [params]
+    children = []
+    for index in range(params.n):
+        child = params.clone()
+        child.n = 1
+        if params.seed is not None:
+            child.seed = params.seed + index
+        children.append(child)
+    return children
 
 
 class _Progress:
@@ -237,9 +300,9 @@ class _Progress:
         self.input_tokens = 0
         self.output_tokens = 0
 
-    def update(self, state) -> None:
-        self.input_tokens += len(state.prompt_token_ids)
-        self.output_tokens += len(state.detokenizer.output_token_ids)
+    def update(self, output: RequestOutput) -> None:
+        self.input_tokens += len(output.prompt_token_ids or ())
+        self.output_tokens += sum(len(c.token_ids) for c in output.outputs)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         self.bar.set_postfix_str(
             f"est. speed input: {self.input_tokens / elapsed:.2f} toks/s, "

@@ -29,8 +29,11 @@ def _ember_pids(llm: LLM) -> list[int]:
     return [core.pid] + [child.pid for child in core.children(recursive=True)]
 
 
-def _ember_shm() -> list[str]:
-    return [name for name in os.listdir("/dev/shm") if name.startswith("ember")]
+def _ember_shm(pids: list[int]) -> list[str]:
+    """ember's shared-memory segments created by these processes (names are
+    ember-<creator pid>-<random>; other engines on the machine are none of our business)."""
+    prefixes = tuple(f"ember-{pid}-" for pid in pids)
+    return [name for name in os.listdir("/dev/shm") if name.startswith(prefixes)]
 
 
 def _assert_gone(pids: list[int], timeout_s: float = 10.0) -> None:
@@ -52,7 +55,6 @@ def _new_llm(tiny_dir) -> LLM:
 
 
 def test_shutdown_stops_children_and_unlinks_shared_memory(tiny_dir):
-    shm_before = _ember_shm()
     llm = _new_llm(tiny_dir)
     pids = _ember_pids(llm)
     assert len(pids) == 2  # engine core and one worker
@@ -63,7 +65,7 @@ def test_shutdown_stops_children_and_unlinks_shared_memory(tiny_dir):
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
     llm.shutdown()
     _assert_gone(pids, timeout_s=1.0)
-    assert _ember_shm() == shm_before
+    assert _ember_shm(pids) == []
     assert not os.path.exists(private_dir)
     llm.shutdown()  # twice is fine
 
@@ -72,7 +74,7 @@ def test_with_block_cleans_up(tiny_dir):
     with _new_llm(tiny_dir) as llm:
         pids = _ember_pids(llm)
     _assert_gone(pids, timeout_s=1.0)
-    assert _ember_shm() == []
+    assert _ember_shm(pids) == []
 
 
 def test_collected_llm_cleans_up(tiny_dir):
@@ -81,7 +83,7 @@ def test_collected_llm_cleans_up(tiny_dir):
     del llm
     gc.collect()
     _assert_gone(pids)
-    assert _ember_shm() == []
+    assert _ember_shm(pids) == []
 
 
 def test_two_llms_live_side_by_side(tiny_dir):
@@ -111,7 +113,7 @@ def test_killed_worker_makes_generate_raise(tiny_dir):
     assert time.monotonic() - start < 11
     llm.shutdown()
     _assert_gone(pids)
-    assert _ember_shm() == []
+    assert _ember_shm(pids) == []
 
 
 USER_SCRIPT = """
@@ -144,7 +146,7 @@ def test_killed_user_process_takes_the_engine_down(tiny_dir, tmp_path):
         _assert_gone(pids, timeout_s=10)
     finally:
         user.kill()
-    assert _ember_shm() == []
+    assert _ember_shm(pids) == []
 
 
 def test_garbage_frames_are_dropped_and_the_engine_keeps_serving(tiny_dir):
@@ -193,4 +195,4 @@ def test_interpreter_exit_without_shutdown_cleans_up(tiny_dir, tmp_path):
     pids = [int(pid) for pid in result.stdout.split()]
     assert len(pids) == 2
     _assert_gone(pids, timeout_s=5)
-    assert _ember_shm() == []
+    assert _ember_shm(pids) == []

@@ -129,8 +129,14 @@ def test_bad_sampling_params_raise_value_error(kwargs, match):
 
 
 def test_unsupported_and_unknown_options_are_refused(tiny, tiny_dir):
-    with pytest.raises(NotImplementedError, match="logprobs"):
-        tiny.generate([[1, 2]], SamplingParams(logprobs=2))
+    with pytest.raises(ValueError, match="max_logprobs=20"):
+        tiny.generate([[1, 2]], SamplingParams(logprobs=21))
+    with pytest.raises(ValueError, match="allowed_token_ids holds token id 512"):
+        tiny.generate([[1, 2]], SamplingParams(allowed_token_ids=[3, 512]))
+    with pytest.raises(ValueError, match="logit_bias holds token id 900"):
+        tiny.generate([[1, 2]], SamplingParams(logit_bias={900: 1.0}))
+    with pytest.raises(ValueError, match="bad_words needs a tokenizer"):
+        tiny.generate([[1, 2]], SamplingParams(bad_words=["x"]))
     with pytest.raises(ValueError, match="one per prompt"):
         tiny.generate([[1, 2], [3]], [SamplingParams()])
     with pytest.raises(TypeError, match="max_num_seqqs"):

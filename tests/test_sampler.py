@@ -25,7 +25,7 @@ def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     sampler = Sampler(torch.Generator().manual_seed(0))
-    out = sampler(logits, _metadata([0.0, 1.0, 0.0, 1.0]))
+    out = sampler(logits, _metadata([0.0, 1.0, 0.0, 1.0])).sampled_token_ids
     assert out[0] == logits[0].argmax() and out[2] == logits[2].argmax()
 
 
@@ -39,9 +39,9 @@ def test_seeded_row_is_the_same_whatever_the_batch():
         sampler = Sampler(torch.Generator().manual_seed(batch_size))
         generator = torch.Generator().manual_seed(1234)
         tokens = [
-            sampler(logits, _metadata([1.0] * batch_size, generators={position: generator}))[
-                position
-            ].item()
+            sampler(logits, _metadata([1.0] * batch_size, generators={position: generator}))
+            .sampled_token_ids[position]
+            .item()
             for _ in range(5)
         ]
         draws.append(tokens)
@@ -52,7 +52,7 @@ def test_seeded_row_is_the_same_whatever_the_batch():
 def test_frequencies_follow_softmax_within_top_k():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(4000, 1)
     sampler = Sampler(torch.Generator().manual_seed(0))
-    tokens = sampler(logits, _metadata([1.0] * 4000, top_k=[3] * 4000))
+    tokens = sampler(logits, _metadata([1.0] * 4000, top_k=[3] * 4000)).sampled_token_ids
     counts = torch.bincount(tokens, minlength=5).float() / 4000
     expected = torch.softmax(torch.tensor([2.0, 1.0, 0.5]), dim=0)
     assert counts[3:].sum() == 0
@@ -62,5 +62,5 @@ def test_frequencies_follow_softmax_within_top_k():
 def test_low_temperature_concentrates_on_the_argmax():
     logits = torch.tensor([[1.0, 0.9, 0.0]]).repeat(500, 1)
     sampler = Sampler(torch.Generator().manual_seed(0))
-    tokens = sampler(logits, _metadata([0.01] * 500))
+    tokens = sampler(logits, _metadata([0.01] * 500)).sampled_token_ids
     assert (tokens == 0).float().mean() > 0.99

@@ -26,6 +26,7 @@ class ModelConfig:
     revision: str | None = None
     seed: int = 0
     trust_remote_code: bool = False
+    max_logprobs: int = 20  # vLLM's default; -1 allows the whole vocabulary
 
 
 @dataclass(frozen=True, slots=True)

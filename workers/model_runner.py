@@ -17,8 +17,16 @@ import torch
 from ember.kernels.attention import AttentionMetadata
 from ember.workers.config import EngineConfig
 from ember.workers.layers.attention import Attention
+from ember.workers.logprobs import LogprobsLists
 from ember.workers.model_loader.loader import DTYPES, get_model
-from ember.workers.sampler import Sampler, SamplingMetadata
+from ember.workers.sampler import (
+    LogprobsTensors,
+    PenaltyInputs,
+    Sampler,
+    SamplingMetadata,
+    bad_word_bans,
+    compute_logprobs,
+)
 from ember.workers.sampling_params import SamplingParams
 from ember.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
@@ -36,6 +44,26 @@ class CachedRequestState:
     generator: torch.Generator | None
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Prompt positions whose logprobs were already returned (a preempted request that is
+    # recomputed does not send them twice).
+    num_prompt_logprobs_done: int = 1
+    # [V] bool, True where allowed_token_ids forbids the token; made on first use.
+    disallowed_mask: torch.Tensor | None = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+@dataclass(slots=True)
+class PromptLogprobsJob:
+    """Rows of this step's flat batch whose logits give a request's prompt logprobs: row i
+    predicts `target_token_ids[i]`."""
+
+    req_id: str
+    first_row: int
+    target_token_ids: list[int]
+    num_logprobs: int
 
 
 class ModelRunner:
@@ -95,7 +123,7 @@ class ModelRunner:
                 generator = resumed.generator
             elif params.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed)
-            self.requests[new.req_id] = CachedRequestState(
+            state = CachedRequestState(
                 req_id=new.req_id,
                 token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
                 num_prompt_tokens=len(new.prompt_token_ids),
@@ -104,6 +132,9 @@ class ModelRunner:
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
             )
+            if resumed is not None:
+                state.num_prompt_logprobs_done = resumed.num_prompt_logprobs_done
+            self.requests[new.req_id] = state
         for cached in scheduler_output.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
             state.block_ids.extend(cached.new_block_ids)
@@ -111,8 +142,16 @@ class ModelRunner:
 
     def _prepare_inputs(
         self, scheduler_output: SchedulerOutput
-    ) -> tuple[list[CachedRequestState], torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Flat input ids and positions, attention metadata, and the rows to sample from.
+    ) -> tuple[
+        list[CachedRequestState],
+        torch.Tensor,
+        torch.Tensor,
+        AttentionMetadata,
+        list[int],
+        list[PromptLogprobsJob],
+    ]:
+        """Flat input ids and positions, attention metadata, the rows to sample from, and the
+        rows that give prompt logprobs.
 
         Decodes (one scheduled token) go first so that attention can batch them.
         """
@@ -126,10 +165,14 @@ class ModelRunner:
         positions = np.empty(query_start_loc[-1], dtype=np.int64)
         max_blocks = max(len(s.block_ids) for s in states)
         block_table = np.zeros((len(states), max_blocks), dtype=np.int64)
-        seq_lens, sample_rows, sampled_states = [], [], []
+        seq_lens, sample_rows, sampled_states, prompt_jobs = [], [], [], []
         for i, (state, count) in enumerate(zip(states, num_tokens)):
             start, end = query_start_loc[i], query_start_loc[i + 1]
             computed = state.num_computed_tokens
+            if state.sampling_params.prompt_logprobs is not None:
+                job = self._prompt_logprobs_job(state, int(start), computed, count)
+                if job is not None:
+                    prompt_jobs.append(job)
             input_ids[start:end] = state.token_ids[computed : computed + count]
             positions[start:end] = np.arange(computed, computed + count)
             block_table[i, : len(state.block_ids)] = state.block_ids
@@ -160,39 +203,193 @@ class ModelRunner:
             to_device(positions, torch.int64),
             metadata,
             sample_rows,
+            prompt_jobs,
+        )
+
+    @staticmethod
+    def _prompt_logprobs_job(
+        state: CachedRequestState, first_row: int, computed: int, count: int
+    ) -> PromptLogprobsJob | None:
+        """Row j of a chunk at position p predicts prompt token p + 1; positions already
+        returned before a preemption are skipped."""
+        first_target = max(computed + 1, state.num_prompt_logprobs_done)
+        end_target = min(computed + count, state.num_prompt_tokens - 1) + 1
+        if first_target >= end_target:
+            return None
+        state.num_prompt_logprobs_done = end_target
+        return PromptLogprobsJob(
+            req_id=state.req_id,
+            first_row=first_row + first_target - 1 - computed,
+            target_token_ids=state.token_ids[first_target:end_target],
+            num_logprobs=state.sampling_params.prompt_logprobs,
         )
 
     def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
         params = [s.sampling_params for s in states]
+        device = self.device
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
         vocab_size = self.config.model.vocab_size
-        top_k = top_p = None
+        top_k = top_p = min_p = None
         if any(0 < p.top_k < vocab_size for p in params):
             top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params])
         if any(p.top_p < 1.0 for p in params):
             top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+        if any(p.min_p > 0.0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
         greedy = [p.temperature < _GREEDY_TEMPERATURE for p in params]
-        return SamplingMetadata(
-            temperature=temperature.to(self.device),
-            top_k=None if top_k is None else top_k.to(self.device),
-            top_p=None if top_p is None else top_p.to(self.device),
+        requested_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        max_num_logprobs = None
+        if requested_logprobs:
+            max_num_logprobs = -1 if -1 in requested_logprobs else max(requested_logprobs)
+        metadata = SamplingMetadata(
+            temperature=temperature.to(device),
+            top_k=None if top_k is None else top_k.to(device),
+            top_p=None if top_p is None else top_p.to(device),
             generators={i: s.generator for i, s in enumerate(states) if s.generator is not None},
             all_greedy=all(greedy),
             all_random=not any(greedy),
+            min_p=None if min_p is None else min_p.to(device),
+            max_num_logprobs=max_num_logprobs,
         )
+        self._add_logits_processor_inputs(metadata, states)
+        return metadata
+
+    def _add_logits_processor_inputs(
+        self, metadata: SamplingMetadata, states: list[CachedRequestState]
+    ) -> None:
+        """Penalties, logit_bias, allowed_token_ids, bad words and min_tokens stops, for the
+        rows that use them (most steps: none, and this costs one pass over the rows)."""
+        device = self.device
+        penalty_rows, bias_rows, bias_ids, biases = [], [], [], []
+        allowed_rows, banned_rows, banned_ids = [], [], []
+        for row, state in enumerate(states):
+            params = state.sampling_params
+            if (
+                params.presence_penalty != 0.0
+                or params.frequency_penalty != 0.0
+                or params.repetition_penalty != 1.0
+            ):
+                penalty_rows.append(row)
+            if params.logit_bias:
+                bias_rows.extend([row] * len(params.logit_bias))
+                bias_ids.extend(params.logit_bias)
+                biases.extend(params.logit_bias.values())
+            if params.allowed_token_ids is not None:
+                allowed_rows.append(row)
+            banned = self._banned_token_ids(state)
+            banned_rows.extend([row] * len(banned))
+            banned_ids.extend(banned)
+        as_tensor = lambda values, dtype=torch.int64: torch.tensor(values, dtype=dtype).to(device)
+        if penalty_rows:
+            metadata.penalties = self._penalty_inputs([states[r] for r in penalty_rows])
+            metadata.penalties.rows = as_tensor(penalty_rows)
+        if bias_rows:
+            metadata.logit_bias = (
+                as_tensor(bias_rows),
+                as_tensor(bias_ids),
+                as_tensor(biases, torch.float32),
+            )
+        if allowed_rows:
+            masks = torch.stack([self._disallowed_mask(states[r]) for r in allowed_rows])
+            metadata.disallowed = (as_tensor(allowed_rows), masks)
+        if banned_rows:
+            metadata.banned = (as_tensor(banned_rows), as_tensor(banned_ids))
+
+    def _disallowed_mask(self, state: CachedRequestState) -> torch.Tensor:
+        if state.disallowed_mask is None:
+            mask = torch.ones(self.config.model.vocab_size, dtype=torch.bool)
+            mask[state.sampling_params.allowed_token_ids] = False
+            state.disallowed_mask = mask.to(self.device)
+        return state.disallowed_mask
+
+    def _banned_token_ids(self, state: CachedRequestState) -> list[int]:
+        """Tokens this request may not sample now: the stops while fewer than min_tokens
+        tokens exist, and the last token of each bad word whose other tokens were just made."""
+        params = state.sampling_params
+        banned = []
+        num_output = state.num_output_tokens
+        if num_output < params.min_tokens:
+            banned.extend(params.stop_token_ids)
+            if not params.ignore_eos:
+                banned.extend(self.config.model.eos_token_ids)
+        if params.bad_words_token_ids:
+            banned.extend(bad_word_bans(state.token_ids, num_output, params.bad_words_token_ids))
+        return banned
+
+    def _penalty_inputs(self, states: list[CachedRequestState]) -> PenaltyInputs:
+        vocab_size = self.config.model.vocab_size
+        prompt_len = max(s.num_prompt_tokens for s in states)
+        output_len = max(max(s.num_output_tokens for s in states), 1)
+        prompt_ids = np.full((len(states), prompt_len), vocab_size, dtype=np.int64)
+        output_ids = np.full((len(states), output_len), vocab_size, dtype=np.int64)
+        for i, state in enumerate(states):
+            prompt_ids[i, : state.num_prompt_tokens] = state.token_ids[: state.num_prompt_tokens]
+            output_ids[i, : state.num_output_tokens] = state.token_ids[state.num_prompt_tokens :]
+        params = [s.sampling_params for s in states]
+        floats = lambda name: torch.tensor(
+            [getattr(p, name) for p in params], dtype=torch.float32, device=self.device
+        )
+        return PenaltyInputs(
+            rows=torch.empty(0),
+            prompt_token_ids=torch.from_numpy(prompt_ids).to(self.device),
+            output_token_ids=torch.from_numpy(output_ids).to(self.device),
+            presence=floats("presence_penalty"),
+            frequency=floats("frequency_penalty"),
+            repetition=floats("repetition_penalty"),
+        )
+
+    def _prompt_logprobs(
+        self, hidden_states: torch.Tensor, jobs: list[PromptLogprobsJob]
+    ) -> dict[str, LogprobsLists]:
+        results = {}
+        for job in jobs:
+            rows = hidden_states[job.first_row : job.first_row + len(job.target_token_ids)]
+            targets = torch.tensor(job.target_token_ids, device=self.device)
+            logits = self.model.compute_logits(rows)
+            results[job.req_id] = _to_lists(compute_logprobs(logits, targets, job.num_logprobs))
+        return results
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(scheduler_output)
         if not scheduler_output.num_scheduled_tokens:
             return ModelRunnerOutput()
-        states, input_ids, positions, metadata, sample_rows = self._prepare_inputs(scheduler_output)
+        states, input_ids, positions, metadata, sample_rows, prompt_jobs = self._prepare_inputs(
+            scheduler_output
+        )
         hidden_states = self.model(input_ids, positions, metadata)
+        output = ModelRunnerOutput()
+        if prompt_jobs:
+            output.prompt_logprobs = self._prompt_logprobs(hidden_states, prompt_jobs)
         if not states:
-            return ModelRunnerOutput()
+            return output
         rows = torch.tensor(sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden_states.index_select(0, rows))
-        sampled = self.sampler(logits, self._sampling_metadata(states)).tolist()
+        sampler_output = self.sampler(logits, self._sampling_metadata(states))
+        sampled = sampler_output.sampled_token_ids.tolist()
         for state, token_id in zip(states, sampled):
             state.token_ids.append(token_id)
-        return ModelRunnerOutput(req_ids=[s.req_id for s in states], sampled_token_ids=sampled)
+        output.req_ids = [s.req_id for s in states]
+        output.sampled_token_ids = sampled
+        if sampler_output.logprobs is not None:
+            output.logprobs = _to_lists(sampler_output.logprobs, states)
+        return output
+
+
+def _to_lists(
+    tensors: LogprobsTensors, states: list[CachedRequestState] | None = None
+) -> LogprobsLists:
+    """To plain lists; with `states`, each row keeps only the chosen token and the top
+    `logprobs` of its own request (none for a request that asked for none)."""
+    lists = LogprobsLists(
+        tensors.token_ids.tolist(), tensors.logprobs.tolist(), tensors.ranks.tolist()
+    )
+    if states is not None:
+        for row, state in enumerate(states):
+            num_logprobs = state.sampling_params.logprobs
+            keep = 0 if num_logprobs is None else len(lists.token_ids[row])
+            if num_logprobs is not None and num_logprobs >= 0:
+                keep = num_logprobs + 1
+            lists.token_ids[row] = lists.token_ids[row][:keep]
+            lists.logprobs[row] = lists.logprobs[row][:keep]
+    return lists

@@ -84,6 +84,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     # Set by the engine, not by users: stop_token_ids plus the model's EOS ids, which min_tokens
     # must also hold back (vLLM's field of the same name).
     _all_stop_token_ids: set[int] = msgspec.field(default_factory=set)
+    # Set by the frontend from bad_words (`update_from_tokenizer`): the token sequences that
+    # spell each bad word, with and without a leading space.
+    _bad_words_token_ids: list[list[int]] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._normalize_types()
@@ -249,6 +252,23 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
             if not self.ignore_eos:
                 eos_ids.update(self.stop_token_ids)
                 self.stop_token_ids = sorted(eos_ids)
+
+    def update_from_tokenizer(self, tokenizer: Any) -> None:
+        """Tokenize bad_words, as vLLM does: each word alone and after a space (a different
+        token sequence in most tokenizers), the second kept only when it is a new spelling of
+        the same length."""
+        self._bad_words_token_ids = []
+        for bad_word in self.bad_words:
+            word = bad_word.lstrip()
+            alone = tokenizer.encode(word, add_special_tokens=False)
+            spaced = tokenizer.encode(" " + word, add_special_tokens=False)
+            self._bad_words_token_ids.append(alone)
+            if spaced and alone and spaced[0] != alone[0] and len(spaced) == len(alone):
+                self._bad_words_token_ids.append(spaced)
+
+    @property
+    def bad_words_token_ids(self) -> list[list[int]]:
+        return self._bad_words_token_ids
 
     @property
     def sampling_type(self) -> SamplingType:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
+from ember.workers.logprobs import LogprobsLists
 from ember.workers.sampling_params import SamplingParams
 
 
@@ -45,7 +46,10 @@ class SchedulerOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fa
 
 
 class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """The tokens sampled this step, for the requests that reached the end of their tokens."""
+    """The tokens sampled this step, for the requests that reached the end of their tokens,
+    with their logprobs (row i for req_ids[i]) and the prompt logprobs of prefill chunks."""
 
     req_ids: list[str] = []
     sampled_token_ids: list[int] = []
+    logprobs: LogprobsLists | None = None
+    prompt_logprobs: dict[str, LogprobsLists] = {}
