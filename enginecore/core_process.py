@@ -35,16 +35,20 @@ from ember.enginecore.addresses import is_loopback, socket_addresses
 from ember.enginecore.engine_core import EngineCore
 from ember.enginecore.exceptions import EngineDeadError
 from ember.enginecore.messages import (
+    EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreReadyInfo,
     EngineCoreRequest,
     EngineError,
+    FinishReason,
     Hello,
     MessageType,
     UtilityOutput,
     UtilityRequest,
 )
 from ember.enginecore.multiproc_executor import MultiprocExecutor
+from ember.enginecore.request_validation import request_problem
+from ember.enginecore.stats import scheduler_stats
 from ember.enginecore.step_trace import StepTrace
 from ember.workers.config import EngineConfig
 from ember.workers.parent_watch import set_process_name, watch_parent
@@ -233,9 +237,18 @@ class EngineCoreProc:
         if message_type == MessageType.PING:
             self._send(identity, MessageType.PONG, None)
         elif message_type == MessageType.ADD:
+            model_config = core.config.model
             for request in payload:
                 if request.request_id in self.request_client:
                     logger.warning("dropped a request with a duplicate id %r", request.request_id)
+                    continue
+                problem = request_problem(
+                    request, model_config.max_model_len, model_config.vocab_size
+                )
+                if problem is not None:
+                    logger.warning("refused request %r: %s", request.request_id[:64], problem)
+                    refused = EngineCoreOutput(request.request_id, [], FinishReason.ERROR)
+                    self._send(identity, MessageType.OUTPUTS, EngineCoreOutputs([refused]))
                     continue
                 self.request_client[request.request_id] = identity
                 self.client_requests[identity].add(request.request_id)
@@ -327,8 +340,13 @@ class EngineCoreProc:
                 identity = self.request_client.get(output.request_id)
             if identity is not None:
                 by_client[identity].append(output)
+        stats = scheduler_stats(self.engine_core) if by_client else None
         for identity, client_outputs in by_client.items():
-            self._send(identity, MessageType.OUTPUTS, EngineCoreOutputs(outputs=client_outputs))
+            self._send(
+                identity,
+                MessageType.OUTPUTS,
+                EngineCoreOutputs(outputs=client_outputs, scheduler_stats=stats),
+            )
 
 
 # ---- command line ----------------------------------------------------------------------

@@ -10,11 +10,13 @@ import enum
 
 import msgspec
 
+from ember.enginecore.stats import SchedulerStats
 from ember.workers.sampling_params import SamplingParams
 
 
 class FinishReason(enum.IntEnum):
-    """Why a request finished; `str()` gives vLLM's strings ("stop", "length", "abort")."""
+    """Why a request finished; `str()` gives vLLM's strings ("stop", "length", "abort",
+    "error": the request failed, e.g. non-finite logits, while the others ran on)."""
 
     STOP = 0
     LENGTH = 1
@@ -43,6 +45,10 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # With a request's first output: when the engine core queued it and first scheduled it
+    # (time.monotonic() of the engine core's host), for the frontend's queue-time metric.
+    queued_ts: float = 0.0
+    scheduled_ts: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -52,6 +58,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     outputs: list[EngineCoreOutput] = []
     timestamp: float = 0.0
+    scheduler_stats: SchedulerStats | None = None
 
 
 class MessageType:

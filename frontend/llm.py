@@ -8,15 +8,20 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from ember.core_client import EngineCoreClient
 from ember.enginecore.arg_utils import EngineArgs
 from ember.enginecore.messages import EngineCoreRequest
+from ember.enginecore.stats import SchedulerStats
 from ember.inputs import check_prompt, normalize_prompts, per_prompt_params, tokenize_prompt
+from ember.metrics import EngineMetrics
+from ember.metrics_reader import MetricsList, read_metrics
 from ember.output_processor import OutputProcessor
 from ember.outputs import RequestOutput
+from ember.stat_logger import LoggingStatLogger
 from ember.workers.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -57,6 +62,7 @@ class LLM:
         engine_address = kwargs.pop("engine_address", None)
         engine_token = kwargs.pop("engine_token", None)
         self.profile_dir = kwargs.pop("profile_dir", None)
+        disable_log_stats = kwargs.pop("disable_log_stats", True)
         unknown = set(kwargs) - EngineArgs.field_names()
         if unknown:
             raise TypeError(f"LLM() got unexpected keyword argument(s): {sorted(unknown)}")
@@ -71,6 +77,7 @@ class LLM:
                 trust_remote_code,
                 revision,
             )
+            self._init_metrics(model or self.engine.ready_info.model, disable_log_stats)
             return
         self.engine_args = EngineArgs(
             model=model,
@@ -103,6 +110,13 @@ class LLM:
         self.max_model_len = self.engine.ready_info.max_model_len
         self.vocab_size = self.engine.ready_info.vocab_size
         self._request_counter = itertools.count()
+        self._init_metrics(self.config.model.model, disable_log_stats)
+
+    def _init_metrics(self, model_name: str | None, disable_log_stats: bool) -> None:
+        """Metrics are always kept (vLLM needs disable_log_stats=False for them); the flag
+        only turns on the periodic stats line."""
+        self._metrics = EngineMetrics(str(model_name or ""), self.max_model_len)
+        self._stat_logger = None if disable_log_stats else LoggingStatLogger(self._metrics)
 
     def _attach(
         self,
@@ -140,6 +154,7 @@ class LLM:
     def shutdown(self) -> None:
         """Stop the engine-core and worker processes and release their resources."""
         self.engine.shutdown()
+        self._metrics.close()
 
     def __enter__(self) -> Self:
         return self
@@ -167,6 +182,14 @@ class LLM:
         nothing done, while requests still hold blocks."""
         return bool(self.engine.call_utility("reset_prefix_cache"))
 
+    def get_metrics(self) -> MetricsList:
+        """This engine's metrics as vLLM's reader objects (`Counter`, `Gauge`, `Histogram`),
+        with vLLM's `vllm:` names; the list also answers `.get("num_requests_running", 0)`."""
+        if self.engine.is_alive():
+            stats = self.engine.call_utility("get_scheduler_stats")
+            self._metrics.update_scheduler_stats(msgspec.convert(stats, SchedulerStats))
+        return read_metrics(self._metrics.registry.collect())
+
     # ---- generation --------------------------------------------------------------------
 
     def generate(
@@ -190,13 +213,15 @@ class LLM:
             processed.append(item)
         if not processed:
             return []
-        processor = OutputProcessor(self.tokenizer)
+        processor = OutputProcessor(self.tokenizer, self._metrics)
         requests, order = [], {}
         now = time.time()
         for index, (item, request_params) in enumerate(zip(processed, params)):
             request_id = str(next(self._request_counter))
             order[request_id] = index
-            processor.add_request(request_id, item.prompt, item.prompt_token_ids, request_params)
+            processor.add_request(
+                request_id, item.prompt, item.prompt_token_ids, request_params, now
+            )
             requests.append(
                 EngineCoreRequest(
                     request_id, item.prompt_token_ids, request_params, now, item.cache_salt
@@ -208,8 +233,12 @@ class LLM:
             self.engine.add_requests(requests)
             while processor.states:
                 outputs = self.engine.get_outputs(timeout_s=_OUTPUT_POLL_S)
+                if self._stat_logger is not None:
+                    self._stat_logger.maybe_log()
                 if outputs is None:
                     continue
+                if outputs.scheduler_stats is not None:
+                    self._metrics.update_scheduler_stats(outputs.scheduler_stats)
                 finished, to_abort = processor.process(outputs.outputs)
                 self.engine.abort_requests(to_abort)
                 for state in finished:

@@ -18,6 +18,7 @@ from ember.kernels.attention import AttentionMetadata
 from ember.workers.config import EngineConfig
 from ember.workers.layers.attention import Attention
 from ember.workers.model_loader.loader import DTYPES, get_model
+from ember.workers.nonfinite import find_nonfinite_rows, scrub_nonfinite_blocks
 from ember.workers.sampler import Sampler, SamplingMetadata
 from ember.workers.sampling_params import SamplingParams
 from ember.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -192,7 +193,18 @@ class ModelRunner:
             return ModelRunnerOutput()
         rows = torch.tensor(sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden_states.index_select(0, rows))
-        sampled = self.sampler(logits, self._sampling_metadata(states)).tolist()
+        errored = find_nonfinite_rows(logits)
+        if errored:  # those requests end with "error"; the others are sampled as usual
+            errored_states = [states[row] for row in errored]
+            scrub_nonfinite_blocks(self.kv_caches, [s.block_ids for s in errored_states])
+            keep = [row for row in range(len(states)) if row not in set(errored)]
+            states = [states[row] for row in keep]
+            logits = logits[keep]
+        sampled = self.sampler(logits, self._sampling_metadata(states)).tolist() if states else []
         for state, token_id in zip(states, sampled):
             state.token_ids.append(token_id)
-        return ModelRunnerOutput(req_ids=[s.req_id for s in states], sampled_token_ids=sampled)
+        return ModelRunnerOutput(
+            req_ids=[s.req_id for s in states],
+            sampled_token_ids=sampled,
+            errored_req_ids=[s.req_id for s in errored_states] if errored else [],
+        )

@@ -49,3 +49,6 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=
 
     req_ids: list[str] = []
     sampled_token_ids: list[int] = []
+    # Requests whose logits were not finite this step: no token; the engine finishes them
+    # with "error" and the rest of the batch runs on.
+    errored_req_ids: list[str] = []
