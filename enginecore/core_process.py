@@ -352,6 +352,18 @@ class EngineCoreProc:
 # ---- command line ----------------------------------------------------------------------
 
 
+def remove_private_dir(path: str) -> None:
+    """Remove a frontend's private directory (`ember-*`: a config file and ipc sockets)."""
+    if not os.path.basename(path).startswith("ember-"):
+        return
+    try:
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
 def _engine_option_parser(parser: argparse.ArgumentParser) -> None:
     """One `--flag` per EngineArgs field (standalone mode), typed from its default."""
     from ember.enginecore.arg_utils import EngineArgs
@@ -423,8 +435,18 @@ def main(argv: list[str] | None = None) -> None:
             config, args.input_address, args.output_address, client_timeout_s=float("inf")
         )
         signal.signal(signal.SIGTERM, lambda *_: proc.stop())
-        watch_parent(proc.stop)
-        proc.run()
+
+        def parent_gone() -> None:
+            logger.info("the frontend that started this engine core is gone: stopping")
+            proc.stop()
+
+        watch_parent(parent_gone)
+        try:
+            proc.run()
+        finally:
+            # The frontend's private directory (config, sockets): removed here too, so that
+            # nothing is left when the frontend was killed and could not remove it.
+            remove_private_dir(os.path.dirname(args.config))
         return
     if args.listen is None:
         parser.error("give --listen ADDR (standalone) or --config (started by a frontend)")
