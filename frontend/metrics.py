@@ -118,6 +118,8 @@ class EngineMetrics:
             [*names, "finished_reason"],
             registry=self.registry,
         )
+        for reason in ("stop", "length", "abort", "error"):  # shown at 0 before any finish
+            self._request_success.labels(**labels, finished_reason=reason)
         self.time_to_first_token = histogram(
             "vllm:time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS_S
         )
