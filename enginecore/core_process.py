@@ -35,16 +35,20 @@ from ember.enginecore.addresses import is_loopback, socket_addresses
 from ember.enginecore.engine_core import EngineCore
 from ember.enginecore.exceptions import EngineDeadError
 from ember.enginecore.messages import (
+    EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreReadyInfo,
     EngineCoreRequest,
     EngineError,
+    FinishReason,
     Hello,
     MessageType,
     UtilityOutput,
     UtilityRequest,
 )
 from ember.enginecore.multiproc_executor import MultiprocExecutor
+from ember.enginecore.request_validation import request_problem
+from ember.enginecore.stats import scheduler_stats
 from ember.enginecore.step_trace import StepTrace
 from ember.workers.config import EngineConfig
 from ember.workers.parent_watch import set_process_name, watch_parent
@@ -233,9 +237,18 @@ class EngineCoreProc:
         if message_type == MessageType.PING:
             self._send(identity, MessageType.PONG, None)
         elif message_type == MessageType.ADD:
+            model_config = core.config.model
             for request in payload:
                 if request.request_id in self.request_client:
                     logger.warning("dropped a request with a duplicate id %r", request.request_id)
+                    continue
+                problem = request_problem(
+                    request, model_config.max_model_len, model_config.vocab_size
+                )
+                if problem is not None:
+                    logger.warning("refused request %r: %s", request.request_id[:64], problem)
+                    refused = EngineCoreOutput(request.request_id, [], FinishReason.ERROR)
+                    self._send(identity, MessageType.OUTPUTS, EngineCoreOutputs([refused]))
                     continue
                 self.request_client[request.request_id] = identity
                 self.client_requests[identity].add(request.request_id)
@@ -328,11 +341,28 @@ class EngineCoreProc:
                 identity = self.request_client.get(output.request_id)
             if identity is not None:
                 by_client[identity].append(output)
+        stats = scheduler_stats(self.engine_core) if by_client else None
         for identity, client_outputs in by_client.items():
-            self._send(identity, MessageType.OUTPUTS, EngineCoreOutputs(outputs=client_outputs))
+            self._send(
+                identity,
+                MessageType.OUTPUTS,
+                EngineCoreOutputs(outputs=client_outputs, scheduler_stats=stats),
+            )
 
 
 # ---- command line ----------------------------------------------------------------------
+
+
+def remove_private_dir(path: str) -> None:
+    """Remove a frontend's private directory (`ember-*`: a config file and ipc sockets)."""
+    if not os.path.basename(path).startswith("ember-"):
+        return
+    try:
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _engine_option_parser(parser: argparse.ArgumentParser) -> None:
@@ -406,8 +436,18 @@ def main(argv: list[str] | None = None) -> None:
             config, args.input_address, args.output_address, client_timeout_s=float("inf")
         )
         signal.signal(signal.SIGTERM, lambda *_: proc.stop())
-        watch_parent(proc.stop)
-        proc.run()
+
+        def parent_gone() -> None:
+            logger.info("the frontend that started this engine core is gone: stopping")
+            proc.stop()
+
+        watch_parent(parent_gone)
+        try:
+            proc.run()
+        finally:
+            # The frontend's private directory (config, sockets): removed here too, so that
+            # nothing is left when the frontend was killed and could not remove it.
+            remove_private_dir(os.path.dirname(args.config))
         return
     if args.listen is None:
         parser.error("give --listen ADDR (standalone) or --config (started by a frontend)")

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 from ember.enginecore.executor import Executor, UniProcExecutor
 from ember.enginecore.kv_cache_manager import KVCacheManager
 from ember.enginecore.messages import EngineCoreOutput, EngineCoreRequest, FinishReason
 from ember.enginecore.request import Request
 from ember.enginecore.scheduler import Scheduler
+from ember.enginecore.stats import SchedulerStats, scheduler_stats
 from ember.workers.config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,9 @@ class EngineCore:
     # ---- requests ----------------------------------------------------------------------
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        self.scheduler.add_request(Request.from_engine_core_request(request, self.eos_token_ids))
+        engine_request = Request.from_engine_core_request(request, self.eos_token_ids)
+        engine_request.queued_ts = time.monotonic()
+        self.scheduler.add_request(engine_request)
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         finished = self.scheduler.finish_requests(request_ids, FinishReason.ABORT)
@@ -92,6 +96,10 @@ class EngineCore:
                 len(self.kv_cache_manager.req_to_blocks),
             )
         return reset
+
+    def utility_get_scheduler_stats(self) -> SchedulerStats:
+        """The scheduler statistics `LLM.get_metrics()` reads between `generate` calls."""
+        return scheduler_stats(self)
 
     def utility_get_stats(self) -> dict[str, int | float]:
         """Counters since startup: prefix-cache lookups (in tokens), preemptions, KV usage."""

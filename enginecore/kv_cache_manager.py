@@ -158,6 +158,15 @@ class KVCacheManager:
         if blocks:
             self.block_pool.free_blocks(reversed(blocks))
 
+    def uncache_blocks_of(self, request: Request) -> None:
+        """Take the blocks only `request` holds out of the prefix cache (before `free`), so no
+        later request reuses what a failed step may have left in them."""
+        cache = self.block_pool.cached_block_hash_to_block
+        for block in self.req_to_blocks.get(request.request_id, ()):
+            if block.ref_cnt == 1 and block.block_hash is not None:
+                del cache[block.block_hash]
+                block.block_hash = None
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block; False (and nothing done) while a request holds blocks."""
         return self.block_pool.reset_prefix_cache()

@@ -10,12 +10,14 @@ import enum
 
 import msgspec
 
+from ember.enginecore.stats import SchedulerStats
 from ember.workers.logprobs import LogprobsLists
 from ember.workers.sampling_params import SamplingParams
 
 
 class FinishReason(enum.IntEnum):
-    """Why a request finished; `str()` gives vLLM's strings ("stop", "length", "abort")."""
+    """Why a request finished; `str()` gives vLLM's strings ("stop", "length", "abort",
+    "error": the request failed, e.g. non-finite logits, while the others ran on)."""
 
     STOP = 0
     LENGTH = 1
@@ -48,6 +50,10 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     new_logprobs: LogprobsLists | None = None
     # One row per prompt token computed this step (from the second on), for prompt_logprobs.
     new_prompt_logprobs: LogprobsLists | None = None
+    # With a request's first output: when the engine core queued it and first scheduled it
+    # (time.monotonic() of the engine core's host), for the frontend's queue-time metric.
+    queued_ts: float = 0.0
+    scheduled_ts: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -57,6 +63,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     outputs: list[EngineCoreOutput] = []
     timestamp: float = 0.0
+    scheduler_stats: SchedulerStats | None = None
 
 
 class MessageType:

@@ -92,6 +92,9 @@ class MultiprocExecutor(Executor):
                 )
             reply_handle = msgspec.json.decode(line, type=QueueHandle)
             self.reply_queues.append(MessageQueue.attach(reply_handle, reader_rank=0))
+        # Every worker has read its config (it prints its handle after): nothing stays on disk,
+        # even if this process is killed later.
+        _remove_dir(self._private_dir)
         self.broadcast.wait_until_ready(timeout_s=60)
         # Each worker says it is ready once its model is loaded.
         for reply in self._collect(timeout_s=_STARTUP_TIMEOUT_S, what="startup"):

@@ -40,6 +40,9 @@ class Request:
     block_hashes: list[BlockHash] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+    # time.monotonic() when the engine core queued it, and when it was first scheduled.
+    queued_ts: float = 0.0
+    scheduled_ts: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -11,6 +11,7 @@ swaps to CPU memory, so `swap_space` is unused).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -68,6 +69,17 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         self.finished_req_ids.add(request.request_id)
         del self.requests[request.request_id]
+
+    def _finish_errored(self, request_id: str) -> list[EngineCoreOutput]:
+        """A request whose step failed on the worker (non-finite logits): finish it alone with
+        "error"; its blocks leave the prefix cache, since their contents are not to be trusted."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return []
+        request.finish_reason = FinishReason.ERROR
+        self.kv_cache_manager.uncache_blocks_of(request)
+        self._free(request)
+        return [EngineCoreOutput(request_id, [], FinishReason.ERROR)]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -153,6 +165,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             if request.num_cached_tokens < 0:  # first scheduled (not a resume)
                 request.num_cached_tokens = num_cached
+                request.scheduled_ts = time.monotonic()
                 if kv_cache_manager.enable_caching:
                     kv_cache_manager.record_prefix_cache_lookup(request, num_cached)
             request_id = request.request_id
@@ -206,6 +219,7 @@ class Scheduler:
             )
             if len(request.output_token_ids) == 1:
                 output.num_cached_tokens = max(request.num_cached_tokens, 0)
+                output.queued_ts, output.scheduled_ts = request.queued_ts, request.scheduled_ts
             if logprobs is not None and request.sampling_params.logprobs is not None:
                 output.new_logprobs = logprobs.slice(row, row + 1)
             output.new_prompt_logprobs = prompt_logprobs.pop(request_id, None)
@@ -214,6 +228,9 @@ class Scheduler:
         for request_id, chunk_logprobs in prompt_logprobs.items():
             if request_id in requests:
                 outputs.append(EngineCoreOutput(request_id, [], new_prompt_logprobs=chunk_logprobs))
+        for request_id in runner_output.errored_req_ids:
+            outputs.extend(self._finish_errored(request_id))
+            any_finished = True
         if any_finished:
             self._drop_finished_from_running()
         return outputs

@@ -279,6 +279,10 @@ class EngineCoreClient:
                     f"for {_ENGINE_SILENCE_S:.0f} s"
                 )
         if self.dead_reason is not None:
+            if self.process is not None and self._finalizer.alive:
+                # The engine we started is gone: release the sockets and the private
+                # directory now, not at shutdown, so nothing lingers while the user handles it.
+                self.shutdown()
             raise EngineDeadError(self.dead_reason)
 
     def is_alive(self) -> bool:

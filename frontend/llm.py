@@ -8,6 +8,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -15,6 +16,7 @@ from ember.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_searc
 from ember.core_client import EngineCoreClient
 from ember.enginecore.arg_utils import EngineArgs
 from ember.enginecore.messages import EngineCoreRequest
+from ember.enginecore.stats import SchedulerStats
 from ember.inputs import (
     EngineLimits,
     ProcessedPrompt,
@@ -24,8 +26,11 @@ from ember.inputs import (
     tokenize_prompt,
     truncate_prompt,
 )
+from ember.metrics import EngineMetrics
+from ember.metrics_reader import MetricsList, read_metrics
 from ember.output_processor import OutputProcessor, ParentRequest
 from ember.outputs import RequestOutput
+from ember.stat_logger import LoggingStatLogger
 from ember.workers.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -66,6 +71,7 @@ class LLM:
         engine_address = kwargs.pop("engine_address", None)
         engine_token = kwargs.pop("engine_token", None)
         self.profile_dir = kwargs.pop("profile_dir", None)
+        disable_log_stats = kwargs.pop("disable_log_stats", True)
         unknown = set(kwargs) - EngineArgs.field_names()
         if unknown:
             raise TypeError(f"LLM() got unexpected keyword argument(s): {sorted(unknown)}")
@@ -80,6 +86,7 @@ class LLM:
                 trust_remote_code,
                 revision,
             )
+            self._init_metrics(model or self.engine.ready_info.model, disable_log_stats)
             return
         self.engine_args = EngineArgs(
             model=model,
@@ -113,6 +120,13 @@ class LLM:
         self.vocab_size = self.engine.ready_info.vocab_size
         self.max_logprobs = self.engine.ready_info.max_logprobs
         self._request_counter = itertools.count()
+        self._init_metrics(self.config.model.model, disable_log_stats)
+
+    def _init_metrics(self, model_name: str | None, disable_log_stats: bool) -> None:
+        """Metrics are always kept (vLLM needs disable_log_stats=False for them); the flag
+        only turns on the periodic stats line."""
+        self._metrics = EngineMetrics(str(model_name or ""), self.max_model_len)
+        self._stat_logger = None if disable_log_stats else LoggingStatLogger(self._metrics)
 
     def _attach(
         self,
@@ -151,6 +165,7 @@ class LLM:
     def shutdown(self) -> None:
         """Stop the engine-core and worker processes and release their resources."""
         self.engine.shutdown()
+        self._metrics.close()
 
     def __enter__(self) -> Self:
         return self
@@ -177,6 +192,14 @@ class LLM:
         """Forget every block in the engine's prefix cache (vLLM's method); False, with
         nothing done, while requests still hold blocks."""
         return bool(self.engine.call_utility("reset_prefix_cache"))
+
+    def get_metrics(self) -> MetricsList:
+        """This engine's metrics as vLLM's reader objects (`Counter`, `Gauge`, `Histogram`),
+        with vLLM's `vllm:` names; the list also answers `.get("num_requests_running", 0)`."""
+        if self.engine.is_alive():
+            stats = self.engine.call_utility("get_scheduler_stats")
+            self._metrics.update_scheduler_stats(msgspec.convert(stats, SchedulerStats))
+        return read_metrics(self._metrics.registry.collect())
 
     # ---- generation --------------------------------------------------------------------
 
@@ -229,7 +252,7 @@ class LLM:
         """Send checked prompts to the engine and gather their outputs, in input order. A
         prompt with n > 1 becomes n child requests (child i seeded with seed + i) that share
         the prompt's cached KV blocks."""
-        processor = OutputProcessor(self.tokenizer)
+        processor = OutputProcessor(self.tokenizer, self._metrics)
         requests, order = [], {}
         now = time.time()
         for index, (item, request_params) in enumerate(zip(processed, params)):
@@ -243,6 +266,7 @@ class LLM:
                     item.prompt,
                     item.prompt_token_ids,
                     child_params,
+                    now,
                     child_index,
                     parent,
                 )
@@ -257,8 +281,12 @@ class LLM:
             self.engine.add_requests(requests)
             while processor.states:
                 outputs = self.engine.get_outputs(timeout_s=_OUTPUT_POLL_S)
+                if self._stat_logger is not None:
+                    self._stat_logger.maybe_log()
                 if outputs is None:
                     continue
+                if outputs.scheduler_stats is not None:
+                    self._metrics.update_scheduler_stats(outputs.scheduler_stats)
                 finished, to_abort = processor.process(outputs.outputs)
                 self.engine.abort_requests(to_abort)
                 for output in finished:

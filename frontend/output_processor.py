@@ -9,13 +9,16 @@ the engine as n child requests; its `ParentRequest` holds their completions in i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember.detokenizer import IncrementalDetokenizer
 from ember.enginecore.messages import EngineCoreOutput, FinishReason
 from ember.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
 from ember.workers.logprobs import LogprobsLists
 from ember.workers.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ember.metrics import EngineMetrics, RequestStateStats
 
 
 class TokenTexts:
@@ -63,6 +66,7 @@ class RequestState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    stats: RequestStateStats | None = field(default=None)  # RequestOutput.metrics
 
     @property
     def finished(self) -> bool:
@@ -88,6 +92,7 @@ class RequestState:
             outputs=[self.completion()],
             finished=self.finished,
             num_cached_tokens=self.num_cached_tokens,
+            metrics=self.stats,
         )
 
 
@@ -115,14 +120,16 @@ class ParentRequest:
             outputs=[self.completions[i] for i in range(self.n)],
             finished=True,
             num_cached_tokens=first.num_cached_tokens,
+            metrics=first.stats,
         )
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any | None):
+    def __init__(self, tokenizer: Any | None, metrics: EngineMetrics | None = None):
         self.tokenizer = tokenizer
         self.token_texts = TokenTexts(tokenizer)
         self.states: dict[str, RequestState] = {}
+        self.metrics = metrics
 
     def add_request(
         self,
@@ -130,6 +137,7 @@ class OutputProcessor:
         prompt: str | None,
         prompt_token_ids: list[int],
         params: SamplingParams,
+        arrival_time: float = 0.0,
         index: int = 0,
         parent: ParentRequest | None = None,
     ) -> None:
@@ -141,6 +149,10 @@ class OutputProcessor:
             state.logprobs, state.cumulative_logprob = [], 0.0
         if params.prompt_logprobs is not None:
             state.prompt_logprobs = [None]  # nothing precedes the first prompt token
+        if self.metrics is not None:
+            from ember.metrics import RequestStateStats
+
+            state.stats = RequestStateStats(arrival_time=arrival_time)
         self.states[request_id] = state
 
     def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
@@ -154,6 +166,8 @@ class OutputProcessor:
                 continue
             if output.num_cached_tokens:  # sent with the request's first output
                 state.num_cached_tokens = output.num_cached_tokens
+            if state.stats is not None:
+                self.metrics.observe_output(state.stats, output, len(state.prompt_token_ids))
             if output.new_prompt_logprobs is not None and state.prompt_logprobs is not None:
                 state.prompt_logprobs.extend(
                     logprob_dicts(output.new_prompt_logprobs, self.token_texts)
@@ -172,6 +186,11 @@ class OutputProcessor:
                 state.stop_reason = output.stop_reason
             if state.finished:
                 del self.states[output.request_id]
+                if state.stats is not None:
+                    num_prompt_tokens = len(state.prompt_token_ids)
+                    self.metrics.observe_finished(
+                        state.stats, state.finish_reason, num_prompt_tokens
+                    )
                 result = state.to_output() if state.parent is None else None
                 if state.parent is not None:
                     result = state.parent.add_finished(state)

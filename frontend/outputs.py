@@ -28,8 +28,9 @@ PromptLogprobs = list[dict[int, Logprob] | None]
 class CompletionOutput:
     """One output sequence of a request.
 
-    finish_reason is None while running, then "stop" (EOS, a stop token or a stop string) or
-    "length" (max_tokens or the model's length). stop_reason is the stop string or stop token id
+    finish_reason is None while running, then "stop" (EOS, a stop token or a stop string),
+    "length" (max_tokens or the model's length), or "error" (this request failed, e.g. its
+    logits were not finite, while the rest of the batch ran on). stop_reason is the stop string or stop token id
     that ended it, or None for EOS and length.
     """
 
@@ -61,7 +62,8 @@ class CompletionOutput:
 class RequestOutput:
     """The output of one request: its prompt and its `n` completions.
 
-    metrics is an engine-defined timing record or None; num_cached_tokens counts the prompt
+    metrics is the request's `RequestStateStats` (`ember.metrics`: arrival, queue, schedule
+    and token timestamps, first-token latency); num_cached_tokens counts the prompt
     tokens served from the prefix cache (None when not known).
     """
 

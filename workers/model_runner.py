@@ -19,6 +19,7 @@ from ember.workers.config import EngineConfig
 from ember.workers.layers.attention import Attention
 from ember.workers.logprobs import LogprobsLists
 from ember.workers.model_loader.loader import DTYPES, get_model
+from ember.workers.nonfinite import find_nonfinite_rows, scrub_nonfinite_blocks
 from ember.workers.sampler import (
     LogprobsTensors,
     PenaltyInputs,
@@ -365,6 +366,17 @@ class ModelRunner:
             return output
         rows = torch.tensor(sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden_states.index_select(0, rows))
+        errored = find_nonfinite_rows(logits)
+        if errored:  # those requests end with "error"; the others are sampled as usual
+            errored_rows = set(errored)
+            errored_states = [states[row] for row in errored]
+            scrub_nonfinite_blocks(self.kv_caches, [s.block_ids for s in errored_states])
+            output.errored_req_ids = [s.req_id for s in errored_states]
+            keep = [row for row in range(len(states)) if row not in errored_rows]
+            states = [states[row] for row in keep]
+            logits = logits[keep]
+            if not states:
+                return output
         sampler_output = self.sampler(logits, self._sampling_metadata(states))
         sampled = sampler_output.sampled_token_ids.tolist()
         for state, token_id in zip(states, sampled):

@@ -53,3 +53,6 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     sampled_token_ids: list[int] = []
     logprobs: LogprobsLists | None = None
     prompt_logprobs: dict[str, LogprobsLists] = {}
+    # Requests whose logits were not finite this step: no token; the engine finishes them
+    # with "error" and the rest of the batch runs on.
+    errored_req_ids: list[str] = []

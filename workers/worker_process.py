@@ -83,7 +83,12 @@ def run_worker(config: EngineConfig, broadcast_handle: QueueHandle, rank: int) -
                 continue
             except EOFError:
                 break
-            call = call_decoder.decode(payload)
+            try:
+                call = call_decoder.decode(payload)
+            except msgspec.DecodeError as exc:  # answered, so the engine core never waits
+                logger.warning("worker %d got a malformed call: %s", rank, exc)
+                replies.enqueue(reply_encoder.encode(_error_reply(rank, exc)))
+                continue
             if isinstance(call, Shutdown):
                 break
             try:

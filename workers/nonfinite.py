@@ -1,0 +1,30 @@
+"""Per-request failure on a worker: finds the rows of a step's logits that are not finite (NaN
+or inf), and scrubs what such a request left in its KV blocks. Called by the `ModelRunner`.
+
+A masked-out slot still enters attention as `0 * value`, and `0 * NaN` is NaN: a block freed by
+a failed request must hold no NaN when the next request gets it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def find_nonfinite_rows(logits: torch.Tensor) -> list[int]:
+    """Indices of the rows of `logits` [B, V] holding a NaN or an infinity (one reduction)."""
+    finite = torch.isfinite(logits).all(dim=-1)
+    if bool(finite.all()):
+        return []
+    return (~finite).nonzero().flatten().tolist()
+
+
+def scrub_nonfinite_blocks(kv_caches: list[torch.Tensor], block_ids: list[list[int]]) -> None:
+    """Replace non-finite values with zeros in the given blocks of every layer's cache
+    [2, num_blocks, block_size, Hkv, D]; finite values (shared prefix blocks) stay as they are."""
+    ids = sorted({block_id for ids in block_ids for block_id in ids})
+    if not ids:
+        return
+    index = torch.tensor(ids, device=kv_caches[0].device if kv_caches else None)
+    for cache in kv_caches:
+        blocks = cache.index_select(1, index)
+        cache.index_copy_(1, index, torch.nan_to_num(blocks, nan=0.0, posinf=0.0, neginf=0.0))
