@@ -10,6 +10,8 @@ import enum
 
 import msgspec
 
+from ember.workers.pooled_tensor import PooledTensor
+from ember.workers.pooling_params import PoolingParams
 from ember.workers.sampling_params import SamplingParams
 
 
@@ -28,11 +30,12 @@ class FinishReason(enum.IntEnum):
 class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None  # None for a pooling request
     arrival_time: float = 0.0
     # Part of the prefix-cache key of the request's blocks: requests share cached blocks only
     # with requests of the same salt (vLLM's `cache_salt`).
     cache_salt: str | None = None
+    pooling_params: PoolingParams | None = None  # set for a pooling request
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -43,6 +46,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    pooling_output: PooledTensor | None = None  # a pooling request's result, in a raw frame
 
     @property
     def finished(self) -> bool:
@@ -88,6 +92,10 @@ class EngineCoreReadyInfo(msgspec.Struct, array_like=True, omit_defaults=True, g
     max_num_batched_tokens: int
     model: str = ""
     tokenizer: str | None = None  # a local path an attaching frontend can load
+    runner: str = "generate"  # "generate" | "pooling"
+    pooling_tasks: list[str] = []  # the tasks a pooling model serves
+    pooling_size: int = 0  # a pooling model's hidden size (the longest embedding)
+    num_labels: int = 0  # a classification model's number of labels
 
 
 class UtilityRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ember.enginecore.block_pool import BlockHash
 from ember.enginecore.messages import EngineCoreRequest, FinishReason
+from ember.workers.pooling_params import PoolingParams
 from ember.workers.sampling_params import SamplingParams
 
 
@@ -22,7 +23,7 @@ class RequestStatus(enum.Enum):
 class Request:
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None  # None for a pooling request
     eos_token_ids: tuple[int, ...]
     arrival_time: float = 0.0
     cache_salt: str | None = None
@@ -40,6 +41,7 @@ class Request:
     block_hashes: list[BlockHash] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+    pooling_params: PoolingParams | None = None  # a pooling request: prefilled whole, then done
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -56,6 +58,7 @@ class Request:
             eos_token_ids=eos_token_ids,
             arrival_time=request.arrival_time,
             cache_salt=request.cache_salt,
+            pooling_params=request.pooling_params,
         )
 
     @property

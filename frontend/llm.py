@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from ember.chat_utils import ChatMixin
 from ember.core_client import EngineCoreClient
 from ember.enginecore.arg_utils import EngineArgs
 from ember.enginecore.messages import EngineCoreRequest
 from ember.inputs import check_prompt, normalize_prompts, per_prompt_params, tokenize_prompt
 from ember.output_processor import OutputProcessor
 from ember.outputs import RequestOutput
+from ember.pooling_api import PoolingMixin
 from ember.workers.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 _OUTPUT_POLL_S = 1.0
 
 
-class LLM:
+class LLM(ChatMixin, PoolingMixin):
     """An LLM with an engine of its own: `LLM(model).generate(prompts, sampling_params)`.
 
     Arguments have vLLM's names, meanings and defaults; `model=None` loads ember's embedded
@@ -180,6 +182,11 @@ class LLM:
         """Generate completions for `prompts`; the outputs come back in input order."""
         if lora_request is not None:
             raise NotImplementedError("lora_request is not supported yet")
+        if self.engine.ready_info.runner == "pooling":
+            raise ValueError(
+                "generate() needs a generative model; this is a pooling model: "
+                "use encode(), embed(), classify() or score()"
+            )
         prompt_list = normalize_prompts(prompts)
         params = per_prompt_params(sampling_params, len(prompt_list))
         vocab_size = self.vocab_size

@@ -18,6 +18,8 @@ from ember.kernels.attention import AttentionMetadata
 from ember.workers.config import EngineConfig
 from ember.workers.layers.attention import Attention
 from ember.workers.model_loader.loader import DTYPES, get_model
+from ember.workers.pooling_params import PoolingParams
+from ember.workers.pooling_runner import PoolingRunner
 from ember.workers.sampler import Sampler, SamplingMetadata
 from ember.workers.sampling_params import SamplingParams
 from ember.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -32,10 +34,11 @@ class CachedRequestState:
     req_id: str
     token_ids: list[int]  # prompt, then every generated token
     num_prompt_tokens: int
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None
     generator: torch.Generator | None
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    pooling_params: PoolingParams | None = None  # a pooling request (sampling_params is None)
 
 
 class ModelRunner:
@@ -50,6 +53,7 @@ class ModelRunner:
         generator = torch.Generator(device=device).manual_seed(config.model.seed)
         self.sampler = Sampler(generator)
         self.kv_caches: list[torch.Tensor] = []
+        self.pooling = PoolingRunner(self) if config.model.runner == "pooling" else None
 
     # ---- KV cache ----------------------------------------------------------------------
 
@@ -93,7 +97,7 @@ class ModelRunner:
             generator = None
             if resumed is not None:  # preempted earlier: its seeded draws carry on
                 generator = resumed.generator
-            elif params.seed is not None:
+            elif params is not None and params.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed)
             self.requests[new.req_id] = CachedRequestState(
                 req_id=new.req_id,
@@ -103,6 +107,7 @@ class ModelRunner:
                 generator=generator,
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
+                pooling_params=new.pooling_params,
             )
         for cached in scheduler_output.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
@@ -183,6 +188,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        if self.pooling is not None:
+            return self.pooling.execute_model(scheduler_output)
         self._update_states(scheduler_output)
         if not scheduler_output.num_scheduled_tokens:
             return ModelRunnerOutput()
