@@ -15,7 +15,7 @@ def normalize_conversations(messages: Any) -> list[list[dict]]:
     """One conversation (a list of message dicts) or a list of them, as a list of them."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise TypeError("messages must be a non-empty list of message dicts, or a list of them")
-    conversations = [messages] if all(_is_message(m) for m in messages) else messages
+    conversations = [messages] if all(isinstance(m, dict) for m in messages) else messages
     for index, conversation in enumerate(conversations):
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise TypeError(f"messages[{index}] must be a non-empty list of message dicts")
