@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING
 
 from ember.workers.config import ModelConfig, PoolerConfig
+
+if TYPE_CHECKING:  # the engine-core process imports this module without transformers
+    from transformers import PretrainedConfig
 
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "none", "embed", "classify")
