@@ -143,3 +143,16 @@ def test_sentence_transformers_modules_decide_pooling(tmp_path):
     pooling.write_text(json.dumps({"pooling_mode_cls_token": True}))
     with pytest.raises(NotImplementedError, match="Dense"):
         sentence_transformers_pooling(str(tmp_path))
+
+
+def test_engine_core_process_imports_neither_torch_nor_transformers():
+    """The pooling pieces the engine core uses (messages, frames, pooling facts) stay light."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ember.enginecore.core_process\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
