@@ -13,7 +13,7 @@ import torch
 
 from ember import LLM, PoolingParams
 from ember.enginecore.arg_utils import EngineArgs
-from tests.helpers import random_prompts, write_random_model
+from tests.helpers import _BASE_SETTINGS, random_prompts, write_random_model
 
 _BERT = {
     "hidden_size": 64,
@@ -155,6 +155,33 @@ def test_decoder_classifier_matches_hugging_face(qwen2_classifier):
         use_tqdm=False,
     )
     assert torch.allclose(tokens.outputs.data, per_token, atol=1e-4)
+
+
+def test_decoder_cross_encoder_score_matches_hugging_face(tmp_path):
+    """A one-label decoder classifier scores a pair as one prompt: the tokenizer's pair
+    encoding, the score head on its last token, a sigmoid."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    tokenizer_dir = EngineArgs().create_engine_config().model.tokenizer  # SmolLM2's tokenizer
+    settings = {k: v for k, v in _BASE_SETTINGS.items()}
+    settings.update(vocab_size=49152, num_labels=1, pad_token_id=0)
+    torch.manual_seed(11)
+    model = Qwen2ForSequenceClassification(Qwen2Config(**settings)).eval()
+    with torch.no_grad():
+        model.score.weight.normal_(0, 0.5)
+    directory = str(tmp_path / "qwen2_cross")
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tokenizer_dir, name), directory)
+    query = "what is the capital of france"
+    documents = ["paris is the capital of france", "bees make honey"]
+    with LLM(directory) as llm:
+        scores = llm.score(query, documents, use_tqdm=False)
+        pairs = [llm.tokenizer(query, d)["input_ids"] for d in documents]
+    for ids, output in zip(pairs, scores):
+        logit = _hf_logits(Qwen2ForSequenceClassification, directory, input_ids=ids)
+        assert output.prompt_token_ids == ids
+        assert output.outputs.score == pytest.approx(torch.sigmoid(logit)[0].item(), abs=1e-5)
 
 
 @pytest.fixture(scope="module")
