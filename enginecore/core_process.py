@@ -47,9 +47,11 @@ from ember.enginecore.messages import (
     UtilityRequest,
 )
 from ember.enginecore.multiproc_executor import MultiprocExecutor
+from ember.enginecore.pooling_config import pooling_ready_info
 from ember.enginecore.request_validation import request_problem
 from ember.enginecore.stats import scheduler_stats
 from ember.enginecore.step_trace import StepTrace
+from ember.enginecore.tensor_frames import split_tensor_frames
 from ember.workers.config import EngineConfig
 from ember.workers.parent_watch import set_process_name, watch_parent
 
@@ -132,9 +134,12 @@ class EngineCoreProc:
             if item is _STOP:
                 return
             identity, message_type, payload = item
+            frames: list[bytes] = []
+            if message_type == MessageType.OUTPUTS:  # pooled tensors go as raw frames
+                payload, frames = split_tensor_frames(payload)
             try:
                 self.output_socket.send_multipart(
-                    [identity, message_type, self.encoder.encode(payload)], copy=False
+                    [identity, message_type, self.encoder.encode(payload), *frames], copy=False
                 )
             except zmq.ZMQError as exc:
                 logger.warning("could not send to a client: %s", exc)
@@ -327,6 +332,7 @@ class EngineCoreProc:
             model=config.model.model,
             tokenizer=config.model.tokenizer,
             max_logprobs=config.model.max_logprobs,
+            **pooling_ready_info(config.model),
         )
 
     def _emit(self, outputs) -> None:

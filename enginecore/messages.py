@@ -12,6 +12,8 @@ import msgspec
 
 from ember.enginecore.stats import SchedulerStats
 from ember.workers.logprobs import LogprobsLists
+from ember.workers.pooled_tensor import PooledTensor
+from ember.workers.pooling_params import PoolingParams
 from ember.workers.sampling_params import SamplingParams
 
 
@@ -31,11 +33,12 @@ class FinishReason(enum.IntEnum):
 class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None  # None for a pooling request
     arrival_time: float = 0.0
     # Part of the prefix-cache key of the request's blocks: requests share cached blocks only
     # with requests of the same salt (vLLM's `cache_salt`).
     cache_salt: str | None = None
+    pooling_params: PoolingParams | None = None  # set for a pooling request
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -54,6 +57,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     # (time.monotonic() of the engine core's host), for the frontend's queue-time metric.
     queued_ts: float = 0.0
     scheduled_ts: float = 0.0
+    pooling_output: PooledTensor | None = None  # a pooling request's result, in a raw frame
 
     @property
     def finished(self) -> bool:
@@ -101,6 +105,10 @@ class EngineCoreReadyInfo(msgspec.Struct, array_like=True, omit_defaults=True, g
     model: str = ""
     tokenizer: str | None = None  # a local path an attaching frontend can load
     max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for
+    runner: str = "generate"  # "generate" | "pooling"
+    pooling_tasks: list[str] = []  # the tasks a pooling model serves
+    pooling_size: int = 0  # a pooling model's hidden size (the longest embedding)
+    num_labels: int = 0  # a classification model's number of labels
 
 
 class UtilityRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ember.enginecore.block_pool import BlockHash
 from ember.enginecore.messages import EngineCoreRequest, FinishReason
+from ember.workers.pooling_params import PoolingParams
 from ember.workers.sampling_params import SamplingParams
 
 
@@ -22,7 +23,7 @@ class RequestStatus(enum.Enum):
 class Request:
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None  # None for a pooling request
     eos_token_ids: tuple[int, ...]
     arrival_time: float = 0.0
     cache_salt: str | None = None
@@ -43,6 +44,7 @@ class Request:
     # time.monotonic() when the engine core queued it, and when it was first scheduled.
     queued_ts: float = 0.0
     scheduled_ts: float = 0.0
+    pooling_params: PoolingParams | None = None  # a pooling request: prefilled whole, then done
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -59,6 +61,7 @@ class Request:
             eos_token_ids=eos_token_ids,
             arrival_time=request.arrival_time,
             cache_salt=request.cache_salt,
+            pooling_params=request.pooling_params,
         )
 
     @property

@@ -158,6 +158,8 @@ class Scheduler:
             if 0 < long_prefill_threshold < num_new:
                 num_new = long_prefill_threshold
             num_new = min(num_new, token_budget)
+            if request.pooling_params is not None and num_cached + num_new < request.num_tokens:
+                break  # a pooling request is computed whole in one step: wait for the budget
             if allocate_slots(request, num_new, computed_blocks) is None:
                 break
             waiting.popleft()
@@ -179,6 +181,7 @@ class Scheduler:
                     block_ids=kv_cache_manager.get_block_ids(request),
                     num_computed_tokens=num_cached,
                     output_token_ids=list(request.output_token_ids),
+                    pooling_params=request.pooling_params,
                 )
             )
             request.num_computed_tokens = num_cached + num_new
@@ -231,6 +234,23 @@ class Scheduler:
         for request_id in runner_output.errored_req_ids:
             outputs.extend(self._finish_errored(request_id))
             any_finished = True
+        if runner_output.pooled_req_ids:
+            outputs.extend(self._finish_pooled(runner_output))
+            any_finished = True
         if any_finished:
             self._drop_finished_from_running()
+        return outputs
+
+    def _finish_pooled(self, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Pooling requests end with the step that computed their prompt: their pooled output."""
+        outputs = []
+        for request_id, tensor in zip(runner_output.pooled_req_ids, runner_output.pooled_outputs):
+            request = self.requests.get(request_id)
+            if request is None:  # aborted while the step ran
+                continue
+            request.finish_reason = FinishReason.STOP
+            self._free(request)
+            outputs.append(
+                EngineCoreOutput(request_id, [], FinishReason.STOP, pooling_output=tensor)
+            )
         return outputs

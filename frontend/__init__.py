@@ -14,6 +14,15 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "LLM": "ember.llm",
     "SamplingParams": "ember.workers.sampling_params",
+    "PoolingParams": "ember.workers.pooling_params",
+    "PoolingOutput": "ember.pooling_outputs",
+    "PoolingRequestOutput": "ember.pooling_outputs",
+    "EmbeddingOutput": "ember.pooling_outputs",
+    "EmbeddingRequestOutput": "ember.pooling_outputs",
+    "ClassificationOutput": "ember.pooling_outputs",
+    "ClassificationRequestOutput": "ember.pooling_outputs",
+    "ScoringOutput": "ember.pooling_outputs",
+    "ScoringRequestOutput": "ember.pooling_outputs",
     "RequestOutput": "ember.outputs",
     "CompletionOutput": "ember.outputs",
     "Logprob": "ember.outputs",
@@ -29,12 +38,21 @@ __all__ = [
     "BeamSearchOutput",
     "BeamSearchParams",
     "BeamSearchSequence",
+    "ClassificationOutput",
+    "ClassificationRequestOutput",
     "CompletionOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
     "EngineArgs",
     "EngineDeadError",
     "Logprob",
+    "PoolingOutput",
+    "PoolingParams",
+    "PoolingRequestOutput",
     "RequestOutput",
     "SamplingParams",
+    "ScoringOutput",
+    "ScoringRequestOutput",
 ]
 
 if TYPE_CHECKING:
@@ -43,6 +61,17 @@ if TYPE_CHECKING:
     from ember.enginecore.exceptions import EngineDeadError
     from ember.llm import LLM
     from ember.outputs import CompletionOutput, Logprob, RequestOutput
+    from ember.pooling_outputs import (
+        ClassificationOutput,
+        ClassificationRequestOutput,
+        EmbeddingOutput,
+        EmbeddingRequestOutput,
+        PoolingOutput,
+        PoolingRequestOutput,
+        ScoringOutput,
+        ScoringRequestOutput,
+    )
+    from ember.workers.pooling_params import PoolingParams
     from ember.workers.sampling_params import SamplingParams
 
 

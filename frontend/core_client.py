@@ -36,6 +36,7 @@ from ember.enginecore.messages import (
     UtilityOutput,
     UtilityRequest,
 )
+from ember.enginecore.tensor_frames import attach_tensor_frames
 from ember.workers.config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -238,7 +239,13 @@ class EngineCoreClient:
         self._last_heard = time.monotonic()
         message_type = frames[0].bytes
         if message_type == MessageType.OUTPUTS:
-            return self._output_decoder.decode(frames[1].buffer)
+            outputs = self._output_decoder.decode(frames[1].buffer)
+            if len(frames) > 2:  # pooled tensors: each output's values, without a copy
+                buffers = attach_tensor_frames(outputs, frames[2:])
+                for output in outputs.outputs:
+                    if output.pooling_output is not None:
+                        output.pooling_output.data = buffers[output.request_id]
+            return outputs
         if message_type == MessageType.PONG:
             return None
         if message_type == MessageType.UTILITY_OUTPUT:

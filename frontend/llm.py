@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from ember.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
+from ember.chat_utils import ChatMixin
 from ember.core_client import EngineCoreClient
 from ember.enginecore.arg_utils import EngineArgs
 from ember.enginecore.messages import EngineCoreRequest
@@ -30,6 +31,7 @@ from ember.metrics import EngineMetrics
 from ember.metrics_reader import MetricsList, read_metrics
 from ember.output_processor import OutputProcessor, ParentRequest
 from ember.outputs import RequestOutput
+from ember.pooling_api import PoolingMixin
 from ember.stat_logger import LoggingStatLogger
 from ember.workers.sampling_params import SamplingParams
 
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 _OUTPUT_POLL_S = 1.0
 
 
-class LLM:
+class LLM(ChatMixin, PoolingMixin):
     """An LLM with an engine of its own: `LLM(model).generate(prompts, sampling_params)`.
 
     Arguments have vLLM's names, meanings and defaults; `model=None` loads ember's embedded
@@ -214,6 +216,11 @@ class LLM:
         """Generate completions for `prompts`; the outputs come back in input order."""
         if lora_request is not None:
             raise NotImplementedError("lora_request is not supported yet")
+        if self.engine.ready_info.runner == "pooling":
+            raise ValueError(
+                "generate() needs a generative model; this is a pooling model: "
+                "use encode(), embed(), classify() or score()"
+            )
         prompt_list = normalize_prompts(prompts)
         limits = EngineLimits(
             self.vocab_size, self.max_model_len, self.max_logprobs, self.tokenizer

@@ -10,6 +10,24 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
+class PoolerConfig:
+    """How a pooling model turns hidden states into its output (see `enginecore/pooling_config`).
+
+    pooling_type: which tokens make the request's vector: "CLS" (the first), "MEAN" (all),
+    "LAST" (the last). normalize: L2-normalise embeddings unless a request says otherwise.
+    head: "embed" (the pooled hidden state is the output) or "classify" (a classifier turns it
+    into `num_labels` logits). tasks: the pooling tasks the model serves.
+    """
+
+    pooling_type: str = "LAST"
+    normalize: bool = True
+    head: str = "embed"
+    num_labels: int = 0
+    hidden_size: int = 0
+    tasks: tuple[str, ...] = ("embed", "token_embed")
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """Which weights, how they are read, and the facts of the model the scheduler needs."""
 
@@ -27,6 +45,9 @@ class ModelConfig:
     seed: int = 0
     trust_remote_code: bool = False
     max_logprobs: int = 20  # vLLM's default; -1 allows the whole vocabulary
+    runner: str = "generate"  # "generate" | "pooling" (vLLM's `runner`)
+    convert: str = "none"  # "none" | "embed" | "classify": a causal LM adapted for pooling
+    pooler: PoolerConfig | None = None  # set for runner="pooling"
 
 
 @dataclass(frozen=True, slots=True)

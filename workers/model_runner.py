@@ -20,6 +20,8 @@ from ember.workers.layers.attention import Attention
 from ember.workers.logprobs import LogprobsLists
 from ember.workers.model_loader.loader import DTYPES, get_model
 from ember.workers.nonfinite import find_nonfinite_rows, scrub_nonfinite_blocks
+from ember.workers.pooling_params import PoolingParams
+from ember.workers.pooling_runner import PoolingRunner
 from ember.workers.sampler import (
     LogprobsTensors,
     PenaltyInputs,
@@ -41,7 +43,7 @@ class CachedRequestState:
     req_id: str
     token_ids: list[int]  # prompt, then every generated token
     num_prompt_tokens: int
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None
     generator: torch.Generator | None
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -50,6 +52,7 @@ class CachedRequestState:
     num_prompt_logprobs_done: int = 1
     # [V] bool, True where allowed_token_ids forbids the token; made on first use.
     disallowed_mask: torch.Tensor | None = None
+    pooling_params: PoolingParams | None = None  # a pooling request (sampling_params is None)
 
     @property
     def num_output_tokens(self) -> int:
@@ -79,6 +82,7 @@ class ModelRunner:
         generator = torch.Generator(device=device).manual_seed(config.model.seed)
         self.sampler = Sampler(generator)
         self.kv_caches: list[torch.Tensor] = []
+        self.pooling = PoolingRunner(self) if config.model.runner == "pooling" else None
 
     # ---- KV cache ----------------------------------------------------------------------
 
@@ -122,7 +126,7 @@ class ModelRunner:
             generator = None
             if resumed is not None:  # preempted earlier: its seeded draws carry on
                 generator = resumed.generator
-            elif params.seed is not None:
+            elif params is not None and params.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed)
             state = CachedRequestState(
                 req_id=new.req_id,
@@ -132,6 +136,7 @@ class ModelRunner:
                 generator=generator,
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
+                pooling_params=new.pooling_params,
             )
             if resumed is not None:
                 state.num_prompt_logprobs_done = resumed.num_prompt_logprobs_done
@@ -170,7 +175,8 @@ class ModelRunner:
         for i, (state, count) in enumerate(zip(states, num_tokens)):
             start, end = query_start_loc[i], query_start_loc[i + 1]
             computed = state.num_computed_tokens
-            if state.sampling_params.prompt_logprobs is not None:
+            params = state.sampling_params  # None for a pooling request
+            if params is not None and params.prompt_logprobs is not None:
                 job = self._prompt_logprobs_job(state, int(start), computed, count)
                 if job is not None:
                     prompt_jobs.append(job)
@@ -352,6 +358,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        if self.pooling is not None:
+            return self.pooling.execute_model(scheduler_output)
         self._update_states(scheduler_output)
         if not scheduler_output.num_scheduled_tokens:
             return ModelRunnerOutput()

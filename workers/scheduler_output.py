@@ -9,6 +9,8 @@ from __future__ import annotations
 import msgspec
 
 from ember.workers.logprobs import LogprobsLists
+from ember.workers.pooled_tensor import PooledTensor
+from ember.workers.pooling_params import PoolingParams
 from ember.workers.sampling_params import SamplingParams
 
 
@@ -18,10 +20,11 @@ class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
 
     req_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None  # None for a pooling request
     block_ids: list[int]
     num_computed_tokens: int = 0
     output_token_ids: list[int] = []  # tokens generated before a preemption
+    pooling_params: PoolingParams | None = None  # set for a pooling request
 
 
 class CachedRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -56,3 +59,6 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     # Requests whose logits were not finite this step: no token; the engine finishes them
     # with "error" and the rest of the batch runs on.
     errored_req_ids: list[str] = []
+    # Pooling models: the requests whose prompt was computed this step, and their outputs.
+    pooled_req_ids: list[str] = []
+    pooled_outputs: list[PooledTensor] = []

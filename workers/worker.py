@@ -50,7 +50,12 @@ class Worker:
         return int(total * self.config.cache.gpu_memory_utilization) - used_elsewhere
 
     def num_available_kv_blocks(self) -> int:
-        return self.available_kv_cache_bytes() // self.kv_cache_block_bytes()
+        block_bytes = self.kv_cache_block_bytes()
+        if block_bytes == 0:  # an encoder (BERT): no KV cache; blocks are bookkeeping only
+            cache, scheduler = self.config.cache, self.config.scheduler
+            blocks_per_request = -(-scheduler.max_model_len // cache.block_size)
+            return scheduler.max_num_seqs * blocks_per_request + 1
+        return self.available_kv_cache_bytes() // block_bytes
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.model_runner.initialize_kv_cache(num_blocks)

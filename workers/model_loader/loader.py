@@ -28,6 +28,7 @@ from ember.workers.model_loader.weight_utils import (
     pytorch_bin_files,
     safetensors_files,
 )
+from ember.workers.models.adapters import adapt_for_pooling
 from ember.workers.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,9 @@ def get_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     """The model of `model_config` on `device`, in eval mode, with its weights loaded."""
     start = time.perf_counter()
     hf_config = load_hf_config(model_config)
-    model_class = get_model_class(model_config.architecture)
+    model_class = adapt_for_pooling(
+        get_model_class(model_config.architecture), model_config.convert
+    )
     dtype = DTYPES[model_config.dtype]
     with _default_dtype(dtype), device:
         model = model_class(hf_config, max_position=model_config.max_model_len)

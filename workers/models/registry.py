@@ -22,6 +22,17 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeForCausalLM"),
     "GraniteMoeForCausalLM": ("granitemoe", "GraniteMoeForCausalLM"),
+    # pooling models (runner="pooling"): encoders, decoders as embedders and as classifiers
+    "BertModel": ("bert", "BertModel"),
+    "BertForSequenceClassification": ("bert", "BertForSequenceClassification"),
+    "LlamaModel": ("adapters", "LlamaEmbeddingModel"),
+    "MistralModel": ("adapters", "LlamaEmbeddingModel"),
+    "Qwen2Model": ("adapters", "Qwen2EmbeddingModel"),
+    "Qwen3Model": ("adapters", "Qwen3EmbeddingModel"),
+    "LlamaForSequenceClassification": ("adapters", "LlamaForSequenceClassification"),
+    "MistralForSequenceClassification": ("adapters", "LlamaForSequenceClassification"),
+    "Qwen2ForSequenceClassification": ("adapters", "Qwen2ForSequenceClassification"),
+    "Qwen3ForSequenceClassification": ("adapters", "Qwen3ForSequenceClassification"),
 }
 
 

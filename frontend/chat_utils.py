@@ -1,0 +1,99 @@
+"""Renders chat conversations into prompts for `LLM.chat`: the tokenizer's chat template (or
+the one given) turned into text, then into token ids without adding special tokens, since the
+template already writes BOS where the model wants one (vLLM once doubled it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _is_message(value: Any) -> bool:
+    return isinstance(value, dict) and "role" in value
+
+
+def normalize_conversations(messages: Any) -> list[list[dict]]:
+    """One conversation (a list of message dicts) or a list of them, as a list of them."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TypeError("messages must be a non-empty list of message dicts, or a list of them")
+    conversations = [messages] if all(isinstance(m, dict) for m in messages) else messages
+    for index, conversation in enumerate(conversations):
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise TypeError(f"messages[{index}] must be a non-empty list of message dicts")
+        for message in conversation:
+            if not _is_message(message):
+                raise TypeError(
+                    f"messages[{index}]: every message must be a dict with a 'role', got "
+                    f"{message!r:.80}"
+                )
+    return [list(c) for c in conversations]
+
+
+def render_chat_prompts(
+    tokenizer: Any,
+    messages: Any,
+    *,
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    tools: list[dict] | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> list[dict]:
+    """One prompt dict (`prompt`, `prompt_token_ids`) per conversation."""
+    if tokenizer is None:
+        raise ValueError("chat() needs a tokenizer (skip_tokenizer_init=True was given)")
+    if add_generation_prompt and continue_final_message:
+        raise ValueError(
+            "add_generation_prompt and continue_final_message cannot both be True: the "
+            "generation prompt would open a new message after the one to continue"
+        )
+    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+        raise TypeError("chat_template_kwargs must be a dict")
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError(
+            "this model's tokenizer has no chat template; pass chat_template= (a Jinja "
+            "template string) to chat()"
+        )
+    prompts = []
+    for conversation in normalize_conversations(messages):
+        text = tokenizer.apply_chat_template(
+            conversation,
+            chat_template=template,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=False,
+            **(chat_template_kwargs or {}),
+        )
+        token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompts.append({"prompt": text, "prompt_token_ids": list(token_ids)})
+    return prompts
+
+
+class ChatMixin:
+    """`LLM.chat`, mixed into `LLM` (it uses its tokenizer and `generate`)."""
+
+    def chat(
+        self,
+        messages: Any,
+        sampling_params: Any = None,
+        use_tqdm: bool = True,
+        lora_request: Any = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
+    ) -> list:
+        """Generate replies to one conversation (a list of `{"role", "content"}` dicts) or a
+        list of them, rendered with the tokenizer's chat template or `chat_template`."""
+        prompts = render_chat_prompts(
+            self.tokenizer,
+            messages,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            chat_template_kwargs=chat_template_kwargs,
+        )
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
