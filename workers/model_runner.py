@@ -16,6 +16,8 @@ import torch
 
 from ember.kernels.attention import AttentionMetadata
 from ember.workers.config import EngineConfig
+from ember.workers.cuda_graphs import CudaGraphRunner
+from ember.workers.host_to_device import to_device
 from ember.workers.layers.attention import Attention
 from ember.workers.model_loader.loader import DTYPES, get_model
 from ember.workers.sampler import Sampler, SamplingMetadata
@@ -50,6 +52,7 @@ class ModelRunner:
         generator = torch.Generator(device=device).manual_seed(config.model.seed)
         self.sampler = Sampler(generator)
         self.kv_caches: list[torch.Tensor] = []
+        self.cuda_graphs: CudaGraphRunner | None = None  # set by the worker on CUDA
 
     # ---- KV cache ----------------------------------------------------------------------
 
@@ -142,12 +145,12 @@ class ModelRunner:
             block_table[req_index, positions // self.block_size] * self.block_size
             + positions % self.block_size
         )
-        to_device = lambda a, dtype: torch.from_numpy(a).to(self.device, dtype)
+        device = self.device
         metadata = AttentionMetadata(
-            slot_mapping=to_device(slot_mapping, torch.int64),
-            query_start_loc=to_device(query_start_loc, torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
-            block_table=to_device(block_table, torch.int64),
+            slot_mapping=to_device(slot_mapping, device, torch.int64),
+            query_start_loc=to_device(query_start_loc, device, torch.int32),
+            seq_lens=to_device(seq_lens, device, torch.int32),
+            block_table=to_device(block_table, device, torch.int64),
             num_decodes=sum(1 for count in num_tokens if count == 1),
             max_query_len=max(num_tokens),
             max_seq_len=max(seq_lens),
@@ -156,8 +159,8 @@ class ModelRunner:
         )
         return (
             sampled_states,
-            to_device(input_ids, torch.int64),
-            to_device(positions, torch.int64),
+            to_device(input_ids, device, torch.int64),
+            to_device(positions, device, torch.int64),
             metadata,
             sample_rows,
         )
@@ -173,9 +176,9 @@ class ModelRunner:
             top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
         greedy = [p.temperature < _GREEDY_TEMPERATURE for p in params]
         return SamplingMetadata(
-            temperature=temperature.to(self.device),
-            top_k=None if top_k is None else top_k.to(self.device),
-            top_p=None if top_p is None else top_p.to(self.device),
+            temperature=to_device(temperature, self.device, torch.float32),
+            top_k=None if top_k is None else to_device(top_k, self.device, torch.int64),
+            top_p=None if top_p is None else to_device(top_p, self.device, torch.float32),
             generators={i: s.generator for i, s in enumerate(states) if s.generator is not None},
             all_greedy=all(greedy),
             all_random=not any(greedy),
@@ -187,10 +190,13 @@ class ModelRunner:
         if not scheduler_output.num_scheduled_tokens:
             return ModelRunnerOutput()
         states, input_ids, positions, metadata, sample_rows = self._prepare_inputs(scheduler_output)
-        hidden_states = self.model(input_ids, positions, metadata)
+        if self.cuda_graphs is not None and self.cuda_graphs.can_replay(len(input_ids), metadata):
+            hidden_states = self.cuda_graphs.replay(input_ids, positions, metadata)
+        else:
+            hidden_states = self.model(input_ids, positions, metadata)
         if not states:
             return ModelRunnerOutput()
-        rows = torch.tensor(sample_rows, device=self.device)
+        rows = to_device(sample_rows, self.device, torch.int64)
         logits = self.model.compute_logits(hidden_states.index_select(0, rows))
         sampled = self.sampler(logits, self._sampling_metadata(states)).tolist()
         for state, token_id in zip(states, sampled):
