@@ -108,11 +108,12 @@ def _top_k_top_p_kernel(
 def apply_top_k_top_p_triton(
     logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
 ) -> torch.Tensor:
-    """Same contract as `ember.kernels.sampling.apply_top_k_top_p_torch` for float32 logits."""
+    """Same contract as `ember.kernels.sampling.apply_top_k_top_p_torch`; the search runs on
+    float32 keys, so other dtypes are widened for it and the result narrowed back."""
     if top_k is None and top_p is None:
         return logits
     if logits.dtype != torch.float32:
-        raise TypeError(f"logits must be float32, got {logits.dtype}")
+        return apply_top_k_top_p_triton(logits.float(), top_k, top_p).to(logits.dtype)
     logits = logits.contiguous()
     num_rows, vocab_size = logits.shape
     out = torch.empty_like(logits)

@@ -1,8 +1,7 @@
 """Each Triton kernel against the plain-torch reference it replaces, on the same inputs.
 
 On a machine without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set
-only while this module imports them: triton reads it when `@triton.jit` wraps a function), on
-small shapes. With a GPU they compile and run on it. Tolerances: float32 1e-5 (attention
+by `tests/conftest.py` before anything imports triton), on small shapes. With a GPU they compile and run on it. Tolerances: float32 1e-5 (attention
 2e-5); bfloat16 one bf16 unit in the last place of the value (rtol 1.6e-2, atol 2e-2), as the
 kernels round once where torch may round twice (and the interpreter truncates to bf16).
 """
@@ -12,7 +11,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
 
 import pytest
 import torch
@@ -38,29 +36,13 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 @pytest.fixture(scope="module")
 def triton_kernels():
-    """The `<op>_triton` modules: on CPU imported, with triton itself, under TRITON_INTERPRET=1
-    (triton's own `@jit` helpers such as `tl.sum` are wrapped when triton is imported, so a
-    triton imported before without it is dropped and imported again); the variable is
-    restored afterwards so that no later test, or child process, inherits it."""
+    """The `<op>_triton` modules; on CPU interpreted (`tests/conftest.py` sets TRITON_INTERPRET
+    before anything imports triton)."""
     if importlib.util.find_spec("triton") is None:
         pytest.fail("triton is not installed (make setup installs it)")
-    previous = os.environ.get("TRITON_INTERPRET")
-    if DEVICE == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-        for name in [n for n in sys.modules if n == "triton" or n.startswith("triton.")]:
-            del sys.modules[name]
-    try:
-        modules = {}
-        for op in TRITON_MODULES:
-            name = f"ember.kernels.{op}_triton"
-            sys.modules.pop(name, None)
-            modules[op] = importlib.import_module(name)
-        yield modules
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("without a GPU the kernels need TRITON_INTERPRET=1 (set in tests/conftest.py)")
+    return {op: importlib.import_module(f"ember.kernels.{op}_triton") for op in TRITON_MODULES}
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, **override):

@@ -40,6 +40,8 @@ class Worker:
         self.memory_baseline: MemoryBaseline | None = None
         self.cuda_graph_sizes: list[int] = []
         if self.device.type == "cuda":
+            if self.device.index is None:  # "cuda": this rank's GPU, as an index set_device takes
+                self.device = torch.device("cuda", rank)
             torch.cuda.set_device(self.device)
             free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
             self.memory_baseline = MemoryBaseline(total_bytes=total_bytes, free_bytes=free_bytes)
