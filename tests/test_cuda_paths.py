@@ -1,8 +1,12 @@
 """The CUDA-only machinery, checked on CPU where the check is honest: the CUDA graph batch
 sizes and their padding rows (run eagerly through the torch attention), the KV-sizing
-arithmetic and the profiling step that feeds it, and the host-to-device copies."""
+arithmetic and the profiling step that feeds it, the host-to-device copies, and that CPU use
+never imports triton."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -162,3 +166,29 @@ def test_to_device_converts_arrays_lists_and_tensors():
     assert out.dtype == torch.int32 and out.tolist() == [0, 1, 2, 3]
     assert to_device([0.5, 1.5], cpu, torch.float32).tolist() == [0.5, 1.5]
     assert to_device(torch.tensor([1, 2]), cpu, torch.int64).tolist() == [1, 2]
+
+
+# ---- dispatch --------------------------------------------------------------------------------
+
+
+def test_cpu_kernels_and_the_engine_core_never_import_triton():
+    """A fresh interpreter: the frontend, the engine core's process module and every kernel
+    called on CPU tensors leave triton unimported."""
+    script = (
+        "import sys, torch\n"
+        "import ember, ember.enginecore.core_process\n"
+        "from ember.kernels import apply_rotary_emb, apply_top_k_top_p, gelu_and_mul\n"
+        "from ember.kernels import rms_norm, silu_and_mul, fused_add_rms_norm\n"
+        "x = torch.randn(3, 8)\n"
+        "rms_norm(x, torch.ones(8), 1e-6); fused_add_rms_norm(x, x, torch.ones(8), 1e-6)\n"
+        "silu_and_mul(x); gelu_and_mul(x, 'tanh')\n"
+        "apply_top_k_top_p(x, torch.tensor([2, 3, 4]), torch.tensor([0.5, 0.9, 1.0]))\n"
+        "q = torch.randn(3, 2, 8)\n"
+        "apply_rotary_emb(torch.tensor([0, 1, 2]), q, q, torch.randn(4, 8))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'"
+        " or m.endswith('_triton')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "[]"
