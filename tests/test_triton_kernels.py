@@ -274,3 +274,47 @@ def test_paged_attention_decode_only_batch_with_padding_requests(triton_kernels)
     out = kernels.paged_attention_triton(padded_query, kv_cache, padded, 0.125)
     torch.testing.assert_close(out[:3], expected, atol=2e-5, rtol=1e-5)
     assert torch.isfinite(out).all()
+
+
+# ---- the kernels inside the engine -----------------------------------------------------------
+
+
+def test_engine_steps_through_the_triton_kernels_give_the_torch_paths_tokens(
+    triton_kernels, tiny_llama_dir, monkeypatch
+):
+    """The layers and the sampler call the Triton kernels (interpreted on CPU) instead of the
+    torch references, through the model runner's real inputs: chunked prefills mixed with
+    decodes, query/key views of the fused qkv projection. Same tokens as the torch path."""
+    from ember.enginecore.arg_utils import EngineArgs
+    from ember.enginecore.engine_core import EngineCore
+    from ember.workers.sampling_params import SamplingParams
+    from tests.helpers import random_prompts, run_engine
+
+    config = EngineArgs(
+        model=tiny_llama_dir, dtype="float32", device="cpu", max_num_batched_tokens=24
+    ).create_engine_config()
+    prompts = random_prompts(4, 512, [5, 40, 17, 2], seed=3)
+    params = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)] * 3 + [
+        SamplingParams(temperature=1.0, top_k=20, top_p=0.8, seed=5, max_tokens=6, ignore_eos=True)
+    ]
+    expected = run_engine(EngineCore(config), prompts, params)
+
+    layers = "ember.workers.layers"
+    replacements = {
+        f"{layers}.attention.paged_attention": triton_kernels["attention"].paged_attention_triton,
+        f"{layers}.attention.write_kv_cache": triton_kernels["attention"].write_kv_cache_triton,
+        f"{layers}.layernorm.rms_norm": triton_kernels["layernorm"].rms_norm_triton,
+        f"{layers}.layernorm.fused_add_rms_norm": (
+            triton_kernels["layernorm"].fused_add_rms_norm_triton
+        ),
+        f"{layers}.rotary_embedding.apply_rotary_emb": (
+            triton_kernels["rotary"].apply_rotary_emb_triton
+        ),
+        f"{layers}.activation.silu_and_mul": triton_kernels["activation"].silu_and_mul_triton,
+        "ember.workers.sampler.apply_top_k_top_p": (
+            triton_kernels["sampling"].apply_top_k_top_p_triton
+        ),
+    }
+    for target, kernel in replacements.items():
+        monkeypatch.setattr(target, kernel)
+    assert run_engine(EngineCore(config), prompts, params) == expected
