@@ -24,6 +24,7 @@ from ember.kernels.attention import (
 from ember.kernels.layernorm import fused_add_rms_norm_torch, rms_norm_torch
 from ember.kernels.rotary import apply_rotary_emb_torch
 from ember.kernels.sampling import apply_top_k_top_p_torch
+from ember.workers.cuda_graphs import CudaGraphRunner
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_MODULES = ("activation", "attention", "layernorm", "rotary", "sampling")
@@ -279,26 +280,8 @@ def test_paged_attention_decode_only_batch_with_padding_requests(triton_kernels)
 # ---- the kernels inside the engine -----------------------------------------------------------
 
 
-def test_engine_steps_through_the_triton_kernels_give_the_torch_paths_tokens(
-    triton_kernels, tiny_llama_dir, monkeypatch
-):
-    """The layers and the sampler call the Triton kernels (interpreted on CPU) instead of the
-    torch references, through the model runner's real inputs: chunked prefills mixed with
-    decodes, query/key views of the fused qkv projection. Same tokens as the torch path."""
-    from ember.enginecore.arg_utils import EngineArgs
-    from ember.enginecore.engine_core import EngineCore
-    from ember.workers.sampling_params import SamplingParams
-    from tests.helpers import random_prompts, run_engine
-
-    config = EngineArgs(
-        model=tiny_llama_dir, dtype="float32", device="cpu", max_num_batched_tokens=24
-    ).create_engine_config()
-    prompts = random_prompts(4, 512, [5, 40, 17, 2], seed=3)
-    params = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)] * 3 + [
-        SamplingParams(temperature=1.0, top_k=20, top_p=0.8, seed=5, max_tokens=6, ignore_eos=True)
-    ]
-    expected = run_engine(EngineCore(config), prompts, params)
-
+def use_triton_kernels(monkeypatch, triton_kernels) -> None:
+    """Make the layers and the sampler call the Triton kernels whatever the device."""
     layers = "ember.workers.layers"
     replacements = {
         f"{layers}.attention.paged_attention": triton_kernels["attention"].paged_attention_triton,
@@ -317,4 +300,93 @@ def test_engine_steps_through_the_triton_kernels_give_the_torch_paths_tokens(
     }
     for target, kernel in replacements.items():
         monkeypatch.setattr(target, kernel)
-    assert run_engine(EngineCore(config), prompts, params) == expected
+
+
+ENGINE_PROMPT_LENS = [5, 40, 17, 2]
+
+
+def engine_workload(max_tokens: list[int]):
+    from ember.workers.sampling_params import SamplingParams
+    from tests.helpers import random_prompts
+
+    prompts = random_prompts(len(max_tokens), 512, ENGINE_PROMPT_LENS, seed=3)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens[:-1]
+    ] + [
+        SamplingParams(
+            temperature=1.0, top_k=20, top_p=0.8, seed=5, max_tokens=max_tokens[-1], ignore_eos=True
+        )
+    ]
+    return prompts, params
+
+
+def tiny_engine(tiny_llama_dir):
+    from ember.enginecore.arg_utils import EngineArgs
+    from ember.enginecore.engine_core import EngineCore
+
+    config = EngineArgs(
+        model=tiny_llama_dir, dtype="float32", device="cpu", max_num_batched_tokens=24
+    ).create_engine_config()
+    return EngineCore(config)
+
+
+def test_engine_steps_through_the_triton_kernels_give_the_torch_paths_tokens(
+    triton_kernels, tiny_llama_dir, monkeypatch
+):
+    """The layers and the sampler call the Triton kernels (interpreted on CPU) instead of the
+    torch references, through the model runner's real inputs: chunked prefills mixed with
+    decodes, query/key views of the fused qkv projection. Same tokens as the torch path."""
+    from tests.helpers import run_engine
+
+    prompts, params = engine_workload([6, 6, 6, 6])
+    expected = run_engine(tiny_engine(tiny_llama_dir), prompts, params)
+    use_triton_kernels(monkeypatch, triton_kernels)
+    assert run_engine(tiny_engine(tiny_llama_dir), prompts, params) == expected
+
+
+class EagerReplayGraphs(CudaGraphRunner):
+    """A CudaGraphRunner whose "graphs" run the model eagerly on the persistent buffers with the
+    graph's own metadata, exactly what a captured graph replays (the capture itself needs CUDA).
+    Records (decodes in the step, padded batch size) of each replay."""
+
+    def capture(self) -> int:
+        self.replays: list[tuple[int, int]] = []
+        for batch_size in self.batch_sizes:
+            self.graphs[batch_size] = _EagerGraph(self, batch_size)
+        return 0
+
+    def fill_buffers(self, input_ids, positions, metadata) -> int:
+        batch_size = super().fill_buffers(input_ids, positions, metadata)
+        self.replays.append((input_ids.shape[0], batch_size))
+        return batch_size
+
+
+class _EagerGraph:
+    def __init__(self, runner: EagerReplayGraphs, batch_size: int):
+        self.runner, self.batch_size = runner, batch_size
+
+    def replay(self) -> None:
+        runner, size = self.runner, self.batch_size
+        metadata = runner.graph_metadata(size)
+        runner.outputs[size] = runner.model(
+            runner.input_ids[:size], runner.positions[:size], metadata
+        )
+
+
+def test_decode_steps_replayed_from_graph_buffers_give_the_torch_paths_tokens(
+    triton_kernels, tiny_llama_dir, monkeypatch
+):
+    """Decode-only steps go through the graph runner (persistent buffers, padding requests,
+    the graph's fixed metadata) and the engine still produces the torch path's tokens."""
+    from tests.helpers import run_engine
+
+    prompts, params = engine_workload([7, 3, 5, 6])  # requests finish at different steps
+    expected = run_engine(tiny_engine(tiny_llama_dir), prompts, params)
+    use_triton_kernels(monkeypatch, triton_kernels)
+    core = tiny_engine(tiny_llama_dir)
+    model_runner = core.executor.worker.model_runner
+    graphs = EagerReplayGraphs(model_runner.model, [1, 2, 4], 8, torch.device(DEVICE))
+    graphs.capture()
+    model_runner.cuda_graphs = graphs
+    assert run_engine(core, prompts, params) == expected
+    assert (4, 4) in graphs.replays and (3, 4) in graphs.replays  # 3 decodes padded to 4
