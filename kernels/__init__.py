@@ -1,9 +1,11 @@
-"""Compute kernels of ember: plain-torch references (CPU, and the oracle in tests).
+"""Compute kernels of ember, called by the layers in `ember.workers.layers` and the sampler.
 
-Triton versions for CUDA come behind the same signatures; callers import from here.
+Each public function dispatches on the device: Triton kernels (`<op>_triton.py`, imported
+only for CUDA tensors, so CPU users never import triton) or the plain-torch reference beside it
+(`<op>_torch`, used on CPU and as the oracle in tests).
 """
 
-from ember.kernels.activation import silu_and_mul
+from ember.kernels.activation import gelu_and_mul, silu_and_mul
 from ember.kernels.attention import paged_attention, write_kv_cache
 from ember.kernels.layernorm import fused_add_rms_norm, rms_norm
 from ember.kernels.rotary import apply_rotary_emb
@@ -13,6 +15,7 @@ __all__ = [
     "apply_rotary_emb",
     "apply_top_k_top_p",
     "fused_add_rms_norm",
+    "gelu_and_mul",
     "paged_attention",
     "rms_norm",
     "sample_from_probs",

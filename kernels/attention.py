@@ -10,6 +10,9 @@ live in the blocks its block table lists:
 New keys and values are written through `slot_mapping` (one slot per scheduled token, -1 for a
 padding token that must not be written). Requests with a single scheduled token (decodes) come
 first in the batch and are computed together; each longer chunk (prefill) is computed on its own.
+
+CUDA tensors go to the Triton kernels of `attention_triton.py` (imported only then), which
+serve the whole batch in one launch; the torch references here serve CPU and tests.
 """
 
 from __future__ import annotations
@@ -49,6 +52,17 @@ def write_kv_cache(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Store `key`/`value` [T, Hkv, D] into the slots of `kv_cache` named by `slot_mapping` [T]."""
+    if kv_cache.device.type == "cuda":
+        from ember.kernels.attention_triton import write_kv_cache_triton
+
+        write_kv_cache_triton(key, value, kv_cache, slot_mapping)
+        return
+    write_kv_cache_torch(key, value, kv_cache, slot_mapping)
+
+
+def write_kv_cache_torch(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     valid = slot_mapping >= 0
     if not bool(valid.all()):
@@ -72,6 +86,23 @@ def paged_attention(
     Query token j of a chunk of length q_len sits at position seq_len - q_len + j and sees the
     cached positions p with p <= its position (and p > position - sliding_window if set).
     """
+    if query.device.type == "cuda":
+        from ember.kernels.attention_triton import paged_attention_triton
+
+        return paged_attention_triton(
+            query, kv_cache, metadata, scale, sliding_window, logits_soft_cap
+        )
+    return paged_attention_torch(query, kv_cache, metadata, scale, sliding_window, logits_soft_cap)
+
+
+def paged_attention_torch(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+) -> torch.Tensor:
     output = torch.empty_like(query)
     num_decodes = metadata.num_decodes
     if num_decodes > 0:

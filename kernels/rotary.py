@@ -1,4 +1,8 @@
-"""Rotary position embedding applied to query and key vectors, looked up by position."""
+"""Rotary position embedding applied to query and key vectors, looked up by position.
+
+Called by `ember.workers.layers.rotary_embedding`. CUDA tensors go to the Triton kernel of
+`rotary_triton.py` (imported only then); the torch reference here serves CPU and tests.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,20 @@ def apply_rotary_emb(
     rotary_dim channels of each head rotate (partial rotary); the rest pass through.
     Neox style pairs channel i with i + rotary_dim/2; GPT-J style pairs 2i with 2i+1.
     """
+    if query.device.type == "cuda":
+        from ember.kernels.rotary_triton import apply_rotary_emb_triton
+
+        return apply_rotary_emb_triton(positions, query, key, cos_sin_cache, is_neox_style)
+    return apply_rotary_emb_torch(positions, query, key, cos_sin_cache, is_neox_style)
+
+
+def apply_rotary_emb_torch(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox_style: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     cos_sin = cos_sin_cache.index_select(0, positions)
     cos, sin = cos_sin.chunk(2, dim=-1)  # [T, rotary_dim / 2] each
     cos = cos.unsqueeze(1)

@@ -1,4 +1,9 @@
-"""Top-k / top-p filtering and sampling from per-row exponential noise (the torch reference)."""
+"""Top-k / top-p filtering and sampling from per-row exponential noise.
+
+Called by `ember.workers.sampler`. CUDA tensors go to the Triton kernel of `sampling_triton.py`
+(imported only then); the torch reference here serves CPU and tests. Neither reads anything
+back to the host.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,16 @@ def apply_top_k_top_p(
 ) -> torch.Tensor:
     """Mask logits [B, V] outside each row's top_k [B] (V = off) and nucleus top_p [B] (1 = off)
     with -inf. The most likely token always survives."""
+    if logits.device.type == "cuda":
+        from ember.kernels.sampling_triton import apply_top_k_top_p_triton
+
+        return apply_top_k_top_p_triton(logits, top_k, top_p)
+    return apply_top_k_top_p_torch(logits, top_k, top_p)
+
+
+def apply_top_k_top_p_torch(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
     if top_k is None and top_p is None:
         return logits
     logits_sorted, order = logits.sort(dim=-1, descending=False)

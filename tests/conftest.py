@@ -9,6 +9,15 @@ import torch
 
 from tests.helpers import write_random_llama
 
+# Without a GPU, ember's Triton kernels are tested in Triton's interpreter. Triton reads
+# TRITON_INTERPRET when `@triton.jit` wraps a function, its own helpers (`tl.sum`, ...) included,
+# which it wraps when it is imported; and transformers imports triton as soon as a test builds a
+# Hugging Face model. So the variable is set here, before any test module is imported. Nothing
+# else on CPU runs triton code, so other tests (and the engine processes that inherit the
+# variable) are not affected by it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def default_gguf() -> str:

@@ -29,11 +29,22 @@ Peak RSS is the larger of the process's own ``ru_maxrss`` and the sampled sum of
 process tree (ember runs an engine-core and worker processes), over the whole run, load included.
 An engine whose import fails is reported as ``not available (reason)`` and skipped.
 
+GPU runs (``--device cuda``): ``--model-shape qwen3-0.6b`` or ``llama-3.1-8b`` writes a
+``config.json`` with that real model's shapes (transformers' config classes, bfloat16) into a
+temporary directory; ember loads it with ``load_format="dummy"`` (random weights, no tokenizer)
+and Hugging Face builds the same architecture from the config with random weights on the same
+GPU, in the same run. Prompt ids are drawn from the vocabulary below its special tokens.
+llama.cpp has no such path and reports itself unavailable.
+
 Examples::
 
     python tools/bench_throughput.py                        # default workload, all engines
     python tools/bench_throughput.py --single --engines hf,llama.cpp
     python tools/bench_throughput.py --json results.jsonl   # also write the results as JSON lines
+    python tools/bench_throughput.py --device cuda --model-shape qwen3-0.6b --engines ember,hf \
+        --num-prompts 256 --input-len-min 128 --input-len-max 512 --output-len 256
+    python tools/bench_throughput.py --device cuda --model-shape llama-3.1-8b --single \
+        --engines ember --ember-kwargs '{"enforce_eager": true}'   # decode latency, no graphs
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +68,72 @@ from typing import Any
 ENGINES = ("ember", "hf", "llama.cpp", "ember-inproc")
 RESULT_MARKER = "@@BENCH_RESULT@@ "
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+# Shapes of real models, as their config.json states them (Hugging Face Hub, model cards).
+MODEL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen3-0.6b": (
+        "Qwen3Config",
+        {
+            "architectures": ["Qwen3ForCausalLM"],
+            "vocab_size": 151936,
+            "hidden_size": 1024,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "hidden_act": "silu",
+            "max_position_embeddings": 40960,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": True,
+            "attention_bias": False,
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+        },
+    ),
+    "llama-3.1-8b": (
+        "LlamaConfig",
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 128256,
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "hidden_act": "silu",
+            "max_position_embeddings": 131072,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            "tie_word_embeddings": False,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": 128000,
+            "eos_token_id": [128001, 128008, 128009],
+        },
+    ),
+}
+# Ids at or above these are special tokens in the real tokenizers.
+FIRST_SPECIAL_TOKEN = {"qwen3-0.6b": 151643, "llama-3.1-8b": 128000}
+
+
+def write_shape_config(shape: str, directory: str) -> str:
+    """Write the config.json of `shape` (bfloat16) into `directory`; return the directory."""
+    import transformers
+
+    class_name, settings = MODEL_SHAPES[shape]
+    config = getattr(transformers, class_name)(**settings, dtype="bfloat16")
+    config.save_pretrained(directory)
+    return directory
 
 
 def default_model() -> str:
@@ -96,7 +174,11 @@ def vocab_info(gguf_path: str) -> tuple[list[int], int]:
 
 def make_workload(args: argparse.Namespace) -> dict[str, Any]:
     """Seeded random token prompts; identical for every engine."""
-    normal, eos = vocab_info(args.model)
+    if args.model_shape:
+        normal = range(100, FIRST_SPECIAL_TOKEN[args.model_shape])
+        eos = MODEL_SHAPES[args.model_shape][1]["bos_token_id"]  # a valid special id
+    else:
+        normal, eos = vocab_info(args.model)
     rng = random.Random(args.seed)
     prompts = []
     for _ in range(args.num_prompts):
@@ -153,6 +235,23 @@ class TreeRssSampler:
 # returns generate_all(prompts, output_len) -> number of generated tokens it actually saw.
 
 GenerateAll = Callable[[list[list[int]], int], int]
+
+
+def ember_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """ember's model and device arguments: the GGUF file, or a shape's config with dummy
+    weights, no tokenizer, and `max_model_len` just long enough for the workload (the shapes'
+    own 40960 / 131072 would make the engine insist on room for one such request)."""
+    if args.model_shape:
+        return {
+            "model": args._shape_dir,
+            "load_format": "dummy",
+            "skip_tokenizer_init": True,
+            "device": args.device,
+            "max_model_len": args.input_len_max + args.output_len,
+        }
+    return {"model": args.model, "device": args.device}
+
+
 Setup = Callable[[argparse.Namespace, dict[str, Any], dict[str, Any]], GenerateAll]
 
 
@@ -161,9 +260,9 @@ def setup_ember(
 ) -> GenerateAll:
     from ember import LLM, SamplingParams
 
-    kwargs = json.loads(args.ember_kwargs) if args.ember_kwargs else {}
+    kwargs = {**ember_model_kwargs(args), **json.loads(args.ember_kwargs or "{}")}
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, **kwargs)
+    llm = LLM(**kwargs)
     info["load_s"] = time.perf_counter() - t0
 
     def generate_all(prompts: list[list[int]], output_len: int) -> int:
@@ -184,9 +283,9 @@ def setup_ember_inproc(
     from ember.enginecore.messages import EngineCoreRequest
     from ember.workers.sampling_params import SamplingParams
 
-    kwargs = json.loads(args.ember_kwargs) if args.ember_kwargs else {}
+    kwargs = {**ember_model_kwargs(args), **json.loads(args.ember_kwargs or "{}")}
     t0 = time.perf_counter()
-    core = EngineCore(EngineArgs(model=args.model, **kwargs).create_engine_config())
+    core = EngineCore(EngineArgs(**kwargs).create_engine_config())
     info["load_s"] = time.perf_counter() - t0
     counter = iter(range(1 << 62))
 
@@ -207,11 +306,20 @@ def setup_hf(args: argparse.Namespace, work: dict[str, Any], info: dict[str, Any
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     t0 = time.perf_counter()
-    path = Path(args.model)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
-    )
+    if args.model_shape:  # random weights of the shape, drawn on the device itself
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(args._shape_dir)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        with device:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        path = Path(args.model)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
+        ).to(device)
     model.eval()
     pad_id = model.generation_config.pad_token_id
     if pad_id is None:
@@ -226,6 +334,7 @@ def setup_hf(args: argparse.Namespace, work: dict[str, Any], info: dict[str, Any
         for row, p in enumerate(batch):  # left padding
             ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[row, width - len(p) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids,
@@ -235,6 +344,8 @@ def setup_hf(args: argparse.Namespace, work: dict[str, Any], info: dict[str, Any
                 min_new_tokens=n_new,  # suppresses EOS until n_new tokens exist
                 pad_token_id=pad_id,
             )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return int(out.shape[0] * (out.shape[1] - width))
 
     def generate_all(prompts: list[list[int]], output_len: int) -> int:
@@ -302,15 +413,17 @@ def setup_llama_cpp(
 RUNNERS: dict[str, tuple[tuple[str, ...], Setup]] = {
     # engine -> (modules whose import failure means "not available", setup)
     "ember": (("ember",), setup_ember),
-    "hf": (("torch", "transformers", "gguf"), setup_hf),
+    "hf": (("torch", "transformers"), setup_hf),
     "llama.cpp": (("llama_cpp",), setup_llama_cpp),
     "ember-inproc": (("ember.enginecore.engine_core",), setup_ember_inproc),
 }
 
 
-def check_available(engine: str) -> str | None:
+def check_available(engine: str, args: argparse.Namespace) -> str | None:
     """None if the engine's imports succeed, otherwise the reason."""
     modules, _ = RUNNERS[engine]
+    if engine == "llama.cpp" and (args.model_shape or args.device != "cpu"):
+        return "ember's benchmark runs llama.cpp on the GGUF file on CPU only"
     try:
         for mod in modules:
             __import__(mod)
@@ -357,7 +470,7 @@ def run_one(args: argparse.Namespace) -> None:
     work = json.loads(Path(args._workload).read_text())
     sampler = TreeRssSampler().start()
     result: dict[str, Any] = {"engine": engine}
-    reason = check_available(engine)
+    reason = check_available(engine, args)
     if reason is not None:
         result.update(status="unavailable", reason=reason)
     else:
@@ -429,6 +542,8 @@ def format_result(r: dict[str, Any]) -> str:
         f"   (load {r['load_s']:.1f} s, warm-up {r['warmup_s']:.1f} s"
         + (f", best of {len(r['all_elapsed_s'])} passes)" if len(r["all_elapsed_s"]) > 1 else ")")
     )
+    if r["num_prompts"] == 1:
+        line += f"  {1000 / r['output_tok_s']:.2f} ms/token"
     if r["output_tokens"] != r["expected_output_tokens"]:
         line += f"  WARNING: {r['output_tokens']} of {r['expected_output_tokens']} tokens"
     return line
@@ -440,6 +555,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=default_model(), help="GGUF file (all engines load it)")
+    p.add_argument(
+        "--model-shape",
+        choices=sorted(MODEL_SHAPES),
+        default="",
+        help="instead of --model: a real model's config.json with random weights "
+        "(ember: load_format='dummy')",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="ember's and HF's")
     p.add_argument(
         "--engines",
         default="ember,hf,llama.cpp",
@@ -484,10 +607,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verbose", action="store_true", help="show the engines' stderr")
     p.add_argument("--_run-one", dest="_run_one", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--_workload", dest="_workload", help=argparse.SUPPRESS)
+    p.add_argument("--_shape-dir", dest="_shape_dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.single:
         args.num_prompts, args.input_len_min, args.input_len_max, args.output_len = 1, 8, 8, 256
-    if not args.model or not os.path.exists(args.model):
+    if not args.model_shape and (not args.model or not os.path.exists(args.model)):
         p.error(f"model file not found: {args.model!r}")
     if args.repeat < 1 or args.threads < 1 or args.num_prompts < 1:
         p.error("--repeat, --threads and --num-prompts must be >= 1")
@@ -510,7 +634,15 @@ def main(argv: list[str] | None = None) -> int:
 
     work = make_workload(args)
     lens = [len(p) for p in work["prompts"]]
-    print(f"model: {args.model}")
+    shape_dir = None
+    if args.model_shape:
+        shape_dir = tempfile.mkdtemp(prefix=f"bench_{args.model_shape}_")
+        write_shape_config(args.model_shape, shape_dir)
+        raw += ["--_shape-dir", shape_dir]
+        print(f"model: {args.model_shape} shape, random weights ({shape_dir}/config.json)")
+    else:
+        print(f"model: {args.model}")
+    print(f"device: {args.device}")
     print(
         f"workload: {len(lens)} prompts, input len {min(lens)}-{max(lens)} "
         f"(sum {sum(lens)}), output len {args.output_len} (EOS ignored, greedy), "
@@ -530,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_result(r), flush=True)
     finally:
         os.unlink(workload_path)
+        if shape_dir is not None:
+            shutil.rmtree(shape_dir, ignore_errors=True)
     if args.json:
         with open(args.json, "a") as f:
             for r in results:
@@ -543,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "input_len_max": args.input_len_max,
                                 "output_len": args.output_len,
                                 "seed": args.seed,
-                                "model": args.model,
+                                "model": args.model_shape or args.model,
+                                "device": args.device,
                             },
                         }
                     )

@@ -16,6 +16,8 @@ import torch
 
 from ember.kernels.attention import AttentionMetadata
 from ember.workers.config import EngineConfig
+from ember.workers.cuda_graphs import CudaGraphRunner
+from ember.workers.host_to_device import to_device
 from ember.workers.layers.attention import Attention
 from ember.workers.logprobs import LogprobsLists
 from ember.workers.model_loader.loader import DTYPES, get_model
@@ -83,6 +85,7 @@ class ModelRunner:
         self.sampler = Sampler(generator)
         self.kv_caches: list[torch.Tensor] = []
         self.pooling = PoolingRunner(self) if config.model.runner == "pooling" else None
+        self.cuda_graphs: CudaGraphRunner | None = None  # set by the worker on CUDA
 
     # ---- KV cache ----------------------------------------------------------------------
 
@@ -192,12 +195,12 @@ class ModelRunner:
             block_table[req_index, positions // self.block_size] * self.block_size
             + positions % self.block_size
         )
-        to_device = lambda a, dtype: torch.from_numpy(a).to(self.device, dtype)
+        device = self.device
         metadata = AttentionMetadata(
-            slot_mapping=to_device(slot_mapping, torch.int64),
-            query_start_loc=to_device(query_start_loc, torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
-            block_table=to_device(block_table, torch.int64),
+            slot_mapping=to_device(slot_mapping, device, torch.int64),
+            query_start_loc=to_device(query_start_loc, device, torch.int32),
+            seq_lens=to_device(seq_lens, device, torch.int32),
+            block_table=to_device(block_table, device, torch.int64),
             num_decodes=sum(1 for count in num_tokens if count == 1),
             max_query_len=max(num_tokens),
             max_seq_len=max(seq_lens),
@@ -206,8 +209,8 @@ class ModelRunner:
         )
         return (
             sampled_states,
-            to_device(input_ids, torch.int64),
-            to_device(positions, torch.int64),
+            to_device(input_ids, device, torch.int64),
+            to_device(positions, device, torch.int64),
             metadata,
             sample_rows,
             prompt_jobs,
@@ -249,9 +252,9 @@ class ModelRunner:
         if requested_logprobs:
             max_num_logprobs = -1 if -1 in requested_logprobs else max(requested_logprobs)
         metadata = SamplingMetadata(
-            temperature=temperature.to(device),
-            top_k=None if top_k is None else top_k.to(device),
-            top_p=None if top_p is None else top_p.to(device),
+            temperature=to_device(temperature, device, torch.float32),
+            top_k=None if top_k is None else to_device(top_k, device, torch.int64),
+            top_p=None if top_p is None else to_device(top_p, device, torch.float32),
             generators={i: s.generator for i, s in enumerate(states) if s.generator is not None},
             all_greedy=all(greedy),
             all_random=not any(greedy),
@@ -366,13 +369,16 @@ class ModelRunner:
         states, input_ids, positions, metadata, sample_rows, prompt_jobs = self._prepare_inputs(
             scheduler_output
         )
-        hidden_states = self.model(input_ids, positions, metadata)
+        if self.cuda_graphs is not None and self.cuda_graphs.can_replay(len(input_ids), metadata):
+            hidden_states = self.cuda_graphs.replay(input_ids, positions, metadata)
+        else:
+            hidden_states = self.model(input_ids, positions, metadata)
         output = ModelRunnerOutput()
         if prompt_jobs:
             output.prompt_logprobs = self._prompt_logprobs(hidden_states, prompt_jobs)
         if not states:
             return output
-        rows = torch.tensor(sample_rows, device=self.device)
+        rows = to_device(sample_rows, self.device, torch.int64)
         logits = self.model.compute_logits(hidden_states.index_select(0, rows))
         errored = find_nonfinite_rows(logits)
         if errored:  # those requests end with "error"; the others are sampled as usual

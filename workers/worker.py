@@ -14,6 +14,13 @@ import psutil
 import torch
 
 from ember.workers.config import EngineConfig
+from ember.workers.cuda_graphs import CudaGraphRunner, capture_batch_sizes
+from ember.workers.gpu_memory import (
+    MemoryBaseline,
+    check_requested_memory,
+    kv_cache_budget_bytes,
+    profile_memory,
+)
 from ember.workers.model_runner import ModelRunner
 from ember.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
@@ -30,6 +37,19 @@ class Worker:
         self.device = torch.device(config.device.device)
         if self.device.type == "cpu" and config.device.num_threads:
             torch.set_num_threads(config.device.num_threads)
+        self.memory_baseline: MemoryBaseline | None = None
+        self.cuda_graph_sizes: list[int] = []
+        if self.device.type == "cuda":
+            if self.device.index is None:  # "cuda": this rank's GPU, as an index set_device takes
+                self.device = torch.device("cuda", rank)
+            torch.cuda.set_device(self.device)
+            free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
+            self.memory_baseline = MemoryBaseline(total_bytes=total_bytes, free_bytes=free_bytes)
+            check_requested_memory(self.memory_baseline, config.cache.gpu_memory_utilization)
+            if not config.device.enforce_eager:
+                self.cuda_graph_sizes = capture_batch_sizes(
+                    config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens
+                )
         self.model_runner = ModelRunner(config, self.device)
         self.profiler: torch.profiler.profile | None = None
         self.profile_dir: str | None = None
@@ -45,9 +65,22 @@ class Worker:
                 available = psutil.virtual_memory().available
                 budget = min(int(available * _DEFAULT_CPU_KV_FRACTION), _DEFAULT_CPU_KV_MAX_BYTES)
             return budget
-        free, total = torch.cuda.mem_get_info(self.device)
-        used_elsewhere = total - free
-        return int(total * self.config.cache.gpu_memory_utilization) - used_elsewhere
+        utilization = self.config.cache.gpu_memory_utilization
+        graph_batch_size = self.cuda_graph_sizes[-1] if self.cuda_graph_sizes else None
+        profile = profile_memory(self.model_runner, self.memory_baseline, graph_batch_size)
+        budget = kv_cache_budget_bytes(profile, utilization)
+        logger.info(
+            "GPU memory: %.2f GiB x %.2f utilization; torch peak %.2f GiB (weights, activations, "
+            "sampler), non-torch %.2f GiB, CUDA graphs ~%.2f GiB; KV cache %.2f GiB",
+            profile.total_bytes / 2**30,
+            utilization,
+            profile.torch_peak_bytes / 2**30,
+            (profile.used_bytes - profile.baseline_used_bytes - profile.torch_reserved_bytes)
+            / 2**30,
+            profile.cuda_graph_bytes / 2**30,
+            budget / 2**30,
+        )
+        return max(budget, 0)
 
     def num_available_kv_blocks(self) -> int:
         block_bytes = self.kv_cache_block_bytes()
@@ -59,6 +92,24 @@ class Worker:
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.model_runner.initialize_kv_cache(num_blocks)
+        if self.cuda_graph_sizes:
+            self._capture_cuda_graphs()
+
+    def _capture_cuda_graphs(self) -> None:
+        """Capture the decode graphs; a model whose forward cannot be captured (one that reads
+        a device value on the host, as the mixture-of-experts layer does) runs eagerly."""
+        runner = self.model_runner
+        max_blocks_per_req = -(-self.config.scheduler.max_model_len // runner.block_size)
+        graphs = CudaGraphRunner(
+            runner.model, self.cuda_graph_sizes, max_blocks_per_req, self.device
+        )
+        try:
+            graphs.capture()
+        except RuntimeError as exc:
+            logger.warning("CUDA graph capture failed (%s); running eagerly", exc)
+            torch.cuda.synchronize(self.device)
+            return
+        runner.cuda_graphs = graphs
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)

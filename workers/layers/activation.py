@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.kernels import silu_and_mul
+from ember.kernels import gelu_and_mul, silu_and_mul
 
 
 class SiluAndMul(nn.Module):
@@ -25,8 +25,7 @@ class GeluAndMul(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.gelu(gate, approximate=self.approximate) * up
+        return gelu_and_mul(x, self.approximate)
 
 
 class Activation(nn.Module):

@@ -240,11 +240,15 @@ def _copy_whole(param: torch.Tensor, tensor: torch.Tensor) -> None:
 
 
 def initialize_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: float = 1e-3):
-    """Random weights for benchmarks (`load_format="dummy"`); norms keep scale around one."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    """Random weights for benchmarks (`load_format="dummy"`); norms keep scale around one.
+    Drawn on the parameters' device (an 8B model's draw takes seconds on a GPU, minutes on CPU)."""
+    generators: dict[torch.device, torch.Generator] = {}
     for name, param in model.named_parameters():
-        values = torch.empty(param.shape, dtype=torch.float32)
-        values.uniform_(low, high, generator=generator)
+        device = param.device
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(seed)
+        values = torch.empty(param.shape, dtype=torch.float32, device=device)
+        values.uniform_(low, high, generator=generators[device])
         if name.endswith(("norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
             values += 1.0
         param.data.copy_(values)
