@@ -279,7 +279,9 @@ class EngineCoreClient:
             if self.process is not None:
                 code = self.process.poll()
                 if code is not None:
-                    self.dead_reason = f"the engine core process exited (exit code {code})"
+                    self.dead_reason = (
+                        self._last_words() or f"the engine core process exited (exit code {code})"
+                    )
             elif time.monotonic() - self._last_heard > _ENGINE_SILENCE_S:
                 self.dead_reason = (
                     f"the engine core at {self.input_address} stopped answering "
@@ -291,6 +293,19 @@ class EngineCoreClient:
                 # directory now, not at shutdown, so nothing lingers while the user handles it.
                 self.shutdown()
             raise EngineDeadError(self.dead_reason)
+
+    def _last_words(self) -> str | None:
+        """The reason an engine core gave as it stopped (ENGINE_DEAD), if that message is still
+        waiting on the socket: a worker's death says more than the core's exit code. Any
+        outputs queued before it are dropped, as the engine is gone."""
+        try:
+            while self.output_socket.poll(0):
+                frames = self.output_socket.recv_multipart()
+                if frames[0] == MessageType.ENGINE_DEAD:
+                    return msgspec.msgpack.decode(frames[1], type=EngineError).message
+        except (zmq.ZMQError, msgspec.DecodeError):
+            return None
+        return None
 
     def is_alive(self) -> bool:
         try:
