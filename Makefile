@@ -34,11 +34,12 @@ $(BENCH_STAMP): $(STAMP)
 	  CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" MAKEFLAGS=-j2 CMAKE_BUILD_PARALLEL_LEVEL=2 \
 	  $(PY) -m pip wheel --no-deps -w $(LLAMA_WHEEL_DIR) llama-cpp-python
 	$(INSTALL) --find-links $(LLAMA_WHEEL_DIR) --only-binary llama-cpp-python llama-cpp-python
+	$(INSTALL) matplotlib
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(PY) tools/bench_throughput.py --repeat 2
-	$(PY) tools/bench_throughput.py --single --repeat 3
+	$(PY) tools/bench_chart.py --repeat 2 --output tools/bench_cpu.png
+	$(PY) tools/bench_cold_start.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

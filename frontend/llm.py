@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -110,14 +111,24 @@ class LLM(ChatMixin, PoolingMixin):
         )
         self.config = self.engine_args.create_engine_config()
         self.tokenizer = None
-        if not skip_tokenizer_init:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                self.config.model.tokenizer,
-                use_fast=tokenizer_mode != "slow",
-                trust_remote_code=trust_remote_code,
-                revision=revision,
-            )
-        self.engine = EngineCoreClient(self.config)
+        # The tokenizer loads on a thread while the engine starts (the wait for the engine
+        # releases the GIL): cold start is the longer of the two, not their sum.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            tokenizer = None
+            if not skip_tokenizer_init:
+                tokenizer = pool.submit(
+                    AutoTokenizer.from_pretrained,
+                    self.config.model.tokenizer,
+                    use_fast=tokenizer_mode != "slow",
+                    trust_remote_code=trust_remote_code,
+                    revision=revision,
+                )
+            self.engine = EngineCoreClient(self.config)
+            try:
+                self.tokenizer = None if tokenizer is None else tokenizer.result()
+            except BaseException:
+                self.engine.shutdown()
+                raise
         self.max_model_len = self.engine.ready_info.max_model_len
         self.vocab_size = self.engine.ready_info.vocab_size
         self.max_logprobs = self.engine.ready_info.max_logprobs

@@ -21,15 +21,10 @@ def main() -> None:
     start = time.perf_counter()
     llm = LLM()  # the embedded SmolLM2-135M-Instruct
     print(f"engine ready in {time.perf_counter() - start:.1f} s")
-    tokenizer = llm.get_tokenizer()
-    chat_prompt = tokenizer.apply_chat_template(
-        CONVERSATION, tokenize=False, add_generation_prompt=True
-    )
-    # The chat template already starts with its special tokens: pass ids, so none is added.
-    chat_ids = tokenizer(chat_prompt, add_special_tokens=False).input_ids
     params = SamplingParams(temperature=0.0, max_tokens=64)
     start = time.perf_counter()
-    outputs = llm.generate(PROMPTS + [{"prompt_token_ids": chat_ids}], params)
+    outputs = llm.generate(PROMPTS, params)
+    outputs += llm.chat(CONVERSATION, params)  # rendered with the model's chat template
     elapsed = time.perf_counter() - start
     titles = PROMPTS + ["[chat] " + CONVERSATION[0]["content"]]
     for title, output in zip(titles, outputs):

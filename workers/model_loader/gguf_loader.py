@@ -44,13 +44,19 @@ def _file_key(path: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def gguf_cache_dir(gguf_path: str) -> str:
+    """~/.cache/ember/gguf/<key of the file's path, size and mtime>/: what ember converts from
+    one GGUF file (config, tokenizer, weights) lives there."""
+    return os.path.join(ember_cache_dir(), "gguf", _file_key(gguf_path))
+
+
 def gguf_model_dir(gguf_path: str) -> str:
     """A directory holding config.json and tokenizer files converted from `gguf_path`.
 
-    Converting the tokenizer from GGUF takes seconds, so the result is cached under
-    ~/.cache/ember/gguf/<key of path, size and mtime>/ and reused on the next start.
+    Converting the tokenizer from GGUF takes seconds, so the result is cached in
+    `gguf_cache_dir(gguf_path)` and reused on the next start.
     """
-    target = os.path.join(ember_cache_dir(), "gguf", _file_key(gguf_path))
+    target = gguf_cache_dir(gguf_path)
     if os.path.exists(os.path.join(target, "config.json")):
         return target
     from transformers import AutoTokenizer

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from ember.workers.config import ModelConfig
-from ember.workers.model_loader.gguf_loader import iterate_gguf
+from ember.workers.model_loader.gguf_loader import gguf_cache_dir, iterate_gguf
 from ember.workers.model_loader.weight_utils import (
     checkpoint_names,
     initialize_dummy_weights,
@@ -27,6 +27,11 @@ from ember.workers.model_loader.weight_utils import (
     iterate_safetensors,
     pytorch_bin_files,
     safetensors_files,
+)
+from ember.workers.model_loader.weights_cache import (
+    cached_weights_path,
+    load_model_weights,
+    save_model_weights,
 )
 from ember.workers.models.adapters import adapt_for_pooling
 from ember.workers.models.registry import get_model_class
@@ -82,10 +87,7 @@ def get_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
         if load_format == "dummy":
             initialize_dummy_weights(model, model_config.seed)
         elif model_config.gguf_file is not None:
-            names = checkpoint_names(
-                model, model_class.packed_modules_mapping, getattr(model, "name_mapping", ())
-            )
-            model.load_weights(iterate_gguf(model_config.gguf_file, hf_config, names))
+            _load_gguf(model, model_config, hf_config)
         else:
             model.load_weights(iterate_checkpoint(model_config.model_dir, load_format))
     logger.info(
@@ -96,6 +98,32 @@ def get_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
         time.perf_counter() - start,
     )
     return model
+
+
+def gguf_weights_cache_file(model_config: ModelConfig) -> str:
+    """Where the converted weights of a GGUF model live (see `weights_cache`): one file per
+    model class and dtype, next to the converted config and tokenizer."""
+    model_kind = f"{model_config.architecture}-{model_config.convert}"
+    return cached_weights_path(
+        gguf_cache_dir(model_config.gguf_file), model_kind, model_config.dtype
+    )
+
+
+def _load_gguf(model: nn.Module, model_config: ModelConfig, hf_config: PretrainedConfig) -> None:
+    """Map the converted weights when an earlier start cached them; otherwise dequantise the
+    file and cache the result for the next start (dequantising takes seconds, mapping none)."""
+    cache_file = gguf_weights_cache_file(model_config)
+    if os.path.exists(cache_file) and load_model_weights(model, cache_file):
+        logger.info("mapped converted GGUF weights from %s", cache_file)
+        return
+    names = checkpoint_names(
+        model, type(model).packed_modules_mapping, getattr(model, "name_mapping", ())
+    )
+    model.load_weights(iterate_gguf(model_config.gguf_file, hf_config, names))
+    try:
+        save_model_weights(model, cache_file)
+    except OSError as exc:  # a read-only or full cache directory costs only the next start
+        logger.warning("could not cache the converted GGUF weights in %s: %s", cache_file, exc)
 
 
 def iterate_checkpoint(model_dir: str, load_format: str = "auto"):

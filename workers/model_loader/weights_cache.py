@@ -1,0 +1,94 @@
+"""A cache of converted weights: a model's parameters saved once in ember's own layout and dtype
+(fused projections, the dtype the engine runs in) as one safetensors file, and mapped back on
+the next start with no conversion and no copy.
+
+Used by the loader for GGUF files, whose dequantisation takes seconds at every start. The file
+lives next to the converted config and tokenizer (`gguf_model_dir`), one per dtype:
+
+    ~/.cache/ember/gguf/<key of the .gguf path, size and mtime>/
+        config.json, tokenizer.json, ...      (gguf_loader.gguf_model_dir)
+        weights-v1-bfloat16.safetensors       (this module)
+
+Loading maps the file privately (copy-on-write) and builds each parameter as a view into the
+mapping, so the weights are read from the page cache as the first forward touches them and are
+shared by every process that maps the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import struct
+import tempfile
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_FORMAT_VERSION = "v1"  # bump when the layout of ember's parameters changes
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_ALIASES_KEY = "ember.aliases"  # state-dict names that share a tensor (tied embeddings)
+
+
+def cached_weights_path(cache_dir: str, architecture: str, dtype: str) -> str:
+    return os.path.join(cache_dir, f"weights-{_FORMAT_VERSION}-{architecture}-{dtype}.safetensors")
+
+
+def save_model_weights(model: nn.Module, path: str) -> None:
+    """Write the model's state dict to `path` (atomically: a reader never sees half a file).
+    Tensors shared under several names are written once."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().contiguous().cpu()
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=".staging-", suffix=".safetensors", dir=directory)
+    os.close(handle)
+    try:
+        save_file(tensors, staging, metadata={_ALIASES_KEY: json.dumps(aliases)})
+        os.replace(staging, path)
+    except BaseException:
+        os.unlink(staging)
+        raise
+
+
+def load_model_weights(model: nn.Module, path: str) -> bool:
+    """Point the model's parameters at the tensors of `path`; False (and the model untouched)
+    when the file does not match the model's state dict."""
+    with open(path, "rb") as file:
+        (header_len,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(header_len))
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    aliases = json.loads(header.pop("__metadata__", {}).get(_ALIASES_KEY, "{}"))
+    expected = model.state_dict()
+    if set(header) | set(aliases) != set(expected):
+        logger.warning("cached weights %s do not match the model; converting again", path)
+        return False
+    data_start = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        dtype = _DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        shape = info["shape"]
+        if dtype != expected[name].dtype or list(expected[name].shape) != shape:
+            logger.warning("cached weights %s do not match the model; converting again", path)
+            return False
+        count = (end - begin) // torch.empty(0, dtype=dtype).element_size()
+        if count == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=data_start + begin)
+        tensors[name] = flat.view(shape)
+    for name, target in aliases.items():
+        tensors[name] = tensors[target]
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return True
