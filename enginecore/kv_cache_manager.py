@@ -55,7 +55,8 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """The longest run of the request's leading full blocks found in the prefix cache, and
         the number of tokens they hold; never the block holding the request's last token."""
-        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+        params = request.sampling_params  # None for a pooling request
+        if not self.enable_caching or (params is not None and params.prompt_logprobs is not None):
             # Prompt logprobs need every prompt token's logits: nothing may be skipped (the
             # request's own blocks are still offered to the cache as they fill).
             return [], 0
