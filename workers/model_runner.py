@@ -21,7 +21,7 @@ from ember.workers.host_to_device import to_device
 from ember.workers.layers.attention import Attention
 from ember.workers.logprobs import LogprobsLists
 from ember.workers.model_loader.loader import DTYPES, get_model
-from ember.workers.nonfinite import find_nonfinite_rows, scrub_nonfinite_blocks
+from ember.workers.nonfinite import scrub_nonfinite_blocks
 from ember.workers.pooling_params import PoolingParams
 from ember.workers.pooling_runner import PoolingRunner
 from ember.workers.sampler import (
@@ -380,25 +380,34 @@ class ModelRunner:
             return output
         rows = to_device(sample_rows, self.device, torch.int64)
         logits = self.model.compute_logits(hidden_states.index_select(0, rows))
-        errored = find_nonfinite_rows(logits)
-        if errored:  # those requests end with "error"; the others are sampled as usual
-            errored_rows = set(errored)
-            errored_states = [states[row] for row in errored]
+        # Non-finite logits fail only their request. The check rides on the one host sync of
+        # the step (reading the sampled ids); a failed row's draw is dropped.
+        finite_rows = torch.isfinite(logits).all(dim=-1)
+        sampler_output = self.sampler(logits, self._sampling_metadata(states))
+        sampled, finite = torch.stack(
+            [sampler_output.sampled_token_ids, finite_rows.to(torch.int64)]
+        ).tolist()
+        logprobs = sampler_output.logprobs
+        if logprobs is not None:
+            logprobs = _to_lists(logprobs, states)
+        if not all(finite):
+            errored_states = [state for state, ok in zip(states, finite) if not ok]
             scrub_nonfinite_blocks(self.kv_caches, [s.block_ids for s in errored_states])
             output.errored_req_ids = [s.req_id for s in errored_states]
-            keep = [row for row in range(len(states)) if row not in errored_rows]
+            keep = [row for row, ok in enumerate(finite) if ok]
             states = [states[row] for row in keep]
-            logits = logits[keep]
-            if not states:
-                return output
-        sampler_output = self.sampler(logits, self._sampling_metadata(states))
-        sampled = sampler_output.sampled_token_ids.tolist()
+            sampled = [sampled[row] for row in keep]
+            if logprobs is not None:
+                logprobs = LogprobsLists(
+                    [logprobs.token_ids[row] for row in keep],
+                    [logprobs.logprobs[row] for row in keep],
+                    [logprobs.ranks[row] for row in keep],
+                )
         for state, token_id in zip(states, sampled):
             state.token_ids.append(token_id)
         output.req_ids = [s.req_id for s in states]
         output.sampled_token_ids = sampled
-        if sampler_output.logprobs is not None:
-            output.logprobs = _to_lists(sampler_output.logprobs, states)
+        output.logprobs = logprobs
         return output
 
 

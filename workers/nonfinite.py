@@ -1,5 +1,5 @@
-"""Per-request failure on a worker: finds the rows of a step's logits that are not finite (NaN
-or inf), and scrubs what such a request left in its KV blocks. Called by the `ModelRunner`.
+"""Per-request failure on a worker: scrubs what a request whose logits were not finite (NaN or
+inf) left in its KV blocks. Called by the `ModelRunner`, which finds those rows.
 
 A masked-out slot still enters attention as `0 * value`, and `0 * NaN` is NaN: a block freed by
 a failed request must hold no NaN when the next request gets it.
@@ -8,14 +8,6 @@ a failed request must hold no NaN when the next request gets it.
 from __future__ import annotations
 
 import torch
-
-
-def find_nonfinite_rows(logits: torch.Tensor) -> list[int]:
-    """Indices of the rows of `logits` [B, V] holding a NaN or an infinity (one reduction)."""
-    finite = torch.isfinite(logits).all(dim=-1)
-    if bool(finite.all()):
-        return []
-    return (~finite).nonzero().flatten().tolist()
 
 
 def scrub_nonfinite_blocks(kv_caches: list[torch.Tensor], block_ids: list[list[int]]) -> None:
