@@ -17,7 +17,7 @@ serve the whole batch in one launch; the torch references here serve CPU and tes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,10 @@ class AttentionMetadata:
     # Host copies, so that the reference path never reads a device tensor back.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    all_slots_valid: bool = False  # True: no -1 in slot_mapping (skips a check per layer)
+    # Tensors derived from the above that every layer of a step needs (the decode mask):
+    # computed by the first layer, reused by the others.
+    derived: dict = field(default_factory=dict)
 
     @property
     def num_reqs(self) -> int:
@@ -49,24 +53,34 @@ class AttentionMetadata:
 
 
 def write_kv_cache(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    all_slots_valid: bool = False,
 ) -> None:
-    """Store `key`/`value` [T, Hkv, D] into the slots of `kv_cache` named by `slot_mapping` [T]."""
+    """Store `key`/`value` [T, Hkv, D] into the slots of `kv_cache` named by `slot_mapping` [T]
+    (-1: skip; `all_slots_valid` says there is none)."""
     if kv_cache.device.type == "cuda":
         from ember.kernels.attention_triton import write_kv_cache_triton
 
-        write_kv_cache_triton(key, value, kv_cache, slot_mapping)
+        write_kv_cache_triton(key, value, kv_cache, slot_mapping, all_slots_valid)
         return
-    write_kv_cache_torch(key, value, kv_cache, slot_mapping)
+    write_kv_cache_torch(key, value, kv_cache, slot_mapping, all_slots_valid)
 
 
 def write_kv_cache_torch(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    all_slots_valid: bool = False,
 ) -> None:
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
-    valid = slot_mapping >= 0
-    if not bool(valid.all()):
-        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    if not all_slots_valid:
+        valid = slot_mapping >= 0
+        if not bool(valid.all()):
+            key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
     flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
     flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
     flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
@@ -103,8 +117,10 @@ def paged_attention_torch(
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
-    output = torch.empty_like(query)
     num_decodes = metadata.num_decodes
+    if num_decodes == metadata.num_reqs:  # decodes only: no chunk to place beside them
+        return _decode_attention(query, kv_cache, metadata, scale, sliding_window, logits_soft_cap)
+    output = torch.empty_like(query)
     if num_decodes > 0:
         output[:num_decodes] = _decode_attention(
             query[:num_decodes], kv_cache, metadata, scale, sliding_window, logits_soft_cap
@@ -169,26 +185,41 @@ def _decode_attention(
     logits_soft_cap: float | None,
 ) -> torch.Tensor:
     """All single-token requests at once: keys padded to the longest context and masked."""
-    num_decodes = query.shape[0]
-    block_size = kv_cache.shape[2]
-    seq_lens = metadata.seq_lens[:num_decodes]
-    max_len = max(metadata.seq_lens_cpu[:num_decodes])
-    num_blocks = -(-max_len // block_size)
-    block_ids = metadata.block_table[:num_decodes, :num_blocks]
+    block_ids, max_len, mask = _decode_context(metadata, kv_cache.shape[2], sliding_window)
     key, value = _gather_kv(kv_cache, block_ids, max_len)  # [B, L, Hkv, D]
-    positions = torch.arange(max_len, device=query.device)
-    mask = positions[None, :] < seq_lens[:, None]
-    if sliding_window is not None:
-        mask &= positions[None, :] >= (seq_lens[:, None] - sliding_window)
     out = _attend(
         query.unsqueeze(2),  # [B, Hq, 1, D]
         key.transpose(1, 2).to(query.dtype),
         value.transpose(1, 2).to(query.dtype),
-        mask[:, None, None, :],
+        mask,
         scale,
         logits_soft_cap,
     )
     return out.squeeze(2)
+
+
+def _decode_context(
+    metadata: AttentionMetadata, block_size: int, sliding_window: int | None
+) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(block ids [B, n], longest context, mask [B, 1, 1, L] or None) of the decodes of a
+    step, built once per step (per window) and kept in `metadata.derived`."""
+    key = ("decode", sliding_window)
+    context = metadata.derived.get(key)
+    if context is None:
+        num_decodes = metadata.num_decodes
+        lens = metadata.seq_lens_cpu[:num_decodes]
+        max_len = max(lens)
+        block_ids = metadata.block_table[:num_decodes, : -(-max_len // block_size)]
+        mask = None
+        if min(lens) != max_len or (sliding_window is not None and max_len > sliding_window):
+            seq_lens = metadata.seq_lens[:num_decodes, None]
+            positions = torch.arange(max_len, device=seq_lens.device)[None, :]
+            mask = positions < seq_lens
+            if sliding_window is not None:
+                mask &= positions >= seq_lens - sliding_window
+            mask = mask[:, None, None, :]
+        context = metadata.derived[key] = (block_ids, max_len, mask)
+    return context
 
 
 def _chunk_attention(

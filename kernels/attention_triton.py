@@ -62,9 +62,14 @@ def _write_kv_cache_kernel(
 
 
 def write_kv_cache_triton(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    all_slots_valid: bool = False,
 ) -> None:
-    """Same contract as `ember.kernels.attention.write_kv_cache_torch`, without a host sync."""
+    """Same contract as `ember.kernels.attention.write_kv_cache_torch`, without a host sync (the
+    kernel skips -1 slots itself, so `all_slots_valid` changes nothing)."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return

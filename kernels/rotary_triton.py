@@ -104,9 +104,11 @@ def apply_rotary_emb_triton(
     key: torch.Tensor,
     cos_sin_cache: torch.Tensor,
     is_neox_style: bool = True,
+    step_cache: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `ember.kernels.rotary.apply_rotary_emb_torch`: query [T, Hq, D] and key
-    [T, Hk, D] (any strides with unit stride in D) rotated into new tensors."""
+    [T, Hk, D] (any strides with unit stride in D) rotated into new tensors. `step_cache` is
+    not needed: the kernel reads cos/sin by position itself."""
     num_tokens, num_query_heads, head_dim = query.shape
     num_key_heads = key.shape[1]
     rotary_dim = cos_sin_cache.shape[-1]

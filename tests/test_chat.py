@@ -28,7 +28,7 @@ _QUESTIONS = [
 def llm(default_gguf):
     from ember import LLM
 
-    engine = LLM(default_gguf)
+    engine = LLM(default_gguf, dtype="float32")  # the HF float32 reference
     yield engine
     engine.shutdown()
 

@@ -40,6 +40,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     load_format: str = "auto"  # "auto" | "safetensors" | "gguf" | "dummy"
     gguf_file: str | None = None  # path of the .gguf file when the weights come from one
+    # "gguf": the GGUF file's 4- and 8-bit groups stay packed for decode-sized batches (CPU,
+    # `ember.workers.layers.packed_int4`); None: weights dequantised to `dtype`
+    quantization: str | None = None
     tokenizer: str | None = None  # tokenizer directory (defaults to model_dir)
     revision: str | None = None
     seed: int = 0

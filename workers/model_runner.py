@@ -78,6 +78,10 @@ class ModelRunner:
         self.device = device
         self.block_size = config.cache.block_size
         self.dtype = DTYPES[config.model.dtype]
+        # quantization="gguf" keeps float32 activations but stores keys and values in bfloat16:
+        # half the cache memory and half the bytes attention reads, and its greedy tokens still
+        # agree with float32 (tests/test_packed_int4.py).
+        self.kv_cache_dtype = torch.bfloat16 if config.model.quantization == "gguf" else self.dtype
         self.model = get_model(config.model, device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.requests: dict[str, CachedRequestState] = {}
@@ -91,7 +95,7 @@ class ModelRunner:
 
     def kv_cache_block_bytes(self) -> int:
         """Bytes one KV block takes across all layers of this rank."""
-        element_bytes = torch.empty(0, dtype=self.dtype).element_size()
+        element_bytes = torch.empty(0, dtype=self.kv_cache_dtype).element_size()
         return sum(
             2 * self.block_size * layer.num_kv_heads * layer.head_dim * element_bytes
             for layer in self.attention_layers
@@ -110,11 +114,12 @@ class ModelRunner:
             shape = (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
             if self.device.type == "cpu":
                 numel = math.prod(shape)
-                element_bytes = torch.empty(0, dtype=self.dtype).element_size()
+                element_bytes = torch.empty(0, dtype=self.kv_cache_dtype).element_size()
                 buffer = mmap.mmap(-1, numel * element_bytes)
-                cache = torch.frombuffer(buffer, dtype=self.dtype, count=numel).view(shape)
+                cache = torch.frombuffer(buffer, dtype=self.kv_cache_dtype, count=numel)
+                cache = cache.view(shape)
             else:
-                cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             layer.kv_cache = cache
             self.kv_caches.append(cache)
 
@@ -206,6 +211,7 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=query_start_loc.tolist(),
             seq_lens_cpu=seq_lens,
+            all_slots_valid=True,
         )
         return (
             sampled_states,

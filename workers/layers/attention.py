@@ -44,7 +44,9 @@ class Attention(nn.Module):
         query = query.view(num_tokens, self.num_heads, self.head_dim)
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        write_kv_cache(key, value, self.kv_cache, attn_metadata.slot_mapping)
+        write_kv_cache(
+            key, value, self.kv_cache, attn_metadata.slot_mapping, attn_metadata.all_slots_valid
+        )
         output = paged_attention(
             query,
             self.kv_cache,

@@ -9,6 +9,23 @@ from torch import nn
 from ember.workers.distributed import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 from ember.workers.layers.linear import default_weight_loader
 
+# Rows of logits recomputed exactly after the packed LM head: more than the largest top-k a
+# sampler or a logprobs request asks for near the top is not needed for the argmax, and each
+# costs one row of the weight.
+REFINED_LOGITS = 32
+
+
+def refine_top_logits(
+    logits: torch.Tensor, hidden_states: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """Recompute in float32 the `REFINED_LOGITS` largest of `logits` [M, V] (float32, from the
+    packed LM head, whose bfloat16 output is coarse: 0.125 apart near 20) from the dense
+    `weight` [V, H]: the argmax and the top of the distribution become float32 products."""
+    top = logits.topk(min(REFINED_LOGITS, logits.shape[1]), dim=-1).indices  # [M, k]
+    rows = weight[top].float()  # [M, k, H]
+    exact = torch.bmm(rows, hidden_states.float().unsqueeze(-1)).squeeze(-1)
+    return logits.scatter_(1, top, exact)
+
 
 class VocabParallelEmbedding(nn.Module):
     """Each rank holds ceil(vocab / tp_size) rows; padding rows beyond the vocabulary are zero."""
@@ -27,6 +44,7 @@ class VocabParallelEmbedding(nn.Module):
         valid_rows = max(0, min(self.rows_per_rank, num_embeddings - self.vocab_start))
         self.weight.data[valid_rows:].zero_()
         self.weight.weight_loader = self.weight_loader
+        self.packed_weight = None  # the LM head's (`packed_int4`), see `compute_logits`
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         if loaded_weight.shape[0] != self.num_embeddings:
@@ -57,6 +75,10 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] (float32) of hidden states [N, H], gathered from every rank."""
-        logits = F.linear(hidden_states, self.weight)
+        if self.packed_weight is None:
+            logits = F.linear(hidden_states, self.weight)
+        else:  # packed at any batch size: the dense rows are read only for the refined top
+            logits = self.packed_weight.matmul(hidden_states).float()
+            logits = refine_top_logits(logits, hidden_states, self.weight)
         logits = tp_all_gather(logits, dim=-1)
         return logits[:, : self.num_embeddings].float()

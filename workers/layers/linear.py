@@ -39,6 +39,27 @@ def check_shape(loaded_weight: torch.Tensor, expected: tuple[int, ...]) -> None:
         )
 
 
+# Batches up to this many tokens use a layer's packed 4-bit weight when it has one; larger
+# ones (prefill chunks) are compute-bound and run faster on the dense weight.
+PACKED_MAX_TOKENS = 8
+
+
+def apply_linear(
+    layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ layer.weight.T (+ bias) in x's dtype: through `layer.packed_weight` for decode-sized
+    batches when the layer has one (`ember.workers.layers.packed_int4`), and in the weight's
+    dtype when that differs from x's (bfloat16 weights under float32 activations)."""
+    packed = layer.packed_weight
+    if packed is not None and x.shape[0] <= PACKED_MAX_TOKENS:
+        out = packed.matmul(x)
+    elif layer.weight.dtype != x.dtype:
+        out = F.linear(x.to(layer.weight.dtype), layer.weight).to(x.dtype)
+    else:
+        return F.linear(x, layer.weight, bias)
+    return out if bias is None else out + bias
+
+
 def _make_param(*shape: int, weight_loader) -> nn.Parameter:
     param = nn.Parameter(torch.empty(*shape), requires_grad=False)
     param.weight_loader = weight_loader
@@ -52,12 +73,13 @@ class ReplicatedLinear(nn.Module):
         super().__init__()
         self.weight = _make_param(output_size, input_size, weight_loader=self.weight_loader)
         self.bias = _make_param(output_size, weight_loader=self.weight_loader) if bias else None
+        self.packed_weight = None
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         default_weight_loader(param, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return apply_linear(self, x, self.bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -75,6 +97,7 @@ class ColumnParallelLinear(nn.Module):
             if bias
             else None
         )
+        self.packed_weight = None
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None
@@ -84,7 +107,7 @@ class ColumnParallelLinear(nn.Module):
         default_weight_loader(param, loaded_weight.narrow(0, self.tp_rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return apply_linear(self, x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -175,6 +198,7 @@ class RowParallelLinear(nn.Module):
             output_size, self.input_size_per_rank, weight_loader=self.weight_loader
         )
         self.bias = _make_param(output_size, weight_loader=self.bias_loader) if bias else None
+        self.packed_weight = None
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         cols = param.shape[1]
@@ -185,7 +209,7 @@ class RowParallelLinear(nn.Module):
         default_weight_loader(param, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = apply_linear(self, x)
         out = tp_all_reduce(out)
         if self.bias is not None:
             out = out + self.bias

@@ -86,11 +86,19 @@ class RotaryEmbedding(nn.Module):
         angles = torch.outer(positions, inv_freq.float())
         cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1) * attention_scaling
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
+        self._step_cos_sin: tuple[torch.Tensor, torch.Tensor] = ()
 
     def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        step_cache: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rotary_emb(positions, query, key, self.cos_sin_cache, self.is_neox_style)
+        """Rotate query/key by `positions`; `step_cache`: see `apply_rotary_emb`."""
+        return apply_rotary_emb(
+            positions, query, key, self.cos_sin_cache, self.is_neox_style, step_cache
+        )
 
 
 # One module per (config, geometry, device): every layer of a model shares its table. Weak

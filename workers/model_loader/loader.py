@@ -19,6 +19,12 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from ember.workers.config import ModelConfig
+from ember.workers.layers.packed_int4 import (
+    attach_packed_tensors,
+    pack_model,
+    packed_tensors,
+    set_linear_weight_dtype,
+)
 from ember.workers.model_loader.gguf_loader import gguf_cache_dir, iterate_gguf
 from ember.workers.model_loader.weight_utils import (
     checkpoint_names,
@@ -31,7 +37,9 @@ from ember.workers.model_loader.weight_utils import (
 from ember.workers.model_loader.weights_cache import (
     cached_weights_path,
     load_model_weights,
+    map_tensors,
     save_model_weights,
+    save_tensors,
 )
 from ember.workers.models.adapters import adapt_for_pooling
 from ember.workers.models.registry import get_model_class
@@ -100,28 +108,47 @@ def get_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     return model
 
 
-def gguf_weights_cache_file(model_config: ModelConfig) -> str:
+def gguf_weights_cache_file(model_config: ModelConfig, packed: bool = False) -> str:
     """Where the converted weights of a GGUF model live (see `weights_cache`): one file per
-    model class and dtype, next to the converted config and tokenizer."""
+    model class and dtype (and quantization), next to the converted config and tokenizer;
+    `packed=True`: the file of the packed 4-bit weights (quantization="gguf")."""
     model_kind = f"{model_config.architecture}-{model_config.convert}"
-    return cached_weights_path(
-        gguf_cache_dir(model_config.gguf_file), model_kind, model_config.dtype
-    )
+    label = model_config.dtype
+    if model_config.quantization is not None:
+        label = f"{label}-{model_config.quantization}" + ("-packed" if packed else "")
+    return cached_weights_path(gguf_cache_dir(model_config.gguf_file), model_kind, label)
 
 
 def _load_gguf(model: nn.Module, model_config: ModelConfig, hf_config: PretrainedConfig) -> None:
     """Map the converted weights when an earlier start cached them; otherwise dequantise the
-    file and cache the result for the next start (dequantising takes seconds, mapping none)."""
+    file and cache the result for the next start (dequantising takes seconds, mapping none).
+
+    quantization="gguf": the layers whose weights are 4- or 8-bit groups also get them packed
+    (`packed_int4`), in a second cached file, and the dense linear weights are kept in bfloat16.
+    """
+    packed = model_config.quantization == "gguf"
     cache_file = gguf_weights_cache_file(model_config)
-    if os.path.exists(cache_file) and load_model_weights(model, cache_file):
-        logger.info("mapped converted GGUF weights from %s", cache_file)
-        return
+    packed_file = gguf_weights_cache_file(model_config, packed=True)
+    if os.path.exists(cache_file) and (not packed or os.path.exists(packed_file)):
+        if packed:
+            set_linear_weight_dtype(model, torch.bfloat16, convert=False)
+        if load_model_weights(model, cache_file) and (
+            not packed or attach_packed_tensors(model, map_tensors(packed_file)[0])
+        ):
+            logger.info("mapped converted GGUF weights from %s", cache_file)
+            return
+        set_linear_weight_dtype(model, DTYPES[model_config.dtype], convert=False)
     names = checkpoint_names(
         model, type(model).packed_modules_mapping, getattr(model, "name_mapping", ())
     )
     model.load_weights(iterate_gguf(model_config.gguf_file, hf_config, names))
+    if packed:
+        count = pack_model(model)
+        logger.info("packed %d layers of 4- and 8-bit groups", count)
     try:
         save_model_weights(model, cache_file)
+        if packed:
+            save_tensors(packed_tensors(model), packed_file, {})
     except OSError as exc:  # a read-only or full cache directory costs only the next start
         logger.warning("could not cache the converted GGUF weights in %s: %s", cache_file, exc)
 
