@@ -15,13 +15,15 @@ from ember import LLM, SamplingParams
 from ember.enginecore.arg_utils import EngineArgs, cpu_has_native_bfloat16
 from ember.workers.config import ModelConfig
 from ember.workers.layers.embedding import REFINED_LOGITS, refine_top_logits
+from ember.workers.layers.linear import ReplicatedLinear
 from ember.workers.layers.packed_int4 import (
     PackedInt4Weight,
     find_int4_groups,
     find_int8_halves,
+    pack_model,
     pack_weight,
 )
-from ember.workers.model_loader import loader
+from ember.workers.model_loader import loader, weights_cache
 from ember.workers.model_loader.gguf_loader import gguf_model_dir
 
 
@@ -77,6 +79,25 @@ def test_packed_matmul_matches_a_plain_torch_reference(dense, kind, rows):
     assert out.dtype == torch.float32 and out.shape == (rows, weight.shape[0])
     torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)  # bfloat16 output
     torch.testing.assert_close(out, x @ weight.T, rtol=5e-2, atol=5e-2)
+
+
+def test_only_layers_made_of_groups_are_packed_and_turned_bfloat16(dense):
+    model = torch.nn.Module()
+    model.grid = ReplicatedLinear(128, 96)
+    model.free = ReplicatedLinear(128, 96)
+    model.grid.weight.data.copy_(_gguf_round_trip(dense, "Q4_1"))
+    model.free.weight.data.copy_(torch.from_numpy(dense))  # e.g. an F16/F32 tensor of a GGUF
+    assert pack_model(model) == 1
+    assert model.grid.packed_weight is not None and model.grid.weight.dtype == torch.bfloat16
+    assert model.free.packed_weight is None and model.free.weight.dtype == torch.float32
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(model.free(x), x @ torch.from_numpy(dense).T)  # untouched path
+    big = torch.randn(32, 128)  # more rows than PACKED_MAX_TOKENS: the bfloat16 dense copy
+    torch.testing.assert_close(model.grid(big), big @ model.grid.weight.float().T, **BF16)
+    torch.testing.assert_close(model.grid(x), model.grid.packed_weight.matmul(x))
+
+
+BF16 = {"rtol": 2e-2, "atol": 2e-2}
 
 
 def test_refined_logits_are_float32_products_at_the_top():
@@ -139,6 +160,13 @@ def test_loader_packs_every_quantised_layer_and_maps_the_cache(default_gguf, tmp
         x = torch.randn(2, a.weight.shape[1])
         assert torch.equal(a.packed_weight.matmul(x), b.packed_weight.matmul(x))
     assert torch.equal(converted.model.norm.weight, mapped.model.norm.weight)
+    # A packed file that does not fit the model is converted again, not trusted.
+    weights_cache.save_tensors(
+        {"junk.0.packed": torch.zeros(2, dtype=torch.uint8)}, packed_file, {}
+    )
+    reconverted = loader.get_model(config, torch.device("cpu"))
+    assert reconverted.model.layers[0].mlp.down_proj.packed_weight is not None
+    assert "junk.0.packed" not in weights_cache.map_tensors(packed_file)[0]
 
 
 CHAT_PROMPTS = [

@@ -156,30 +156,41 @@ def packable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def pack_model(model: nn.Module) -> int:
     """Give each layer whose dense weight is exactly 4- or 8-bit groups its packed weight, and
-    store the other linear layers' dense weights in bfloat16; returns how many were packed."""
+    keep the dense copy of those layers in bfloat16; returns how many were packed."""
     count = 0
     for _, layer in packable_layers(model):
         layer.packed_weight = pack_weight(layer.weight)
         count += layer.packed_weight is not None
-    set_linear_weight_dtype(model, torch.bfloat16, convert=True)
+    use_bfloat16_dense_weights(model, convert=True)
     return count
 
 
-def set_linear_weight_dtype(model: nn.Module, dtype: torch.dtype, convert: bool) -> None:
-    """Store the dense weights of the linear layers in `dtype` (bfloat16: they serve batches
-    too large for the packed kernels, where bfloat16 matmuls are about twice as fast as float32
-    ones). The LM head keeps its dtype: its float32 rows refine the packed logits, and it may
-    be the embedding. `convert=False` only changes the dtype of an unloaded model's parameters."""
+def unpack_model(model: nn.Module, dtype: torch.dtype) -> None:
+    """Undo `pack_model` on an unloaded model: no packed weights, dense weights in `dtype`."""
     for _, layer in packable_layers(model):
-        if isinstance(layer, ParallelLMHead) or layer.weight.dtype == dtype:
-            continue
-        weight = layer.weight
-        if convert:
-            data = weight.data.to(dtype)
-        else:
-            data = torch.empty_like(weight.data, dtype=dtype)
-        layer.weight = nn.Parameter(data, requires_grad=False)
-        layer.weight.weight_loader = getattr(weight, "weight_loader", None)
+        if layer.packed_weight is not None:
+            layer.packed_weight = None
+            _set_weight_dtype(layer, dtype, convert=False)
+
+
+def use_bfloat16_dense_weights(model: nn.Module, convert: bool) -> None:
+    """Store the dense weights of the packed linear layers in bfloat16: they serve batches too
+    large for the packed kernels, where bfloat16 matmuls are about twice as fast as float32
+    ones. Layers that are not packed keep their weights as loaded, and so does the LM head: its
+    float32 rows refine the packed logits, and it may be the embedding. `convert=False` only
+    changes the dtype of an unloaded model's parameters."""
+    for _, layer in packable_layers(model):
+        if layer.packed_weight is not None and not isinstance(layer, ParallelLMHead):
+            _set_weight_dtype(layer, torch.bfloat16, convert)
+
+
+def _set_weight_dtype(layer: nn.Module, dtype: torch.dtype, convert: bool) -> None:
+    weight = layer.weight
+    if weight.dtype == dtype:
+        return
+    data = weight.data.to(dtype) if convert else torch.empty_like(weight.data, dtype=dtype)
+    layer.weight = nn.Parameter(data, requires_grad=False)
+    layer.weight.weight_loader = getattr(weight, "weight_loader", None)
 
 
 def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

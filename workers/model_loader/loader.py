@@ -23,7 +23,8 @@ from ember.workers.layers.packed_int4 import (
     attach_packed_tensors,
     pack_model,
     packed_tensors,
-    set_linear_weight_dtype,
+    unpack_model,
+    use_bfloat16_dense_weights,
 )
 from ember.workers.model_loader.gguf_loader import gguf_cache_dir, iterate_gguf
 from ember.workers.model_loader.weight_utils import (
@@ -130,14 +131,13 @@ def _load_gguf(model: nn.Module, model_config: ModelConfig, hf_config: Pretraine
     cache_file = gguf_weights_cache_file(model_config)
     packed_file = gguf_weights_cache_file(model_config, packed=True)
     if os.path.exists(cache_file) and (not packed or os.path.exists(packed_file)):
-        if packed:
-            set_linear_weight_dtype(model, torch.bfloat16, convert=False)
-        if load_model_weights(model, cache_file) and (
-            not packed or attach_packed_tensors(model, map_tensors(packed_file)[0])
-        ):
-            logger.info("mapped converted GGUF weights from %s", cache_file)
-            return
-        set_linear_weight_dtype(model, DTYPES[model_config.dtype], convert=False)
+        # The packed layers first: they say which dense weights the cache holds in bfloat16.
+        if not packed or attach_packed_tensors(model, map_tensors(packed_file)[0]):
+            use_bfloat16_dense_weights(model, convert=False)
+            if load_model_weights(model, cache_file):
+                logger.info("mapped converted GGUF weights from %s", cache_file)
+                return
+        unpack_model(model, DTYPES[model_config.dtype])
     names = checkpoint_names(
         model, type(model).packed_modules_mapping, getattr(model, "name_mapping", ())
     )
