@@ -186,7 +186,24 @@ def _decode_attention(
     sliding_window: int | None,
     logits_soft_cap: float | None,
 ) -> torch.Tensor:
-    """All single-token requests at once: keys padded to the longest context and masked."""
+    """All single-token requests at once: keys padded to the longest context and masked.
+
+    A bfloat16 cache under float32 queries (quantization="gguf") goes to the C kernel of
+    `attention_cpu.py`, which reads the blocks in place instead (this is its reference)."""
+    if kv_cache.dtype == torch.bfloat16 and query.dtype == torch.float32 and not logits_soft_cap:
+        from ember.kernels.attention_cpu import paged_decode_attention_cpu
+
+        num_decodes = metadata.num_decodes
+        out = paged_decode_attention_cpu(
+            query,
+            kv_cache,
+            metadata.block_table[:num_decodes],
+            metadata.seq_lens[:num_decodes],
+            scale,
+            sliding_window,
+        )
+        if out is not None:
+            return out
     block_ids, max_len, mask = _decode_context(metadata, kv_cache.shape[2], sliding_window)
     key, value = _gather_kv(kv_cache, block_ids, max_len)  # [B, L, Hkv, D]
     out = _attend(
