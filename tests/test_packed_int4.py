@@ -150,6 +150,8 @@ def test_loader_packs_every_quantised_layer_and_maps_the_cache(default_gguf, tmp
         for layer in (block.self_attn.qkv_proj, block.self_attn.o_proj, block.mlp.gate_up_proj)
     )
     assert len(converted.lm_head.packed_weight.parts) == 2
+    assert not hasattr(converted.model.embed_tokens, "packed_weight")  # a lookup: never packed
+    assert not any("embed_tokens" in name for name in weights_cache.map_tensors(packed_file)[0])
     assert converted.lm_head.weight.dtype == torch.float32
     mapped = loader.get_model(config, torch.device("cpu"))
     for a, b in [

@@ -9,9 +9,8 @@ from torch import nn
 from ember.workers.distributed import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 from ember.workers.layers.linear import default_weight_loader
 
-# Rows of logits recomputed exactly after the packed LM head: more than the largest top-k a
-# sampler or a logprobs request asks for near the top is not needed for the argmax, and each
-# costs one row of the weight.
+# Rows of logits recomputed in float32 after the packed LM head: the argmax and the head of the
+# distribution that top-k and logprobs (at most 20 by default) read; each costs one dense row.
 REFINED_LOGITS = 32
 
 
@@ -44,7 +43,6 @@ class VocabParallelEmbedding(nn.Module):
         valid_rows = max(0, min(self.rows_per_rank, num_embeddings - self.vocab_start))
         self.weight.data[valid_rows:].zero_()
         self.weight.weight_loader = self.weight_loader
-        self.packed_weight = None  # the LM head's (`packed_int4`), see `compute_logits`
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         if loaded_weight.shape[0] != self.num_embeddings:
@@ -69,6 +67,10 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """The output projection to vocabulary logits; may share its weight with the embedding."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim)
+        self.packed_weight = None  # `packed_int4`, see `compute_logits`
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
