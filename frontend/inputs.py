@@ -150,16 +150,24 @@ def check_sampling_params(params: Any, index: int, limits: EngineLimits) -> Samp
     return params
 
 
+def one_per_prompt(params: Any, num_prompts: int, name: str) -> list[Any]:
+    """`params` given once or once per prompt (a list or tuple), as one entry per prompt."""
+    if not isinstance(params, (list, tuple)):
+        return [params] * num_prompts
+    if len(params) != num_prompts:
+        raise ValueError(
+            f"{name} has {len(params)} entries for {num_prompts} prompts; "
+            "give one, or one per prompt"
+        )
+    return list(params)
+
+
 def per_prompt_params(
     params: Any, num_prompts: int, limits: EngineLimits
 ) -> Sequence[SamplingParams]:
     if params is None:
         params = SamplingParams()
-    if isinstance(params, (list, tuple)):
-        if len(params) != num_prompts:
-            raise ValueError(
-                f"sampling_params has {len(params)} entries for {num_prompts} prompts; "
-                "give one, or one per prompt"
-            )
-        return [check_sampling_params(p, i, limits) for i, p in enumerate(params)]
-    return [check_sampling_params(params, 0, limits)] * num_prompts
+    if not isinstance(params, (list, tuple)):  # checked once, shared by every prompt
+        return [check_sampling_params(params, 0, limits)] * num_prompts
+    params = one_per_prompt(params, num_prompts, "sampling_params")
+    return [check_sampling_params(p, i, limits) for i, p in enumerate(params)]

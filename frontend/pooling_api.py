@@ -15,7 +15,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ember.enginecore.messages import EngineCoreRequest
-from ember.inputs import ProcessedPrompt, check_prompt, normalize_prompts, tokenize_prompt
+from ember.inputs import (
+    ProcessedPrompt,
+    check_prompt,
+    normalize_prompts,
+    one_per_prompt,
+    tokenize_prompt,
+)
 from ember.pooling_outputs import (
     ClassificationRequestOutput,
     EmbeddingRequestOutput,
@@ -170,16 +176,9 @@ class PoolingMixin:
     # ---- helpers -------------------------------------------------------------------------
 
     def _pooling_params(self, params: Any, count: int, task: str) -> list[PoolingParams]:
-        if params is None:
-            params = PoolingParams()
-        if isinstance(params, (list, tuple)):
-            if len(params) != count:
-                raise ValueError(
-                    f"pooling_params has {len(params)} entries for {count} prompts; give one, "
-                    "or one per prompt"
-                )
-        else:
-            params = [params] * count
+        params = one_per_prompt(
+            PoolingParams() if params is None else params, count, "pooling_params"
+        )
         checked = []
         for index, p in enumerate(params):
             if not isinstance(p, PoolingParams):

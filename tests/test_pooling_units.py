@@ -157,3 +157,15 @@ def test_engine_core_process_imports_neither_torch_nor_transformers():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_params_given_once_or_once_per_prompt():
+    from ember.inputs import one_per_prompt
+    from ember.workers.pooling_params import PoolingParams
+
+    params = PoolingParams(normalize=False)
+    assert one_per_prompt(params, 3, "pooling_params") == [params] * 3
+    both = [PoolingParams(), PoolingParams(dimensions=4)]
+    assert one_per_prompt(tuple(both), 2, "pooling_params") == both
+    with pytest.raises(ValueError, match="pooling_params has 2 entries for 3 prompts"):
+        one_per_prompt(both, 3, "pooling_params")
