@@ -4,11 +4,12 @@ into the frozen `EngineConfig` that every process reads."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 from dataclasses import dataclass
-
-import torch
-from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+from importlib import metadata
+from typing import Any
 
 from ember.enginecore.pooling_config import (
     pooler_config,
@@ -23,7 +24,7 @@ from ember.workers.config import (
     ParallelConfig,
     SchedulerConfig,
 )
-from ember.workers.layers.rotary_embedding import rope_parameters
+from ember.workers.hf_config import HFConfig, load_hf_config, rope_parameters
 from ember.workers.model_loader.resolve import resolve_model
 from ember.workers.models.registry import resolve_architecture
 
@@ -120,7 +121,7 @@ class EngineArgs:
 
     def _device(self) -> str:
         if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
+            return "cuda" if _cuda_available() else "cpu"
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         return self.device
@@ -129,7 +130,7 @@ class EngineArgs:
         self._validate()
         device = self._device()
         model_dir, gguf_file = resolve_model(self.model, self.revision)
-        hf_config = load_config(model_dir, self.trust_remote_code)
+        hf_config = load_hf_config(model_dir, self.trust_remote_code)
         architecture = resolve_architecture(hf_config)
         runner, convert = resolve_runner(architecture, self.runner, self.convert)
         max_model_len = self.max_model_len
@@ -170,6 +171,7 @@ class EngineArgs:
             runner=runner,
             convert=convert,
             pooler=pooler,
+            hf_config=hf_config.snapshot(),
         )
         return EngineConfig(
             model=model_config,
@@ -194,19 +196,21 @@ class EngineArgs:
         )
 
 
-def load_config(model_dir: str, trust_remote_code: bool) -> PretrainedConfig:
-    try:
-        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc) and not trust_remote_code:
-            raise ValueError(
-                f"the model in {model_dir!r} needs code from its repository; pass "
-                "trust_remote_code=True if you trust it"
-            ) from exc
-        raise
+def _cuda_available() -> bool:
+    """Whether torch sees a GPU. A CPU build of torch (version "+cpu") cannot, which is known
+    without importing torch (a second of a CPU machine's cold start)."""
+    if "torch" not in sys.modules:
+        try:
+            if metadata.version("torch").endswith("+cpu"):
+                return False
+        except metadata.PackageNotFoundError:
+            return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
-def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
+def _max_model_len(hf_config: HFConfig, requested: int | None) -> int:
     """vLLM's rule: the smallest length key of the config, stretched by the rope scaling factor
     (yarn: from `original_max_position_embeddings`; not for llama3 / longrope, whose configs
     state the stretched length already). A longer `requested` is refused.
@@ -244,14 +248,14 @@ def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
 _FLOAT16_UNSTABLE_MODEL_TYPES = ("gemma2", "gemma3", "gemma3_text")
 
 
-def _resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device: str) -> str:
+def _resolve_dtype(dtype: Any, hf_config: HFConfig, device: str) -> str:
     """vLLM's rules: "auto" takes the config's dtype, float32 becoming bfloat16 on a GPU; a named
     dtype is used as given, unless the device or the model cannot compute in it.
 
     On CPU "auto" is float32: a model wholly in bfloat16 agreed with float32 on the first 16
     greedy tokens for only 6 of 8 chat prompts (SmolLM2-135M). The CPU's bfloat16 speed comes
     instead from the matmuls of quantization="gguf", under float32 activations."""
-    if isinstance(dtype, torch.dtype):
+    if type(dtype).__module__ == "torch" and type(dtype).__name__ == "dtype":
         dtype = str(dtype).removeprefix("torch.")
     if dtype == "auto":
         if device == "cpu":
@@ -261,7 +265,7 @@ def _resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device
         name = "bfloat16" if name == "float32" else _DTYPE_NAMES.get(name, "bfloat16")
         if name == "float16" and hf_config.model_type in _FLOAT16_UNSTABLE_MODEL_TYPES:
             name = "bfloat16"
-        if name == "bfloat16" and not torch.cuda.is_bf16_supported():
+        if name == "bfloat16" and not _cuda_bf16_supported():
             name = "float16"
         return name
     if dtype not in _DTYPE_NAMES:
@@ -272,12 +276,12 @@ def _resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device
             f"dtype={dtype!r}: {hf_config.model_type} overflows in float16; use 'bfloat16' "
             "or 'float32'"
         )
-    if name == "float16" and device == "cpu" and not _cpu_computes(torch.float16):
+    if name == "float16" and device == "cpu" and not _cpu_computes("float16"):
         raise ValueError(
-            f"dtype={dtype!r}: this torch build ({torch.__version__}) cannot compute in float16 "
-            "on CPU; use 'bfloat16' or 'float32'"
+            f"dtype={dtype!r}: this torch build ({metadata.version('torch')}) cannot compute in "
+            "float16 on CPU; use 'bfloat16' or 'float32'"
         )
-    if name == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+    if name == "bfloat16" and device == "cuda" and not _cuda_bf16_supported():
         raise ValueError(
             f"dtype={dtype!r}: this GPU has no bfloat16 support (compute capability < 8.0); "
             "use 'float16' or 'float32'"
@@ -317,9 +321,18 @@ def cpu_has_native_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _cpu_computes(dtype: torch.dtype) -> bool:
-    """Whether the operations a model runs (matmul, attention, softmax, norms) work in `dtype`
-    on this CPU with this torch build."""
+def _cuda_bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
+def _cpu_computes(dtype_name: str) -> bool:
+    """Whether the operations a model runs (matmul, attention, softmax, norms) work in the
+    dtype on this CPU with this torch build."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
     try:
         x = torch.ones(1, 2, 4, 8, dtype=dtype)
         torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
@@ -331,10 +344,14 @@ def _cpu_computes(dtype: torch.dtype) -> bool:
     return True
 
 
-def _eos_token_ids(model_dir: str, hf_config: PretrainedConfig) -> tuple[int, ...]:
+def _eos_token_ids(model_dir: str, hf_config: HFConfig) -> tuple[int, ...]:
+    """generation_config.json's eos_token_id (what transformers' GenerationConfig reads), else
+    the model config's."""
     eos = None
-    if os.path.exists(os.path.join(model_dir, "generation_config.json")):
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    path = os.path.join(model_dir, "generation_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
     if eos is None:
         eos = getattr(hf_config, "eos_token_id", None)
     if eos is None:

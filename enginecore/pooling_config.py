@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ember.workers.config import ModelConfig, PoolerConfig
 
 if TYPE_CHECKING:  # the engine-core process imports this module without transformers
-    from transformers import PretrainedConfig
+    from ember.workers.hf_config import HFConfig
 
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "none", "embed", "classify")
@@ -68,7 +68,7 @@ def resolve_runner(architecture: str, runner: str, convert: str) -> tuple[str, s
 
 
 def pooler_config(
-    architecture: str, convert: str, hf_config: PretrainedConfig, model_dir: str
+    architecture: str, convert: str, hf_config: HFConfig, model_dir: str
 ) -> PoolerConfig:
     """How the model pools: its head, default pooling type, normalisation and tasks."""
     hidden_size = hf_config.hidden_size

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from ember.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
 from ember.chat_utils import ChatMixin
@@ -34,6 +33,7 @@ from ember.output_processor import OutputProcessor, ParentRequest
 from ember.outputs import RequestOutput
 from ember.pooling_api import PoolingMixin
 from ember.stat_logger import LoggingStatLogger
+from ember.tokenizer_loader import load_tokenizer
 from ember.workers.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class LLM(ChatMixin, PoolingMixin):
             tokenizer = None
             if not skip_tokenizer_init:
                 tokenizer = pool.submit(
-                    AutoTokenizer.from_pretrained,
+                    load_tokenizer,
                     self.config.model.tokenizer,
                     use_fast=tokenizer_mode != "slow",
                     trust_remote_code=trust_remote_code,
@@ -163,7 +163,7 @@ class LLM(ChatMixin, PoolingMixin):
         self.max_logprobs = info.max_logprobs
         self.tokenizer = None
         if not skip_tokenizer_init:
-            self.tokenizer = AutoTokenizer.from_pretrained(
+            self.tokenizer = load_tokenizer(
                 tokenizer or info.tokenizer or model,
                 use_fast=tokenizer_mode != "slow",
                 trust_remote_code=trust_remote_code,

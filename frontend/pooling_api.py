@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ember.enginecore.messages import EngineCoreRequest
@@ -218,6 +217,8 @@ class PoolingMixin:
     ) -> list[PoolingRequestOutput[PoolingOutput]]:
         """Send the requests (longest first, so that a step's prompts are of like length and
         an encoder pads little), gather one pooled tensor each; results in input order."""
+        import torch  # the user's process loads torch for pooled outputs only
+
         if not items:
             return []
         order = sorted(range(len(items)), key=lambda i: -len(items[i].prompt_token_ids))
@@ -308,6 +309,8 @@ class PoolingMixin:
         unique = list(dict.fromkeys(texts_1 + texts_2))
         embeddings = self.embed(unique, pooling_params=params, use_tqdm=use_tqdm)
         by_text = dict(zip(unique, embeddings))
+        import torch
+
         results = []
         for text_1, text_2 in zip(texts_1, texts_2):
             first, second = by_text[text_1], by_text[text_2]

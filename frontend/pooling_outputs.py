@@ -5,9 +5,10 @@ names. Built in the user's process from the pooled tensors the engine core sends
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-import torch
+if TYPE_CHECKING:  # the tensors come from `pooling_api`, which imports torch when it builds them
+    import torch
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ import torch
 from ember import LLM, SamplingParams
 from ember.workers.config import ModelConfig
 from ember.workers.model_loader import loader, weights_cache
-from ember.workers.model_loader.gguf_loader import gguf_model_dir
+from ember.workers.model_loader.gguf_files import gguf_model_dir
 
 
 def _default_model_config(gguf_path: str, dtype: str) -> ModelConfig:

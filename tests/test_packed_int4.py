@@ -24,7 +24,7 @@ from ember.workers.layers.packed_int4 import (
     pack_weight,
 )
 from ember.workers.model_loader import loader, weights_cache
-from ember.workers.model_loader.gguf_loader import gguf_model_dir
+from ember.workers.model_loader.gguf_files import gguf_model_dir
 
 
 def _gguf_round_trip(weight: np.ndarray, kind: str) -> torch.Tensor:

@@ -6,7 +6,8 @@ first of which may fill caches; the fastest is reported).
     python tools/bench_cold_start.py --engines ember,llama.cpp,hf
 
 For ember it also reports whether the engine-core process has torch loaded (it must not:
-only the workers need it), read from the process's memory maps.
+only the workers need it), read from the process's memory maps, and whether the user's process
+has (not on a warm start: its config and tokenizer come from ember's cache).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ with open(f"/proc/{core_pid}/maps") as maps:
     core_has_torch = "libtorch" in maps.read()
 llm.shutdown()
 print(json.dumps({"ready_s": t_ready - t0, "first_token_s": t_first - t0,
-                  "core_imports_torch": core_has_torch}))
+                  "core_imports_torch": core_has_torch,
+                  "frontend_imports_torch": "torch" in sys.modules}))
 """
 
 LLAMA_CPP = """
@@ -95,7 +97,10 @@ def main() -> None:
         best = min(good, key=lambda r: r["first_token_s"])
         extra = ""
         if "core_imports_torch" in best:
-            extra = f"   engine core imports torch: {best['core_imports_torch']}"
+            extra = (
+                f"   torch imported by the engine core: {best['core_imports_torch']}, "
+                f"by the user's process: {best['frontend_imports_torch']}"
+            )
         print(
             f"{engine:<10} first token {best['first_token_s']:5.2f} s  (ready "
             f"{best['ready_s']:5.2f} s; runs: "

@@ -51,6 +51,9 @@ class ModelConfig:
     runner: str = "generate"  # "generate" | "pooling" (vLLM's `runner`)
     convert: str = "none"  # "none" | "embed" | "classify": a causal LM adapted for pooling
     pooler: PoolerConfig | None = None  # set for runner="pooling"
+    # the Hugging Face config as `ember.workers.hf_config.snapshot_config` records it; empty:
+    # the workers read config.json in `model_dir` themselves
+    hf_config: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,43 +18,15 @@ import weakref
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ember.kernels import apply_rotary_emb
-
-
-def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> dict:
-    """The rope settings of a config, across transformers' old (`rope_scaling`, `rope_theta`)
-    and new (`rope_parameters`, possibly one dict per layer type as in Gemma 3) spellings."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    if layer_type is not None and isinstance(params.get(layer_type), dict):
-        params = dict(params[layer_type])
-    scaling = getattr(config, "rope_scaling", None)
-    if scaling and layer_type is None:
-        params = {**scaling, **params}
-    if "rope_theta" not in params:
-        params["rope_theta"] = getattr(config, "rope_theta", 10000.0)
-    if "partial_rotary_factor" not in params:
-        params["partial_rotary_factor"] = getattr(config, "partial_rotary_factor", 1.0)
-    params.setdefault("rope_type", params.get("type", "default"))
-    return params
-
-
-def rope_layer_type(config: PretrainedConfig, layer_idx: int) -> str | None:
-    """The layer type whose own rope settings layer `layer_idx` uses (Gemma 3: local layers
-    rotate with `sliding_attention`'s base), or None when the config has one setting for all."""
-    layer_types = getattr(config, "layer_types", None)
-    params = getattr(config, "rope_parameters", None) or {}
-    if layer_types is not None and isinstance(params.get(layer_types[layer_idx]), dict):
-        return layer_types[layer_idx]
-    return None
+from ember.workers.hf_config import HFConfig, rope_parameters
 
 
 class RotaryEmbedding(nn.Module):
     def __init__(
         self,
-        config: PretrainedConfig,
+        config: HFConfig,
         head_dim: int,
         max_position: int,
         is_neox_style: bool = True,
@@ -70,17 +42,9 @@ class RotaryEmbedding(nn.Module):
             exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
             inv_freq = 1.0 / (params["rope_theta"] ** exponents)
             attention_scaling = 1.0
-        elif rope_type in ROPE_INIT_FUNCTIONS:
-            kwargs = {"layer_type": layer_type} if layer_type is not None else {}
-            if rope_type == "dynamic":  # unscaled up to max_position_embeddings (see above)
-                kwargs["seq_len"] = max_position
-            inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](
-                config, torch.device("cpu"), **kwargs
-            )
         else:
-            raise ValueError(
-                f"unsupported rope type {rope_type!r}; supported: "
-                f"{['default', *sorted(ROPE_INIT_FUNCTIONS)]}"
+            inv_freq, attention_scaling = _scaled_inv_freq(
+                config, rope_type, layer_type, max_position
             )
         positions = torch.arange(max_position, dtype=torch.float32)
         angles = torch.outer(positions, inv_freq.float())
@@ -101,6 +65,25 @@ class RotaryEmbedding(nn.Module):
         )
 
 
+def _scaled_inv_freq(
+    config: HFConfig, rope_type: str, layer_type: str | None, max_position: int
+) -> tuple[torch.Tensor, float]:
+    """transformers' frequencies for a scaled rope type; they need its config class."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(
+            f"unsupported rope type {rope_type!r}; supported: "
+            f"{['default', *sorted(ROPE_INIT_FUNCTIONS)]}"
+        )
+    if isinstance(config, HFConfig):
+        config = config.to_transformers()
+    kwargs = {"layer_type": layer_type} if layer_type is not None else {}
+    if rope_type == "dynamic":  # unscaled up to max_position_embeddings (see above)
+        kwargs["seq_len"] = max_position
+    return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **kwargs)
+
+
 # One module per (config, geometry, device): every layer of a model shares its table. Weak
 # values: an entry lives as long as a model holds it, and the model holds its config, so an id
 # is never reused while its entry exists.
@@ -108,7 +91,7 @@ _ROPE_CACHE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def get_rope(
-    config: PretrainedConfig,
+    config: HFConfig,
     head_dim: int,
     max_position: int,
     is_neox_style: bool = True,

@@ -1,5 +1,5 @@
-"""GGUF files: a cached Hugging Face directory (config and tokenizer converted once) and the
-dequantised tensors under their Hugging Face names.
+"""GGUF files' tensors, dequantised, under their Hugging Face names (the converted config and
+tokenizer, and the cache directory, are `gguf_files`'s).
 
 Works for the architectures both the `gguf` package (tensor names) and transformers (config
 and tokenizer) map: Llama/Mistral/Mixtral (arch "llama"), Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE,
@@ -10,16 +10,13 @@ loader does, and so are its other changes (see `iterate_gguf`).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import math
 import mmap
 import os
 import re
-import shutil
 import struct
-import tempfile
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,58 +25,10 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 import torch
-from transformers import AutoConfig, PretrainedConfig
+
+from ember.workers.hf_config import HFConfig
 
 logger = logging.getLogger(__name__)
-
-
-def ember_cache_dir() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "ember")
-
-
-def _file_key(path: str) -> str:
-    stat = os.stat(path)
-    key = f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def gguf_cache_dir(gguf_path: str) -> str:
-    """~/.cache/ember/gguf/<key of the file's path, size and mtime>/: what ember converts from
-    one GGUF file (config, tokenizer, weights) lives there."""
-    return os.path.join(ember_cache_dir(), "gguf", _file_key(gguf_path))
-
-
-def gguf_model_dir(gguf_path: str) -> str:
-    """A directory holding config.json and tokenizer files converted from `gguf_path`.
-
-    Converting the tokenizer from GGUF takes seconds, so the result is cached in
-    `gguf_cache_dir(gguf_path)` and reused on the next start.
-    """
-    target = gguf_cache_dir(gguf_path)
-    if os.path.exists(os.path.join(target, "config.json")):
-        return target
-    from transformers import AutoTokenizer
-
-    from ember.workers.models.registry import resolve_architecture
-
-    directory, filename = os.path.split(os.path.abspath(gguf_path))
-    logger.info("converting config and tokenizer of %s (cached for the next start)", gguf_path)
-    config = AutoConfig.from_pretrained(directory, gguf_file=filename)
-    config.architectures = [resolve_architecture(config)]
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".staging-", dir=os.path.dirname(target))
-    try:
-        config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.rename(staging, target)
-    except OSError:
-        # Another process finished the same conversion first; its copy is as good as ours.
-        shutil.rmtree(staging, ignore_errors=True)
-        if not os.path.exists(os.path.join(target, "config.json")):
-            raise
-    return target
 
 
 def _reverse_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -116,7 +65,7 @@ def _gguf_to_hf_names(
 
 
 def iterate_gguf(
-    gguf_path: str, config: PretrainedConfig, hf_names: set[str]
+    gguf_path: str, config: HFConfig, hf_names: set[str]
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (Hugging Face name, float32 tensor) for each tensor of the file, in Hugging Face's
     layout: what llama.cpp's converter changed is changed back, as Hugging Face's GGUF loader

@@ -16,9 +16,9 @@ import time
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
 
 from ember.workers.config import ModelConfig
+from ember.workers.hf_config import HFConfig, load_hf_config
 from ember.workers.layers.packed_int4 import (
     attach_packed_tensors,
     pack_model,
@@ -26,7 +26,7 @@ from ember.workers.layers.packed_int4 import (
     unpack_model,
     use_bfloat16_dense_weights,
 )
-from ember.workers.model_loader.gguf_loader import gguf_cache_dir, iterate_gguf
+from ember.workers.model_loader.gguf_files import gguf_cache_dir
 from ember.workers.model_loader.weight_utils import (
     checkpoint_names,
     initialize_dummy_weights,
@@ -50,10 +50,12 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_hf_config(model_config: ModelConfig) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(
-        model_config.model_dir, trust_remote_code=model_config.trust_remote_code
-    )
+def model_hf_config(model_config: ModelConfig) -> HFConfig:
+    """The config the user's process read (sent in `model_config`), or, for a `ModelConfig`
+    built by hand, the one in its directory."""
+    if model_config.hf_config:
+        return HFConfig(model_config.hf_config)
+    return load_hf_config(model_config.model_dir, model_config.trust_remote_code)
 
 
 @contextlib.contextmanager
@@ -83,7 +85,7 @@ def _one_torch_thread():
 def get_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     """The model of `model_config` on `device`, in eval mode, with its weights loaded."""
     start = time.perf_counter()
-    hf_config = load_hf_config(model_config)
+    hf_config = model_hf_config(model_config)
     model_class = adapt_for_pooling(
         get_model_class(model_config.architecture), model_config.convert
     )
@@ -120,7 +122,7 @@ def gguf_weights_cache_file(model_config: ModelConfig, packed: bool = False) -> 
     return cached_weights_path(gguf_cache_dir(model_config.gguf_file), model_kind, label)
 
 
-def _load_gguf(model: nn.Module, model_config: ModelConfig, hf_config: PretrainedConfig) -> None:
+def _load_gguf(model: nn.Module, model_config: ModelConfig, hf_config: HFConfig) -> None:
     """Map the converted weights when an earlier start cached them; otherwise dequantise the
     file and cache the result for the next start (dequantising takes seconds, mapping none).
 
@@ -138,6 +140,8 @@ def _load_gguf(model: nn.Module, model_config: ModelConfig, hf_config: Pretraine
                 logger.info("mapped converted GGUF weights from %s", cache_file)
                 return
         unpack_model(model, DTYPES[model_config.dtype])
+    from ember.workers.model_loader.gguf_loader import iterate_gguf  # imports gguf, numpy
+
     names = checkpoint_names(
         model, type(model).packed_modules_mapping, getattr(model, "name_mapping", ())
     )

@@ -11,7 +11,7 @@ import glob
 import importlib.util
 import os
 
-from ember.workers.model_loader.gguf_loader import gguf_model_dir
+from ember.workers.model_loader.gguf_files import gguf_model_dir
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

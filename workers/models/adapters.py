@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from transformers import PretrainedConfig
 
+from ember.workers.hf_config import HFConfig
 from ember.workers.layers.linear import ReplicatedLinear
 from ember.workers.models.llama import LlamaForCausalLM
 from ember.workers.models.qwen2 import Qwen2ForCausalLM
@@ -36,7 +36,7 @@ def as_embedding_model(causal_class: type) -> type:
     """`causal_class` without its LM head: the runner pools its last hidden states."""
 
     class EmbeddingModel(causal_class):
-        def __init__(self, config: PretrainedConfig, max_position: int):
+        def __init__(self, config: HFConfig, max_position: int):
             super().__init__(config, max_position)
             del self.lm_head
 
@@ -56,7 +56,7 @@ def as_classification_model(causal_class: type) -> type:
     head, as transformers' `*ForSequenceClassification`."""
 
     class ClassificationModel(causal_class):
-        def __init__(self, config: PretrainedConfig, max_position: int):
+        def __init__(self, config: HFConfig, max_position: int):
             super().__init__(config, max_position)
             del self.lm_head
             self.score = ReplicatedLinear(config.hidden_size, config.num_labels, bias=False)

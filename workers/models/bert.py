@@ -14,10 +14,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig
 
 from ember.kernels.attention import AttentionMetadata
 from ember.kernels.encoder_attention import encoder_attention
+from ember.workers.hf_config import HFConfig
 from ember.workers.layers.embedding import VocabParallelEmbedding
 from ember.workers.layers.linear import (
     ColumnParallelLinear,
@@ -38,7 +38,7 @@ _BUFFERS = ("embeddings.position_ids", "bert.embeddings.position_ids")
 
 
 class BertEmbedding(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: HFConfig):
         super().__init__()
         self.word_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.position_embeddings = VocabParallelEmbedding(
@@ -57,7 +57,7 @@ class BertEmbedding(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: HFConfig):
         super().__init__()
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.qkv_proj = QKVParallelLinear(
@@ -80,7 +80,7 @@ class BertSelfAttention(nn.Module):
 class BertOutput(nn.Module):
     """dense, then LayerNorm over the residual sum (BERT is post-norm)."""
 
-    def __init__(self, input_size: int, config: PretrainedConfig):
+    def __init__(self, input_size: int, config: HFConfig):
         super().__init__()
         self.dense = RowParallelLinear(input_size, config.hidden_size, bias=True)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -90,7 +90,7 @@ class BertOutput(nn.Module):
 
 
 class BertAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: HFConfig):
         super().__init__()
         self.self = BertSelfAttention(config)  # the checkpoint's name
         self.output = BertOutput(config.hidden_size, config)
@@ -100,7 +100,7 @@ class BertAttention(nn.Module):
 
 
 class BertIntermediate(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: HFConfig):
         super().__init__()
         self.dense = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias=True)
         if config.hidden_act not in _ACTIVATIONS:
@@ -112,7 +112,7 @@ class BertIntermediate(nn.Module):
 
 
 class BertLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: HFConfig):
         super().__init__()
         self.attention = BertAttention(config)
         self.intermediate = BertIntermediate(config)
@@ -124,7 +124,7 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: HFConfig):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
@@ -137,7 +137,7 @@ class BertEncoder(nn.Module):
 class BertPooler(nn.Module):
     """BERT's own pooler: dense + tanh over the [CLS] token (classification heads use it)."""
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: HFConfig):
         super().__init__()
         self.dense = ReplicatedLinear(config.hidden_size, config.hidden_size, bias=True)
 
@@ -160,7 +160,7 @@ class BertModel(nn.Module):
     }
     uses_token_type_ids = True
 
-    def __init__(self, config: PretrainedConfig, max_position: int, with_pooler: bool = False):
+    def __init__(self, config: HFConfig, max_position: int, with_pooler: bool = False):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbedding(config)
@@ -191,7 +191,7 @@ class BertForSequenceClassification(nn.Module):
     packed_modules_mapping = BertModel.packed_modules_mapping
     uses_token_type_ids = True
 
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__()
         self.bert = BertModel(config, max_position, with_pooler=True)
         self.classifier = ReplicatedLinear(config.hidden_size, config.num_labels, bias=True)

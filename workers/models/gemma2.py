@@ -11,9 +11,9 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
 from ember.kernels.attention import AttentionMetadata
+from ember.workers.hf_config import HFConfig
 from ember.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ember.workers.layers.layernorm import GemmaRMSNorm
 from ember.workers.model_loader.weight_utils import load_weights_into
@@ -23,7 +23,7 @@ from ember.workers.models.llama import LlamaAttention, LlamaForCausalLM, LlamaML
 class GemmaDecoderLayer(nn.Module):
     def __init__(
         self,
-        config: PretrainedConfig,
+        config: HFConfig,
         max_position: int,
         layer_idx: int,
         qk_norm: type[nn.Module] | None,
@@ -65,7 +65,7 @@ class GemmaDecoderLayer(nn.Module):
 
 
 class Gemma2Model(nn.Module):
-    def __init__(self, config: PretrainedConfig, max_position: int, qk_norm):
+    def __init__(self, config: HFConfig, max_position: int, qk_norm):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.normalizer = config.hidden_size**0.5
@@ -92,7 +92,7 @@ class Gemma2ForCausalLM(nn.Module):
     packed_modules_mapping: ClassVar[dict] = LlamaForCausalLM.packed_modules_mapping
     qk_norm: ClassVar[type[nn.Module] | None] = None
 
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__()
         self.config = config
         self.model = Gemma2Model(config, max_position, self.qk_norm)

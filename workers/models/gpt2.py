@@ -9,9 +9,9 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
 from ember.kernels.attention import AttentionMetadata
+from ember.workers.hf_config import HFConfig
 from ember.workers.layers.activation import get_act_fn
 from ember.workers.layers.attention import Attention
 from ember.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -22,7 +22,7 @@ _CONV1D_WEIGHTS = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_idx: int):
+    def __init__(self, config: HFConfig, layer_idx: int):
         super().__init__()
         hidden, total_num_heads = config.hidden_size, config.num_attention_heads
         head_dim = hidden // total_num_heads
@@ -40,7 +40,7 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: HFConfig):
         super().__init__()
         inner = getattr(config, "n_inner", None) or 4 * config.hidden_size
         self.c_fc = ColumnParallelLinear(config.hidden_size, inner, bias=True)
@@ -52,7 +52,7 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_idx: int):
+    def __init__(self, config: HFConfig, layer_idx: int):
         super().__init__()
         eps = config.layer_norm_epsilon
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=eps)
@@ -66,7 +66,7 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__()
         self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = VocabParallelEmbedding(config.max_position_embeddings, config.hidden_size)
@@ -86,7 +86,7 @@ class GPT2LMHeadModel(nn.Module):
     # The checkpoint stores c_attn fused: its parameter's own name, loaded whole.
     packed_modules_mapping: ClassVar[dict] = {}
 
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config, max_position)

@@ -9,9 +9,9 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
 from ember.kernels.attention import AttentionMetadata
+from ember.workers.hf_config import HFConfig
 from ember.workers.layers.activation import get_act_fn
 from ember.workers.layers.attention import Attention
 from ember.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -21,7 +21,7 @@ from ember.workers.model_loader.weight_utils import load_weights_into
 
 
 class GPTNeoXAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__()
         total_num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // total_num_heads
@@ -45,7 +45,7 @@ class GPTNeoXAttention(nn.Module):
 
 
 class GPTNeoXMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: HFConfig):
         super().__init__()
         self.dense_h_to_4h = ColumnParallelLinear(
             config.hidden_size, config.intermediate_size, True
@@ -58,7 +58,7 @@ class GPTNeoXMLP(nn.Module):
 
 
 class GPTNeoXLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__()
         self.use_parallel_residual = config.use_parallel_residual
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -78,7 +78,7 @@ class GPTNeoXLayer(nn.Module):
 
 
 class GPTNeoXModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__()
         self.embed_in = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
@@ -99,7 +99,7 @@ class GPTNeoXForCausalLM(nn.Module):
     # query_key_value is stored fused: its parameter's own name, loaded whole after reordering.
     packed_modules_mapping: ClassVar[dict] = {}
 
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__()
         self.config = config
         self.gpt_neox = GPTNeoXModel(config, max_position)

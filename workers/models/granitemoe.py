@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
+from ember.workers.hf_config import HFConfig
 from ember.workers.layers.fused_moe import SparseMoeBlock
 from ember.workers.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 
 class GraniteMoeForCausalLM(LlamaForCausalLM):
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__(config, max_position)
         self.model.embedding_multiplier = config.embedding_multiplier
         self.name_mapping = [
@@ -22,7 +22,7 @@ class GraniteMoeForCausalLM(LlamaForCausalLM):
             ("block_sparse_moe.router.layer.", "block_sparse_moe.gate.", None),
         ]
 
-    def make_layer(self, config: PretrainedConfig, max_position: int, layer_idx: int) -> nn.Module:
+    def make_layer(self, config: HFConfig, max_position: int, layer_idx: int) -> nn.Module:
         moe = SparseMoeBlock(
             config.hidden_size,
             config.intermediate_size,

@@ -9,9 +9,9 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
 from ember.kernels.attention import AttentionMetadata
+from ember.workers.hf_config import HFConfig, rope_layer_type
 from ember.workers.layers.activation import get_gated_activation
 from ember.workers.layers.attention import Attention
 from ember.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -21,11 +21,11 @@ from ember.workers.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from ember.workers.layers.rotary_embedding import get_rope, rope_layer_type
+from ember.workers.layers.rotary_embedding import get_rope
 from ember.workers.model_loader.weight_utils import load_weights_into
 
 
-def layer_sliding_window(config: PretrainedConfig, layer_idx: int) -> int | None:
+def layer_sliding_window(config: HFConfig, layer_idx: int) -> int | None:
     """The sliding window of one layer: `sliding_window` for every layer, or only for the
     layers that `layer_types` marks "sliding_attention" (Gemma 2/3, Qwen2); 0 means none."""
     window = getattr(config, "sliding_window", None) or None
@@ -38,7 +38,7 @@ def layer_sliding_window(config: PretrainedConfig, layer_idx: int) -> int | None
 class LlamaAttention(nn.Module):
     def __init__(
         self,
-        config: PretrainedConfig,
+        config: HFConfig,
         max_position: int,
         layer_idx: int = 0,
         *,
@@ -99,7 +99,7 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(
         self,
-        config: PretrainedConfig,
+        config: HFConfig,
         intermediate_size: int | None = None,
         hidden_act: str | None = None,
     ):
@@ -124,7 +124,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def __init__(
         self,
-        config: PretrainedConfig,
+        config: HFConfig,
         max_position: int,
         layer_idx: int = 0,
         *,
@@ -164,7 +164,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, max_position: int, make_layer):
+    def __init__(self, config: HFConfig, max_position: int, make_layer):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.embedding_multiplier = 1.0
@@ -198,7 +198,7 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__()
         self.config = config
         # (checkpoint fragment, parameter fragment, shard id), tried before the packed mapping
@@ -208,7 +208,7 @@ class LlamaForCausalLM(nn.Module):
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.tie_weights(self.model.embed_tokens)
 
-    def make_layer(self, config: PretrainedConfig, max_position: int, layer_idx: int) -> nn.Module:
+    def make_layer(self, config: HFConfig, max_position: int, layer_idx: int) -> nn.Module:
         return LlamaDecoderLayer(config, max_position, layer_idx)
 
     def forward(

@@ -4,20 +4,20 @@ renormalised) in place of the MLP; experts `w1` (gate), `w3` (up), `w2` (down)."
 from __future__ import annotations
 
 from torch import nn
-from transformers import PretrainedConfig
 
+from ember.workers.hf_config import HFConfig
 from ember.workers.layers.fused_moe import FusedMoE, SparseMoeBlock
 from ember.workers.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__(config, max_position)
         self.name_mapping = FusedMoE.make_expert_params_mapping(
             "w1", "w2", "w3", config.num_local_experts
         )
 
-    def make_layer(self, config: PretrainedConfig, max_position: int, layer_idx: int) -> nn.Module:
+    def make_layer(self, config: HFConfig, max_position: int, layer_idx: int) -> nn.Module:
         moe = SparseMoeBlock(
             config.hidden_size,
             config.intermediate_size,

@@ -9,9 +9,9 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
 from ember.kernels.attention import AttentionMetadata
+from ember.workers.hf_config import HFConfig
 from ember.workers.layers.activation import get_act_fn
 from ember.workers.layers.attention import Attention
 from ember.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -27,7 +27,7 @@ _POSITION_OFFSET = 2  # OPT's learned positions start at row 2
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: HFConfig):
         super().__init__()
         total_num_heads = config.num_attention_heads
         head_dim = config.hidden_size // total_num_heads
@@ -43,7 +43,7 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: HFConfig):
         super().__init__()
         affine = getattr(config, "layer_norm_elementwise_affine", True)
         self.do_layer_norm_before = config.do_layer_norm_before
@@ -71,7 +71,7 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__()
         hidden, embed_dim = config.hidden_size, config.word_embed_proj_dim
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim)
@@ -105,7 +105,7 @@ class OPTDecoder(nn.Module):
 
 
 class OPTModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__()
         self.decoder = OPTDecoder(config, max_position)
 
@@ -120,7 +120,7 @@ class OPTForCausalLM(nn.Module):
         "v_proj": ("qkv_proj", "v"),
     }
 
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__()
         self.config = config
         self.model = OPTModel(config, max_position)

@@ -4,13 +4,13 @@ listed in `mlp_only_layers` (or off the `decoder_sparse_step`) keep a dense MLP.
 from __future__ import annotations
 
 from torch import nn
-from transformers import PretrainedConfig
 
+from ember.workers.hf_config import HFConfig
 from ember.workers.layers.fused_moe import FusedMoE, SparseMoeBlock
 from ember.workers.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 
 
-def qwen_moe_mlp(config: PretrainedConfig, layer_idx: int) -> nn.Module:
+def qwen_moe_mlp(config: HFConfig, layer_idx: int) -> nn.Module:
     """The MLP of one Qwen-MoE layer (Qwen2-MoE and Qwen3-MoE): dense or sparse."""
     step = getattr(config, "decoder_sparse_step", 1) or 1
     sparse = (
@@ -33,13 +33,13 @@ def qwen_moe_mlp(config: PretrainedConfig, layer_idx: int) -> nn.Module:
 
 
 class Qwen2MoeForCausalLM(LlamaForCausalLM):
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int):
         super().__init__(config, max_position)
         self.name_mapping = FusedMoE.make_expert_params_mapping(
             "gate_proj", "down_proj", "up_proj", config.num_experts
         )
 
-    def make_layer(self, config: PretrainedConfig, max_position: int, layer_idx: int) -> nn.Module:
+    def make_layer(self, config: HFConfig, max_position: int, layer_idx: int) -> nn.Module:
         qkv_bias = getattr(config, "qkv_bias", True)
         return LlamaDecoderLayer(
             config,

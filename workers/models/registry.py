@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from transformers import PretrainedConfig
+from ember.workers.hf_config import HFConfig
 
 # architecture name -> (module in ember.workers.models, class name)
 _MODELS: dict[str, tuple[str, str]] = {
@@ -40,7 +40,7 @@ def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
-def resolve_architecture(config: PretrainedConfig) -> str:
+def resolve_architecture(config: HFConfig) -> str:
     """The first architecture of the config that ember supports, or a ValueError naming them."""
     architectures = list(getattr(config, "architectures", None) or [])
     if not architectures:
