@@ -178,7 +178,11 @@ def test_a_warm_start_imports_no_torch_in_the_users_process():
     runs = []
     for _ in range(2):
         proc = subprocess.run(
-            [sys.executable, "-c", _WARM_START], capture_output=True, text=True, timeout=300
+            [sys.executable, "-c", _WARM_START],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -18,6 +18,7 @@ from ember.workers.layers.embedding import REFINED_LOGITS, refine_top_logits
 from ember.workers.layers.linear import ReplicatedLinear
 from ember.workers.layers.packed_int4 import (
     PackedInt4Weight,
+    QuantizedRows,
     find_int4_groups,
     find_int8_halves,
     pack_model,
@@ -52,6 +53,16 @@ def test_8bit_groups_split_exactly_into_two_4bit_halves(dense):
     assert find_int4_groups(weight) is None  # 8-bit values are not on a 16-level grid
     high, low = find_int8_halves(weight)
     torch.testing.assert_close(high.dequantize() + low.dequantize(), weight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "codes_dtype"), [("Q4_1", torch.uint8), ("Q8_0", torch.int8)])
+def test_quantized_rows_read_the_dense_rows(dense, kind, codes_dtype):
+    weight = _gguf_round_trip(dense, kind)
+    table = QuantizedRows.from_weight(weight)
+    assert table.codes.dtype == codes_dtype and table.shape == tuple(weight.shape)
+    ids = torch.tensor([[0, 95, 7], [7, 3, 50]])
+    torch.testing.assert_close(table.rows(ids), weight[ids], rtol=0, atol=1e-6)
+    assert QuantizedRows.from_weight(torch.from_numpy(dense)) is None
 
 
 def test_dense_weights_are_not_packed(dense):
@@ -106,7 +117,7 @@ def test_refined_logits_are_float32_products_at_the_top():
     hidden = torch.randn(3, 64)
     exact = hidden @ weight.T
     coarse = exact.bfloat16().float()  # what the packed LM head returns
-    refined = refine_top_logits(coarse.clone(), hidden, weight)
+    refined = refine_top_logits(coarse.clone(), hidden, lambda ids: weight[ids])
     top = exact.topk(REFINED_LOGITS // 2, dim=-1).indices
     torch.testing.assert_close(refined.gather(1, top), exact.gather(1, top))
     assert torch.equal(refined.argmax(-1), exact.argmax(-1))
@@ -151,9 +162,23 @@ def test_loader_packs_every_quantised_layer_and_maps_the_cache(default_gguf, tmp
     )
     assert len(converted.lm_head.packed_weight.parts) == 2
     assert not hasattr(converted.model.embed_tokens, "packed_weight")  # a lookup: never packed
-    assert not any("embed_tokens" in name for name in weights_cache.map_tensors(packed_file)[0])
     assert converted.lm_head.weight.dtype == torch.float32
+    # The tied Q8_0 table is read through one set of int8 rows, kept once in the file.
+    table = converted.model.embed_tokens.packed_rows
+    assert table is not None and table.codes.dtype == torch.int8
+    assert converted.lm_head.packed_rows is table
+    saved = weights_cache.map_tensors(packed_file)[0]
+    assert sorted(name for name in saved if ".rows." in name) == [
+        "model.embed_tokens.rows.codes",
+        "model.embed_tokens.rows.scale",
+        "model.embed_tokens.rows.zero",
+    ]
     mapped = loader.get_model(config, torch.device("cpu"))
+    assert mapped.lm_head.packed_rows is mapped.model.embed_tokens.packed_rows
+    ids = torch.tensor([0, 1, 17, 49151])
+    dense_rows = converted.model.embed_tokens.weight[ids]
+    torch.testing.assert_close(mapped.model.embed_tokens(ids), dense_rows, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mapped.lm_head.read_rows(ids), dense_rows, rtol=0, atol=1e-6)
     for a, b in [
         (converted.model.layers[7].mlp.down_proj, mapped.model.layers[7].mlp.down_proj),
         (converted.lm_head, mapped.lm_head),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,13 +17,16 @@ REFINED_LOGITS = 32
 
 
 def refine_top_logits(
-    logits: torch.Tensor, hidden_states: torch.Tensor, weight: torch.Tensor
+    logits: torch.Tensor,
+    hidden_states: torch.Tensor,
+    read_rows: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """Recompute in float32 the `REFINED_LOGITS` largest of `logits` [M, V] (float32, from the
-    packed LM head, whose bfloat16 output is coarse: 0.125 apart near 20) from the dense
-    `weight` [V, H]: the argmax and the top of the distribution become float32 products."""
+    packed LM head, whose bfloat16 output is coarse: 0.125 apart near 20) from the weight's
+    rows (`read_rows(ids)`: [*ids.shape, H]): the argmax and the top of the distribution become
+    float32 products."""
     top = logits.topk(min(REFINED_LOGITS, logits.shape[1]), dim=-1).indices  # [M, k]
-    rows = weight[top].float()  # [M, k, H]
+    rows = read_rows(top).float()  # [M, k, H]
     exact = torch.bmm(rows, hidden_states.float().unsqueeze(-1)).squeeze(-1)
     return logits.scatter_(1, top, exact)
 
@@ -43,6 +48,9 @@ class VocabParallelEmbedding(nn.Module):
         valid_rows = max(0, min(self.rows_per_rank, num_embeddings - self.vocab_start))
         self.weight.data[valid_rows:].zero_()
         self.weight.weight_loader = self.weight_loader
+        # `packed_int4.QuantizedRows` of the weight (quantization="gguf"): rows are read from
+        # it and the dense weight is left untouched (mapped from the cache, never resident).
+        self.packed_rows = None
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         if loaded_weight.shape[0] != self.num_embeddings:
@@ -55,12 +63,18 @@ class VocabParallelEmbedding(nn.Module):
             param.data.narrow(0, 0, rows), loaded_weight.narrow(0, self.vocab_start, rows)
         )
 
+    def read_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (any shape) of this rank's weight: [*ids.shape, H]."""
+        if self.packed_rows is not None:
+            return self.packed_rows.rows(ids)
+        return F.embedding(ids, self.weight)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self.read_rows(input_ids)
         local_ids = input_ids - self.vocab_start
         outside = (local_ids < 0) | (local_ids >= self.rows_per_rank)
-        out = F.embedding(local_ids.masked_fill(outside, 0), self.weight)
+        out = self.read_rows(local_ids.masked_fill(outside, 0))
         out = out.masked_fill(outside.unsqueeze(-1), 0)
         return tp_all_reduce(out)
 
@@ -81,6 +95,6 @@ class ParallelLMHead(VocabParallelEmbedding):
             logits = F.linear(hidden_states, self.weight)
         else:  # packed at any batch size: the dense rows are read only for the refined top
             logits = self.packed_weight.matmul(hidden_states).float()
-            logits = refine_top_logits(logits, hidden_states, self.weight)
+            logits = refine_top_logits(logits, hidden_states, self.read_rows)
         logits = tp_all_gather(logits, dim=-1)
         return logits[:, : self.num_embeddings].float()

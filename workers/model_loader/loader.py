@@ -118,7 +118,7 @@ def gguf_weights_cache_file(model_config: ModelConfig, packed: bool = False) -> 
     model_kind = f"{model_config.architecture}-{model_config.convert}"
     label = model_config.dtype
     if model_config.quantization is not None:
-        label = f"{label}-{model_config.quantization}" + ("-packed" if packed else "")
+        label = f"{label}-{model_config.quantization}" + ("-packed2" if packed else "")
     return cached_weights_path(gguf_cache_dir(model_config.gguf_file), model_kind, label)
 
 
@@ -134,7 +134,10 @@ def _load_gguf(model: nn.Module, model_config: ModelConfig, hf_config: HFConfig)
     packed_file = gguf_weights_cache_file(model_config, packed=True)
     if os.path.exists(cache_file) and (not packed or os.path.exists(packed_file)):
         # The packed layers first: they say which dense weights the cache holds in bfloat16.
-        if not packed or attach_packed_tensors(model, map_tensors(packed_file)[0]):
+        packed_tensors_found = _map_or_none(packed_file) if packed else None
+        if not packed or (
+            packed_tensors_found is not None and attach_packed_tensors(model, packed_tensors_found)
+        ):
             use_bfloat16_dense_weights(model, convert=False)
             if load_model_weights(model, cache_file):
                 logger.info("mapped converted GGUF weights from %s", cache_file)
@@ -155,6 +158,15 @@ def _load_gguf(model: nn.Module, model_config: ModelConfig, hf_config: HFConfig)
             save_tensors(packed_tensors(model), packed_file, {})
     except OSError as exc:  # a read-only or full cache directory costs only the next start
         logger.warning("could not cache the converted GGUF weights in %s: %s", cache_file, exc)
+
+
+def _map_or_none(path: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a cached file, or None when it cannot be read (converted again)."""
+    try:
+        return map_tensors(path)[0]
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("ignoring the unreadable cache file %s: %s", path, exc)
+        return None
 
 
 def iterate_checkpoint(model_dir: str, load_format: str = "auto"):

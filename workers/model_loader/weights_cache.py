@@ -30,7 +30,13 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 _FORMAT_VERSION = "v1"  # bump when the layout of ember's parameters changes
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8}
+_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+}
 _ALIASES_KEY = "ember.aliases"  # state-dict names that share a tensor (tied embeddings)
 
 
@@ -64,7 +70,9 @@ def map_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     data_start = 8 + header_len
     tensors = {}
     for name, info in header.items():
-        dtype = _DTYPES[info["dtype"]]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has an unknown dtype {info['dtype']!r}")
         begin, end = info["data_offsets"]
         count = (end - begin) // torch.empty(0, dtype=dtype).element_size()
         if count == 0:
