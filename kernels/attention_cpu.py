@@ -5,9 +5,8 @@ batch, converts them to float32 and runs SDPA: about 50 MB of memory traffic per
 for 32 requests of a few hundred tokens. The C kernel reads each cached key and value once, in
 place (about 7 MB there), with float32 math.
 
-The source is compiled once per machine with the system C compiler (`$CC`, else `cc`/`gcc`,
-`-O3 -march=native`) into ember's cache directory and loaded with ctypes; where no compiler
-works, `paged_decode_attention_cpu` returns None and the torch reference serves. It runs on
+The source is compiled on first use (`cpu_library`); where no compiler works,
+`paged_decode_attention_cpu` returns None and the torch reference serves. It runs on
 the calling thread: splitting the requests over two threads measured no faster here (W1 decode
 step 114 vs 117 ms), the second core being busy with torch's own OpenMP threads.
 """
@@ -16,64 +15,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
-
-_SOURCE = Path(__file__).with_name("csrc") / "paged_decode_attention.c"
-# -fassociative-math and friends let the compiler vectorise the dot products' float sums (not
-# -ffast-math: the online softmax starts from -inf).
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros"]
-_FLAGS += ["-fno-trapping-math", "-shared", "-fPIC"]
-
-
-def _cache_dir() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "ember", "kernels")
-
-
-def _cpu_key() -> str:
-    """The CPU's identity (`-march=native` code runs only where it was built)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            lines = [line for line in cpuinfo if line.startswith(("model name", "flags"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
+from ember.kernels.cpu_library import load_c_library
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The compiled kernel (built on first use, then reused from the cache), or None."""
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        logger.warning("no C compiler: CPU decode attention uses the torch reference")
+    """The compiled kernel with its argument types, or None (no compiler)."""
+    library = load_c_library("paged_decode_attention.c")
+    if library is None:
         return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_key().encode()).hexdigest()
-    path = os.path.join(_cache_dir(), f"paged_decode_attention-{key[:16]}.so")
-    if not os.path.exists(path):
-        os.makedirs(_cache_dir(), exist_ok=True)
-        handle, staging = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
-        os.close(handle)
-        command = [compiler, *_FLAGS, str(_SOURCE), "-o", staging, "-lm"]
-        try:
-            subprocess.run(command, check=True, capture_output=True, timeout=120)
-            os.replace(staging, path)
-        except (OSError, subprocess.SubprocessError) as exc:
-            os.unlink(staging)
-            logger.warning("could not compile %s (%s): using the torch reference", _SOURCE, exc)
-            return None
-    library = ctypes.CDLL(path)
     function = library.ember_paged_decode_attention
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     function.argtypes = [ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ember.kernels import attention, attention_cpu
+from ember.kernels import attention, attention_cpu, cpu_library
 from ember.kernels.attention import AttentionMetadata
 
 
@@ -85,7 +85,8 @@ def test_shapes_beyond_the_kernel_and_a_missing_compiler_fall_back(monkeypatch):
         rtol=1e-5,
         atol=1e-5,
     )
-    monkeypatch.setattr(attention_cpu.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cpu_library.shutil, "which", lambda name: None)
+    cpu_library.load_c_library.cache_clear()
     attention_cpu._library.cache_clear()
     try:
         assert attention_cpu._library() is None
@@ -97,4 +98,5 @@ def test_shapes_beyond_the_kernel_and_a_missing_compiler_fall_back(monkeypatch):
             is None
         )
     finally:
+        cpu_library.load_c_library.cache_clear()
         attention_cpu._library.cache_clear()

@@ -140,6 +140,39 @@ def test_rms_norm_matches_transformers_and_fused_form_adds_residual():
     torch.testing.assert_close(normed, reference(x + residual))
 
 
+@pytest.mark.parametrize("shape", [(1, 576), (32, 576), (2, 3, 64), (300, 48)])
+def test_rms_norm_c_kernel_matches_the_torch_reference(shape, monkeypatch):
+    from ember.kernels import cpu_library, layernorm
+
+    assert layernorm._library() is not None  # the C kernel serves float32 CPU tensors here
+    torch.manual_seed(0)
+    x, residual = torch.randn(shape), torch.randn(shape)
+    residual_before = residual.clone()
+    weight = torch.randn(shape[-1])
+    torch.testing.assert_close(
+        rms_norm(x, weight, 1e-6), layernorm.rms_norm_torch(x, weight, 1e-6), rtol=1e-5, atol=1e-6
+    )
+    normed, new_residual = fused_add_rms_norm(x, residual, weight, 1e-6)
+    expected, expected_residual = layernorm.fused_add_rms_norm_torch(x, residual, weight, 1e-6)
+    torch.testing.assert_close(normed, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(new_residual, expected_residual)
+    assert torch.equal(residual, residual_before)  # inputs are not written
+    # A strided input, and a machine without a C compiler, take the torch reference.
+    strided = torch.randn(shape[-1], 4).T
+    torch.testing.assert_close(
+        rms_norm(strided, weight, 1e-6), layernorm.rms_norm_torch(strided, weight, 1e-6)
+    )
+    monkeypatch.setattr(cpu_library.shutil, "which", lambda name: None)
+    cpu_library.load_c_library.cache_clear()
+    layernorm._library.cache_clear()
+    try:
+        assert layernorm._library() is None
+        assert torch.equal(rms_norm(x, weight, 1e-6), layernorm.rms_norm_torch(x, weight, 1e-6))
+    finally:
+        cpu_library.load_c_library.cache_clear()
+        layernorm._library.cache_clear()
+
+
 def test_silu_and_mul():
     x = torch.randn(3, 10)
     torch.testing.assert_close(silu_and_mul(x), torch.nn.functional.silu(x[:, :5]) * x[:, 5:])
