@@ -42,22 +42,23 @@ def _cpu_key() -> str:
 
 
 @functools.cache
-def load_c_library(source_name: str) -> ctypes.CDLL | None:
-    """`csrc/<source_name>` compiled and loaded (built on first use, then from the cache), or
-    None when it cannot be built here."""
+def load_c_library(source_name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """`csrc/<source_name>` compiled (with `extra_flags` after the common ones) and loaded,
+    built on first use and then taken from the cache; None when it cannot be built here."""
+    flags = [*_FLAGS, *extra_flags]
     source_path = _SOURCES / source_name
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         logger.warning("no C compiler: %s is replaced by its torch reference", source_name)
         return None
     source = source_path.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_key().encode()).hexdigest()
+    key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()
     path = os.path.join(_cache_dir(), f"{source_path.stem}-{key[:16]}.so")
     if not os.path.exists(path):
         os.makedirs(_cache_dir(), exist_ok=True)
         handle, staging = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
         os.close(handle)
-        command = [compiler, *_FLAGS, str(source_path), "-o", staging, "-lm"]
+        command = [compiler, *flags, str(source_path), "-o", staging, "-lm"]
         try:
             subprocess.run(command, check=True, capture_output=True, timeout=120)
             os.replace(staging, path)

@@ -23,19 +23,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
         return rms_norm_triton(x, weight, eps)
     if _c_kernel_applies(x, weight):
-        library = _library()
-        if library is not None:
-            out = torch.empty_like(x)
-            library.ember_rms_norm(
-                x.data_ptr(),
-                None,
-                weight.data_ptr(),
-                x.numel() // x.shape[-1],
-                x.shape[-1],
-                eps,
-                out.data_ptr(),
-                None,
-            )
+        out = torch.empty_like(x)
+        if rms_norm_c(x, weight, eps, out) == 0:
             return out
     return rms_norm_torch(x, weight, eps)
 
@@ -49,19 +38,8 @@ def fused_add_rms_norm(
 
         return fused_add_rms_norm_triton(x, residual, weight, eps)
     if _c_kernel_applies(x, weight) and _c_kernel_applies(residual, weight):
-        library = _library()
-        if library is not None:
-            out, new_residual = torch.empty_like(x), torch.empty_like(x)
-            library.ember_rms_norm(
-                x.data_ptr(),
-                residual.data_ptr(),
-                weight.data_ptr(),
-                x.numel() // x.shape[-1],
-                x.shape[-1],
-                eps,
-                out.data_ptr(),
-                new_residual.data_ptr(),
-            )
+        out, new_residual = torch.empty_like(x), torch.empty_like(x)
+        if rms_norm_c(x, weight, eps, out, residual, new_residual) == 0:
             return out, new_residual
     return fused_add_rms_norm_torch(x, residual, weight, eps)
 
@@ -78,14 +56,45 @@ def _c_kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def rms_norm_c(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> int:
+    """The C kernel on contiguous CPU rows: `out` = rms_norm(x (+ residual)) * weight, the sum
+    also written to `residual_out` (may be `residual`). x and out float32 or bfloat16; weight
+    and the residuals float32. Returns 0, or non-zero when it computed nothing (no compiler,
+    rows too wide) and the caller must fall back."""
+    library = _library()
+    if library is None:
+        return -1
+    hidden = x.shape[-1]
+    return library.ember_rms_norm(
+        x.data_ptr(),
+        x.dtype == torch.bfloat16,
+        None if residual is None else residual.data_ptr(),
+        weight.data_ptr(),
+        x.numel() // hidden,
+        hidden,
+        eps,
+        out.data_ptr(),
+        out.dtype == torch.bfloat16,
+        None if residual_out is None else residual_out.data_ptr(),
+    )
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    library = load_c_library("rms_norm.c")
+    library = load_c_library("rms_norm.c", ("-ffp-contract=off",))
     if library is None:
         return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    library.ember_rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr, ptr]
-    library.ember_rms_norm.restype = None
+    i64, ptr, flag = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    library.ember_rms_norm.argtypes = [ptr, flag, ptr, ptr, i64, i64, ctypes.c_float, ptr, flag]
+    library.ember_rms_norm.argtypes += [ptr]
+    library.ember_rms_norm.restype = ctypes.c_int
     return library
 
 

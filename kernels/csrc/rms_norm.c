@@ -1,36 +1,67 @@
-/* RMSNorm over float32 rows, optionally fused with the residual add before it:
+/* RMSNorm over rows, optionally fused with the residual add before it:
 
        sum = x + residual             (when residual is given; written to residual_out)
        out = sum / sqrt(mean(sum^2) + eps) * weight
 
-   One pass to add and sum the squares, one to scale: the torch composite on CPU runs five
-   operators (pow, mean, add, rsqrt, mul) for the same result. Rows are independent; the
-   caller's thread does them all (a decode step has a few rows). Built by
+   x and out are float32 or bfloat16 (uint16 bits, rounded to nearest even as torch does);
+   residual, residual_out and weight are float32, and all math is float32. residual_out may be
+   residual itself. One pass to add and sum the squares, one to scale: the torch composite on
+   CPU runs five operators (pow, mean, add, rsqrt, mul) for the same result. Rows are
+   independent; the caller's thread does them all (a decode step has a few rows). Built by
    `ember/kernels/cpu_library.py`. */
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
-void ember_rms_norm(const float *x, const float *residual, const float *weight, int64_t rows,
-                    int64_t hidden, float eps, float *out, float *residual_out) {
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t u = (uint32_t)bits << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+#define MAX_HIDDEN 16384
+
+/* Returns 1, computing nothing, for rows wider than its buffer. */
+int ember_rms_norm(const void *x, int x_bf16, const float *residual, const float *weight,
+                   int64_t rows, int64_t hidden, float eps, void *out, int out_bf16,
+                   float *residual_out) {
+    float row[MAX_HIDDEN];
+    if (hidden > MAX_HIDDEN) return 1;
     for (int64_t r = 0; r < rows; ++r) {
-        const float *xr = x + r * hidden;
-        float *outr = out + r * hidden;
-        const float *src = xr;
         float squares = 0.0f;
+        if (x_bf16) {
+            const uint16_t *xr = (const uint16_t *)x + r * hidden;
+            for (int64_t i = 0; i < hidden; ++i) row[i] = bf16_to_float(xr[i]);
+        } else {
+            memcpy(row, (const float *)x + r * hidden, sizeof(float) * hidden);
+        }
         if (residual != 0) {
             const float *res = residual + r * hidden;
             float *sum = residual_out + r * hidden;
             for (int64_t i = 0; i < hidden; ++i) {
-                float v = xr[i] + res[i];
-                sum[i] = v;
-                squares += v * v;
+                row[i] += res[i];
+                sum[i] = row[i];
             }
-            src = sum;
-        } else {
-            for (int64_t i = 0; i < hidden; ++i) squares += xr[i] * xr[i];
         }
+        for (int64_t i = 0; i < hidden; ++i) squares += row[i] * row[i];
         float inv = 1.0f / sqrtf(squares / (float)hidden + eps);
-        for (int64_t i = 0; i < hidden; ++i) outr[i] = src[i] * inv * weight[i];
+        if (out_bf16) {
+            uint16_t *o = (uint16_t *)out + r * hidden;
+            for (int64_t i = 0; i < hidden; ++i) o[i] = float_to_bf16(row[i] * inv * weight[i]);
+        } else {
+            float *o = (float *)out + r * hidden;
+            for (int64_t i = 0; i < hidden; ++i) o[i] = row[i] * inv * weight[i];
+        }
     }
+    return 0;
 }

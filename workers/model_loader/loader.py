@@ -101,6 +101,8 @@ def get_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
             _load_gguf(model, model_config, hf_config)
         else:
             model.load_weights(iterate_checkpoint(model_config.model_dir, load_format))
+    if model_config.quantization == "gguf":
+        _enable_fused_decode(model)
     logger.info(
         "loaded %s (%s, %s) in %.1f s",
         model_config.architecture,
@@ -109,6 +111,18 @@ def get_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
         time.perf_counter() - start,
     )
     return model
+
+
+def _enable_fused_decode(model: nn.Module) -> None:
+    """Give each `LlamaModel` inside `model` whose layers fit it the fused CPU decode step."""
+    from ember.workers.layers.fused_cpu_decode import FusedCPUDecode
+    from ember.workers.models.llama import LlamaModel
+
+    for module in model.modules():
+        if isinstance(module, LlamaModel):
+            module.fused_decode = FusedCPUDecode.build(module)
+            if module.fused_decode is not None:
+                logger.info("decode steps of up to a few requests run fused (C kernels)")
 
 
 def gguf_weights_cache_file(model_config: ModelConfig, packed: bool = False) -> str:

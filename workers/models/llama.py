@@ -172,10 +172,17 @@ class LlamaModel(nn.Module):
             make_layer(config, max_position, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # `fused_cpu_decode.FusedCPUDecode`, set by the loader for packed CPU weights: serves
+        # the steps of a few decodes in fewer, larger calls
+        self.fused_decode = None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
+        if self.fused_decode is not None:
+            hidden_states = self.fused_decode(input_ids, positions, attn_metadata)
+            if hidden_states is not None:
+                return hidden_states
         hidden_states = self.embed_tokens(input_ids)
         if self.embedding_multiplier != 1.0:
             hidden_states = hidden_states * self.embedding_multiplier

@@ -1,0 +1,83 @@
+/* The elementwise parts of a Llama-shaped decode layer on CPU, each one call over a step's few
+   tokens (the matmuls stay torch's packed 4-bit kernel; see ember/workers/layers/fused_cpu_decode.py):
+
+   ember_rope_write_kv: the fused qkv projection's output [T, (Hq + 2 Hkv) D] (bfloat16) ->
+       query rotated (neox style, the first R channels of each head) into q_out [T, Hq, D]
+       float32; key rotated and value copied into the bfloat16 paged KV cache at `slots`.
+   ember_silu_mul: [T, 2I] bfloat16 (gate | up) -> silu(gate) * up, [T, I] bfloat16.
+
+   Math is float32; bfloat16 results are rounded to nearest even, as torch's casts do. Built by
+   ember/kernels/cpu_library.py. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t u = (uint32_t)bits << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Rotate one head (neox: channel i pairs with i + R/2) from bfloat16 bits into float32. */
+static void rotate_head(const uint16_t *src, const float *cos, const float *sin, int64_t head_dim,
+                        int64_t rotary_dim, float *dst) {
+    int64_t half = rotary_dim / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        float x1 = bf16_to_float(src[i]), x2 = bf16_to_float(src[i + half]);
+        dst[i] = x1 * cos[i] - x2 * sin[i];
+        dst[i + half] = x2 * cos[i] + x1 * sin[i];
+    }
+    for (int64_t i = rotary_dim; i < head_dim; ++i) dst[i] = bf16_to_float(src[i]);
+}
+
+int ember_rope_write_kv(const uint16_t *qkv, const int64_t *positions, const float *cos_sin,
+                        int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t head_dim, int64_t rotary_dim, uint16_t *kv_cache,
+                        int64_t cache_slots, const int64_t *slots, float *q_out) {
+    float key[1024];
+    if (head_dim > 1024 || rotary_dim > head_dim || rotary_dim % 2) return 1;
+    const int64_t width = (num_heads + 2 * num_kv_heads) * head_dim;
+    const int64_t token_stride = num_kv_heads * head_dim;
+    uint16_t *value_plane = kv_cache + cache_slots * token_stride;
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        const uint16_t *row = qkv + t * width;
+        const float *cos = cos_sin + positions[t] * rotary_dim;
+        const float *sin = cos + rotary_dim / 2;
+        int64_t slot = slots[t];
+        if (slot < 0 || slot >= cache_slots) return 2;
+        for (int64_t h = 0; h < num_heads; ++h)
+            rotate_head(row + h * head_dim, cos, sin, head_dim, rotary_dim,
+                        q_out + (t * num_heads + h) * head_dim);
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+            const uint16_t *k = row + (num_heads + h) * head_dim;
+            rotate_head(k, cos, sin, head_dim, rotary_dim, key);
+            uint16_t *k_dst = kv_cache + slot * token_stride + h * head_dim;
+            for (int64_t i = 0; i < head_dim; ++i) k_dst[i] = float_to_bf16(key[i]);
+            const uint16_t *v = row + (num_heads + num_kv_heads + h) * head_dim;
+            memcpy(value_plane + slot * token_stride + h * head_dim, v,
+                   sizeof(uint16_t) * head_dim);
+        }
+    }
+    return 0;
+}
+
+void ember_silu_mul(const uint16_t *gate_up, int64_t num_tokens, int64_t size, uint16_t *out) {
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        const uint16_t *gate = gate_up + t * 2 * size, *up = gate + size;
+        uint16_t *o = out + t * size;
+        for (int64_t i = 0; i < size; ++i) {
+            float g = bf16_to_float(gate[i]);
+            o[i] = float_to_bf16(g / (1.0f + expf(-g)) * bf16_to_float(up[i]));
+        }
+    }
+}

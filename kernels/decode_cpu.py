@@ -1,0 +1,81 @@
+"""The elementwise parts of a CPU decode step in C (`csrc/decode_layer.c`): rotary embedding
+with the KV-cache write, and SiLU-and-mul, each one call over the step's tokens reading the
+packed matmuls' bfloat16 outputs directly. `ember.workers.layers.fused_cpu_decode` strings them
+between torch's packed 4-bit matmuls; their references are `rotary.apply_rotary_emb_torch` with
+`attention.write_kv_cache_torch`, and `activation.silu_and_mul_torch`.
+
+Each function returns 0, or non-zero when it computed nothing (no compiler, unsupported
+shapes) and the caller must take the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from ember.kernels.cpu_library import load_c_library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    # No fused multiply-adds: the rotation rounds each product as torch's reference does, so
+    # that both paths give the same bits (a last-bit difference grows through 30 layers).
+    library = load_c_library("decode_layer.c", ("-ffp-contract=off",))
+    if library is None:
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    library.ember_rope_write_kv.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64]
+    library.ember_rope_write_kv.argtypes += [ptr, ptr]
+    library.ember_rope_write_kv.restype = ctypes.c_int
+    library.ember_silu_mul.argtypes = [ptr, i64, i64, ptr]
+    library.ember_silu_mul.restype = None
+    return library
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def rope_write_kv(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_out: torch.Tensor,
+) -> int:
+    """qkv [T, (Hq + 2 Hkv) D] bfloat16 -> q_out [T, Hq, D] float32 rotated (neox style over
+    `cos_sin_cache`'s rotary_dim channels), keys rotated and values copied into the bfloat16
+    `kv_cache` [2, num_blocks, block_size, Hkv, D] at `slot_mapping` [T] int64 (no -1)."""
+    library = _library()
+    if library is None:
+        return -1
+    _, num_blocks, block_size = kv_cache.shape[:3]
+    return library.ember_rope_write_kv(
+        qkv.data_ptr(),
+        positions.data_ptr(),
+        cos_sin_cache.data_ptr(),
+        qkv.shape[0],
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        cos_sin_cache.shape[-1],
+        kv_cache.data_ptr(),
+        num_blocks * block_size,
+        slot_mapping.data_ptr(),
+        q_out.data_ptr(),
+    )
+
+
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> int:
+    """gate_up [T, 2I] bfloat16 -> out [T, I] bfloat16 = silu(gate) * up (float32 math)."""
+    library = _library()
+    if library is None:
+        return -1
+    library.ember_silu_mul(gate_up.data_ptr(), gate_up.shape[0], out.shape[1], out.data_ptr())
+    return 0

@@ -1,0 +1,167 @@
+"""The fused CPU decode step (`workers/layers/fused_cpu_decode.py`) and its C kernels
+(`kernels/csrc/decode_layer.c`, the bfloat16 forms of `rms_norm.c`) against the layer-by-layer
+forward and the plain-torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.kernels import decode_cpu, layernorm
+from ember.kernels.activation import silu_and_mul_torch
+from ember.kernels.attention import AttentionMetadata, write_kv_cache_torch
+from ember.kernels.rotary import apply_rotary_emb_torch
+from ember.workers.config import ModelConfig
+from ember.workers.layers.fused_cpu_decode import FusedCPUDecode
+from ember.workers.model_loader import loader
+from ember.workers.model_loader.gguf_files import gguf_model_dir
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_dim", "rotary_dim"), [(9, 3, 64, 64), (4, 2, 128, 64)]
+)
+def test_rope_and_kv_write_match_the_torch_references(
+    num_heads, num_kv_heads, head_dim, rotary_dim
+):
+    torch.manual_seed(0)
+    tokens, block_size, num_blocks = 5, 16, 8
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim).bfloat16()
+    positions = torch.tensor([0, 3, 17, 100, 255])
+    angles = torch.rand(256, rotary_dim // 2) * 6
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    slots = torch.tensor([3, 40, 17, 0, 127])
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim).bfloat16()
+    expected_cache = kv_cache.clone()
+    query = torch.empty(tokens, num_heads, head_dim)
+    status = decode_cpu.rope_write_kv(
+        qkv, positions, cos_sin, kv_cache, slots, num_heads, num_kv_heads, head_dim, query
+    )
+    assert status == 0
+    q, k, v = qkv.float().split(
+        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1
+    )
+    q_ref, k_ref = apply_rotary_emb_torch(
+        positions,
+        q.reshape(tokens, num_heads, head_dim),
+        k.reshape(tokens, num_kv_heads, head_dim),
+        cos_sin,
+    )
+    write_kv_cache_torch(k_ref, v.reshape(tokens, num_kv_heads, head_dim), expected_cache, slots)
+    torch.testing.assert_close(query, q_ref, rtol=1e-6, atol=1e-6)
+    # Keys round to bfloat16 like the reference's cast; a last-bit difference from float32
+    # rounding of the rotation may flip one rounding.
+    torch.testing.assert_close(kv_cache.float(), expected_cache.float(), rtol=8e-3, atol=1e-6)
+    assert torch.equal(kv_cache[1], expected_cache[1])  # values are copied bit for bit
+    bad = torch.tensor([3, 40, 17, 0, 128])  # beyond the cache: refused, nothing computed
+    assert (
+        decode_cpu.rope_write_kv(
+            qkv, positions, cos_sin, kv_cache, bad, num_heads, num_kv_heads, head_dim, query
+        )
+        != 0
+    )
+
+
+def test_silu_mul_and_bf16_norms_match_the_torch_references():
+    torch.manual_seed(0)
+    gate_up = (torch.randn(3, 2 * 96) * 3).bfloat16()
+    out = torch.empty(3, 96, dtype=torch.bfloat16)
+    assert decode_cpu.silu_mul(gate_up, out) == 0
+    expected = silu_and_mul_torch(gate_up.float()).bfloat16()
+    torch.testing.assert_close(out.float(), expected.float(), rtol=8e-3, atol=1e-6)
+
+    x = torch.randn(4, 576).bfloat16()
+    residual, weight = torch.randn(4, 576), torch.rand(576) + 0.5
+    normed = torch.empty(4, 576, dtype=torch.bfloat16)
+    new_residual = residual.clone()
+    assert layernorm.rms_norm_c(x, weight, 1e-5, normed, new_residual, new_residual) == 0
+    expected, expected_residual = layernorm.fused_add_rms_norm_torch(
+        x.float(), residual, weight, 1e-5
+    )
+    assert torch.equal(new_residual, expected_residual)
+    torch.testing.assert_close(normed.float(), expected.bfloat16().float(), rtol=8e-3, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def packed_model(default_gguf):
+    config = ModelConfig(
+        model=default_gguf,
+        model_dir=gguf_model_dir(default_gguf),
+        architecture="LlamaForCausalLM",
+        dtype="float32",
+        max_model_len=2048,
+        vocab_size=49152,
+        eos_token_ids=(2,),
+        gguf_file=default_gguf,
+        quantization="gguf",
+    )
+    model = loader.get_model(config, torch.device("cpu"))
+    assert isinstance(model.model.fused_decode, FusedCPUDecode)
+    return model
+
+
+def _decode_step(model, seq_lens: list[int], seed: int):
+    """Caches filled with random keys and values, and one decode token per request."""
+    torch.manual_seed(seed)
+    block_size, num_blocks = 16, 64
+    caches = []
+    for layer in model.model.layers:
+        attn = layer.self_attn.attn
+        cache = torch.randn(2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim) * 0.5
+        attn.kv_cache = cache.bfloat16()
+        caches.append(attn.kv_cache)
+    blocks = torch.randperm(num_blocks)[: len(seq_lens) * 8].reshape(len(seq_lens), 8)
+    positions = torch.tensor([n - 1 for n in seq_lens])
+    slots = torch.stack(
+        [blocks[i, p // block_size] * block_size + p % block_size for i, p in enumerate(positions)]
+    )
+    metadata = AttentionMetadata(
+        slot_mapping=slots.long(),
+        query_start_loc=torch.arange(len(seq_lens) + 1, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_table=blocks.long(),
+        num_decodes=len(seq_lens),
+        max_query_len=1,
+        max_seq_len=max(seq_lens),
+        query_start_loc_cpu=list(range(len(seq_lens) + 1)),
+        seq_lens_cpu=seq_lens,
+        all_slots_valid=True,
+    )
+    input_ids = torch.randint(100, 40000, (len(seq_lens),))
+    return input_ids, positions, metadata, caches
+
+
+@pytest.mark.parametrize("seq_lens", [[1], [40], [5, 77, 16, 120]])
+def test_fused_decode_step_equals_the_layer_by_layer_forward(packed_model, seq_lens):
+    model = packed_model
+    input_ids, positions, metadata, caches = _decode_step(model, seq_lens, seed=len(seq_lens))
+    before = [cache.clone() for cache in caches]
+    with torch.inference_mode():
+        fused = model.model.fused_decode(input_ids, positions, metadata)
+        fused_caches = [cache.clone() for cache in caches]
+        for cache, saved in zip(caches, before):
+            cache.copy_(saved)
+        fused_decode, model.model.fused_decode = model.model.fused_decode, None
+        try:
+            reference = model.model(input_ids, positions, metadata)
+        finally:
+            model.model.fused_decode = fused_decode
+        fused_logits = model.compute_logits(fused)
+        reference_logits = model.compute_logits(reference)
+    assert fused is not None
+    torch.testing.assert_close(fused, reference, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(fused_logits, reference_logits, rtol=2e-3, atol=2e-2)
+    assert torch.equal(fused_logits.argmax(-1), reference_logits.argmax(-1))
+    for fused_cache, cache in zip(fused_caches, caches):
+        torch.testing.assert_close(fused_cache.float(), cache.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_steps_the_fused_path_does_not_serve_fall_back(packed_model):
+    model = packed_model
+    input_ids, positions, metadata, _ = _decode_step(model, [5, 9], seed=3)
+    metadata.all_slots_valid = False  # padding slots possible
+    assert model.model.fused_decode(input_ids, positions, metadata) is None
+    metadata.all_slots_valid = True
+    metadata.num_decodes = 1  # a prefill chunk in the batch
+    assert model.model.fused_decode(input_ids, positions, metadata) is None
+    many = torch.randint(100, 200, (9,))
+    assert model.model.fused_decode(many, positions, metadata) is None
