@@ -12,7 +12,7 @@ from ember.kernels.activation import silu_and_mul_torch
 from ember.kernels.attention import AttentionMetadata, write_kv_cache_torch
 from ember.kernels.rotary import apply_rotary_emb_torch
 from ember.workers.config import ModelConfig
-from ember.workers.layers.fused_cpu_decode import FusedCPUDecode
+from ember.workers.layers.fused_cpu_decode import MAX_DECODES, FusedCPUDecode
 from ember.workers.model_loader import loader
 from ember.workers.model_loader.gguf_files import gguf_model_dir
 
@@ -102,7 +102,7 @@ def packed_model(default_gguf):
 def _decode_step(model, seq_lens: list[int], seed: int):
     """Caches filled with random keys and values, and one decode token per request."""
     torch.manual_seed(seed)
-    block_size, num_blocks = 16, 64
+    block_size, num_blocks = 16, 128
     caches = []
     for layer in model.model.layers:
         attn = layer.self_attn.attn
@@ -130,7 +130,11 @@ def _decode_step(model, seq_lens: list[int], seed: int):
     return input_ids, positions, metadata, caches
 
 
-@pytest.mark.parametrize("seq_lens", [[1], [40], [5, 77, 16, 120]])
+# One request and four (packed matmuls), twelve (more than PACKED_MAX_TOKENS: the dense
+# bfloat16 copies).
+@pytest.mark.parametrize(
+    "seq_lens", [[1], [40], [5, 77, 16, 120], [3, 9, 17, 33, 64, 65, 80, 100, 101, 111, 120, 128]]
+)
 def test_fused_decode_step_equals_the_layer_by_layer_forward(packed_model, seq_lens):
     model = packed_model
     input_ids, positions, metadata, caches = _decode_step(model, seq_lens, seed=len(seq_lens))
@@ -163,5 +167,5 @@ def test_steps_the_fused_path_does_not_serve_fall_back(packed_model):
     metadata.all_slots_valid = True
     metadata.num_decodes = 1  # a prefill chunk in the batch
     assert model.model.fused_decode(input_ids, positions, metadata) is None
-    many = torch.randint(100, 200, (9,))
+    many = torch.randint(100, 200, (MAX_DECODES + 1,))
     assert model.model.fused_decode(many, positions, metadata) is None

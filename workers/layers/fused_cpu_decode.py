@@ -2,7 +2,9 @@
 
 At batch size 1 the packed 4-bit matmuls (`packed_int4`) take about 5.6 ms of a 13.5 ms step;
 the rest was some 25 torch operators and a dozen module calls per layer (casts around each
-packed matmul, norms, rotary, the KV write, SiLU), a few microseconds each. Here a layer is:
+packed matmul, norms, rotary, the KV write, SiLU), a few microseconds each. Here a layer is
+(the matmuls packed for up to `PACKED_MAX_TOKENS` decodes, on the dense bfloat16 copies for
+more, up to `MAX_DECODES`):
 
     C  add + RMSNorm        residual (float32) += x; bfloat16 normalised rows
     .  packed qkv matmul    bfloat16 out
@@ -11,20 +13,20 @@ packed matmul, norms, rotary, the KV write, SiLU), a few microseconds each. Here
     .  packed o matmul
     C  add + RMSNorm
     .  packed gate_up matmul
-    C  SiLU-and-mul         bfloat16 in and out
+    C  SiLU-and-mul         bfloat16 in and out (torch beyond a couple of rows)
     .  packed down matmul   -> the next layer's add + RMSNorm
 
 The values rounded to bfloat16 are the ones the layer-by-layer path rounds (the packed
 kernel's inputs and outputs), and all other math is float32, so both paths agree to float32
-rounding (tests/test_fused_cpu_decode.py). It serves steps of decodes only, at most
-`PACKED_MAX_TOKENS` of them, on models whose every layer is the plain Llama layer with packed
-weights and no biases (`FusedCPUDecode.build` checks); anything else takes the model's own
-forward.
+rounding (tests/test_fused_cpu_decode.py). It serves steps of decodes only, on models whose
+every layer is the plain Llama layer with packed weights and no biases (`FusedCPUDecode.build`
+checks); anything else takes the model's own forward.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ember.kernels import decode_cpu
@@ -35,14 +37,38 @@ from ember.workers.layers.activation import SiluAndMul
 from ember.workers.layers.layernorm import RMSNorm
 from ember.workers.layers.linear import PACKED_MAX_TOKENS
 
+# Decodes per step the fused path serves: up to PACKED_MAX_TOKENS through the packed weights,
+# more through the layers' dense bfloat16 copies (as the layer-by-layer forward does).
+MAX_DECODES = 256
+# Up to this many rows SiLU-and-mul runs in C; beyond, torch's vectorised exp is faster (8 rows
+# of 1536: 45 us in C against 22 us).
+_C_SILU_MAX_ROWS = 2
 
-def _packed_matmul(x: torch.Tensor, parts: list, group_size: int) -> torch.Tensor:
-    """x [T, K] bfloat16 @ packed weight -> [T, N] bfloat16 (parts summed)."""
+
+def _matmul(x: torch.Tensor, linear: nn.Module, packed: bool) -> torch.Tensor:
+    """x [T, K] bfloat16 @ the layer's weight -> [T, N] bfloat16: its packed 4-bit groups
+    (parts summed), or its dense bfloat16 copy."""
+    if not packed:
+        return F.linear(x, linear.weight)
+    weight = linear.packed_weight
     out = None
-    for packed, scales_zeros in parts:
-        part = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_zeros)
+    for packed_part, scales_zeros in weight.parts:
+        part = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, packed_part, weight.group_size, scales_zeros
+        )
         out = part if out is None else out.add_(part)
     return out
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] bfloat16 -> silu(gate) * up, [T, I] bfloat16, float32 math."""
+    size = gate_up.shape[1] // 2
+    if gate_up.shape[0] <= _C_SILU_MAX_ROWS:
+        out = torch.empty(gate_up.shape[0], size, dtype=torch.bfloat16)
+        if decode_cpu.silu_mul(gate_up, out) == 0:
+            return out
+    wide = gate_up.float()
+    return (F.silu(wide[:, :size]) * wide[:, size:]).to(torch.bfloat16)
 
 
 class FusedCPUDecode:
@@ -58,10 +84,10 @@ class FusedCPUDecode:
                 (
                     layer.input_layernorm,
                     layer.post_attention_layernorm,
-                    attention.qkv_proj.packed_weight,
-                    attention.o_proj.packed_weight,
-                    mlp.gate_up_proj.packed_weight,
-                    mlp.down_proj.packed_weight,
+                    attention.qkv_proj,
+                    attention.o_proj,
+                    mlp.gate_up_proj,
+                    mlp.down_proj,
                     attention.rotary_emb.cos_sin_cache,
                     attention.attn,
                 )
@@ -69,6 +95,9 @@ class FusedCPUDecode:
         first = model.layers[0].self_attn
         self.num_heads, self.num_kv_heads = first.num_heads, first.num_kv_heads
         self.head_dim = first.head_dim
+        linears = [linear for entry in self.layers for linear in entry[2:6]]
+        dense_bf16 = all(linear.weight.dtype == torch.bfloat16 for linear in linears)
+        self.max_decodes = MAX_DECODES if dense_bf16 else PACKED_MAX_TOKENS
 
     @classmethod
     def build(cls, model: nn.Module) -> FusedCPUDecode | None:
@@ -107,7 +136,7 @@ class FusedCPUDecode:
         num_tokens = input_ids.shape[0]
         if (
             input_ids.device.type != "cpu"
-            or num_tokens > PACKED_MAX_TOKENS
+            or num_tokens > self.max_decodes
             or metadata.num_decodes != num_tokens
             or metadata.num_reqs != num_tokens
             or not metadata.all_slots_valid
@@ -132,11 +161,21 @@ class FusedCPUDecode:
         query = torch.empty(num_tokens, num_heads, head_dim)
         attn_bf16 = torch.empty(num_tokens, attn_size, dtype=torch.bfloat16)
         positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
+        packed = num_tokens <= PACKED_MAX_TOKENS
         x = None  # the last matmul's output, added to the residual by the next norm
-        for norm_in, norm_post, qkv_w, o_w, gate_up_w, down_w, cos_sin, attn in self.layers:
+        for (
+            norm_in,
+            norm_post,
+            qkv_proj,
+            o_proj,
+            gate_up_proj,
+            down_proj,
+            cos_sin,
+            attn,
+        ) in self.layers:
             if self._norm(x, residual, norm_in, normed) != 0:
                 return None
-            qkv = _packed_matmul(normed, qkv_w.parts, qkv_w.group_size)
+            qkv = _matmul(normed, qkv_proj, packed)
             status = decode_cpu.rope_write_kv(
                 qkv,
                 positions,
@@ -158,12 +197,9 @@ class FusedCPUDecode:
                 # the ones it writes again.
                 return None
             attn_bf16.copy_(out.view(num_tokens, attn_size))
-            x = _packed_matmul(attn_bf16, o_w.parts, o_w.group_size)
+            x = _matmul(attn_bf16, o_proj, packed)
             self._norm(x, residual, norm_post, normed)
-            gate_up = _packed_matmul(normed, gate_up_w.parts, gate_up_w.group_size)
-            activated = torch.empty(num_tokens, gate_up.shape[1] // 2, dtype=torch.bfloat16)
-            decode_cpu.silu_mul(gate_up, activated)
-            x = _packed_matmul(activated, down_w.parts, down_w.group_size)
+            x = _matmul(_silu_mul(_matmul(normed, gate_up_proj, packed)), down_proj, packed)
         hidden = torch.empty_like(residual)
         self._norm(x, residual, self.model.norm, hidden)
         return hidden
