@@ -52,13 +52,15 @@ def load_c_library(source_name: str, extra_flags: tuple[str, ...] = ()) -> ctype
         logger.warning("no C compiler: %s is replaced by its torch reference", source_name)
         return None
     source = source_path.read_bytes()
+    for header in sorted(_SOURCES.glob("*.h")):  # what the source may include
+        source += header.read_bytes()
     key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()
     path = os.path.join(_cache_dir(), f"{source_path.stem}-{key[:16]}.so")
     if not os.path.exists(path):
         os.makedirs(_cache_dir(), exist_ok=True)
         handle, staging = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
         os.close(handle)
-        command = [compiler, *flags, str(source_path), "-o", staging, "-lm"]
+        command = [compiler, *flags, f"-I{_SOURCES}", str(source_path), "-o", staging, "-lm"]
         try:
             subprocess.run(command, check=True, capture_output=True, timeout=120)
             os.replace(staging, path)

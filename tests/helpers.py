@@ -8,7 +8,26 @@ import torch
 
 from ember.enginecore.engine_core import EngineCore
 from ember.enginecore.messages import EngineCoreRequest
+from ember.workers.config import ModelConfig
+from ember.workers.model_loader.gguf_files import gguf_model_dir
 from ember.workers.sampling_params import SamplingParams
+
+
+def default_model_config(
+    gguf_path: str, dtype: str = "float32", quantization: str | None = None
+) -> ModelConfig:
+    """The `ModelConfig` of the embedded SmolLM2 GGUF, for loading it without an engine."""
+    return ModelConfig(
+        model=gguf_path,
+        model_dir=gguf_model_dir(gguf_path),
+        architecture="LlamaForCausalLM",
+        dtype=dtype,
+        max_model_len=2048,
+        vocab_size=49152,
+        eos_token_ids=(2,),
+        gguf_file=gguf_path,
+        quantization=quantization,
+    )
 
 
 def write_random_llama(

@@ -8,29 +8,13 @@ import os
 import torch
 
 from ember import LLM, SamplingParams
-from ember.workers.config import ModelConfig
 from ember.workers.model_loader import loader, weights_cache
-from ember.workers.model_loader.gguf_files import gguf_model_dir
-
-
-def _default_model_config(gguf_path: str, dtype: str) -> ModelConfig:
-    model_dir = gguf_model_dir(gguf_path)
-    return ModelConfig(
-        model=gguf_path,
-        model_dir=model_dir,
-        architecture="LlamaForCausalLM",
-        dtype=dtype,
-        max_model_len=2048,
-        vocab_size=49152,
-        eos_token_ids=(2,),
-        load_format="auto",
-        gguf_file=gguf_path,
-    )
+from tests.helpers import default_model_config
 
 
 def test_cached_gguf_weights_equal_the_dequantised_ones(default_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    config = _default_model_config(default_gguf, "float32")
+    config = default_model_config(default_gguf, "float32")
     cache_file = loader.gguf_weights_cache_file(config)
     assert cache_file.startswith(str(tmp_path))
     assert not os.path.exists(cache_file)
@@ -47,7 +31,7 @@ def test_cached_gguf_weights_equal_the_dequantised_ones(default_gguf, tmp_path, 
 
 def test_a_stale_cache_is_converted_again(default_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    config = _default_model_config(default_gguf, "float32")
+    config = default_model_config(default_gguf, "float32")
     cache_file = loader.gguf_weights_cache_file(config)
     os.makedirs(os.path.dirname(cache_file), exist_ok=True)
     tiny = torch.nn.Linear(2, 2)

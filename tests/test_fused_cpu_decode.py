@@ -1,4 +1,4 @@
-"""The fused CPU decode step (`workers/layers/fused_cpu_decode.py`) and its C kernels
+"""The fused CPU decode step (`workers/models/llama_cpu_decode.py`) and its C kernels
 (`kernels/csrc/decode_layer.c`, the bfloat16 forms of `rms_norm.c`) against the layer-by-layer
 forward and the plain-torch references."""
 
@@ -11,10 +11,9 @@ from ember.kernels import decode_cpu, layernorm
 from ember.kernels.activation import silu_and_mul_torch
 from ember.kernels.attention import AttentionMetadata, write_kv_cache_torch
 from ember.kernels.rotary import apply_rotary_emb_torch
-from ember.workers.config import ModelConfig
-from ember.workers.layers.fused_cpu_decode import MAX_DECODES, FusedCPUDecode
 from ember.workers.model_loader import loader
-from ember.workers.model_loader.gguf_files import gguf_model_dir
+from ember.workers.models.llama_cpu_decode import MAX_DECODES, FusedCPUDecode
+from tests.helpers import default_model_config
 
 
 @pytest.mark.parametrize(
@@ -83,17 +82,7 @@ def test_silu_mul_and_bf16_norms_match_the_torch_references():
 
 @pytest.fixture(scope="module")
 def packed_model(default_gguf):
-    config = ModelConfig(
-        model=default_gguf,
-        model_dir=gguf_model_dir(default_gguf),
-        architecture="LlamaForCausalLM",
-        dtype="float32",
-        max_model_len=2048,
-        vocab_size=49152,
-        eos_token_ids=(2,),
-        gguf_file=default_gguf,
-        quantization="gguf",
-    )
+    config = default_model_config(default_gguf, quantization="gguf")
     model = loader.get_model(config, torch.device("cpu"))
     assert isinstance(model.model.fused_decode, FusedCPUDecode)
     return model

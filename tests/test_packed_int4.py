@@ -13,7 +13,6 @@ import torch
 
 from ember import LLM, SamplingParams
 from ember.enginecore.arg_utils import EngineArgs, cpu_has_native_bfloat16
-from ember.workers.config import ModelConfig
 from ember.workers.layers.embedding import REFINED_LOGITS, refine_top_logits
 from ember.workers.layers.linear import ReplicatedLinear
 from ember.workers.layers.packed_int4 import (
@@ -25,7 +24,7 @@ from ember.workers.layers.packed_int4 import (
     pack_weight,
 )
 from ember.workers.model_loader import loader, weights_cache
-from ember.workers.model_loader.gguf_files import gguf_model_dir
+from tests.helpers import default_model_config
 
 
 def _gguf_round_trip(weight: np.ndarray, kind: str) -> torch.Tensor:
@@ -139,17 +138,7 @@ def test_quantization_is_resolved_like_vllm(default_gguf, tiny_llama_dir):
 
 def test_loader_packs_every_quantised_layer_and_maps_the_cache(default_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    config = ModelConfig(
-        model=default_gguf,
-        model_dir=gguf_model_dir(default_gguf),
-        architecture="LlamaForCausalLM",
-        dtype="float32",
-        max_model_len=2048,
-        vocab_size=49152,
-        eos_token_ids=(2,),
-        gguf_file=default_gguf,
-        quantization="gguf",
-    )
+    config = default_model_config(default_gguf, quantization="gguf")
     packed_file = loader.gguf_weights_cache_file(config, packed=True)
     converted = loader.get_model(config, torch.device("cpu"))
     assert os.path.exists(packed_file)

@@ -1,5 +1,5 @@
 /* The elementwise parts of a Llama-shaped decode layer on CPU, each one call over a step's few
-   tokens (the matmuls stay torch's packed 4-bit kernel; see ember/workers/layers/fused_cpu_decode.py):
+   tokens (the matmuls stay torch's packed 4-bit kernel; see ember/workers/models/llama_cpu_decode.py):
 
    ember_rope_write_kv: the fused qkv projection's output [T, (Hq + 2 Hkv) D] (bfloat16) ->
        query rotated (neox style, the first R channels of each head) into q_out [T, Hq, D]
@@ -13,20 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t u = (uint32_t)bits << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "bfloat16.h"
 
 /* Rotate one head (neox: channel i pairs with i + R/2) from bfloat16 bits into float32. */
 static void rotate_head(const uint16_t *src, const float *cos, const float *sin, int64_t head_dim,

@@ -16,11 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_float(uint16_t bits) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)bits << 16;
-    return v.f;
-}
+#include "bfloat16.h"
 
 #define MAX_GROUP 16
 #define MAX_HEAD_DIM 256

@@ -184,14 +184,17 @@ class PackedInt4Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] (any float dtype) -> [M, N] in x's dtype; bfloat16 inside."""
-        x_bf16 = x.to(torch.bfloat16)
+        return self.matmul_bfloat16(x.to(torch.bfloat16)).to(x.dtype)
+
+    def matmul_bfloat16(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] bfloat16 -> [M, N] bfloat16, one kernel call per set, summed."""
         out = None
         for packed, scales_zeros in self.parts:
             part = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x_bf16, packed, self.group_size, scales_zeros
+                x, packed, self.group_size, scales_zeros
             )
             out = part if out is None else out.add_(part)
-        return out.to(x.dtype)
+        return out
 
 
 def pack_weight(weight: torch.Tensor) -> PackedInt4Weight | None:

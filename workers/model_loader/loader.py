@@ -115,8 +115,8 @@ def get_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
 
 def _enable_fused_decode(model: nn.Module) -> None:
     """Give each `LlamaModel` inside `model` whose layers fit it the fused CPU decode step."""
-    from ember.workers.layers.fused_cpu_decode import FusedCPUDecode
     from ember.workers.models.llama import LlamaModel
+    from ember.workers.models.llama_cpu_decode import FusedCPUDecode
 
     for module in model.modules():
         if isinstance(module, LlamaModel):

@@ -172,7 +172,7 @@ class LlamaModel(nn.Module):
             make_layer(config, max_position, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # `fused_cpu_decode.FusedCPUDecode`, set by the loader for packed CPU weights: serves
+        # `llama_cpu_decode.FusedCPUDecode`, set by the loader for packed CPU weights: serves
         # the steps of a few decodes in fewer, larger calls
         self.fused_decode = None
 

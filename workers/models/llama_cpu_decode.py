@@ -36,6 +36,7 @@ from ember.kernels.layernorm import rms_norm_c
 from ember.workers.layers.activation import SiluAndMul
 from ember.workers.layers.layernorm import RMSNorm
 from ember.workers.layers.linear import PACKED_MAX_TOKENS
+from ember.workers.models.llama import LlamaDecoderLayer, LlamaMLP
 
 # Decodes per step the fused path serves: up to PACKED_MAX_TOKENS through the packed weights,
 # more through the layers' dense bfloat16 copies (as the layer-by-layer forward does).
@@ -46,18 +47,11 @@ _C_SILU_MAX_ROWS = 2
 
 
 def _matmul(x: torch.Tensor, linear: nn.Module, packed: bool) -> torch.Tensor:
-    """x [T, K] bfloat16 @ the layer's weight -> [T, N] bfloat16: its packed 4-bit groups
-    (parts summed), or its dense bfloat16 copy."""
-    if not packed:
-        return F.linear(x, linear.weight)
-    weight = linear.packed_weight
-    out = None
-    for packed_part, scales_zeros in weight.parts:
-        part = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, packed_part, weight.group_size, scales_zeros
-        )
-        out = part if out is None else out.add_(part)
-    return out
+    """x [T, K] bfloat16 @ the layer's weight -> [T, N] bfloat16: its packed 4-bit groups, or
+    its dense bfloat16 copy."""
+    if packed:
+        return linear.packed_weight.matmul_bfloat16(x)
+    return F.linear(x, linear.weight)
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -103,8 +97,6 @@ class FusedCPUDecode:
     def build(cls, model: nn.Module) -> FusedCPUDecode | None:
         """The fused forward of `model` (a `LlamaModel`), or None when a layer is not plain
         Llama with packed weights, or the C kernels cannot be built here."""
-        from ember.workers.models.llama import LlamaDecoderLayer, LlamaMLP
-
         if getattr(model, "embedding_multiplier", 1.0) != 1.0 or not decode_cpu.available():
             return None
         if type(model.norm) is not RMSNorm:
