@@ -73,7 +73,7 @@ class FusedCPUDecode:
         self.model = model
         self.layers = []
         for layer in model.layers:
-            attention, mlp = layer.self_attn, layer.mlp
+            attention, mlp = layer.self_attn, getattr(layer, layer.mlp_name)
             self.layers.append(
                 (
                     layer.input_layernorm,
