@@ -6,9 +6,11 @@ for 32 requests of a few hundred tokens. The C kernel reads each cached key and 
 place (about 7 MB there), with float32 math.
 
 The source is compiled on first use (`cpu_library`); where no compiler works,
-`paged_decode_attention_cpu` returns None and the torch reference serves. It runs on
-the calling thread: splitting the requests over two threads measured no faster here (W1 decode
-step 114 vs 117 ms), the second core being busy with torch's own OpenMP threads.
+`paged_decode_attention_cpu` returns None and the torch reference serves. Its (request, KV
+head) tasks are shared by the OpenMP threads of torch's own runtime (`libgomp.so.1`, which the
+library links to and the loader finds already loaded with torch), so `torch.set_num_threads`
+governs it as it does torch's operators; where OpenMP cannot be built, it runs on the calling
+thread.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from ember.kernels.cpu_library import load_c_library
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel with its argument types, or None (no compiler)."""
-    library = load_c_library("paged_decode_attention.c")
+    library = load_c_library("paged_decode_attention.c", ("-fopenmp",))
+    if library is None:
+        library = load_c_library("paged_decode_attention.c")
     if library is None:
         return None
     function = library.ember_paged_decode_attention

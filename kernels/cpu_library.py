@@ -68,4 +68,8 @@ def load_c_library(source_name: str, extra_flags: tuple[str, ...] = ()) -> ctype
             os.unlink(staging)
             logger.warning("could not compile %s (%s): using the torch reference", source_path, exc)
             return None
-    return ctypes.CDLL(path)
+    try:
+        return ctypes.CDLL(path)
+    except OSError as exc:  # e.g. an OpenMP runtime that lacks a symbol the build needs
+        logger.warning("could not load %s (%s): using the torch reference", path, exc)
+        return None

@@ -2,9 +2,14 @@
  *
  * The torch reference (ember/kernels/attention.py, _decode_attention) gathers every request's
  * blocks into a padded batch, converts them to float32 and runs SDPA: three passes over the
- * context per layer. This reads each cached key and value once. Each (request, KV head)
+ * context per layer. This reads each cached key and value once. Each (request, KV head) task
  * computes its G = Hq / Hkv query heads with an online softmax (one rescale per block), in
- * float32. Returns 1, computing nothing, for shapes beyond its fixed buffers.
+ * float32; the tasks are spread over the OpenMP threads (torch's own runtime, whose thread
+ * count `torch.set_num_threads` sets). Returns 1, computing nothing, for shapes beyond its
+ * fixed buffers.
+ *
+ * With AVX-512 the scores of a block are one vector per query head and their exponentials a
+ * vectorised exp (`exp_ps`, within 2 ulp of expf); elsewhere the same steps run as scalar loops.
  *
  *   query       [B, Hq, D]                   float32, contiguous
  *   kv_cache    [2, num_blocks, bs, Hkv, D]  bfloat16 (uint16 bits), contiguous
@@ -18,9 +23,187 @@
 
 #include "bfloat16.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(_OPENMP)
+#include <omp.h>
+#else
+static int omp_get_max_threads(void) { return 1; }
+#endif
+
 #define MAX_GROUP 16
+#define MAX_HEADS 64 /* query heads of one task */
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 64
+
+#if defined(__AVX512F__)
+/* e^x for x <= 0 (the scores less their maximum): x = n ln2 + r with |r| <= ln2 / 2, e^r by
+   its degree-6 Taylor polynomial (error below 2e-7 relative), times 2^n. Below -87.3 the
+   result is flushed to zero, which the softmax weights allow. */
+static inline __m512 exp_ps(__m512 x) {
+    const __m512 floor = _mm512_set1_ps(-87.3f);
+    __mmask16 tiny = _mm512_cmp_ps_mask(x, floor, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, floor);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
+}
+
+static inline __m512 load_bf16(const uint16_t *bits) {
+    __m256i half = _mm256_loadu_si256((const __m256i *)bits);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+#endif
+
+/* The attention of one request's query heads of KV heads [0, kv_heads) (q: scaled,
+   [kv_heads * group][head_dim], `keys` pointing at the first of those KV heads) over tokens
+   [start, len) of its blocks; acc gets the normalised outputs. A block's keys of all those
+   heads are read together, then its values: both are contiguous in the cache. */
+static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int64_t head_dim,
+                   const uint16_t *keys, int64_t value_offset, int64_t token_stride,
+                   const int64_t *blocks, int64_t block_size, int64_t start, int64_t len,
+                   float acc[][MAX_HEAD_DIM]) {
+    const int64_t heads = kv_heads * group;
+    float running_max[MAX_HEADS], running_sum[MAX_HEADS];
+    float scores[MAX_HEADS][MAX_BLOCK];
+    for (int64_t j = 0; j < heads; j++) {
+        memset(acc[j], 0, sizeof(float) * head_dim);
+        running_max[j] = -INFINITY;
+        running_sum[j] = 0.0f;
+    }
+#if defined(__AVX512F__)
+    const int vector_path = head_dim % 16 == 0;
+#else
+    const int vector_path = 0;
+#endif
+    /* One block at a time: its scores first, then one rescale of the sums per block. */
+    for (int64_t first = start; first < len; first = (first / block_size + 1) * block_size) {
+        int64_t last = (first / block_size + 1) * block_size;
+        if (last > len) last = len;
+        int64_t count = last - first;
+        const uint16_t *k_bits =
+            keys + (blocks[first / block_size] * block_size + first % block_size) * token_stride;
+        const uint16_t *v_bits = k_bits + value_offset;
+        if (last < len) { /* the next block's keys and values, while this one computes */
+            const char *k_next = (const char *)(keys + blocks[last / block_size] * block_size *
+                                                            token_stride);
+            int64_t tokens = len - last < block_size ? len - last : block_size;
+            int64_t row_bytes = kv_heads * head_dim * (int64_t)sizeof(uint16_t);
+            int64_t v_bytes = value_offset * (int64_t)sizeof(uint16_t);
+            for (int64_t t = 0; t < tokens; t++) {
+                const char *row = k_next + t * token_stride * (int64_t)sizeof(uint16_t);
+                for (int64_t offset = 0; offset < row_bytes; offset += 64) {
+                    __builtin_prefetch(row + offset);
+                    __builtin_prefetch(row + offset + v_bytes);
+                }
+            }
+        }
+        for (int64_t t = 0; t < count; t++) {
+            for (int64_t h = 0; h < kv_heads; h++) {
+                const uint16_t *k_row = k_bits + t * token_stride + h * head_dim;
+                float (*qh)[MAX_HEAD_DIM] = q + h * group;
+                if (vector_path) {
+#if defined(__AVX512F__)
+                    __m512 dots[MAX_GROUP];
+                    for (int64_t g = 0; g < group; g++) dots[g] = _mm512_setzero_ps();
+                    for (int64_t d = 0; d < head_dim; d += 16) {
+                        __m512 k = load_bf16(k_row + d);
+                        for (int64_t g = 0; g < group; g++)
+                            dots[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qh[g] + d), k, dots[g]);
+                    }
+                    for (int64_t g = 0; g < group; g++)
+                        scores[h * group + g][t] = _mm512_reduce_add_ps(dots[g]);
+#endif
+                } else {
+                    float k[MAX_HEAD_DIM];
+                    for (int64_t d = 0; d < head_dim; d++) k[d] = bf16_to_float(k_row[d]);
+                    for (int64_t g = 0; g < group; g++) {
+                        float score = 0.0f;
+                        for (int64_t d = 0; d < head_dim; d++) score += qh[g][d] * k[d];
+                        scores[h * group + g][t] = score;
+                    }
+                }
+            }
+        }
+        for (int64_t j = 0; j < heads; j++) {
+            float block_max = running_max[j];
+            for (int64_t t = 0; t < count; t++)
+                if (scores[j][t] > block_max) block_max = scores[j][t];
+            float correction = expf(running_max[j] - block_max);
+            running_sum[j] *= correction;
+            for (int64_t d = 0; d < head_dim; d++) acc[j][d] *= correction;
+            int64_t t = 0;
+#if defined(__AVX512F__)
+            __m512 sums = _mm512_setzero_ps();
+            for (; t + 16 <= count; t += 16) {
+                __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(scores[j] + t),
+                                                _mm512_set1_ps(block_max)));
+                _mm512_storeu_ps(scores[j] + t, e);
+                sums = _mm512_add_ps(sums, e);
+            }
+            if (t < count) {
+                __mmask16 rest = (__mmask16)((1u << (count - t)) - 1u);
+                __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(rest, scores[j] + t),
+                                                _mm512_set1_ps(block_max)));
+                _mm512_mask_storeu_ps(scores[j] + t, rest, e);
+                sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(rest, e));
+                t = count;
+            }
+            running_sum[j] += _mm512_reduce_add_ps(sums);
+#endif
+            for (; t < count; t++) {
+                scores[j][t] = expf(scores[j][t] - block_max);
+                running_sum[j] += scores[j][t];
+            }
+            running_max[j] = block_max;
+        }
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const uint16_t *v_head = v_bits + h * head_dim;
+            if (vector_path) {
+#if defined(__AVX512F__)
+                for (int64_t d = 0; d < head_dim; d += 16) {
+                    __m512 sums[MAX_GROUP];
+                    for (int64_t g = 0; g < group; g++)
+                        sums[g] = _mm512_loadu_ps(acc[h * group + g] + d);
+                    for (int64_t t = 0; t < count; t++) {
+                        __m512 v = load_bf16(v_head + t * token_stride + d);
+                        for (int64_t g = 0; g < group; g++)
+                            sums[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[h * group + g][t]),
+                                                      v, sums[g]);
+                    }
+                    for (int64_t g = 0; g < group; g++)
+                        _mm512_storeu_ps(acc[h * group + g] + d, sums[g]);
+                }
+#endif
+            } else {
+                float v[MAX_HEAD_DIM];
+                for (int64_t t = 0; t < count; t++) {
+                    for (int64_t d = 0; d < head_dim; d++)
+                        v[d] = bf16_to_float(v_head[t * token_stride + d]);
+                    for (int64_t g = 0; g < group; g++) {
+                        float weight = scores[h * group + g][t];
+                        float *a = acc[h * group + g];
+                        for (int64_t d = 0; d < head_dim; d++) a[d] += weight * v[d];
+                    }
+                }
+            }
+        }
+    }
+    for (int64_t j = 0; j < heads; j++) {
+        float inv = running_sum[j] > 0.0f ? 1.0f / running_sum[j] : 0.0f;
+        for (int64_t d = 0; d < head_dim; d++) acc[j][d] *= inv;
+    }
+}
 
 int ember_paged_decode_attention(
     const float *query, const uint16_t *kv_cache, const int64_t *block_table,
@@ -31,66 +214,28 @@ int ember_paged_decode_attention(
     if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK) return 1;
     const int64_t token_stride = num_kv_heads * head_dim;
     const int64_t value_offset = num_blocks * block_size * token_stride;
+    /* A task is a request's KV heads, all of them (each block read as one stretch) when there
+       are requests enough to keep the threads busy, else one. */
+    int64_t task_heads = num_kv_heads;
+    if (num_heads > MAX_HEADS || num_reqs < 2 * omp_get_max_threads()) task_heads = 1;
+    const int64_t tasks_per_req = num_kv_heads / task_heads;
 
-    for (int64_t r = 0; r < num_reqs; r++) {
-        for (int64_t h = 0; h < num_kv_heads; h++) {
-            float q[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];
-            float k[MAX_HEAD_DIM], v[MAX_HEAD_DIM];
-            float running_max[MAX_GROUP], running_sum[MAX_GROUP];
-            for (int64_t g = 0; g < group; g++) {
-                const float *src = query + (r * num_heads + h * group + g) * head_dim;
-                for (int64_t d = 0; d < head_dim; d++) q[g][d] = src[d] * scale;
-                memset(acc[g], 0, sizeof(float) * head_dim);
-                running_max[g] = -INFINITY;
-                running_sum[g] = 0.0f;
-            }
-            int64_t len = seq_lens[r];
-            int64_t start = sliding_window > 0 && len > sliding_window ? len - sliding_window : 0;
-            /* One block at a time: its scores first, then one rescale of the sums per block. */
-            for (int64_t first = start; first < len; first = (first / block_size + 1) * block_size) {
-                int64_t last = (first / block_size + 1) * block_size;
-                if (last > len) last = len;
-                int64_t count = last - first;
-                int64_t block = block_table[r * table_stride + first / block_size];
-                const uint16_t *k_bits =
-                    kv_cache + (block * block_size + first % block_size) * token_stride + h * head_dim;
-                const uint16_t *v_bits = k_bits + value_offset;
-                float scores[MAX_GROUP][MAX_BLOCK];
-                for (int64_t t = 0; t < count; t++) {
-                    for (int64_t d = 0; d < head_dim; d++) k[d] = bf16_to_float(k_bits[t * token_stride + d]);
-                    for (int64_t g = 0; g < group; g++) {
-                        float score = 0.0f;
-                        for (int64_t d = 0; d < head_dim; d++) score += q[g][d] * k[d];
-                        scores[g][t] = score;
-                    }
-                }
-                for (int64_t g = 0; g < group; g++) {
-                    float block_max = running_max[g];
-                    for (int64_t t = 0; t < count; t++)
-                        if (scores[g][t] > block_max) block_max = scores[g][t];
-                    float correction = expf(running_max[g] - block_max);
-                    running_sum[g] *= correction;
-                    for (int64_t d = 0; d < head_dim; d++) acc[g][d] *= correction;
-                    for (int64_t t = 0; t < count; t++) {
-                        scores[g][t] = expf(scores[g][t] - block_max);
-                        running_sum[g] += scores[g][t];
-                    }
-                    running_max[g] = block_max;
-                }
-                for (int64_t t = 0; t < count; t++) {
-                    for (int64_t d = 0; d < head_dim; d++) v[d] = bf16_to_float(v_bits[t * token_stride + d]);
-                    for (int64_t g = 0; g < group; g++) {
-                        float weight = scores[g][t];
-                        for (int64_t d = 0; d < head_dim; d++) acc[g][d] += weight * v[d];
-                    }
-                }
-            }
-            for (int64_t g = 0; g < group; g++) {
-                float *dst = out + (r * num_heads + h * group + g) * head_dim;
-                float inv = running_sum[g] > 0.0f ? 1.0f / running_sum[g] : 0.0f;
-                for (int64_t d = 0; d < head_dim; d++) dst[d] = acc[g][d] * inv;
-            }
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t task = 0; task < num_reqs * tasks_per_req; task++) {
+        int64_t r = task / tasks_per_req, h0 = (task % tasks_per_req) * task_heads;
+        float q[MAX_HEADS][MAX_HEAD_DIM], acc[MAX_HEADS][MAX_HEAD_DIM];
+        const int64_t first_head = h0 * group, heads = task_heads * group;
+        for (int64_t j = 0; j < heads; j++) {
+            const float *src = query + (r * num_heads + first_head + j) * head_dim;
+            for (int64_t d = 0; d < head_dim; d++) q[j][d] = src[d] * scale;
         }
+        int64_t len = seq_lens[r];
+        int64_t start = sliding_window > 0 && len > sliding_window ? len - sliding_window : 0;
+        attend(q, task_heads, group, head_dim, kv_cache + h0 * head_dim, value_offset,
+               token_stride, block_table + r * table_stride, block_size, start, len, acc);
+        for (int64_t j = 0; j < heads; j++)
+            memcpy(out + (r * num_heads + first_head + j) * head_dim, acc[j],
+                   sizeof(float) * head_dim);
     }
     return 0;
 }
