@@ -13,15 +13,22 @@ import torch
 
 from ember import LLM, SamplingParams
 from ember.enginecore.arg_utils import EngineArgs, cpu_has_native_bfloat16
-from ember.workers.layers.embedding import REFINED_LOGITS, refine_top_logits
+from ember.kernels import block_matmul
+from ember.workers.layers.embedding import (
+    REFINED_LOGITS,
+    ParallelLMHead,
+    VocabParallelEmbedding,
+    refine_top_logits,
+)
 from ember.workers.layers.linear import ReplicatedLinear
 from ember.workers.layers.packed_int4 import (
     PackedInt4Weight,
-    QuantizedRows,
+    QuantizedWeight,
     find_int4_groups,
     find_int8_halves,
     pack_model,
     pack_weight,
+    packed_format,
 )
 from ember.workers.model_loader import loader, weights_cache
 from tests.helpers import default_model_config
@@ -57,11 +64,22 @@ def test_8bit_groups_split_exactly_into_two_4bit_halves(dense):
 @pytest.mark.parametrize(("kind", "codes_dtype"), [("Q4_1", torch.uint8), ("Q8_0", torch.int8)])
 def test_quantized_rows_read_the_dense_rows(dense, kind, codes_dtype):
     weight = _gguf_round_trip(dense, kind)
-    table = QuantizedRows.from_weight(weight)
+    table = QuantizedWeight.from_weight(weight)
     assert table.codes.dtype == codes_dtype and table.shape == tuple(weight.shape)
+    assert table.scale.dtype == torch.float16  # GGUF's scales are float16: kept exactly
     ids = torch.tensor([[0, 95, 7], [7, 3, 50]])
     torch.testing.assert_close(table.rows(ids), weight[ids], rtol=0, atol=1e-6)
-    assert QuantizedRows.from_weight(torch.from_numpy(dense)) is None
+    assert QuantizedWeight.from_weight(torch.from_numpy(dense)) is None
+
+
+def test_scales_stay_float32_where_float16_would_move_the_weights():
+    q = torch.randint(0, 16, (4, 64))
+    q[:, 0::32], q[:, 1::32] = 0, 15  # each group spans its grid (Q4_1's form)
+    scale = torch.full((4, 2), 1.0 + 2**-12)  # float16 rounds it to 1: q = 15 moves by 0.004
+    weight = (q.float().unflatten(-1, (2, 32)) * scale[..., None] - 3.0).flatten(-2)
+    table = QuantizedWeight.from_weight(weight)
+    assert table.scale.dtype == torch.float32
+    torch.testing.assert_close(table.rows(torch.arange(4)), weight, rtol=0, atol=1e-6)
 
 
 def test_dense_weights_are_not_packed(dense):
@@ -71,11 +89,18 @@ def test_dense_weights_are_not_packed(dense):
     assert pack_weight(weight) is None
 
 
+def _quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    groups = x.unflatten(-1, (-1, 32))
+    amax = groups.abs().amax(-1, keepdim=True)
+    return (torch.round(groups * 32767 / amax) * amax / 32767).flatten(-2)
+
+
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_packed_matmul_matches_a_plain_torch_reference(dense, kind, rows):
     weight = _gguf_round_trip(dense, kind)
     packed = pack_weight(weight)
+    assert isinstance(packed, PackedInt4Weight)
     x = torch.randn(rows, weight.shape[1])
     # Reference: the same groups with bfloat16 scales, x in bfloat16, products in float32.
     groups = [find_int4_groups(weight)] if kind == "Q4_1" else list(find_int8_halves(weight))
@@ -89,6 +114,59 @@ def test_packed_matmul_matches_a_plain_torch_reference(dense, kind, rows):
     assert out.dtype == torch.float32 and out.shape == (rows, weight.shape[0])
     torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)  # bfloat16 output
     torch.testing.assert_close(out, x @ weight.T, rtol=5e-2, atol=5e-2)
+
+
+def _quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    groups = x.unflatten(-1, (-1, 32))
+    amax = groups.abs().amax(-1, keepdim=True)
+    return (torch.round(groups * 32767 / amax) * amax / 32767).flatten(-2)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_quantized_weight_matmul_matches_a_plain_torch_reference(dense, kind, rows):
+    weight = _gguf_round_trip(dense, kind)
+    packed = QuantizedWeight.from_weight(weight)
+    x = torch.randn(rows, weight.shape[1])
+    # Reference: the same groups, x in bfloat16 then in 16-bit groups as the C kernel
+    # quantizes it; the output in bfloat16, as the fused decode step has it.
+    out = packed.matmul(x)
+    assert out.dtype == torch.float32 and out.shape == (rows, weight.shape[0])
+    reference = _quantized_activations(x.bfloat16().float()) @ weight.T
+    torch.testing.assert_close(out, reference.bfloat16().float(), rtol=8e-3, atol=1e-4)
+    torch.testing.assert_close(out, x @ weight.T, rtol=5e-2, atol=5e-2)
+    assert torch.equal(packed.matmul_bfloat16(x.bfloat16()).float(), out)
+
+
+def _tied_head_model(weight: torch.Tensor) -> torch.nn.Module:
+    model = torch.nn.Module()
+    model.embed = VocabParallelEmbedding(*weight.shape)
+    model.embed.weight.data.copy_(weight)
+    model.head = ParallelLMHead(*weight.shape)
+    model.head.tie_weights(model.embed)
+    return model
+
+
+def test_a_tied_head_multiplies_by_its_embedding_rows(dense):
+    model = _tied_head_model(_gguf_round_trip(dense, "Q8_0"))
+    assert packed_format() == "groups"
+    pack_model(model)
+    assert model.head.packed_weight is model.embed.packed_rows  # one copy of the groups
+    hidden = torch.randn(2, dense.shape[1])
+    expected = hidden @ model.embed.weight.T
+    torch.testing.assert_close(model.head.compute_logits(hidden), expected, **BF16)
+
+
+def test_without_a_compiler_the_head_takes_torch_halves(dense, monkeypatch):
+    monkeypatch.setattr(block_matmul, "available", lambda: False)
+    assert packed_format() == "int4pack"
+    model = _tied_head_model(_gguf_round_trip(dense, "Q8_0"))
+    pack_model(model)
+    assert isinstance(model.head.packed_weight, PackedInt4Weight)
+    assert model.head.packed_rows is model.embed.packed_rows  # rows are read all the same
+    hidden = torch.randn(2, dense.shape[1])
+    expected = hidden @ model.embed.weight.T
+    torch.testing.assert_close(model.head.compute_logits(hidden), expected, **BF16)
 
 
 def test_only_layers_made_of_groups_are_packed_and_turned_bfloat16(dense):
@@ -143,24 +221,23 @@ def test_loader_packs_every_quantised_layer_and_maps_the_cache(default_gguf, tmp
     converted = loader.get_model(config, torch.device("cpu"))
     assert os.path.exists(packed_file)
     layers = converted.model.layers
-    # 30 layers x (qkv, o, gate_up, down), all Q4_1 in the file, and the Q8_0 LM head in halves.
+    # 30 layers x (qkv, o, gate_up, down), all Q4_1 in the file, and the Q8_0 LM head.
     assert all(
         layer.packed_weight is not None and layer.weight.dtype == torch.bfloat16
         for block in layers
         for layer in (block.self_attn.qkv_proj, block.self_attn.o_proj, block.mlp.gate_up_proj)
     )
-    assert len(converted.lm_head.packed_weight.parts) == 2
     assert not hasattr(converted.model.embed_tokens, "packed_weight")  # a lookup: never packed
     assert converted.lm_head.weight.dtype == torch.float32
     # The tied Q8_0 table is read through one set of int8 rows, kept once in the file.
     table = converted.model.embed_tokens.packed_rows
     assert table is not None and table.codes.dtype == torch.int8
     assert converted.lm_head.packed_rows is table
+    assert converted.lm_head.packed_weight is table  # its groups also serve the matmul
     saved = weights_cache.map_tensors(packed_file)[0]
-    assert sorted(name for name in saved if ".rows." in name) == [
+    assert sorted(name for name in saved if "embed_tokens" in name or "lm_head" in name) == [
         "model.embed_tokens.rows.codes",
         "model.embed_tokens.rows.scale",
-        "model.embed_tokens.rows.zero",
     ]
     mapped = loader.get_model(config, torch.device("cpu"))
     assert mapped.lm_head.packed_rows is mapped.model.embed_tokens.packed_rows
@@ -168,11 +245,15 @@ def test_loader_packs_every_quantised_layer_and_maps_the_cache(default_gguf, tmp
     dense_rows = converted.model.embed_tokens.weight[ids]
     torch.testing.assert_close(mapped.model.embed_tokens(ids), dense_rows, rtol=0, atol=1e-6)
     torch.testing.assert_close(mapped.lm_head.read_rows(ids), dense_rows, rtol=0, atol=1e-6)
-    for a, b in [
-        (converted.model.layers[7].mlp.down_proj, mapped.model.layers[7].mlp.down_proj),
-        (converted.lm_head, mapped.lm_head),
+    for a, b, kind in [
+        (
+            converted.model.layers[7].mlp.down_proj,
+            mapped.model.layers[7].mlp.down_proj,
+            PackedInt4Weight,
+        ),
+        (converted.lm_head, mapped.lm_head, QuantizedWeight),
     ]:
-        assert isinstance(b.packed_weight, PackedInt4Weight)
+        assert isinstance(b.packed_weight, kind)
         x = torch.randn(2, a.weight.shape[1])
         assert torch.equal(a.packed_weight.matmul(x), b.packed_weight.matmul(x))
     assert torch.equal(converted.model.norm.weight, mapped.model.norm.weight)

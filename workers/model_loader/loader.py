@@ -22,6 +22,7 @@ from ember.workers.hf_config import HFConfig, load_hf_config
 from ember.workers.layers.packed_int4 import (
     attach_packed_tensors,
     pack_model,
+    packed_format,
     packed_tensors,
     unpack_model,
     use_bfloat16_dense_weights,
@@ -132,7 +133,8 @@ def gguf_weights_cache_file(model_config: ModelConfig, packed: bool = False) -> 
     model_kind = f"{model_config.architecture}-{model_config.convert}"
     label = model_config.dtype
     if model_config.quantization is not None:
-        label = f"{label}-{model_config.quantization}" + ("-packed2" if packed else "")
+        label = f"{label}-{model_config.quantization}"
+        label += f"-packed4-{packed_format()}" if packed else ""
     return cached_weights_path(gguf_cache_dir(model_config.gguf_file), model_kind, label)
 
 

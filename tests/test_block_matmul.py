@@ -1,0 +1,93 @@
+"""The C matmul over GGUF-style groups (`kernels/block_matmul.py`) against a plain-torch
+reference that quantizes the activations the same way (16-bit groups of 32, max|x| / 32767)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.kernels import block_matmul, cpu_library
+
+
+def _quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the kernel sees it: each group of 32 in steps of max|x| / 32767."""
+    groups = x.float().unflatten(-1, (-1, 32))
+    amax = groups.abs().amax(-1, keepdim=True)
+    step = amax / 32767
+    inverse = torch.where(amax > 0, 32767 / amax, torch.zeros_like(amax))
+    return (torch.round(groups * inverse) * step).flatten(-2)
+
+
+def _weight(n: int, k: int, bits: int, scale_dtype: torch.dtype, seed: int):
+    """(codes, scale, offset, dense) of a random [n, k] weight of `bits`-bit groups."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = k // 32
+    scale = (torch.rand(n, groups, generator=generator) * 0.02 + 1e-3).to(scale_dtype)
+    if bits == 4:
+        q = torch.randint(0, 16, (n, k), generator=generator)
+        offset = (torch.randn(n, groups, generator=generator) * 0.1).to(scale_dtype)
+        codes = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+        dense = q.float().unflatten(-1, (groups, 32)) * scale.float()[..., None]
+        dense = (dense + offset.float()[..., None]).flatten(-2)
+        return codes, scale, offset, dense
+    q = torch.randint(-127, 128, (n, k), generator=generator)
+    dense = (q.float().unflatten(-1, (groups, 32)) * scale.float()[..., None]).flatten(-2)
+    return q.to(torch.int8), scale, None, dense
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    ("rows", "n", "k"),
+    # One row; a tile of four and a partial one; an odd number of groups (a pair and a
+    # single group); enough rows and columns for both threads.
+    [(1, 40, 64), (5, 24, 96), (3, 7, 32), (33, 300, 576)],
+)
+def test_block_matmul_equals_the_quantized_reference(bits, scale_dtype, rows, n, k):
+    codes, scale, offset, dense = _weight(n, k, bits, scale_dtype, seed=rows + k)
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k)
+    out = block_matmul.block_matmul(x, codes, scale, offset, torch.float32)
+    assert out is not None and out.shape == (rows, n) and out.dtype == torch.float32
+    expected = _quantized_activations(x) @ dense.T
+    # Equal up to float32 summation order.
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    # Close to the exact product.
+    torch.testing.assert_close(out, x @ dense.T, rtol=0.05, atol=0.05 * float(expected.std()))
+
+
+def test_block_matmul_reads_and_writes_bfloat16():
+    codes, scale, offset, dense = _weight(64, 128, 4, torch.float16, seed=1)
+    x = torch.randn(2, 128).bfloat16()
+    out = block_matmul.block_matmul(x, codes, scale, offset, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    expected = _quantized_activations(x) @ dense.T
+    torch.testing.assert_close(out.float(), expected.bfloat16().float(), rtol=8e-3, atol=1e-3)
+
+
+def test_zero_rows_and_unsupported_widths():
+    codes, scale, offset, _ = _weight(8, 64, 4, torch.float16, seed=2)
+    out = block_matmul.block_matmul(torch.zeros(1, 64), codes, scale, offset, torch.float32)
+    assert torch.equal(out, torch.zeros(1, 8))  # x = 0: zero steps, no NaN
+    with pytest.raises(ValueError, match="x has 48 columns"):
+        block_matmul.block_matmul(torch.zeros(1, 48), codes, scale, offset, torch.float32)
+    narrow = torch.zeros(8, 24, dtype=torch.uint8)  # K = 48: not whole groups
+    assert (
+        block_matmul.block_matmul(torch.zeros(1, 48), narrow, scale, offset, torch.float32) is None
+    )
+
+
+def test_no_compiler_means_no_kernel(monkeypatch):
+    monkeypatch.setattr(cpu_library.shutil, "which", lambda name: None)
+    cpu_library.load_c_library.cache_clear()
+    block_matmul._library.cache_clear()
+    try:
+        assert not block_matmul.available()
+        codes, scale, offset, _ = _weight(8, 64, 4, torch.float16, seed=3)
+        assert (
+            block_matmul.block_matmul(torch.ones(1, 64), codes, scale, offset, torch.float32)
+            is None
+        )
+    finally:
+        cpu_library.load_c_library.cache_clear()
+        block_matmul._library.cache_clear()
