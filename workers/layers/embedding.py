@@ -48,7 +48,7 @@ class VocabParallelEmbedding(nn.Module):
         valid_rows = max(0, min(self.rows_per_rank, num_embeddings - self.vocab_start))
         self.weight.data[valid_rows:].zero_()
         self.weight.weight_loader = self.weight_loader
-        # `packed_int4.QuantizedRows` of the weight (quantization="gguf"): rows are read from
+        # `packed_int4.QuantizedWeight` of the weight (quantization="gguf"): rows are read from
         # it and the dense weight is left untouched (mapped from the cache, never resident).
         self.packed_rows = None
 
