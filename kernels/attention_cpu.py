@@ -20,15 +20,13 @@ import functools
 
 import torch
 
-from ember.kernels.cpu_library import load_c_library
+from ember.kernels.cpu_library import load_openmp_library
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel with its argument types, or None (no compiler)."""
-    library = load_c_library("paged_decode_attention.c", ("-fopenmp",))
-    if library is None:
-        library = load_c_library("paged_decode_attention.c")
+    library = load_openmp_library("paged_decode_attention.c")
     if library is None:
         return None
     function = library.ember_paged_decode_attention

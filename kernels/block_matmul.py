@@ -15,16 +15,14 @@ import functools
 
 import torch
 
-from ember.kernels.cpu_library import load_c_library
+from ember.kernels.cpu_library import load_openmp_library
 
 GROUP_SIZE = 32
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    library = load_c_library("block_matmul.c", ("-fopenmp",))
-    if library is None:
-        library = load_c_library("block_matmul.c")
+    library = load_openmp_library("block_matmul.c")
     if library is None:
         return None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int

@@ -41,6 +41,13 @@ def _cpu_key() -> str:
         return platform.processor() or platform.machine()
 
 
+def load_openmp_library(source_name: str) -> ctypes.CDLL | None:
+    """`csrc/<source_name>` built with OpenMP (`-fopenmp`: it links `libgomp.so.1`, which the
+    loader finds already loaded with torch, so the kernel shares torch's threads and its
+    `torch.set_num_threads`), or without where OpenMP cannot be built; None without a compiler."""
+    return load_c_library(source_name, ("-fopenmp",)) or load_c_library(source_name)
+
+
 @functools.cache
 def load_c_library(source_name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """`csrc/<source_name>` compiled (with `extra_flags` after the common ones) and loaded,

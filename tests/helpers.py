@@ -30,6 +30,16 @@ def default_model_config(
     )
 
 
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as `kernels/block_matmul.py` sees it: each group of 32 in steps of
+    max|x| / 32767, rounded to nearest even."""
+    groups = x.float().unflatten(-1, (-1, 32))
+    amax = groups.abs().amax(-1, keepdim=True)
+    step = amax / 32767
+    inverse = torch.where(amax > 0, 32767 / amax, torch.zeros_like(amax))
+    return (torch.round(groups * inverse) * step).flatten(-2)
+
+
 def write_random_llama(
     path, *, seed: int = 0, max_shard_size: str | None = None, **overrides
 ) -> str:

@@ -100,3 +100,12 @@ def test_shapes_beyond_the_kernel_and_a_missing_compiler_fall_back(monkeypatch):
     finally:
         cpu_library.load_c_library.cache_clear()
         attention_cpu._library.cache_clear()
+
+
+def test_openmp_kernels_share_torchs_runtime():
+    """The OpenMP kernels link `libgomp.so.1`, and the loader gives them torch's: one thread pool
+    in the process, not two competing for the cores."""
+    assert attention_cpu._library() is not None
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes

@@ -7,15 +7,7 @@ import pytest
 import torch
 
 from ember.kernels import block_matmul, cpu_library
-
-
-def _quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] as the kernel sees it: each group of 32 in steps of max|x| / 32767."""
-    groups = x.float().unflatten(-1, (-1, 32))
-    amax = groups.abs().amax(-1, keepdim=True)
-    step = amax / 32767
-    inverse = torch.where(amax > 0, 32767 / amax, torch.zeros_like(amax))
-    return (torch.round(groups * inverse) * step).flatten(-2)
+from tests.helpers import quantized_activations
 
 
 def _weight(n: int, k: int, bits: int, scale_dtype: torch.dtype, seed: int):
@@ -49,7 +41,7 @@ def test_block_matmul_equals_the_quantized_reference(bits, scale_dtype, rows, n,
     x = torch.randn(rows, k)
     out = block_matmul.block_matmul(x, codes, scale, offset, torch.float32)
     assert out is not None and out.shape == (rows, n) and out.dtype == torch.float32
-    expected = _quantized_activations(x) @ dense.T
+    expected = quantized_activations(x) @ dense.T
     # Equal up to float32 summation order.
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     # Close to the exact product.
@@ -61,7 +53,7 @@ def test_block_matmul_reads_and_writes_bfloat16():
     x = torch.randn(2, 128).bfloat16()
     out = block_matmul.block_matmul(x, codes, scale, offset, torch.bfloat16)
     assert out.dtype == torch.bfloat16
-    expected = _quantized_activations(x) @ dense.T
+    expected = quantized_activations(x) @ dense.T
     torch.testing.assert_close(out.float(), expected.bfloat16().float(), rtol=8e-3, atol=1e-3)
 
 

@@ -31,7 +31,7 @@ from ember.workers.layers.packed_int4 import (
     packed_format,
 )
 from ember.workers.model_loader import loader, weights_cache
-from tests.helpers import default_model_config
+from tests.helpers import default_model_config, quantized_activations
 
 
 def _gguf_round_trip(weight: np.ndarray, kind: str) -> torch.Tensor:
@@ -89,12 +89,6 @@ def test_dense_weights_are_not_packed(dense):
     assert pack_weight(weight) is None
 
 
-def _quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    groups = x.unflatten(-1, (-1, 32))
-    amax = groups.abs().amax(-1, keepdim=True)
-    return (torch.round(groups * 32767 / amax) * amax / 32767).flatten(-2)
-
-
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_packed_matmul_matches_a_plain_torch_reference(dense, kind, rows):
@@ -116,12 +110,6 @@ def test_packed_matmul_matches_a_plain_torch_reference(dense, kind, rows):
     torch.testing.assert_close(out, x @ weight.T, rtol=5e-2, atol=5e-2)
 
 
-def _quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    groups = x.unflatten(-1, (-1, 32))
-    amax = groups.abs().amax(-1, keepdim=True)
-    return (torch.round(groups * 32767 / amax) * amax / 32767).flatten(-2)
-
-
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_quantized_weight_matmul_matches_a_plain_torch_reference(dense, kind, rows):
@@ -132,7 +120,7 @@ def test_quantized_weight_matmul_matches_a_plain_torch_reference(dense, kind, ro
     # quantizes it; the output in bfloat16, as the fused decode step has it.
     out = packed.matmul(x)
     assert out.dtype == torch.float32 and out.shape == (rows, weight.shape[0])
-    reference = _quantized_activations(x.bfloat16().float()) @ weight.T
+    reference = quantized_activations(x.bfloat16().float()) @ weight.T
     torch.testing.assert_close(out, reference.bfloat16().float(), rtol=8e-3, atol=1e-4)
     torch.testing.assert_close(out, x @ weight.T, rtol=5e-2, atol=5e-2)
     assert torch.equal(packed.matmul_bfloat16(x.bfloat16()).float(), out)

@@ -187,7 +187,7 @@ class QuantizedWeight:
 
     def _matmul(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         out = block_matmul.block_matmul(x, self.codes, self.scale, self.offset, out_dtype)
-        if out is None:  # no C compiler: only reachable if it vanished after packing
+        if out is None:  # rows wider than the kernel takes (16384): dequantised, slow but exact
             index = torch.arange(self.codes.shape[0])
             out = (x.float() @ self.rows(index).T).to(out_dtype)
         return out
