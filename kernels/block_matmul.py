@@ -1,11 +1,11 @@
-"""Matmuls against weights held as GGUF-style groups of 32 (`packed_int4.BlockQuantized`), in C
-(`csrc/block_matmul.c`): the activations are quantized to 8-bit groups and each group's product
-is integer work on bytes (AVX512-VNNI or AVX2), as llama.cpp computes it. It serves decode-sized
-batches, whose steps are bound by reading the weights: 4.5 to 5 bits per weight here against 16
-for a bfloat16 matmul.
+"""Matmuls against weights held as GGUF-style groups of 32 (`packed_int4.QuantizedWeight`), in
+C (`csrc/block_matmul.c`): each group of 32 activations becomes 16-bit integers with one scale,
+and a group's product is integer work (vpmaddwd with AVX-512, AVX2 otherwise) scaled once. It
+serves the LM head, whose 8-bit groups it reads in one pass (torch's 4-bit kernel needs two
+halves).
 
-`block_matmul` returns None where the library cannot be built (no compiler); the caller keeps
-torch's path.
+`block_matmul` returns None where the library cannot be built (no compiler) or the rows are
+wider than it takes; the caller keeps another path.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ import torch
 
 from ember.kernels.cpu_library import load_openmp_library
 
-GROUP_SIZE = 32
-
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    library = load_openmp_library("block_matmul.c")
+    return with_signatures(load_openmp_library("block_matmul.c"))
+
+
+def with_signatures(library: ctypes.CDLL | None) -> ctypes.CDLL | None:
+    """`library` (a build of `csrc/block_matmul.c`) with its function's argument types."""
     if library is None:
         return None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int

@@ -48,6 +48,20 @@ def test_block_matmul_equals_the_quantized_reference(bits, scale_dtype, rows, n,
     torch.testing.assert_close(out, x @ dense.T, rtol=0.05, atol=0.05 * float(expected.std()))
 
 
+# Builds for CPUs with less than AVX-512 (the AVX2 and plain-C paths), on this machine.
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx2", "-mno-avx512f")])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_avx2_and_plain_c_paths_agree_with_the_reference(flags, bits, monkeypatch):
+    library = block_matmul.with_signatures(cpu_library.load_c_library("block_matmul.c", flags))
+    assert library is not None
+    monkeypatch.setattr(block_matmul, "_library", lambda: library)
+    codes, scale, offset, dense = _weight(300, 96, bits, torch.float16, seed=bits)
+    x = torch.randn(5, 96)
+    out = block_matmul.block_matmul(x, codes, scale, offset, torch.float32)
+    expected = quantized_activations(x) @ dense.T
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
 def test_block_matmul_reads_and_writes_bfloat16():
     codes, scale, offset, dense = _weight(64, 128, 4, torch.float16, seed=1)
     x = torch.randn(2, 128).bfloat16()
@@ -57,7 +71,7 @@ def test_block_matmul_reads_and_writes_bfloat16():
     torch.testing.assert_close(out.float(), expected.bfloat16().float(), rtol=8e-3, atol=1e-3)
 
 
-def test_zero_rows_and_unsupported_widths():
+def test_zero_activations_and_unsupported_widths():
     codes, scale, offset, _ = _weight(8, 64, 4, torch.float16, seed=2)
     out = block_matmul.block_matmul(torch.zeros(1, 64), codes, scale, offset, torch.float32)
     assert torch.equal(out, torch.zeros(1, 8))  # x = 0: zero steps, no NaN

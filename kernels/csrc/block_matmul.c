@@ -30,7 +30,7 @@
 
 #include "bfloat16.h"
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -95,24 +95,6 @@ static void quantize_activations(const void *x, int x_bf16, int64_t rows, int64_
     }
 }
 
-#if defined(__AVX2__)
-static inline float sum_lanes(__m256 v) {
-    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    half = _mm_add_ss(half, _mm_movehdup_ps(half));
-    return _mm_cvtss_f32(half);
-}
-
-/* A group's 32 weight codes as bytes: for 4-bit ones, the low nibbles then the high ones. */
-static inline __m256i group_bytes(const uint8_t *codes, int bits, int64_t element) {
-    if (bits == 8) return _mm256_loadu_si256((const __m256i *)(codes + element));
-    __m128i packed = _mm_loadu_si128((const __m128i *)(codes + element / 2));
-    const __m128i mask = _mm_set1_epi8(0x0f);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), mask),
-                            _mm_and_si128(packed, mask));
-}
-#endif
-
 #if defined(__AVX512BW__)
 /* A group's 32 weight codes as 16-bit words: for 4-bit ones, the low nibbles then the high. */
 static inline __m512i group_words(const uint8_t *codes, int bits, int64_t element) {
@@ -158,6 +140,23 @@ static inline __attribute__((always_inline)) void dot_rows(
         results[r] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]));
 }
 #elif defined(__AVX2__)
+static inline float sum_lanes(__m256 v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_movehdup_ps(half));
+    return _mm_cvtss_f32(half);
+}
+
+/* A group's 32 weight codes as bytes: for 4-bit ones, the low nibbles then the high ones. */
+static inline __m256i group_bytes(const uint8_t *codes, int bits, int64_t element) {
+    if (bits == 8) return _mm256_loadu_si256((const __m256i *)(codes + element));
+    __m128i packed = _mm_loadu_si128((const __m128i *)(codes + element / 2));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), mask),
+                            _mm_and_si128(packed, mask));
+}
+
+/* As above, in two 256-bit halves of 16 words per group. */
 static inline __attribute__((always_inline)) void dot_rows(
     const QuantizedActivations *a, const int rows, int64_t k, const uint8_t *codes, int bits,
     int64_t n, float combined[][MAX_GROUPS], float *results) {
