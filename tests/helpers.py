@@ -30,14 +30,33 @@ def default_model_config(
     )
 
 
-def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] as `kernels/block_matmul.py` sees it: each group of 32 in steps of
-    max|x| / 32767, rounded to nearest even."""
+def quantized_activations(x: torch.Tensor, levels: int = 32767) -> torch.Tensor:
+    """x [M, K] as the C matmuls see it: each group of 32 in steps of max|x| / levels, rounded
+    to nearest even (`kernels/block_matmul.py`: 32767, `kernels/tile_matmul.py`: 16383)."""
     groups = x.float().unflatten(-1, (-1, 32))
     amax = groups.abs().amax(-1, keepdim=True)
-    step = amax / 32767
-    inverse = torch.where(amax > 0, 32767 / amax, torch.zeros_like(amax))
+    step = amax / levels
+    # levels / amax as one division, as C has it (a number over a tensor is its reciprocal
+    # times the number in torch, which rounds differently)
+    inverse = torch.where(amax > 0, torch.full_like(amax, levels) / amax, torch.zeros_like(amax))
     return (torch.round(groups * inverse) * step).flatten(-2)
+
+
+def random_group_weight(n: int, k: int, bits: int, scale_dtype: torch.dtype, seed: int):
+    """(codes, scale, offset, dense) of a random [n, k] weight of `bits`-bit groups."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = k // 32
+    scale = (torch.rand(n, groups, generator=generator) * 0.02 + 1e-3).to(scale_dtype)
+    if bits == 4:
+        q = torch.randint(0, 16, (n, k), generator=generator)
+        offset = (torch.randn(n, groups, generator=generator) * 0.1).to(scale_dtype)
+        codes = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+        dense = q.float().unflatten(-1, (groups, 32)) * scale.float()[..., None]
+        dense = (dense + offset.float()[..., None]).flatten(-2)
+        return codes, scale, offset, dense
+    q = torch.randint(-127, 128, (n, k), generator=generator)
+    dense = (q.float().unflatten(-1, (groups, 32)) * scale.float()[..., None]).flatten(-2)
+    return q.to(torch.int8), scale, None, dense
 
 
 def write_random_llama(

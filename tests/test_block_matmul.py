@@ -7,24 +7,7 @@ import pytest
 import torch
 
 from ember.kernels import block_matmul, cpu_library
-from tests.helpers import quantized_activations
-
-
-def _weight(n: int, k: int, bits: int, scale_dtype: torch.dtype, seed: int):
-    """(codes, scale, offset, dense) of a random [n, k] weight of `bits`-bit groups."""
-    generator = torch.Generator().manual_seed(seed)
-    groups = k // 32
-    scale = (torch.rand(n, groups, generator=generator) * 0.02 + 1e-3).to(scale_dtype)
-    if bits == 4:
-        q = torch.randint(0, 16, (n, k), generator=generator)
-        offset = (torch.randn(n, groups, generator=generator) * 0.1).to(scale_dtype)
-        codes = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
-        dense = q.float().unflatten(-1, (groups, 32)) * scale.float()[..., None]
-        dense = (dense + offset.float()[..., None]).flatten(-2)
-        return codes, scale, offset, dense
-    q = torch.randint(-127, 128, (n, k), generator=generator)
-    dense = (q.float().unflatten(-1, (groups, 32)) * scale.float()[..., None]).flatten(-2)
-    return q.to(torch.int8), scale, None, dense
+from tests.helpers import quantized_activations, random_group_weight
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -36,7 +19,7 @@ def _weight(n: int, k: int, bits: int, scale_dtype: torch.dtype, seed: int):
     [(1, 40, 64), (5, 24, 96), (3, 7, 32), (33, 300, 576)],
 )
 def test_block_matmul_equals_the_quantized_reference(bits, scale_dtype, rows, n, k):
-    codes, scale, offset, dense = _weight(n, k, bits, scale_dtype, seed=rows + k)
+    codes, scale, offset, dense = random_group_weight(n, k, bits, scale_dtype, seed=rows + k)
     torch.manual_seed(rows)
     x = torch.randn(rows, k)
     out = block_matmul.block_matmul(x, codes, scale, offset, torch.float32)
@@ -55,7 +38,7 @@ def test_the_avx2_and_plain_c_paths_agree_with_the_reference(flags, bits, monkey
     library = block_matmul.with_signatures(cpu_library.load_c_library("block_matmul.c", flags))
     assert library is not None
     monkeypatch.setattr(block_matmul, "_library", lambda: library)
-    codes, scale, offset, dense = _weight(300, 96, bits, torch.float16, seed=bits)
+    codes, scale, offset, dense = random_group_weight(300, 96, bits, torch.float16, seed=bits)
     x = torch.randn(5, 96)
     out = block_matmul.block_matmul(x, codes, scale, offset, torch.float32)
     expected = quantized_activations(x) @ dense.T
@@ -63,7 +46,7 @@ def test_the_avx2_and_plain_c_paths_agree_with_the_reference(flags, bits, monkey
 
 
 def test_block_matmul_reads_and_writes_bfloat16():
-    codes, scale, offset, dense = _weight(64, 128, 4, torch.float16, seed=1)
+    codes, scale, offset, dense = random_group_weight(64, 128, 4, torch.float16, seed=1)
     x = torch.randn(2, 128).bfloat16()
     out = block_matmul.block_matmul(x, codes, scale, offset, torch.bfloat16)
     assert out.dtype == torch.bfloat16
@@ -72,7 +55,7 @@ def test_block_matmul_reads_and_writes_bfloat16():
 
 
 def test_zero_activations_and_unsupported_widths():
-    codes, scale, offset, _ = _weight(8, 64, 4, torch.float16, seed=2)
+    codes, scale, offset, _ = random_group_weight(8, 64, 4, torch.float16, seed=2)
     out = block_matmul.block_matmul(torch.zeros(1, 64), codes, scale, offset, torch.float32)
     assert torch.equal(out, torch.zeros(1, 8))  # x = 0: zero steps, no NaN
     with pytest.raises(ValueError, match="x has 48 columns"):
@@ -89,7 +72,7 @@ def test_no_compiler_means_no_kernel(monkeypatch):
     block_matmul._library.cache_clear()
     try:
         assert not block_matmul.available()
-        codes, scale, offset, _ = _weight(8, 64, 4, torch.float16, seed=3)
+        codes, scale, offset, _ = random_group_weight(8, 64, 4, torch.float16, seed=3)
         assert (
             block_matmul.block_matmul(torch.ones(1, 64), codes, scale, offset, torch.float32)
             is None

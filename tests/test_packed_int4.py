@@ -13,7 +13,7 @@ import torch
 
 from ember import LLM, SamplingParams
 from ember.enginecore.arg_utils import EngineArgs, cpu_has_native_bfloat16
-from ember.kernels import block_matmul
+from ember.kernels import block_matmul, tile_matmul
 from ember.workers.layers.embedding import (
     REFINED_LOGITS,
     ParallelLMHead,
@@ -30,6 +30,7 @@ from ember.workers.layers.packed_int4 import (
     pack_weight,
     packed_format,
 )
+from ember.workers.layers.tiled_weight import TiledWeight
 from ember.workers.model_loader import loader, weights_cache
 from tests.helpers import default_model_config, quantized_activations
 
@@ -91,7 +92,8 @@ def test_dense_weights_are_not_packed(dense):
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_packed_matmul_matches_a_plain_torch_reference(dense, kind, rows):
+def test_torch_packed_matmul_matches_a_plain_torch_reference(dense, kind, rows, monkeypatch):
+    monkeypatch.setattr(tile_matmul, "available", lambda: False)  # a CPU without VNNI
     weight = _gguf_round_trip(dense, kind)
     packed = pack_weight(weight)
     assert isinstance(packed, PackedInt4Weight)
@@ -135,10 +137,16 @@ def _tied_head_model(weight: torch.Tensor) -> torch.nn.Module:
     return model
 
 
-def test_a_tied_head_multiplies_by_its_embedding_rows(dense):
+@pytest.mark.parametrize("tiles", [True, False])
+def test_a_tied_head_multiplies_by_its_embedding_rows(dense, tiles, monkeypatch):
+    if not tiles:  # a CPU without VNNI: the groups through block_matmul
+        monkeypatch.setattr(tile_matmul, "available", lambda: False)
+    elif not tile_matmul.available():
+        pytest.skip("this CPU has no AVX-512 VNNI")
     model = _tied_head_model(_gguf_round_trip(dense, "Q8_0"))
-    assert packed_format() == "groups"
+    assert packed_format() == ("tiles" if tiles else "groups")
     pack_model(model)
+    assert isinstance(model.head.packed_weight, TiledWeight if tiles else QuantizedWeight)
     assert model.head.packed_weight is model.embed.packed_rows  # one copy of the groups
     hidden = torch.randn(2, dense.shape[1])
     expected = hidden @ model.embed.weight.T
@@ -147,6 +155,7 @@ def test_a_tied_head_multiplies_by_its_embedding_rows(dense):
 
 def test_without_a_compiler_the_head_takes_torch_halves(dense, monkeypatch):
     monkeypatch.setattr(block_matmul, "available", lambda: False)
+    monkeypatch.setattr(tile_matmul, "available", lambda: False)
     assert packed_format() == "int4pack"
     model = _tied_head_model(_gguf_round_trip(dense, "Q8_0"))
     pack_model(model)
@@ -168,7 +177,7 @@ def test_only_layers_made_of_groups_are_packed_and_turned_bfloat16(dense):
     assert model.free.packed_weight is None and model.free.weight.dtype == torch.float32
     x = torch.randn(3, 128)
     torch.testing.assert_close(model.free(x), x @ torch.from_numpy(dense).T)  # untouched path
-    big = torch.randn(32, 128)  # more rows than PACKED_MAX_TOKENS: the bfloat16 dense copy
+    big = torch.randn(model.grid.packed_weight.max_tokens + 1, 128)  # the bfloat16 dense copy
     torch.testing.assert_close(model.grid(big), big @ model.grid.weight.float().T, **BF16)
     torch.testing.assert_close(model.grid(x), model.grid.packed_weight.matmul(x))
 
@@ -202,7 +211,16 @@ def test_quantization_is_resolved_like_vllm(default_gguf, tiny_llama_dir):
         EngineArgs(model=default_gguf, quantization="gguf", dtype="bfloat16").create_engine_config()
 
 
-def test_loader_packs_every_quantised_layer_and_maps_the_cache(default_gguf, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tiles", [True, False])
+def test_loader_packs_every_quantised_layer_and_maps_the_cache(
+    default_gguf, tmp_path, monkeypatch, tiles
+):
+    if not tiles:  # a CPU without VNNI: torch's 4-bit layers, the head's groups in C
+        monkeypatch.setattr(tile_matmul, "available", lambda: False)
+    elif not tile_matmul.available():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    layer_kind = TiledWeight if tiles else PackedInt4Weight
+    table_kind = TiledWeight if tiles else QuantizedWeight
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     config = default_model_config(default_gguf, quantization="gguf")
     packed_file = loader.gguf_weights_cache_file(config, packed=True)
@@ -217,15 +235,16 @@ def test_loader_packs_every_quantised_layer_and_maps_the_cache(default_gguf, tmp
     )
     assert not hasattr(converted.model.embed_tokens, "packed_weight")  # a lookup: never packed
     assert converted.lm_head.weight.dtype == torch.float32
-    # The tied Q8_0 table is read through one set of int8 rows, kept once in the file.
+    # The tied Q8_0 table is read through one set of 8-bit rows, kept once in the file.
     table = converted.model.embed_tokens.packed_rows
-    assert table is not None and table.codes.dtype == torch.int8
+    assert isinstance(table, table_kind)
+    assert table.bits == 8 if tiles else table.codes.dtype == torch.int8
     assert converted.lm_head.packed_rows is table
     assert converted.lm_head.packed_weight is table  # its groups also serve the matmul
     saved = weights_cache.map_tensors(packed_file)[0]
+    table_names = ["tiles"] if tiles else ["codes", "scale"]
     assert sorted(name for name in saved if "embed_tokens" in name or "lm_head" in name) == [
-        "model.embed_tokens.rows.codes",
-        "model.embed_tokens.rows.scale",
+        f"model.embed_tokens.rows.{name}" for name in table_names
     ]
     mapped = loader.get_model(config, torch.device("cpu"))
     assert mapped.lm_head.packed_rows is mapped.model.embed_tokens.packed_rows
@@ -237,9 +256,9 @@ def test_loader_packs_every_quantised_layer_and_maps_the_cache(default_gguf, tmp
         (
             converted.model.layers[7].mlp.down_proj,
             mapped.model.layers[7].mlp.down_proj,
-            PackedInt4Weight,
+            layer_kind,
         ),
-        (converted.lm_head, mapped.lm_head, QuantizedWeight),
+        (converted.lm_head, mapped.lm_head, table_kind),
     ]:
         assert isinstance(b.packed_weight, kind)
         x = torch.randn(2, a.weight.shape[1])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.workers.distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce
+from ember.workers.layers.tiled_weight import TiledWeight
 
 
 def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
@@ -39,24 +40,31 @@ def check_shape(loaded_weight: torch.Tensor, expected: tuple[int, ...]) -> None:
         )
 
 
-# Batches up to this many tokens use a layer's packed 4-bit weight when it has one; larger
-# ones (prefill chunks) are compute-bound and run faster on the dense weight.
-PACKED_MAX_TOKENS = 8
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The dense weight a large batch multiplies by: made from the layer's tiles for this one
+    matmul when it has them (bfloat16, the values of `layer.weight`, which is then never read
+    into memory), else `layer.weight`."""
+    packed = layer.packed_weight
+    if isinstance(packed, TiledWeight):
+        return packed.dense_bfloat16()
+    return layer.weight
 
 
 def apply_linear(
     layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x @ layer.weight.T (+ bias) in x's dtype: through `layer.packed_weight` for decode-sized
-    batches when the layer has one (`ember.workers.layers.packed_int4`), and in the weight's
-    dtype when that differs from x's (bfloat16 weights under float32 activations)."""
+    batches (up to its `max_tokens` rows; larger ones, prefill chunks, are compute-bound and run
+    faster on the dense weight, `dense_weight`) when the layer has one (`packed_int4`), and in
+    the weight's dtype when that differs from x's (bfloat16 weights under float32 activations)."""
     packed = layer.packed_weight
-    if packed is not None and x.shape[0] <= PACKED_MAX_TOKENS:
+    if packed is not None and x.shape[0] <= packed.max_tokens:
         out = packed.matmul(x)
-    elif layer.weight.dtype != x.dtype:
-        out = F.linear(x.to(layer.weight.dtype), layer.weight).to(x.dtype)
     else:
-        return F.linear(x, layer.weight, bias)
+        weight = dense_weight(layer) if packed is not None else layer.weight
+        if weight.dtype == x.dtype:
+            return F.linear(x, weight, bias)
+        out = F.linear(x.to(weight.dtype), weight).to(x.dtype)
     return out if bias is None else out + bias
 
 

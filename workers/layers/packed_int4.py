@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ember.kernels import block_matmul
+from ember.kernels import block_matmul, tile_matmul
 from ember.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from ember.workers.layers.tiled_weight import TiledWeight
 
 GROUP_SIZE = 32
 _EXACT = 1e-3  # a weight is on a group's grid when it is this close to it, in grid steps
@@ -212,6 +213,8 @@ class PackedInt4Weight:
     """One or more sets of 4-bit groups in torch's CPU layout, summed: `x @ w.T` takes one kernel
     call per set. Each set is (packed [N, K / 2] uint8, scales_zeros [K / group, N, 2] bf16)."""
 
+    max_tokens = 8  # batches up to this size read it; larger ones are faster on bfloat16
+
     def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]]):
         self.parts = parts
         packed, scales_zeros = parts[0]
@@ -244,11 +247,15 @@ class PackedInt4Weight:
         return out
 
 
-def pack_weight(weight: torch.Tensor) -> PackedInt4Weight | None:
-    """`weight` in torch's packed 4-bit layout when it is exactly made of 4- or 8-bit groups
-    (8-bit ones in two halves)."""
+def pack_weight(weight: torch.Tensor) -> TiledWeight | PackedInt4Weight | None:
+    """`weight` packed when it is exactly made of 4- or 8-bit groups: in VNNI tiles where the
+    CPU has them, else in torch's packed 4-bit layout (8-bit groups in two halves)."""
     if weight.device.type != "cpu" or weight.dim() != 2:
         return None
+    if tile_matmul.available():
+        tiled = _tiled(QuantizedWeight.from_weight(weight))
+        if tiled is not None:
+            return tiled
     groups = find_int4_groups(weight)
     if groups is not None:
         return PackedInt4Weight.from_groups([groups])
@@ -258,9 +265,18 @@ def pack_weight(weight: torch.Tensor) -> PackedInt4Weight | None:
     return None
 
 
+def _tiled(groups: QuantizedWeight | None) -> TiledWeight | None:
+    if groups is None:
+        return None
+    return TiledWeight.from_groups(groups.codes, groups.scale, groups.offset)
+
+
 def packed_format() -> str:
-    """What a packed LM head is on this machine (part of the packed cache file's name): its
-    `QuantizedWeight` rows through the C kernel, or torch's 4-bit halves."""
+    """What packed weights are on this machine (part of the packed cache file's name): VNNI
+    tiles; or torch's 4-bit layout for layers, with the LM head as `QuantizedWeight` rows
+    through the C kernel or as torch's 4-bit halves."""
+    if tile_matmul.available():
+        return "tiles"
     return "groups" if block_matmul.available() else "int4pack"
 
 
@@ -284,8 +300,8 @@ def row_tables(model: nn.Module) -> list[tuple[str, VocabParallelEmbedding]]:
 
 
 def _share_rows(model: nn.Module) -> None:
-    """A head tied to its embedding reads the embedding's packed rows; with the C kernel, a
-    head's rows are also its packed weight (one copy of the groups serves both)."""
+    """A head tied to its embedding reads the embedding's packed rows; as tiles or with the C
+    kernel, a head's rows are also its packed weight (one copy of the groups serves both)."""
     by_weight = {id(m.weight): m.packed_rows for _, m in row_tables(model)}
     for module in model.modules():
         if isinstance(module, VocabParallelEmbedding):
@@ -293,7 +309,7 @@ def _share_rows(model: nn.Module) -> None:
         if (
             isinstance(module, ParallelLMHead)
             and module.packed_rows is not None
-            and block_matmul.available()
+            and (isinstance(module.packed_rows, TiledWeight) or block_matmul.available())
         ):
             module.packed_weight = module.packed_rows
 
@@ -303,7 +319,8 @@ def pack_model(model: nn.Module) -> int:
     keep the dense copy of those layers in bfloat16; embeddings and LM heads also get their
     rows as `QuantizedWeight`. Returns how many linear layers were packed."""
     for _, table in row_tables(model):
-        table.packed_rows = QuantizedWeight.from_weight(table.weight)
+        groups = QuantizedWeight.from_weight(table.weight)
+        table.packed_rows = _tiled(groups) or groups
     _share_rows(model)
     count = 0
     for _, layer in packable_layers(model):
@@ -361,16 +378,22 @@ def _groups_from(prefix: str, tensors: dict[str, torch.Tensor]) -> QuantizedWeig
 
 
 def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The packed weights of `model` by name: "<layer>.<part>.packed", ".scales_zeros" (torch's
-    layout); for row tables "<table>.rows.codes", ".scale", ".offset" (`QuantizedWeight`). A
+    """The packed weights of `model` by name: "<layer>.tiles" (`TiledWeight`), or
+    "<layer>.<part>.packed" and ".scales_zeros" (torch's layout); for row tables
+    "<table>.rows.tiles", or "<table>.rows.codes", ".scale", ".offset" (`QuantizedWeight`). A
     head whose packed weight is its rows is saved once, as rows."""
     tensors = {}
     for name, table in row_tables(model):
-        if table.packed_rows is not None:
+        if isinstance(table.packed_rows, TiledWeight):
+            tensors[f"{name}.rows.tiles"] = table.packed_rows.tiles
+        elif table.packed_rows is not None:
             tensors.update(_groups_tensors(f"{name}.rows", table.packed_rows))
     for name, layer in packable_layers(model):
         packed = layer.packed_weight
         if packed is None or packed is getattr(layer, "packed_rows", None):
+            continue
+        if isinstance(packed, TiledWeight):
+            tensors[f"{name}.tiles"] = packed.tiles
             continue
         for index, (codes, scales_zeros) in enumerate(packed.parts):
             tensors[f"{name}.{index}.packed"] = codes
@@ -378,19 +401,42 @@ def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _tiles_from(tiles: torch.Tensor | None, shape: tuple[int, ...]) -> TiledWeight | None:
+    """`tiles` as the packed weight of a [N, K] `shape` layer, or None when they do not fit."""
+    if tiles is None or tiles.dim() != 3 or tiles.dtype != torch.uint8:
+        return None
+    if tiles.shape[-1] not in tile_matmul.TILE_BYTES.values():
+        return None
+    tiled = TiledWeight(tiles)
+    return tiled if tiled.shape == tuple(shape) else None
+
+
 def attach_packed_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> bool:
     """Give the layers of `model` the packed weights of `tensors` (from `packed_tensors`);
     False when they do not fit the model's layers."""
     layers = dict(packable_layers(model))
     tables = dict(row_tables(model))
-    for key in (k for k in tensors if k.endswith(".rows.codes")):
-        name = key.removesuffix(".rows.codes")
+    for key in (k for k in tensors if k.endswith((".rows.codes", ".rows.tiles"))):
+        name = key.rsplit(".", 2)[0]
         table = tables.get(name)
-        table_rows = _groups_from(f"{name}.rows", tensors)
-        if table is None or table_rows is None or table_rows.shape != tuple(table.weight.shape):
+        if table is None:
+            return False
+        if key.endswith(".tiles"):
+            table_rows = _tiles_from(tensors[key], tuple(table.weight.shape))
+        else:
+            table_rows = _groups_from(f"{name}.rows", tensors)
+            if table_rows is not None and table_rows.shape != tuple(table.weight.shape):
+                table_rows = None
+        if table_rows is None:
             return False
         table.packed_rows = table_rows
     _share_rows(model)
+    for key in (k for k in tensors if k.endswith(".tiles") and not k.endswith(".rows.tiles")):
+        layer = layers.get(key.removesuffix(".tiles"))
+        tiled = None if layer is None else _tiles_from(tensors[key], tuple(layer.weight.shape))
+        if tiled is None:
+            return False
+        layer.packed_weight = tiled
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for key in sorted(k for k in tensors if k.endswith(".packed")):
         name, index, _ = key.rsplit(".", 2)

@@ -174,6 +174,11 @@ def _load_gguf(model: nn.Module, model_config: ModelConfig, hf_config: HFConfig)
             save_tensors(packed_tensors(model), packed_file, {})
     except OSError as exc:  # a read-only or full cache directory costs only the next start
         logger.warning("could not cache the converted GGUF weights in %s: %s", cache_file, exc)
+        return
+    # The parameters become views of the saved file, as on the next start: the converted
+    # copies in memory are freed, and the dense weights that packed layers never read stay
+    # on disk.
+    load_model_weights(model, cache_file)
 
 
 def _map_or_none(path: str) -> dict[str, torch.Tensor] | None:

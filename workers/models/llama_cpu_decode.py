@@ -3,8 +3,8 @@
 At batch size 1 the packed 4-bit matmuls (`packed_int4`) take about 5.6 ms of a 13.5 ms step;
 the rest was some 25 torch operators and a dozen module calls per layer (casts around each
 packed matmul, norms, rotary, the KV write, SiLU), a few microseconds each. Here a layer is
-(the matmuls packed for up to `PACKED_MAX_TOKENS` decodes, on the dense bfloat16 copies for
-more, up to `MAX_DECODES`):
+(the matmuls packed for up to the packed weights' `max_tokens` decodes, on the dense bfloat16
+copies for more, up to `MAX_DECODES`):
 
     C  add + RMSNorm        residual (float32) += x; bfloat16 normalised rows
     .  packed qkv matmul    bfloat16 out
@@ -35,10 +35,11 @@ from ember.kernels.attention_cpu import paged_decode_attention_cpu
 from ember.kernels.layernorm import rms_norm_c
 from ember.workers.layers.activation import SiluAndMul
 from ember.workers.layers.layernorm import RMSNorm
-from ember.workers.layers.linear import PACKED_MAX_TOKENS
+from ember.workers.layers.linear import dense_weight
+from ember.workers.layers.tiled_weight import TiledWeight
 from ember.workers.models.llama import LlamaDecoderLayer, LlamaMLP
 
-# Decodes per step the fused path serves: up to PACKED_MAX_TOKENS through the packed weights,
+# Decodes per step the fused path serves: up to the packed weights' `max_tokens` through them,
 # more through the layers' dense bfloat16 copies (as the layer-by-layer forward does).
 MAX_DECODES = 256
 # Up to this many rows SiLU-and-mul runs in C; beyond, torch's vectorised exp is faster (8 rows
@@ -48,10 +49,10 @@ _C_SILU_MAX_ROWS = 2
 
 def _matmul(x: torch.Tensor, linear: nn.Module, packed: bool) -> torch.Tensor:
     """x [T, K] bfloat16 @ the layer's weight -> [T, N] bfloat16: its packed 4-bit groups, or
-    its dense bfloat16 copy."""
+    its dense bfloat16 weight."""
     if packed:
         return linear.packed_weight.matmul_bfloat16(x)
-    return F.linear(x, linear.weight)
+    return F.linear(x, dense_weight(linear))
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -90,8 +91,12 @@ class FusedCPUDecode:
         self.num_heads, self.num_kv_heads = first.num_heads, first.num_kv_heads
         self.head_dim = first.head_dim
         linears = [linear for entry in self.layers for linear in entry[2:6]]
-        dense_bf16 = all(linear.weight.dtype == torch.bfloat16 for linear in linears)
-        self.max_decodes = MAX_DECODES if dense_bf16 else PACKED_MAX_TOKENS
+        dense_bf16 = all(
+            isinstance(linear.packed_weight, TiledWeight) or linear.weight.dtype == torch.bfloat16
+            for linear in linears
+        )
+        self.packed_max_tokens = min(linear.packed_weight.max_tokens for linear in linears)
+        self.max_decodes = MAX_DECODES if dense_bf16 else self.packed_max_tokens
 
     @classmethod
     def build(cls, model: nn.Module) -> FusedCPUDecode | None:
@@ -153,7 +158,7 @@ class FusedCPUDecode:
         query = torch.empty(num_tokens, num_heads, head_dim)
         attn_bf16 = torch.empty(num_tokens, attn_size, dtype=torch.bfloat16)
         positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
-        packed = num_tokens <= PACKED_MAX_TOKENS
+        packed = num_tokens <= self.packed_max_tokens
         x = None  # the last matmul's output, added to the residual by the next norm
         for (
             norm_in,

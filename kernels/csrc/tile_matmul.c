@@ -1,0 +1,262 @@
+/* out = x @ w.T for a weight w [N, K] of 4- or 8-bit groups of 32 laid out in tiles of 16 rows
+ * for AVX-512 VNNI (`kernels/tile_matmul.py` builds the layout), with the activations in
+ * 15-bit groups. A decode step of a small model multiplies one or a few rows by every weight:
+ * the work is unpacking codes and multiply-adding them, and vpdpbusd does 64 byte products
+ * into 16 int32 lanes in one instruction, which needs the weights of 16 rows side by side.
+ *
+ * Tile (16 rows n0..n0+15, group g of 32 columns), in memory one after another, row tile by
+ * row tile, each:
+ *
+ *   4-bit  4 vectors of 64 bytes: vector c, lane j (row n0 + j), byte b holds q[k = 4c + b]
+ *          in its low nibble and q[k = 16 + 4c + b] in its high one (q in [0, 15])
+ *   8-bit  8 vectors of 64 bytes: vector c, lane j, byte b holds q[k = 4c + b] + 128
+ *   then   16 float16 scales and, for 4 bits, 16 float16 offsets (row j's w = q * scale +
+ *          offset; 8-bit q in [-127, 127] has none)
+ *
+ * Each group of 32 values of a row of x becomes dx = max|x| / 16383, qx = round(x / dx), and
+ * qx = 128 h + l with h in [-128, 127] and l in [0, 127], two signed bytes for vpdpbusd:
+ *
+ *   sum(w * x) = scale * dx * (128 sum(q * h) + sum(q * l))  +  offset * dx * sum(qx)
+ *
+ * (for 8 bits the integer sum takes off 128 sum(qx) for the bytes' + 128 before it becomes a
+ * float, so that no large terms cancel).
+ * Fifteen bits are finer than the bfloat16 activations of torch's 4-bit kernel (llama.cpp
+ * uses eight, which moved greedy choices of SmolLM2 away from float32's). Row tiles are shared
+ * over torch's OpenMP threads.
+ *
+ *   x    [M, K]  float32 or bfloat16 (uint16 bits)
+ *   out  [M, N]  float32 or bfloat16 (rounded to nearest even)
+ *
+ * Returns 0; 1 when this build has no AVX-512 VNNI (nothing computed), 2 when K is not a
+ * multiple of 32 or N not one of 16, 3 when out of memory.
+ *
+ * `ember_tile_dequantize` writes the weight back as a dense [N, K] bfloat16 matrix (q * scale
+ * + offset in float32, rounded to nearest even: the values of a bfloat16 copy of the dequantised
+ * GGUF weight), for batches large enough that torch's bfloat16 matmul is the faster one.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define GROUP 32
+#define TILE_ROWS 16
+#define ROW_CHUNK 4 /* activation rows that share one unpacked weight tile */
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+
+typedef struct {
+    int32_t *quads; /* [M, groups, 16]: the group's 8 quads of h bytes, then 8 of l bytes */
+    float *scale;   /* [M, groups]: dx */
+    float *sum;     /* [M, groups]: dx * sum(qx) */
+    int32_t *bias;  /* [M, groups]: 128 sum(qx) */
+} Activations;
+
+static inline __m512 load_row_values(const void *x, int x_bf16, int64_t index) {
+    if (x_bf16) {
+        __m256i bits = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + index));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    }
+    return _mm512_loadu_ps((const float *)x + index);
+}
+
+static void quantize_activations(const void *x, int x_bf16, int64_t rows, int64_t k,
+                                 Activations *a) {
+    const int64_t groups = k / GROUP;
+    const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t first = r * k + g * GROUP;
+            __m512 v0 = load_row_values(x, x_bf16, first);
+            __m512 v1 = load_row_values(x, x_bf16, first + 16);
+            float amax = _mm512_reduce_max_ps(
+                _mm512_max_ps(_mm512_and_ps(v0, magnitude), _mm512_and_ps(v1, magnitude)));
+            float inverse = amax > 0.0f ? 16383.0f / amax : 0.0f;
+            __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inverse)));
+            __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inverse)));
+            int32_t *quads = a->quads + (r * groups + g) * 16;
+            const __m512i low7 = _mm512_set1_epi32(127);
+            _mm_storeu_si128((__m128i *)quads, _mm512_cvtepi32_epi8(_mm512_srai_epi32(q0, 7)));
+            _mm_storeu_si128((__m128i *)(quads + 4), _mm512_cvtepi32_epi8(_mm512_srai_epi32(q1, 7)));
+            _mm_storeu_si128((__m128i *)(quads + 8), _mm512_cvtepi32_epi8(_mm512_and_si512(q0, low7)));
+            _mm_storeu_si128((__m128i *)(quads + 12), _mm512_cvtepi32_epi8(_mm512_and_si512(q1, low7)));
+            float dx = amax / 16383.0f;
+            a->scale[r * groups + g] = dx;
+            int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            a->sum[r * groups + g] = dx * (float)total;
+            a->bias[r * groups + g] = 128 * total;
+        }
+    }
+}
+
+/* out rows [rows] of the 16 columns of row tile `tile` (a constant once inlined, so that the
+   accumulators stay in registers); two chains of vpdpbusd per row and part keep the products
+   in flight. */
+static inline __attribute__((always_inline)) void dot_tile(
+    const Activations *a, const int rows, int64_t groups, const uint8_t *tile, int bits,
+    __m512 *results) {
+    const int vectors = bits == 4 ? 4 : 8;
+    const int64_t tile_bytes = bits == 4 ? 4 * 64 + 64 : 8 * 64 + 32;
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    __m512 acc[ROW_CHUNK];
+    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *codes = tile + g * tile_bytes;
+        __m512i w[8];
+        if (bits == 4) {
+            for (int c = 0; c < 4; c++) {
+                __m512i packed = _mm512_loadu_si512(codes + 64 * c);
+                w[c] = _mm512_and_si512(packed, nibble);
+                w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+            }
+        } else {
+            for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512(codes + 64 * c);
+        }
+        const uint8_t *scales = codes + 64 * vectors;
+        __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales));
+        __m512 offset = bits == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 32)))
+                                  : _mm512_setzero_ps();
+        for (int r = 0; r < rows; r++) {
+            const int32_t *quads = a->quads + (r * groups + g) * 16;
+            __m512i high[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+            __m512i low[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+            for (int c = 0; c < 8; c++) {
+                high[c & 1] = _mm512_dpbusd_epi32(high[c & 1], w[c], _mm512_set1_epi32(quads[c]));
+                low[c & 1] = _mm512_dpbusd_epi32(low[c & 1], w[c], _mm512_set1_epi32(quads[8 + c]));
+            }
+            __m512i total = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(high[0], high[1]), 7),
+                                             _mm512_add_epi32(low[0], low[1]));
+            if (bits == 8) total = _mm512_sub_epi32(total, _mm512_set1_epi32(a->bias[r * groups + g]));
+            __m512 product = _mm512_mul_ps(_mm512_cvtepi32_ps(total),
+                                           _mm512_set1_ps(a->scale[r * groups + g]));
+            acc[r] = _mm512_fmadd_ps(product, scale, acc[r]);
+            if (bits == 4)
+                acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(a->sum[r * groups + g]), acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) results[r] = acc[r];
+}
+
+static inline void store_row(void *out, int out_bf16, int64_t index, __m512 values) {
+    if (out_bf16) {
+        /* round to nearest even, as float_to_bf16 and torch's cast (NaN stays NaN) */
+        __m512i bits = _mm512_castps_si512(values);
+        __m512i rounded = _mm512_add_epi32(
+            bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                   _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1))));
+        __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
+        rounded = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x400000));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + index),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+    } else {
+        _mm512_storeu_ps((float *)out + index, values);
+    }
+}
+
+int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, const uint8_t *tiles,
+                      int bits, int64_t n_cols, void *out, int out_bf16) {
+    if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
+    const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
+    const int64_t tile_bytes = bits == 4 ? 4 * 64 + 64 : 8 * 64 + 32;
+    Activations a;
+    a.quads = malloc(sizeof(int32_t) * 16 * (size_t)(m_rows * groups));
+    a.scale = malloc(sizeof(float) * (size_t)(m_rows * groups));
+    a.sum = malloc(sizeof(float) * (size_t)(m_rows * groups));
+    a.bias = malloc(sizeof(int32_t) * (size_t)(m_rows * groups));
+    if (!a.quads || !a.scale || !a.sum || !a.bias) {
+        free(a.quads), free(a.scale), free(a.sum), free(a.bias);
+        return 3;
+    }
+    quantize_activations(x, x_bf16, m_rows, k, &a);
+
+#pragma omp parallel for schedule(static) if (row_tiles > 1)
+    for (int64_t t = 0; t < row_tiles; t++) {
+        const uint8_t *tile = tiles + t * groups * tile_bytes;
+        for (int64_t r0 = 0; r0 < m_rows; r0 += ROW_CHUNK) {
+            int64_t rows = m_rows - r0 < ROW_CHUNK ? m_rows - r0 : ROW_CHUNK;
+            Activations chunk = {a.quads + r0 * groups * 16, a.scale + r0 * groups,
+                                 a.sum + r0 * groups, a.bias + r0 * groups};
+            __m512 results[ROW_CHUNK];
+            switch (rows) {
+                case 1: dot_tile(&chunk, 1, groups, tile, bits, results); break;
+                case 2: dot_tile(&chunk, 2, groups, tile, bits, results); break;
+                case 3: dot_tile(&chunk, 3, groups, tile, bits, results); break;
+                default: dot_tile(&chunk, 4, groups, tile, bits, results); break;
+            }
+            for (int64_t r = 0; r < rows; r++)
+                store_row(out, out_bf16, (r0 + r) * n_cols + t * TILE_ROWS, results[r]);
+        }
+    }
+    free(a.quads), free(a.scale), free(a.sum), free(a.bias);
+    return 0;
+}
+
+/* Row tile t, group g of the tiles, as 16 rows of 32 bfloat16 values at out (row stride k). */
+static void dequantize_tile(const uint8_t *codes, int bits, int64_t k, uint16_t *out) {
+    const int vectors = bits == 4 ? 4 : 8;
+    uint8_t quads[8][64]; /* quad c (columns 4c..4c+3) of the 16 rows, 4 bytes a row */
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    for (int c = 0; c < vectors; c++) {
+        __m512i packed = _mm512_loadu_si512(codes + 64 * c);
+        if (bits == 4) {
+            _mm512_storeu_si512(quads[c], _mm512_and_si512(packed, nibble));
+            _mm512_storeu_si512(quads[c + 4], _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble));
+        } else {
+            _mm512_storeu_si512(quads[c], packed);
+        }
+    }
+    const uint16_t *halves = (const uint16_t *)(codes + 64 * vectors);
+    for (int j = 0; j < TILE_ROWS; j++) {
+        uint32_t row[8];
+        for (int c = 0; c < 8; c++) memcpy(&row[c], quads[c] + 4 * j, 4);
+        __m256i bytes = _mm256_loadu_si256((const __m256i *)row); /* columns 0..31 in order */
+        __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(bytes)));
+        __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(bytes, 1)));
+        __m512 scale = _mm512_set1_ps(_cvtsh_ss(halves[j]));
+        __m512 offset = bits == 4 ? _mm512_set1_ps(_cvtsh_ss(halves[TILE_ROWS + j]))
+                                  : _mm512_set1_ps(0.0f);
+        if (bits == 8) {
+            low = _mm512_sub_ps(low, _mm512_set1_ps(128.0f));
+            high = _mm512_sub_ps(high, _mm512_set1_ps(128.0f));
+        }
+        store_row(out + j * k, 1, 0, _mm512_fmadd_ps(low, scale, offset));
+        store_row(out + j * k, 1, 16, _mm512_fmadd_ps(high, scale, offset));
+    }
+}
+
+int ember_tile_dequantize(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, uint16_t *out) {
+    if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
+    const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
+    const int64_t tile_bytes = bits == 4 ? 4 * 64 + 64 : 8 * 64 + 32;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < row_tiles; t++)
+        for (int64_t g = 0; g < groups; g++)
+            dequantize_tile(tiles + (t * groups + g) * tile_bytes, bits, k,
+                            out + t * TILE_ROWS * k + g * GROUP);
+    return 0;
+}
+
+int ember_tile_matmul_supported(void) { return 1; }
+
+#else
+
+int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, const uint8_t *tiles,
+                      int bits, int64_t n_cols, void *out, int out_bf16) {
+    (void)x, (void)x_bf16, (void)m_rows, (void)k, (void)tiles, (void)bits, (void)n_cols;
+    (void)out, (void)out_bf16;
+    return 1;
+}
+
+int ember_tile_dequantize(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, uint16_t *out) {
+    (void)tiles, (void)bits, (void)n_cols, (void)k, (void)out;
+    return 1;
+}
+
+int ember_tile_matmul_supported(void) { return 0; }
+
+#endif

@@ -1,0 +1,131 @@
+"""Matmuls against 4- and 8-bit weight groups laid out for AVX-512 VNNI (`csrc/tile_matmul.c`):
+the weights of 16 rows side by side, so that one vpdpbusd multiplies 64 of their codes by a
+broadcast quad of activation bytes. `pack_tiles` builds the layout from GGUF-style groups
+(`packed_int4.QuantizedWeight`'s codes, scales and offsets); `tile_matmul` multiplies by it.
+
+`dequantize_tiles` writes the weight back as dense bfloat16, for batches where torch's
+bfloat16 matmul is faster (prefill chunks): a layer's copy at a time, so that no dense copy of
+the model stays in memory.
+
+`tile_matmul` and `dequantize_tiles` return None where the library cannot be built or the CPU lacks AVX-512 VNNI;
+`pack_tiles` returns None for weights the layout does not take (rows not a multiple of 16,
+scales that float16 does not hold). The caller keeps another path for both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from ember.kernels.cpu_library import load_openmp_library
+
+TILE_ROWS = 16
+GROUP = 32
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    library = load_openmp_library("tile_matmul.c")
+    if library is None or not library.ember_tile_matmul_supported():
+        return None
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    library.ember_tile_matmul.argtypes = [ptr, i32, i64, i64, ptr, i32, i64, ptr, i32]
+    library.ember_tile_matmul.restype = ctypes.c_int
+    library.ember_tile_dequantize.argtypes = [ptr, i32, i64, i64, ptr]
+    library.ember_tile_dequantize.restype = ctypes.c_int
+    return library
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def _exact_half(values: torch.Tensor) -> torch.Tensor | None:
+    half = values.half()
+    return half if bool(torch.equal(half.float(), values.float())) else None
+
+
+def pack_tiles(
+    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The tiles [N / 16, K / 32, bytes] uint8 of a weight given as 4-bit `codes` [N, K / 2]
+    uint8 (two per byte, the even element low; w = q * scale + offset) or 8-bit `codes` [N, K]
+    int8 (w = q * scale, no offset), `scale` and `offset` [N, K / 32]; None when N is not a
+    multiple of 16 or a scale or offset is not exactly a float16."""
+    rows, groups = scale.shape
+    if rows % TILE_ROWS:
+        return None
+    if codes.dtype == torch.uint8:
+        q = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
+        q = q.view(rows // TILE_ROWS, TILE_ROWS, groups, 2, 4, 4)
+        packed = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [tiles, j, g, c, b]
+        vectors = 4
+    else:
+        if offset is not None:
+            raise ValueError("8-bit codes take no offset")
+        packed = (codes.to(torch.int16) + 128).to(torch.uint8)
+        packed = packed.view(rows // TILE_ROWS, TILE_ROWS, groups, 8, 4)
+        vectors = 8
+    halves = [_exact_half(scale)] + ([] if offset is None else [_exact_half(offset)])
+    if any(half is None for half in halves):
+        return None
+    packed = packed.permute(0, 2, 3, 1, 4).reshape(rows // TILE_ROWS, groups, 64 * vectors)
+
+    def per_tile(values: torch.Tensor) -> torch.Tensor:  # [N, G] float16 -> [tiles, G, 32]
+        values = values.view(rows // TILE_ROWS, TILE_ROWS, groups).transpose(1, 2)
+        return values.contiguous().view(torch.uint8)
+
+    return torch.cat([packed, *map(per_tile, halves)], dim=-1).contiguous()
+
+
+# Bytes of a tile: 4-bit codes, scales and offsets; 8-bit codes and scales.
+TILE_BYTES = {4: 4 * 64 + 2 * 32, 8: 8 * 64 + 32}
+
+
+def tile_bits(tiles: torch.Tensor) -> int:
+    """4 or 8: the code width of `tiles` (from `pack_tiles`)."""
+    return 4 if tiles.shape[-1] == TILE_BYTES[4] else 8
+
+
+def tile_matmul(
+    x: torch.Tensor, tiles: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor | None:
+    """x [M, K] (float32 or bfloat16) @ w.T -> [M, N] in `out_dtype` (float32 or bfloat16), w
+    given by `tiles` (from `pack_tiles`); None when the kernel is not available."""
+    library = _library()
+    if library is None:
+        return None
+    x = x.contiguous()
+    rows, k = x.shape
+    row_tiles, groups = tiles.shape[:2]
+    if k != groups * GROUP:
+        raise ValueError(f"x has {k} columns, the weight {groups * GROUP}")
+    out = torch.empty(rows, row_tiles * TILE_ROWS, dtype=out_dtype)
+    status = library.ember_tile_matmul(
+        x.data_ptr(),
+        x.dtype == torch.bfloat16,
+        rows,
+        k,
+        tiles.data_ptr(),
+        tile_bits(tiles),
+        row_tiles * TILE_ROWS,
+        out.data_ptr(),
+        out_dtype == torch.bfloat16,
+    )
+    return out if status == 0 else None
+
+
+def dequantize_tiles(tiles: torch.Tensor) -> torch.Tensor | None:
+    """The weight of `tiles` as dense [N, K] bfloat16 (q * scale + offset rounded to nearest
+    even); None when the kernel is not available."""
+    library = _library()
+    if library is None:
+        return None
+    row_tiles, groups = tiles.shape[:2]
+    out = torch.empty(row_tiles * TILE_ROWS, groups * GROUP, dtype=torch.bfloat16)
+    status = library.ember_tile_dequantize(
+        tiles.data_ptr(), tile_bits(tiles), out.shape[0], out.shape[1], out.data_ptr()
+    )
+    return out if status == 0 else None
