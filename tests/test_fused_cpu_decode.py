@@ -11,6 +11,7 @@ from ember.kernels import decode_cpu, layernorm
 from ember.kernels.activation import silu_and_mul_torch
 from ember.kernels.attention import AttentionMetadata, write_kv_cache_torch
 from ember.kernels.rotary import apply_rotary_emb_torch
+from ember.workers.layers.tiled_weight import TiledWeight
 from ember.workers.model_loader import loader
 from ember.workers.models.llama_cpu_decode import MAX_DECODES, FusedCPUDecode
 from tests.helpers import default_model_config
@@ -62,11 +63,13 @@ def test_rope_and_kv_write_match_the_torch_references(
 
 def test_silu_mul_and_bf16_norms_match_the_torch_references():
     torch.manual_seed(0)
-    gate_up = (torch.randn(3, 2 * 96) * 3).bfloat16()
-    out = torch.empty(3, 96, dtype=torch.bfloat16)
-    assert decode_cpu.silu_mul(gate_up, out) == 0
-    expected = silu_and_mul_torch(gate_up.float()).bfloat16()
-    torch.testing.assert_close(out.float(), expected.float(), rtol=8e-3, atol=1e-6)
+    for size in (96, 100):  # vectors of 16 only; and a scalar tail
+        gate_up = (torch.randn(3, 2 * size) * 3).bfloat16()
+        gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's far ends, both zeros
+        out = torch.empty(3, size, dtype=torch.bfloat16)
+        assert decode_cpu.silu_mul(gate_up, out) == 0
+        expected = silu_and_mul_torch(gate_up.float()).bfloat16()
+        torch.testing.assert_close(out.float(), expected.float(), rtol=8e-3, atol=1e-6)
 
     x = torch.randn(4, 576).bfloat16()
     residual, weight = torch.randn(4, 576), torch.rand(576) + 0.5
@@ -91,7 +94,7 @@ def packed_model(default_gguf):
 def _decode_step(model, seq_lens: list[int], seed: int):
     """Caches filled with random keys and values, and one decode token per request."""
     torch.manual_seed(seed)
-    block_size, num_blocks = 16, 128
+    block_size, num_blocks = 16, max(128, 8 * len(seq_lens))
     caches = []
     for layer in model.model.layers:
         attn = layer.self_attn.attn
@@ -119,13 +122,34 @@ def _decode_step(model, seq_lens: list[int], seed: int):
     return input_ids, positions, metadata, caches
 
 
-# One request and four (packed matmuls), twelve (more than PACKED_MAX_TOKENS: the dense
-# bfloat16 copies).
+# One request, four and twelve, the layers in one C call and in the Python loop; twelve also in
+# the loop on bfloat16 weights written from the tiles (what batches beyond the tiles'
+# max_tokens take; the reference then takes them too).
+TWELVE = [3, 9, 17, 33, 64, 65, 80, 100, 101, 111, 120, 128]
+
+
 @pytest.mark.parametrize(
-    "seq_lens", [[1], [40], [5, 77, 16, 120], [3, 9, 17, 33, 64, 65, 80, 100, 101, 111, 120, 128]]
+    ("seq_lens", "path"),
+    [
+        *[
+            (lens, path)
+            for lens in ([1], [40], [5, 77, 16, 120], TWELVE)
+            for path in ("one_call", "loop")
+        ],
+        (TWELVE, "dense"),
+    ],
 )
-def test_fused_decode_step_equals_the_layer_by_layer_forward(packed_model, seq_lens):
+def test_fused_decode_step_equals_the_layer_by_layer_forward(
+    packed_model, seq_lens, path, monkeypatch
+):
     model = packed_model
+    fused_decode = model.model.fused_decode
+    assert fused_decode.step_model is not None
+    if path != "one_call":
+        monkeypatch.setattr(fused_decode, "step_model", None)
+    if path == "dense":
+        monkeypatch.setattr(fused_decode, "packed_max_tokens", 0)
+        monkeypatch.setattr(TiledWeight, "max_tokens", 0)
     input_ids, positions, metadata, caches = _decode_step(model, seq_lens, seed=len(seq_lens))
     before = [cache.clone() for cache in caches]
     with torch.inference_mode():

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "bfloat16.h"
+#include "vector_math.h"
 
 /* Rotate one head (neox: channel i pairs with i + R/2) from bfloat16 bits into float32. */
 static void rotate_head(const uint16_t *src, const float *cos, const float *sin, int64_t head_dim,
@@ -62,7 +63,22 @@ void ember_silu_mul(const uint16_t *gate_up, int64_t num_tokens, int64_t size, u
     for (int64_t t = 0; t < num_tokens; ++t) {
         const uint16_t *gate = gate_up + t * 2 * size, *up = gate + size;
         uint16_t *o = out + t * size;
-        for (int64_t i = 0; i < size; ++i) {
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        /* silu(g) = g * sigmoid(g), sigmoid from e = exp(-|g|) (never above 1, no overflow):
+           1 / (1 + e) for g >= 0, e / (1 + e) below. */
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (; i + 16 <= size; i += 16) {
+            __m512 g = load_bf16(gate + i), u = load_bf16(up + i);
+            __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+            __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+            __m512 numerator = _mm512_mask_mov_ps(one, negative, e);
+            __m512 sigmoid = _mm512_div_ps(numerator, _mm512_add_ps(one, e));
+            __m512 result = _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), u);
+            _mm256_storeu_si256((__m256i *)(o + i), bf16_from_ps(result));
+        }
+#endif
+        for (; i < size; ++i) {
             float g = bf16_to_float(gate[i]);
             o[i] = float_to_bf16(g / (1.0f + expf(-g)) * bf16_to_float(up[i]));
         }

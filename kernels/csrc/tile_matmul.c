@@ -48,7 +48,7 @@
 #define ROW_CHUNK 4 /* activation rows that share one unpacked weight tile */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
+#include "vector_math.h"
 
 typedef struct {
     int32_t *quads; /* [M, groups, 16]: the group's 8 quads of h bytes, then 8 of l bytes */
@@ -143,19 +143,10 @@ static inline __attribute__((always_inline)) void dot_tile(
 }
 
 static inline void store_row(void *out, int out_bf16, int64_t index, __m512 values) {
-    if (out_bf16) {
-        /* round to nearest even, as float_to_bf16 and torch's cast (NaN stays NaN) */
-        __m512i bits = _mm512_castps_si512(values);
-        __m512i rounded = _mm512_add_epi32(
-            bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                   _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1))));
-        __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
-        rounded = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x400000));
-        _mm256_storeu_si256((__m256i *)((uint16_t *)out + index),
-                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
-    } else {
+    if (out_bf16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + index), bf16_from_ps(values));
+    else
         _mm512_storeu_ps((float *)out + index, values);
-    }
 }
 
 int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, const uint8_t *tiles,

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.kernels import decode_cpu
+from ember.kernels import decode_cpu, decode_step
 from ember.kernels.attention import AttentionMetadata
 from ember.kernels.attention_cpu import paged_decode_attention_cpu
 from ember.kernels.layernorm import rms_norm_c
@@ -42,9 +42,6 @@ from ember.workers.models.llama import LlamaDecoderLayer, LlamaMLP
 # Decodes per step the fused path serves: up to the packed weights' `max_tokens` through them,
 # more through the layers' dense bfloat16 copies (as the layer-by-layer forward does).
 MAX_DECODES = 256
-# Up to this many rows SiLU-and-mul runs in C; beyond, torch's vectorised exp is faster (8 rows
-# of 1536: 45 us in C against 22 us).
-_C_SILU_MAX_ROWS = 2
 
 
 def _matmul(x: torch.Tensor, linear: nn.Module, packed: bool) -> torch.Tensor:
@@ -58,10 +55,9 @@ def _matmul(x: torch.Tensor, linear: nn.Module, packed: bool) -> torch.Tensor:
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2I] bfloat16 -> silu(gate) * up, [T, I] bfloat16, float32 math."""
     size = gate_up.shape[1] // 2
-    if gate_up.shape[0] <= _C_SILU_MAX_ROWS:
-        out = torch.empty(gate_up.shape[0], size, dtype=torch.bfloat16)
-        if decode_cpu.silu_mul(gate_up, out) == 0:
-            return out
+    out = torch.empty(gate_up.shape[0], size, dtype=torch.bfloat16)
+    if decode_cpu.silu_mul(gate_up, out) == 0:
+        return out
     wide = gate_up.float()
     return (F.silu(wide[:, :size]) * wide[:, size:]).to(torch.bfloat16)
 
@@ -97,6 +93,54 @@ class FusedCPUDecode:
         )
         self.packed_max_tokens = min(linear.packed_weight.max_tokens for linear in linears)
         self.max_decodes = MAX_DECODES if dense_bf16 else self.packed_max_tokens
+        self.step_model = self._step_model()
+
+    def _step_model(self) -> decode_step.DecodeStepModel | None:
+        """The layers in one C call (`kernels/decode_step.py`) when every matmul has tiles and
+        the norms and attention share one setting; else None (the loop below serves)."""
+        norms = [norm for entry in self.layers for norm in entry[:2]] + [self.model.norm]
+        attns = [entry[7] for entry in self.layers]
+        if (
+            not all(
+                isinstance(linear.packed_weight, TiledWeight)
+                for e in self.layers
+                for linear in e[2:6]
+            )
+            or any(
+                norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous()
+                for norm in norms
+            )
+            or len({norm.eps for norm in norms}) != 1
+            or len({(attn.scale, attn.sliding_window or 0) for attn in attns}) != 1
+            or any(
+                entry[6].dtype != torch.float32 or not entry[6].is_contiguous()
+                for entry in self.layers
+            )
+        ):
+            return None
+        layers = [
+            (
+                n_in.weight,
+                n_post.weight,
+                *(m.packed_weight for m in (qkv, o, gate_up, down)),
+                cos_sin,
+                attn,
+            )
+            for n_in, n_post, qkv, o, gate_up, down, cos_sin, attn in self.layers
+        ]
+        return decode_step.DecodeStepModel.build(
+            layers,
+            self.model.norm.weight,
+            hidden=self.layers[0][0].weight.shape[0],
+            intermediate=self.layers[0][5].packed_weight.shape[1],
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rotary_dim=self.layers[0][6].shape[-1],
+            sliding_window=attns[0].sliding_window or 0,
+            eps=norms[0].eps,
+            scale=attns[0].scale,
+        )
 
     @classmethod
     def build(cls, model: nn.Module) -> FusedCPUDecode | None:
@@ -153,12 +197,16 @@ class FusedCPUDecode:
             return None
         num_heads, num_kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         attn_size = num_heads * head_dim
-        residual = self.model.embed_tokens(input_ids)  # float32 [T, H]
+        residual = self.model.embed_tokens(input_ids).contiguous()  # float32 [T, H]
+        positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
+        packed = num_tokens <= self.packed_max_tokens
+        if packed and self.step_model is not None:
+            return self.step_model.run(
+                residual, positions, slot_mapping, block_table.contiguous(), seq_lens.contiguous()
+            )
         normed = torch.empty(num_tokens, residual.shape[1], dtype=torch.bfloat16)
         query = torch.empty(num_tokens, num_heads, head_dim)
         attn_bf16 = torch.empty(num_tokens, attn_size, dtype=torch.bfloat16)
-        positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
-        packed = num_tokens <= self.packed_max_tokens
         x = None  # the last matmul's output, added to the residual by the next norm
         for (
             norm_in,
