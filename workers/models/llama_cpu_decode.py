@@ -13,8 +13,12 @@ copies for more, up to `MAX_DECODES`):
     .  packed o matmul
     C  add + RMSNorm
     .  packed gate_up matmul
-    C  SiLU-and-mul         bfloat16 in and out (torch beyond a couple of rows)
+    C  SiLU-and-mul         bfloat16 in and out
     .  packed down matmul   -> the next layer's add + RMSNorm
+
+With VNNI tiles (`tiled_weight`) every one of these is C, and `kernels/decode_step.py` makes
+all the layers' calls from C in one call from Python (at batch size 1 the ctypes calls had cost
+about as much as the kernels); the loop below serves the other cases.
 
 The values rounded to bfloat16 are the ones the layer-by-layer path rounds (the packed
 kernel's inputs and outputs), and all other math is float32, so both paths agree to float32
