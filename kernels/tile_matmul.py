@@ -7,9 +7,9 @@ broadcast quad of activation bytes. `pack_tiles` builds the layout from GGUF-sty
 bfloat16 matmul is faster (prefill chunks): a layer's copy at a time, so that no dense copy of
 the model stays in memory.
 
-`tile_matmul` and `dequantize_tiles` return None where the library cannot be built or the CPU lacks AVX-512 VNNI;
-`pack_tiles` returns None for weights the layout does not take (rows not a multiple of 16,
-scales that float16 does not hold). The caller keeps another path for both.
+`tile_matmul` and `dequantize_tiles` return None where the library cannot be built or the CPU
+lacks AVX-512 VNNI; `pack_tiles` returns None for weights the layout does not take (rows not a
+multiple of 16, scales that float16 does not hold). The caller keeps another path for both.
 """
 
 from __future__ import annotations

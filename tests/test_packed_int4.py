@@ -235,6 +235,9 @@ def test_loader_packs_every_quantised_layer_and_maps_the_cache(
     )
     assert not hasattr(converted.model.embed_tokens, "packed_weight")  # a lookup: never packed
     assert converted.lm_head.weight.dtype == torch.float32
+    # Once saved, the converting start's parameters are views of the file (a mapping, whose
+    # storage cannot grow), not the converted copies in memory.
+    assert not any(p.untyped_storage().resizable() for p in converted.parameters())
     # The tied Q8_0 table is read through one set of 8-bit rows, kept once in the file.
     table = converted.model.embed_tokens.packed_rows
     assert isinstance(table, table_kind)

@@ -46,6 +46,8 @@
 #define GROUP 32
 #define TILE_ROWS 16
 #define ROW_CHUNK 4 /* activation rows that share one unpacked weight tile */
+/* 4-bit: 4 vectors of codes, 16 scales and 16 offsets; 8-bit: 8 vectors and 16 scales */
+#define TILE_BYTES(bits) ((bits) == 4 ? 4 * 64 + 64 : 8 * 64 + 32)
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include "vector_math.h"
@@ -101,7 +103,7 @@ static inline __attribute__((always_inline)) void dot_tile(
     const Activations *a, const int rows, int64_t groups, const uint8_t *tile, int bits,
     __m512 *results) {
     const int vectors = bits == 4 ? 4 : 8;
-    const int64_t tile_bytes = bits == 4 ? 4 * 64 + 64 : 8 * 64 + 32;
+    const int64_t tile_bytes = TILE_BYTES(bits);
     const __m512i nibble = _mm512_set1_epi8(0x0f);
     __m512 acc[ROW_CHUNK];
     for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
@@ -153,7 +155,7 @@ int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
                       int bits, int64_t n_cols, void *out, int out_bf16) {
     if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
     const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
-    const int64_t tile_bytes = bits == 4 ? 4 * 64 + 64 : 8 * 64 + 32;
+    const int64_t tile_bytes = TILE_BYTES(bits);
     Activations a;
     a.quads = malloc(sizeof(int32_t) * 16 * (size_t)(m_rows * groups));
     a.scale = malloc(sizeof(float) * (size_t)(m_rows * groups));
@@ -223,7 +225,7 @@ static void dequantize_tile(const uint8_t *codes, int bits, int64_t k, uint16_t 
 int ember_tile_dequantize(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, uint16_t *out) {
     if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
     const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
-    const int64_t tile_bytes = bits == 4 ? 4 * 64 + 64 : 8 * 64 + 32;
+    const int64_t tile_bytes = TILE_BYTES(bits);
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < row_tiles; t++)
         for (int64_t g = 0; g < groups; g++)

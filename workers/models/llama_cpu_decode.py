@@ -3,8 +3,8 @@
 At batch size 1 the packed 4-bit matmuls (`packed_int4`) take about 5.6 ms of a 13.5 ms step;
 the rest was some 25 torch operators and a dozen module calls per layer (casts around each
 packed matmul, norms, rotary, the KV write, SiLU), a few microseconds each. Here a layer is
-(the matmuls packed for up to the packed weights' `max_tokens` decodes, on the dense bfloat16
-copies for more, up to `MAX_DECODES`):
+(the matmuls packed for up to the packed weights' `max_tokens` decodes, on dense bfloat16
+weights for more, up to `MAX_DECODES`):
 
     C  add + RMSNorm        residual (float32) += x; bfloat16 normalised rows
     .  packed qkv matmul    bfloat16 out
@@ -97,19 +97,15 @@ class FusedCPUDecode:
         )
         self.packed_max_tokens = min(linear.packed_weight.max_tokens for linear in linears)
         self.max_decodes = MAX_DECODES if dense_bf16 else self.packed_max_tokens
-        self.step_model = self._step_model()
+        self.step_model = self._step_model(linears)
 
-    def _step_model(self) -> decode_step.DecodeStepModel | None:
+    def _step_model(self, linears: list[nn.Module]) -> decode_step.DecodeStepModel | None:
         """The layers in one C call (`kernels/decode_step.py`) when every matmul has tiles and
         the norms and attention share one setting; else None (the loop below serves)."""
         norms = [norm for entry in self.layers for norm in entry[:2]] + [self.model.norm]
         attns = [entry[7] for entry in self.layers]
         if (
-            not all(
-                isinstance(linear.packed_weight, TiledWeight)
-                for e in self.layers
-                for linear in e[2:6]
-            )
+            not all(isinstance(linear.packed_weight, TiledWeight) for linear in linears)
             or any(
                 norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous()
                 for norm in norms
