@@ -56,6 +56,11 @@ class EngineArgs:
     skip_tokenizer_init: bool = False
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1
+    # "mp" (worker processes, the only backend) or None; vLLM's "ray" and
+    # "external_launcher" raise NotImplementedError.
+    distributed_executor_backend: str | None = None
+    disable_custom_all_reduce: bool = False  # accepted: ember's all-reduce is torch's
+    execute_model_timeout_s: float = 300.0
     dtype: str = "auto"
     quantization: str | None = None
     revision: str | None = None
@@ -88,8 +93,32 @@ class EngineArgs:
                 f"quantization={self.quantization!r} is not supported; ember keeps the "
                 "quantized groups of GGUF files (quantization='gguf', on CPU)"
             )
-        if self.tensor_parallel_size != 1:
-            raise NotImplementedError("tensor_parallel_size > 1 is not supported yet")
+        if (
+            not isinstance(self.tensor_parallel_size, int)
+            or isinstance(self.tensor_parallel_size, bool)
+            or self.tensor_parallel_size < 1
+        ):
+            raise ValueError(
+                f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}"
+            )
+        if self.distributed_executor_backend in ("ray", "external_launcher"):
+            raise NotImplementedError(
+                f"distributed_executor_backend={self.distributed_executor_backend!r} is not "
+                "supported; ember runs one worker process per rank ('mp')"
+            )
+        if self.distributed_executor_backend not in (None, "mp", "uni"):
+            raise ValueError(
+                "distributed_executor_backend must be None, 'mp' or 'uni', got "
+                f"{self.distributed_executor_backend!r}"
+            )
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size != 1:
+            raise ValueError("distributed_executor_backend='uni' runs tensor_parallel_size=1 only")
+        if not isinstance(self.execute_model_timeout_s, (int, float)) or not (
+            self.execute_model_timeout_s > 0
+        ):
+            raise ValueError(
+                f"execute_model_timeout_s must be positive, got {self.execute_model_timeout_s!r}"
+            )
         if self.tokenizer_mode not in ("auto", "slow"):
             raise ValueError(
                 f"tokenizer_mode must be 'auto' or 'slow', got {self.tokenizer_mode!r}"
@@ -132,6 +161,7 @@ class EngineArgs:
         model_dir, gguf_file = resolve_model(self.model, self.revision)
         hf_config = load_hf_config(model_dir, self.trust_remote_code)
         architecture = resolve_architecture(hf_config)
+        _check_tensor_parallel(hf_config, self.tensor_parallel_size)
         runner, convert = resolve_runner(architecture, self.runner, self.convert)
         max_model_len = self.max_model_len
         if runner == "pooling" and max_model_len is None:
@@ -189,10 +219,31 @@ class EngineArgs:
                 max_model_len=max_model_len,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
             ),
-            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            parallel=ParallelConfig(
+                tensor_parallel_size=self.tensor_parallel_size,
+                execute_model_timeout_s=float(self.execute_model_timeout_s),
+            ),
             device=DeviceConfig(
                 device=device, num_threads=self.num_threads, enforce_eager=self.enforce_eager
             ),
+        )
+
+
+def _check_tensor_parallel(hf_config: HFConfig, tp_size: int) -> None:
+    """Refuse, before any process starts, a tensor-parallel size the model's heads do not
+    split into (the layers check every other size when they are built)."""
+    if tp_size == 1:
+        return
+    heads = getattr(hf_config, "num_attention_heads", None)
+    if heads is not None and heads % tp_size:
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} must divide the model's {heads} attention heads"
+        )
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if kv_heads is not None and kv_heads % tp_size and tp_size % kv_heads:
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} and the model's {kv_heads} KV heads must divide "
+            "one another (each rank holds whole KV heads, replicated when they are fewer)"
         )
 
 

@@ -4,19 +4,28 @@
                 ◀──MessageQueue(1 reader)─── worker r   (one reply queue per worker)
 
 Workers are started with `subprocess` (`python -m ember.workers`); each prints its reply
-queue's handle on stdout. A worker that dies makes the next call raise `EngineDeadError`.
+queue's handle on stdout. With several ranks, the workers form their `torch.distributed` group
+through a file store in a directory private to this executor (removed once they have met), so
+engines on one machine never share a port.
+
+Faults: while it waits for replies the executor polls every worker; one that died makes the
+call raise `EngineDeadError` at once, and a step that no rank answers within
+`execute_model_timeout_s` (a rank stopped, or stuck in a collective) raises it too, naming the
+ranks. The engine core then shuts the executor down, which kills what is left.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
 import msgspec
+import psutil
 
 from ember.enginecore.exceptions import EngineDeadError, EngineStartupError
 from ember.enginecore.executor import Executor
@@ -52,7 +61,11 @@ class MultiprocExecutor(Executor):
         self.world_size = config.parallel.tensor_parallel_size
         self.workers: list[subprocess.Popen] = []
         self.reply_queues: list[MessageQueue] = []
+        self.execute_timeout_s = config.parallel.execute_model_timeout_s
         self._private_dir = tempfile.mkdtemp(prefix="ember-workers-")
+        # The rank group's file store: kept until every rank has joined (the config directory
+        # above goes as soon as the workers have read it).
+        self._rendezvous_dir = tempfile.mkdtemp(prefix=f"ember-{os.getpid()}-rendezvous-")
         self.broadcast = MessageQueue(
             self.world_size, chunk_bytes=1 << 20, num_chunks=8, spin_s=_BROADCAST_SPIN_S
         )
@@ -79,6 +92,9 @@ class MultiprocExecutor(Executor):
                 "--rank",
                 str(rank),
             ]
+            if self.world_size > 1:
+                rendezvous = os.path.join(self._rendezvous_dir, "store")
+                command += ["--rendezvous", f"file://{rendezvous}"]
             self.workers.append(
                 subprocess.Popen(
                     command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
@@ -100,35 +116,53 @@ class MultiprocExecutor(Executor):
         for reply in self._collect(timeout_s=_STARTUP_TIMEOUT_S, what="startup"):
             if reply.error is not None:
                 raise _rebuild_error(reply)
+        shutil.rmtree(self._rendezvous_dir, ignore_errors=True)  # every rank has joined
 
     def _collect(self, timeout_s: float | None = None, what: str = "call") -> list[WorkerReply]:
-        """One reply from every rank, watching that each worker stays alive."""
-        replies = []
+        """One reply from every rank, watching that every worker stays alive."""
+        replies: list[WorkerReply | None] = [None] * len(self.reply_queues)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for rank, queue in enumerate(self.reply_queues):
-            while True:
-                try:
-                    payload = queue.dequeue(timeout_s=_POLL_S)
-                    break
-                except (TimeoutError, EOFError):
-                    self._check_alive(rank)
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise TimeoutError(f"worker {rank} did not answer {what}") from None
-            replies.append(reply_decoder.decode(payload))
-        return replies
+        while True:
+            for rank, queue in enumerate(self.reply_queues):
+                if replies[rank] is None:
+                    try:
+                        replies[rank] = reply_decoder.decode(queue.dequeue(timeout_s=_POLL_S))
+                    except (TimeoutError, EOFError):
+                        pass
+            if all(reply is not None for reply in replies):
+                return replies
+            self.check_health()
+            if deadline is not None and time.monotonic() > deadline:
+                missing = [rank for rank, reply in enumerate(replies) if reply is None]
+                self._faulted = True
+                raise EngineDeadError(
+                    f"worker rank(s) {missing} did not answer {what} within {timeout_s:g} s "
+                    f"({self._describe(missing)}); the engine stops"
+                )
+
+    def _describe(self, ranks: list[int]) -> str:
+        """What the workers of `ranks` are doing, as the OS sees them (e.g. 'rank 1: stopped')."""
+        states = []
+        for rank in ranks:
+            try:
+                states.append(f"rank {rank}: {psutil.Process(self.workers[rank].pid).status()}")
+            except psutil.Error:
+                states.append(f"rank {rank}: gone")
+        return ", ".join(states)
 
     def _check_alive(self, rank: int) -> None:
         code = self.workers[rank].poll()
         if code is not None:
+            self._faulted = True
             raise EngineDeadError(f"worker {rank} died (exit code {code})")
 
     def check_health(self) -> None:
         for rank in range(len(self.workers)):
             self._check_alive(rank)
 
-    def _call(self, call: WorkerCall) -> list[WorkerReply]:
+    def _call(self, call: WorkerCall, timeout_s: float | None = None) -> list[WorkerReply]:
         self.broadcast.enqueue(call_encoder.encode(call))
-        replies = self._collect()
+        replies = self._collect(timeout_s, type(call).__name__)
         for reply in replies:
             if reply.error is not None:
                 raise _rebuild_error(reply)
@@ -141,7 +175,8 @@ class MultiprocExecutor(Executor):
         self._call(InitializeKVCache(num_blocks))
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self._call(ExecuteModel(scheduler_output))[0].runner_output
+        call = ExecuteModel(scheduler_output)
+        return self._call(call, self.execute_timeout_s)[0].runner_output
 
     def start_profile(self, profile_dir: str) -> None:
         self._call(StartProfile(profile_dir))
@@ -153,6 +188,11 @@ class MultiprocExecutor(Executor):
         if getattr(self, "_shut_down", False):
             return
         self._shut_down = True
+        if getattr(self, "_faulted", False):
+            # A rank died or stopped: the others may be stuck in a collective with it and
+            # would never read Shutdown. Nothing of theirs is worth waiting for.
+            for process in self.workers:
+                process.kill()
         alive = [p for p in self.workers if p.poll() is None]
         if alive and self.reply_queues:
             try:
@@ -175,6 +215,7 @@ class MultiprocExecutor(Executor):
             queue.close()
         self.broadcast.close()
         _remove_dir(self._private_dir)
+        shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
 
 _KNOWN_ERRORS = {

@@ -11,8 +11,10 @@ New keys and values are written through `slot_mapping` (one slot per scheduled t
 padding token that must not be written). Requests with a single scheduled token (decodes) come
 first in the batch and are computed together; each longer chunk (prefill) is computed on its own.
 
-CUDA tensors go to the Triton kernels of `attention_triton.py` (imported only then), which
-serve the whole batch in one launch; the torch references here serve CPU and tests.
+`paged_attention` is the one place that picks a kernel: CUDA tensors go to the Triton kernels of
+`attention_triton.py` (imported only then); on CPU the decodes of a bfloat16 cache under float32
+queries go to the C kernel of `attention_cpu.py`; everything else goes to the references here
+(`*_torch`), which use torch operators only, for every cache dtype, and are the tests' oracles.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from ember.kernels.attention_cpu import paged_decode_attention_cpu
 
 
 @dataclass(slots=True)
@@ -99,6 +103,11 @@ def paged_attention(
     The keys and values of this step must already be in `kv_cache` (see `write_kv_cache`).
     Query token j of a chunk of length q_len sits at position seq_len - q_len + j and sees the
     cached positions p with p <= its position (and p > position - sliding_window if set).
+
+    Dispatch: CUDA tensors -> `paged_attention_triton`, the whole batch in one launch. On CPU, a
+    bfloat16 cache under float32 queries without a soft cap -> `paged_decode_attention_cpu` for
+    the decode rows (where it declines: no compiler, a shape beyond it, the reference serves);
+    everything else, and the prefill chunks beside C-computed decodes -> the torch reference.
     """
     if query.device.type == "cuda":
         from ember.kernels.attention_triton import paged_attention_triton
@@ -106,6 +115,25 @@ def paged_attention(
         return paged_attention_triton(
             query, kv_cache, metadata, scale, sliding_window, logits_soft_cap
         )
+    num_decodes = metadata.num_decodes
+    if (
+        num_decodes > 0
+        and kv_cache.dtype == torch.bfloat16
+        and query.dtype == torch.float32
+        and not logits_soft_cap  # the C kernel has no soft cap
+    ):
+        decodes = paged_decode_attention_cpu(
+            query[:num_decodes],
+            kv_cache,
+            metadata.block_table[:num_decodes],
+            metadata.seq_lens[:num_decodes],
+            scale,
+            sliding_window,
+        )
+        if decodes is not None:  # else: no compiler, or a shape beyond the kernel
+            return _beside_chunks(
+                decodes, query, kv_cache, metadata, scale, sliding_window, logits_soft_cap
+            )
     return paged_attention_torch(query, kv_cache, metadata, scale, sliding_window, logits_soft_cap)
 
 
@@ -117,14 +145,37 @@ def paged_attention_torch(
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
+    """The reference of `paged_attention`, in torch operators only. A cache of another dtype than
+    `query` (bfloat16 under float32 queries) is converted to the query's dtype as it is read,
+    so the math runs in the query's dtype."""
+    decodes = None
     num_decodes = metadata.num_decodes
-    if num_decodes == metadata.num_reqs:  # decodes only: no chunk to place beside them
-        return _decode_attention(query, kv_cache, metadata, scale, sliding_window, logits_soft_cap)
-    output = torch.empty_like(query)
     if num_decodes > 0:
-        output[:num_decodes] = _decode_attention(
+        decodes = _decode_attention(
             query[:num_decodes], kv_cache, metadata, scale, sliding_window, logits_soft_cap
         )
+    return _beside_chunks(
+        decodes, query, kv_cache, metadata, scale, sliding_window, logits_soft_cap
+    )
+
+
+def _beside_chunks(
+    decodes: torch.Tensor | None,
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:
+    """The batch's output: `decodes` (the rows of the decodes, None if there is none) followed
+    by the torch reference's attention of each prefill chunk."""
+    num_decodes = metadata.num_decodes
+    if decodes is not None and num_decodes == metadata.num_reqs:
+        return decodes  # decodes only: no chunk to place beside them
+    output = torch.empty_like(query)
+    if decodes is not None:
+        output[:num_decodes] = decodes
     starts = metadata.query_start_loc_cpu
     for req in range(num_decodes, metadata.num_reqs):
         start, end = starts[req], starts[req + 1]
@@ -186,24 +237,7 @@ def _decode_attention(
     sliding_window: int | None,
     logits_soft_cap: float | None,
 ) -> torch.Tensor:
-    """All single-token requests at once: keys padded to the longest context and masked.
-
-    A bfloat16 cache under float32 queries (quantization="gguf") goes to the C kernel of
-    `attention_cpu.py`, which reads the blocks in place instead (this is its reference)."""
-    if kv_cache.dtype == torch.bfloat16 and query.dtype == torch.float32 and not logits_soft_cap:
-        from ember.kernels.attention_cpu import paged_decode_attention_cpu
-
-        num_decodes = metadata.num_decodes
-        out = paged_decode_attention_cpu(
-            query,
-            kv_cache,
-            metadata.block_table[:num_decodes],
-            metadata.seq_lens[:num_decodes],
-            scale,
-            sliding_window,
-        )
-        if out is not None:
-            return out
+    """All single-token requests at once: keys padded to the longest context and masked."""
     block_ids, max_len, mask = _decode_context(metadata, kv_cache.shape[2], sliding_window)
     key, value = _gather_kv(kv_cache, block_ids, max_len)  # [B, L, Hkv, D]
     out = _attend(

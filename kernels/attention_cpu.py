@@ -1,16 +1,14 @@
 """Decode attention over a bfloat16 paged KV cache on CPU, in C (`csrc/paged_decode_attention.c`).
 
-The torch reference in `attention.py` gathers every decoding request's blocks into a padded
-batch, converts them to float32 and runs SDPA: about 50 MB of memory traffic per layer per step
-for 32 requests of a few hundred tokens. The C kernel reads each cached key and value once, in
-place (about 7 MB there), with float32 math.
+Called by `attention.paged_attention` for the decodes of a CPU batch, and by the fused decode
+step; its reference is `attention.paged_attention_torch`, which gathers a padded float32 copy of
+the blocks (about 50 MB per layer per step for 32 requests of a few hundred tokens) where this
+kernel reads each cached key and value once, in place (about 7 MB), with float32 math.
 
-The source is compiled on first use (`cpu_library`); where no compiler works,
-`paged_decode_attention_cpu` returns None and the torch reference serves. Its (request, KV
-head) tasks are shared by the OpenMP threads of torch's own runtime (`libgomp.so.1`, which the
-library links to and the loader finds already loaded with torch), so `torch.set_num_threads`
-governs it as it does torch's operators; where OpenMP cannot be built, it runs on the calling
-thread.
+Compiled on first use (`cpu_library`); where that fails, `paged_decode_attention_cpu` returns
+None and the caller falls back. Its tasks run on torch's own OpenMP threads (`libgomp.so.1`,
+already loaded with torch), so `torch.set_num_threads` governs it as it does torch's operators;
+without OpenMP it runs on the calling thread.
 """
 
 from __future__ import annotations
@@ -35,6 +33,11 @@ def _library() -> ctypes.CDLL | None:
     function.argtypes += [ctypes.c_float, i64, ptr]
     function.restype = ctypes.c_int
     return library
+
+
+def available() -> bool:
+    """Whether the kernel could be built here (else every call returns None)."""
+    return _library() is not None
 
 
 def paged_decode_attention_cpu(

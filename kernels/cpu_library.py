@@ -2,7 +2,17 @@
 with the system C compiler (`$CC`, else `cc`/`gcc`, `-O3 -march=native`) into ember's cache
 directory (`~/.cache/ember/kernels/`, keyed by the source, the flags and the CPU) and loaded
 with ctypes. Where no compiler works, `load_c_library` returns None and the caller's torch
-reference serves."""
+reference serves.
+
+The kernels pick their instruction set at compile time (`#if defined(__AVX512F__)` ...), so a
+build for less than the CPU has is a build with fewer `-m` flags. `EMBER_CPU_ISA` says which
+(read at the first build of each library, and inherited by the engine's worker processes):
+
+    native   (default) everything `-march=native` enables
+    avx2     no AVX-512 (`-mno-avx512f`): what a CPU with AVX2 only (e.g. AMD EPYC Zen 2/3)
+             builds, so that its paths (no VNNI tiles: `tile_matmul.available()` is False)
+             run and are tested here. `ATEN_CPU_CAPABILITY=avx2` does the same for torch.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +34,16 @@ _SOURCES = Path(__file__).with_name("csrc")
 # online softmax starts from -inf).
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros"]
 _FLAGS += ["-fno-trapping-math", "-shared", "-fPIC"]
+# EMBER_CPU_ISA -> the flags after -march=native that hold a build to that instruction set.
+ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",)}
+
+
+def isa_flags() -> tuple[str, ...]:
+    """The flags of `EMBER_CPU_ISA` (see the module's docstring)."""
+    isa = os.environ.get("EMBER_CPU_ISA", "").strip().lower() or "native"
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"EMBER_CPU_ISA must be one of {sorted(ISA_FLAGS)}, got {isa!r}")
+    return ISA_FLAGS[isa]
 
 
 def _cache_dir() -> str:
@@ -41,27 +61,30 @@ def _cpu_key() -> str:
         return platform.processor() or platform.machine()
 
 
-def load_openmp_library(source_name: str) -> ctypes.CDLL | None:
-    """`csrc/<source_name>` built with OpenMP (`-fopenmp`: it links `libgomp.so.1`, which the
-    loader finds already loaded with torch, so the kernel shares torch's threads and its
-    `torch.set_num_threads`), or without where OpenMP cannot be built; None without a compiler."""
-    return load_c_library(source_name, ("-fopenmp",)) or load_c_library(source_name)
+def load_openmp_library(source: str | Path) -> ctypes.CDLL | None:
+    """`source` (see `load_c_library`) built with OpenMP (`-fopenmp`: it links `libgomp.so.1`,
+    which the loader finds already loaded with torch, so the kernel shares torch's threads and
+    its `torch.set_num_threads`), or without where OpenMP cannot be built; None without a
+    compiler."""
+    return load_c_library(source, ("-fopenmp",)) or load_c_library(source)
 
 
 @functools.cache
-def load_c_library(source_name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    """`csrc/<source_name>` compiled (with `extra_flags` after the common ones) and loaded,
-    built on first use and then taken from the cache; None when it cannot be built here."""
-    flags = [*_FLAGS, *extra_flags]
-    source_path = _SOURCES / source_name
+def load_c_library(source: str | Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """`source` compiled (with the `EMBER_CPU_ISA` flags and `extra_flags` after the common
+    ones) and loaded, built on first use and then taken from the cache; None when it cannot be
+    built here. `source`: a file name in `csrc/`, or the path of a C file elsewhere (a runner's
+    own step, which may include the headers of `csrc/`)."""
+    flags = [*_FLAGS, *isa_flags(), *extra_flags]
+    source_path = _SOURCES / source  # an absolute path stays itself
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
-        logger.warning("no C compiler: %s is replaced by its torch reference", source_name)
+        logger.warning("no C compiler: %s is replaced by its torch reference", source_path.name)
         return None
-    source = source_path.read_bytes()
+    text = source_path.read_bytes()
     for header in sorted(_SOURCES.glob("*.h")):  # what the source may include
-        source += header.read_bytes()
-    key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()
+        text += header.read_bytes()
+    key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()
     path = os.path.join(_cache_dir(), f"{source_path.stem}-{key[:16]}.so")
     if not os.path.exists(path):
         os.makedirs(_cache_dir(), exist_ok=True)

@@ -1,6 +1,6 @@
 """The elementwise parts of a CPU decode step in C (`csrc/decode_layer.c`): rotary embedding
 with the KV-cache write, and SiLU-and-mul, each one call over the step's tokens reading the
-packed matmuls' bfloat16 outputs directly. `ember.workers.models.llama_cpu_decode` strings them
+packed matmuls' bfloat16 outputs directly. `ember.workers.cpu_decode.llama_runner` strings them
 between torch's packed 4-bit matmuls; their references are `rotary.apply_rotary_emb_torch` with
 `attention.write_kv_cache_torch`, and `activation.silu_and_mul_torch`.
 

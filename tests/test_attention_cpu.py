@@ -1,5 +1,5 @@
-"""The C decode-attention kernel over a bfloat16 paged KV cache (`kernels/attention_cpu.py`)
-against the torch reference, and its fallback when no compiler is found."""
+"""CPU attention: the C decode kernel (`kernels/attention_cpu.py`) against the pure torch
+reference on the same bfloat16 cache, the reference's purity, and `paged_attention`'s dispatch."""
 
 from __future__ import annotations
 
@@ -9,99 +9,210 @@ import torch
 from ember.kernels import attention, attention_cpu, cpu_library
 from ember.kernels.attention import AttentionMetadata
 
+needs_c_kernel = pytest.mark.skipif(
+    not attention_cpu.available(),
+    reason="the C decode kernel could not be built here (no C compiler)",
+)
 
-def _decode_batch(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int):
+# Two decodes, a chunk in the middle of its request, a fresh prompt (q_len == seq_len).
+MIXED_QUERY_LENS = [1, 1, 5, 12]
+MIXED_SEQ_LENS = [9, 40, 30, 12]
+
+
+def _paged_batch(
+    seq_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    query_lens: list[int] | None = None,
+    cache_dtype: torch.dtype = torch.bfloat16,
+    query_dtype: torch.dtype = torch.float32,
+):
+    """A random cache and queries; decodes (query_lens 1) first, then chunks."""
+    query_lens = query_lens or [1] * len(seq_lens)
     torch.manual_seed(len(seq_lens) * 7 + head_dim)
     block_size, num_blocks = 16, 96
-    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim).bfloat16()
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim).to(cache_dtype)
     max_blocks = -(-max(seq_lens) // block_size)
     block_table = torch.stack([torch.randperm(num_blocks)[:max_blocks] for _ in seq_lens])
-    query = torch.randn(len(seq_lens), num_heads, head_dim)
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    query = torch.randn(sum(query_lens), num_heads, head_dim).to(query_dtype)
+    starts = [0]
+    for query_len in query_lens:
+        starts.append(starts[-1] + query_len)
     metadata = AttentionMetadata(
-        slot_mapping=torch.zeros(len(seq_lens), dtype=torch.int64),
-        query_start_loc=torch.arange(len(seq_lens) + 1, dtype=torch.int32),
-        seq_lens=lens,
+        slot_mapping=torch.zeros(len(query), dtype=torch.int64),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         block_table=block_table,
-        num_decodes=len(seq_lens),
-        max_query_len=1,
+        num_decodes=query_lens.count(1),
+        max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
-        query_start_loc_cpu=list(range(len(seq_lens) + 1)),
+        query_start_loc_cpu=starts,
         seq_lens_cpu=seq_lens,
     )
     return query, kv_cache, metadata
 
 
+def _dense_attention(query, kv_cache, metadata, scale, sliding_window=None):
+    """Each request's query rows against its cached keys/values read slot by slot, in float64."""
+    block_size = kv_cache.shape[2]
+    cache = kv_cache.flatten(1, 2).double()  # [2, slots, Hkv, D]
+    out = torch.empty(query.shape, dtype=torch.float64)
+    starts = metadata.query_start_loc_cpu
+    for req, seq_len in enumerate(metadata.seq_lens_cpu):
+        positions = torch.arange(seq_len)
+        blocks = metadata.block_table[req, positions // block_size]
+        slots = blocks * block_size + positions % block_size
+        q = query[starts[req] : starts[req + 1]].double()
+        group = q.shape[1] // kv_cache.shape[3]
+        keys = cache[0, slots].repeat_interleave(group, dim=1)
+        values = cache[1, slots].repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, keys) * scale
+        query_pos = torch.arange(seq_len - len(q), seq_len)[:, None]
+        allowed = positions[None, :] <= query_pos
+        if sliding_window is not None:
+            allowed &= positions[None, :] > query_pos - sliding_window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        rows = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+        out[starts[req] : starts[req + 1]] = rows
+    return out.float()
+
+
+@needs_c_kernel
 @pytest.mark.parametrize(
     "num_heads, num_kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 2, 128), (16, 1, 64)]
 )
 @pytest.mark.parametrize("sliding_window", [None, 20])
-def test_c_kernel_equals_the_torch_reference(num_heads, num_kv_heads, head_dim, sliding_window):
+def test_c_kernel_matches_the_torch_reference_on_the_same_bf16_cache(
+    num_heads, num_kv_heads, head_dim, sliding_window
+):
     # Lengths: one token, inside a block, on block boundaries, across many blocks.
     seq_lens = [1, 7, 16, 17, 33, 64, 130, 250]
-    query, kv_cache, metadata = _decode_batch(seq_lens, num_heads, num_kv_heads, head_dim)
+    query, kv_cache, metadata = _paged_batch(seq_lens, num_heads, num_kv_heads, head_dim)
     scale = head_dim**-0.5
     out = attention_cpu.paged_decode_attention_cpu(
         query, kv_cache, metadata.block_table, metadata.seq_lens, scale, sliding_window
     )
     assert out is not None
-    # The reference on the same values in float32 (bfloat16 -> float32 is exact).
-    reference = attention._decode_attention(
-        query, kv_cache.float(), metadata, scale, sliding_window, None
-    )
+    reference = attention.paged_attention_torch(query, kv_cache, metadata, scale, sliding_window)
+    # Both read the same bfloat16 values exactly into float32 and do float32 math; they differ
+    # only in the order of the sums (the kernel's softmax is online, block by block).
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_attention_dispatches_bf16_caches_to_the_c_kernel(monkeypatch):
-    query, kv_cache, metadata = _decode_batch([5, 40], 6, 2, 64)
+@pytest.mark.parametrize("sliding_window", [None, 7])
+def test_torch_reference_on_a_bf16_cache_uses_torch_alone_and_matches_dense_attention(
+    monkeypatch, sliding_window
+):
+    def no_c_kernel(*args, **kwargs):
+        raise AssertionError("the torch reference called the C kernel")
+
+    monkeypatch.setattr(attention_cpu, "_library", no_c_kernel)
+    monkeypatch.setattr(attention, "paged_decode_attention_cpu", no_c_kernel)
+    query, kv_cache, metadata = _paged_batch(MIXED_SEQ_LENS, 8, 2, 64, MIXED_QUERY_LENS)
+    out = attention.paged_attention_torch(query, kv_cache, metadata, 0.125, sliding_window)
+    assert out.dtype == torch.float32
+    expected = _dense_attention(query, kv_cache, metadata, 0.125, sliding_window)
+    # The same bfloat16 inputs on both sides: float32 against float64 math.
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_on_cpu_sends_bf16_decodes_to_the_c_kernel_and_the_rest_to_torch(
+    monkeypatch,
+):
+    """Checked through the results: a stand-in for the C kernel marks the rows it computed."""
     calls = []
-    kernel = attention_cpu.paged_decode_attention_cpu
 
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return kernel(*args, **kwargs)
+    def c_kernel(query, kv_cache, block_table, seq_lens, scale, sliding_window):
+        calls.append((tuple(query.shape), block_table.shape[0], seq_lens.tolist()))
+        return torch.full_like(query, 7.0)
 
-    monkeypatch.setattr(attention_cpu, "paged_decode_attention_cpu", counted)
-    out = attention._decode_attention(query, kv_cache, metadata, 0.125, None, None)
-    assert calls == [query.shape]
-    reference = attention._decode_attention(query, kv_cache.float(), metadata, 0.125, None, None)
-    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
-    # A soft cap is the reference's alone.
-    attention._decode_attention(query, kv_cache, metadata, 0.125, None, 30.0)
-    assert len(calls) == 1
+    monkeypatch.setattr(attention, "paged_decode_attention_cpu", c_kernel)
 
-
-def test_shapes_beyond_the_kernel_and_a_missing_compiler_fall_back(monkeypatch):
-    query, kv_cache, metadata = _decode_batch([9, 3], 34, 2, 64)  # 17 query heads per KV head
-    assert (
-        attention_cpu.paged_decode_attention_cpu(
-            query, kv_cache, metadata.block_table, metadata.seq_lens, 0.125, None
+    def run(query_lens, seq_lens, cache_dtype, query_dtype=torch.float32, soft_cap=None):
+        calls.clear()
+        query, kv_cache, metadata = _paged_batch(
+            seq_lens, 4, 2, 32, query_lens, cache_dtype, query_dtype
         )
-        is None
+        args = (query, kv_cache, metadata, 0.125, None, soft_cap)
+        return (
+            attention.paged_attention(*args),
+            attention.paged_attention_torch(*args),
+            metadata.num_decodes,
+        )
+
+    # bfloat16 cache, float32 queries: the decode rows from C, the chunks from the reference.
+    out, reference, num_decodes = run(MIXED_QUERY_LENS, MIXED_SEQ_LENS, torch.bfloat16)
+    assert calls == [((num_decodes, 4, 32), num_decodes, MIXED_SEQ_LENS[:num_decodes])]
+    assert out[:num_decodes].eq(7.0).all()
+    assert torch.equal(out[num_decodes:], reference[num_decodes:])
+    # Decodes only: the C kernel's output is the batch's.
+    out, _, _ = run([1, 1, 1], [5, 17, 33], torch.bfloat16)
+    assert len(calls) == 1 and out.eq(7.0).all()
+    # The reference alone: a float32 cache, bfloat16 queries, a soft cap, no decode.
+    f32, bf16 = torch.float32, torch.bfloat16
+    for case in [
+        (MIXED_QUERY_LENS, MIXED_SEQ_LENS, f32, f32, None),
+        (MIXED_QUERY_LENS, MIXED_SEQ_LENS, bf16, bf16, None),
+        (MIXED_QUERY_LENS, MIXED_SEQ_LENS, bf16, f32, 30.0),
+        ([5, 12], [30, 12], bf16, f32, None),
+    ]:
+        out, reference, _ = run(*case)
+        assert calls == [], case
+        assert torch.equal(out, reference)
+
+
+def test_paged_attention_falls_back_to_the_reference_where_the_c_kernel_declines(monkeypatch):
+    calls = []
+
+    def declining(*args, **kwargs):  # returns None, as the kernel does where it cannot serve
+        calls.append(args[0].shape)
+
+    monkeypatch.setattr(attention, "paged_decode_attention_cpu", declining)
+    query, kv_cache, metadata = _paged_batch(MIXED_SEQ_LENS, 4, 2, 32, MIXED_QUERY_LENS)
+    out = attention.paged_attention(query, kv_cache, metadata, 0.125)
+    assert len(calls) == 1
+    assert torch.equal(out, attention.paged_attention_torch(query, kv_cache, metadata, 0.125))
+
+
+@needs_c_kernel
+def test_c_kernel_declines_more_than_16_query_heads_per_kv_head():
+    query, kv_cache, metadata = _paged_batch([9, 3], 34, 2, 64)  # 17 query heads per KV head
+    out = attention_cpu.paged_decode_attention_cpu(
+        query, kv_cache, metadata.block_table, metadata.seq_lens, 0.125, None
     )
+    assert out is None
     torch.testing.assert_close(
-        attention._decode_attention(query, kv_cache, metadata, 0.125, None, None),
-        attention._decode_attention(query, kv_cache.float(), metadata, 0.125, None, None),
-        rtol=1e-5,
-        atol=1e-5,
+        attention.paged_attention(query, kv_cache, metadata, 0.125),
+        attention.paged_attention_torch(query, kv_cache, metadata, 0.125),
+        rtol=0,
+        atol=0,
     )
+
+
+def test_without_a_compiler_the_c_kernel_declines_and_the_reference_serves(monkeypatch):
     monkeypatch.setattr(cpu_library.shutil, "which", lambda name: None)
     cpu_library.load_c_library.cache_clear()
     attention_cpu._library.cache_clear()
     try:
-        assert attention_cpu._library() is None
-        query, kv_cache, metadata = _decode_batch([9, 3], 4, 2, 64)
-        assert (
-            attention_cpu.paged_decode_attention_cpu(
-                query, kv_cache, metadata.block_table, metadata.seq_lens, 0.125, None
-            )
-            is None
+        assert not attention_cpu.available()
+        query, kv_cache, metadata = _paged_batch([9, 3], 4, 2, 64)
+        out = attention_cpu.paged_decode_attention_cpu(
+            query, kv_cache, metadata.block_table, metadata.seq_lens, 0.125, None
+        )
+        assert out is None
+        torch.testing.assert_close(
+            attention.paged_attention(query, kv_cache, metadata, 0.125),
+            attention.paged_attention_torch(query, kv_cache, metadata, 0.125),
+            rtol=0,
+            atol=0,
         )
     finally:
         cpu_library.load_c_library.cache_clear()
         attention_cpu._library.cache_clear()
 
 
+@needs_c_kernel
 def test_openmp_kernels_share_torchs_runtime():
     """The OpenMP kernels link `libgomp.so.1`, and the loader gives them torch's: one thread pool
     in the process, not two competing for the cores."""

@@ -45,6 +45,30 @@ def test_the_avx2_and_plain_c_paths_agree_with_the_reference(flags, bits, monkey
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+def test_the_avx2_override_builds_without_avx512(monkeypatch):
+    """EMBER_CPU_ISA=avx2 (how an AVX2-only CPU is simulated here) drops AVX-512 from every
+    build: the VNNI tiles report themselves unsupported, and block_matmul takes its AVX2 path."""
+    monkeypatch.setenv("EMBER_CPU_ISA", "avx2")
+    cpu_library.load_c_library.cache_clear()
+    try:
+        tiles = cpu_library.load_c_library("tile_matmul.c")
+        assert tiles is not None and tiles.ember_tile_matmul_supported() == 0
+        library = block_matmul.with_signatures(cpu_library.load_c_library("block_matmul.c"))
+        codes, scale, offset, dense = random_group_weight(40, 64, 4, torch.float16, seed=4)
+        monkeypatch.setattr(block_matmul, "_library", lambda: library)
+        x = torch.randn(3, 64)
+        out = block_matmul.block_matmul(x, codes, scale, offset, torch.float32)
+        expected = quantized_activations(x) @ dense.T
+        torch.testing.assert_close(
+            out, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max())
+        )
+        monkeypatch.setenv("EMBER_CPU_ISA", "avx3")
+        with pytest.raises(ValueError, match=r"EMBER_CPU_ISA must be one of \['avx2', 'native'\]"):
+            cpu_library.load_c_library("block_matmul.c", ("-DUNCACHED",))
+    finally:
+        cpu_library.load_c_library.cache_clear()
+
+
 def test_block_matmul_reads_and_writes_bfloat16():
     codes, scale, offset, dense = random_group_weight(64, 128, 4, torch.float16, seed=1)
     x = torch.randn(2, 128).bfloat16()

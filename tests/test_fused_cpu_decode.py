@@ -1,20 +1,30 @@
-"""The fused CPU decode step (`workers/models/llama_cpu_decode.py`) and its C kernels
+"""The fused CPU decode runner (`workers/cpu_decode/llama_runner.py`) and its C kernels
 (`kernels/csrc/decode_layer.c`, the bfloat16 forms of `rms_norm.c`) against the layer-by-layer
-forward and the plain-torch references."""
+forward and the plain-torch references, and its capability check."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ember.kernels import decode_cpu, layernorm
+from ember.kernels import decode_cpu, layernorm, tile_matmul
 from ember.kernels.activation import silu_and_mul_torch
 from ember.kernels.attention import AttentionMetadata, write_kv_cache_torch
 from ember.kernels.rotary import apply_rotary_emb_torch
-from ember.workers.layers.tiled_weight import TiledWeight
+from ember.workers.config import EngineConfig, ParallelConfig
+from ember.workers.cpu_decode.llama_runner import (
+    MAX_DECODES,
+    LlamaCPUDecodeRunner,
+    unsupported_reason,
+)
 from ember.workers.model_loader import loader
-from ember.workers.models.llama_cpu_decode import MAX_DECODES, FusedCPUDecode
 from tests.helpers import default_model_config
+
+CPU = torch.device("cpu")
+needs_tiles = pytest.mark.skipif(
+    not tile_matmul.available(),
+    reason="this CPU has no AVX-512 VNNI: no tiles, so no one-call step (the loop serves)",
+)
 
 
 @pytest.mark.parametrize(
@@ -84,11 +94,22 @@ def test_silu_mul_and_bf16_norms_match_the_torch_references():
 
 
 @pytest.fixture(scope="module")
-def packed_model(default_gguf):
-    config = default_model_config(default_gguf, quantization="gguf")
-    model = loader.get_model(config, torch.device("cpu"))
-    assert isinstance(model.model.fused_decode, FusedCPUDecode)
-    return model
+def engine_config(default_gguf) -> EngineConfig:
+    return EngineConfig(model=default_model_config(default_gguf, quantization="gguf"))
+
+
+@pytest.fixture(scope="module")
+def packed_model(engine_config):
+    return loader.get_model(engine_config.model, CPU)
+
+
+@pytest.fixture(scope="module")
+def runner(packed_model, engine_config) -> LlamaCPUDecodeRunner:
+    runner = LlamaCPUDecodeRunner.select(packed_model, engine_config, CPU)
+    assert isinstance(runner, LlamaCPUDecodeRunner)
+    # With VNNI tiles the layers run in one C call; without, the Python loop of C kernels.
+    assert (runner.step_model is not None) == tile_matmul.available()
+    return runner
 
 
 def _decode_step(model, seq_lens: list[int], seed: int):
@@ -122,9 +143,9 @@ def _decode_step(model, seq_lens: list[int], seed: int):
     return input_ids, positions, metadata, caches
 
 
-# One request, four and twelve, the layers in one C call and in the Python loop; twelve also in
-# the loop on bfloat16 weights written from the tiles (what batches beyond the tiles'
-# max_tokens take; the reference then takes them too).
+# One request, four and twelve, the layers in one C call (VNNI tiles only) and in the Python
+# loop; twelve also in the loop on bfloat16 weights written from the packed ones (what batches
+# beyond the packed weights' max_tokens take; the reference then takes them too).
 TWELVE = [3, 9, 17, 33, 64, 65, 80, 100, 101, 111, 120, 128]
 
 
@@ -132,7 +153,7 @@ TWELVE = [3, 9, 17, 33, 64, 65, 80, 100, 101, 111, 120, 128]
     ("seq_lens", "path"),
     [
         *[
-            (lens, path)
+            pytest.param(lens, path, marks=[needs_tiles] if path == "one_call" else [])
             for lens in ([1], [40], [5, 77, 16, 120], TWELVE)
             for path in ("one_call", "loop")
         ],
@@ -140,31 +161,27 @@ TWELVE = [3, 9, 17, 33, 64, 65, 80, 100, 101, 111, 120, 128]
     ],
 )
 def test_fused_decode_step_equals_the_layer_by_layer_forward(
-    packed_model, seq_lens, path, monkeypatch
+    packed_model, runner, seq_lens, path, monkeypatch
 ):
     model = packed_model
-    fused_decode = model.model.fused_decode
-    assert fused_decode.step_model is not None
     if path != "one_call":
-        monkeypatch.setattr(fused_decode, "step_model", None)
+        monkeypatch.setattr(runner, "step_model", None)
     if path == "dense":
-        monkeypatch.setattr(fused_decode, "packed_max_tokens", 0)
-        monkeypatch.setattr(TiledWeight, "max_tokens", 0)
+        packed_class = type(model.model.layers[0].self_attn.qkv_proj.packed_weight)
+        monkeypatch.setattr(runner, "packed_max_tokens", 0)
+        monkeypatch.setattr(packed_class, "max_tokens", 0)
     input_ids, positions, metadata, caches = _decode_step(model, seq_lens, seed=len(seq_lens))
     before = [cache.clone() for cache in caches]
     with torch.inference_mode():
-        fused = model.model.fused_decode(input_ids, positions, metadata)
+        assert runner.can_run(input_ids, positions, metadata)
+        fused = runner.run(input_ids, positions, metadata)
+        assert fused is not None
         fused_caches = [cache.clone() for cache in caches]
         for cache, saved in zip(caches, before):
             cache.copy_(saved)
-        fused_decode, model.model.fused_decode = model.model.fused_decode, None
-        try:
-            reference = model.model(input_ids, positions, metadata)
-        finally:
-            model.model.fused_decode = fused_decode
+        reference = model(input_ids, positions, metadata)
         fused_logits = model.compute_logits(fused)
         reference_logits = model.compute_logits(reference)
-    assert fused is not None
     torch.testing.assert_close(fused, reference, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(fused_logits, reference_logits, rtol=2e-3, atol=2e-2)
     assert torch.equal(fused_logits.argmax(-1), reference_logits.argmax(-1))
@@ -172,13 +189,34 @@ def test_fused_decode_step_equals_the_layer_by_layer_forward(
         torch.testing.assert_close(fused_cache.float(), cache.float(), rtol=1e-2, atol=1e-2)
 
 
-def test_steps_the_fused_path_does_not_serve_fall_back(packed_model):
-    model = packed_model
-    input_ids, positions, metadata, _ = _decode_step(model, [5, 9], seed=3)
+def test_steps_the_fused_path_does_not_serve_fall_back(packed_model, runner):
+    input_ids, positions, metadata, _ = _decode_step(packed_model, [5, 9], seed=3)
+    assert runner.can_run(input_ids, positions, metadata)
     metadata.all_slots_valid = False  # padding slots possible
-    assert model.model.fused_decode(input_ids, positions, metadata) is None
+    assert not runner.can_run(input_ids, positions, metadata)
     metadata.all_slots_valid = True
     metadata.num_decodes = 1  # a prefill chunk in the batch
-    assert model.model.fused_decode(input_ids, positions, metadata) is None
+    assert not runner.can_run(input_ids, positions, metadata)
     many = torch.randint(100, 200, (MAX_DECODES + 1,))
-    assert model.model.fused_decode(many, positions, metadata) is None
+    assert not runner.can_run(many, positions, metadata)
+
+
+def test_the_runner_is_not_selected_where_the_capability_check_fails(
+    packed_model, engine_config, monkeypatch
+):
+    assert unsupported_reason(packed_model, engine_config, CPU) is None
+    # Two ranks: each holds partial sums of o_proj and down_proj that only RowParallelLinear's
+    # all-reduce completes, and the fused step has none.
+    two_ranks = EngineConfig(
+        model=engine_config.model, parallel=ParallelConfig(tensor_parallel_size=2)
+    )
+    assert "tensor_parallel_size 2" in unsupported_reason(packed_model, two_ranks, CPU)
+    assert LlamaCPUDecodeRunner.select(packed_model, two_ranks, CPU) is None
+    cuda = torch.device("cuda")  # only compared, never touched
+    assert "device cuda" in unsupported_reason(packed_model, engine_config, cuda)
+    not_llama = torch.nn.Linear(2, 2)
+    assert "not a LlamaForCausalLM" in unsupported_reason(not_llama, engine_config, CPU)
+    assert LlamaCPUDecodeRunner.select(not_llama, engine_config, CPU) is None
+    qkv_proj = packed_model.model.layers[3].self_attn.qkv_proj
+    monkeypatch.setattr(qkv_proj, "packed_weight", None)  # a layer left dense
+    assert "packed weights" in unsupported_reason(packed_model, engine_config, CPU)

@@ -11,12 +11,11 @@ from ember.kernels import (
     apply_rotary_emb,
     apply_top_k_top_p,
     fused_add_rms_norm,
-    paged_attention,
     rms_norm,
     silu_and_mul,
     write_kv_cache,
 )
-from ember.kernels.attention import AttentionMetadata
+from ember.kernels.attention import AttentionMetadata, paged_attention_torch
 
 
 def _dense_causal_attention(q, k, v, scale, sliding_window=None, soft_cap=None):
@@ -39,13 +38,18 @@ def _dense_causal_attention(q, k, v, scale, sliding_window=None, soft_cap=None):
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 1), (8, 2)])
 @pytest.mark.parametrize("sliding_window,soft_cap", [(None, None), (5, None), (None, 30.0)])
-def test_paged_attention_matches_dense_attention(num_heads, num_kv_heads, sliding_window, soft_cap):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_reference_matches_dense_attention(
+    num_heads, num_kv_heads, sliding_window, soft_cap, cache_dtype
+):
+    """The torch reference on a float32 or bfloat16 cache (float32 queries, so float32 math);
+    the dense oracle gets the keys and values as the cache stores them."""
     torch.manual_seed(0)
     head_dim, block_size, num_blocks = 16, 4, 64
     # (cached tokens before this step, tokens this step): two decodes, then prefill chunks,
     # one starting mid-block and crossing block boundaries, one a fresh prompt.
     requests = [(9, 1), (3, 1), (6, 7), (0, 11), (16, 4)]
-    kv_cache = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim)
+    kv_cache = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=cache_dtype)
     free_blocks = torch.randperm(num_blocks - 1).add(1).tolist()
     full_keys, full_values, block_tables, queries, slots = [], [], [], [], []
     for cached, new in requests:
@@ -88,10 +92,12 @@ def test_paged_attention_matches_dense_attention(num_heads, num_kv_heads, slidin
         seq_lens_cpu=seq_lens,
     )
     scale = head_dim**-0.5
-    out = paged_attention(query, kv_cache, metadata, scale, sliding_window, soft_cap)
+    out = paged_attention_torch(query, kv_cache, metadata, scale, sliding_window, soft_cap)
     for i in range(len(requests)):
+        cached_keys = full_keys[i].to(cache_dtype).float()  # bfloat16 -> float32 is exact
+        cached_values = full_values[i].to(cache_dtype).float()
         expected = _dense_causal_attention(
-            queries[i], full_keys[i], full_values[i], scale, sliding_window, soft_cap
+            queries[i], cached_keys, cached_values, scale, sliding_window, soft_cap
         )
         torch.testing.assert_close(out[starts[i] : starts[i + 1]], expected, atol=1e-5, rtol=1e-5)
 

@@ -14,22 +14,22 @@ import torch
 from ember import LLM, SamplingParams
 from ember.enginecore.arg_utils import EngineArgs, cpu_has_native_bfloat16
 from ember.kernels import block_matmul, tile_matmul
-from ember.workers.layers.embedding import (
-    REFINED_LOGITS,
-    ParallelLMHead,
-    VocabParallelEmbedding,
-    refine_top_logits,
-)
+from ember.workers.layers.context import ModelContext
+from ember.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ember.workers.layers.linear import ReplicatedLinear
 from ember.workers.layers.packed_int4 import (
     PackedInt4Weight,
     QuantizedWeight,
     find_int4_groups,
     find_int8_halves,
-    pack_model,
     pack_weight,
     packed_format,
 )
+from ember.workers.layers.quantization import (
+    get_quantization_config,
+    process_weights_after_loading,
+)
+from ember.workers.layers.quantization.gguf_packed import REFINED_LOGITS, refine_top_logits
 from ember.workers.layers.tiled_weight import TiledWeight
 from ember.workers.model_loader import loader, weights_cache
 from tests.helpers import default_model_config, quantized_activations
@@ -128,11 +128,17 @@ def test_quantized_weight_matmul_matches_a_plain_torch_reference(dense, kind, ro
     assert torch.equal(packed.matmul_bfloat16(x.bfloat16()).float(), out)
 
 
+def _gguf_context() -> ModelContext:
+    """What the loader builds a model with for quantization="gguf" (one rank)."""
+    return ModelContext(quant_config=get_quantization_config("gguf"))
+
+
 def _tied_head_model(weight: torch.Tensor) -> torch.nn.Module:
+    ctx = _gguf_context()
     model = torch.nn.Module()
-    model.embed = VocabParallelEmbedding(*weight.shape)
-    model.embed.weight.data.copy_(weight)
-    model.head = ParallelLMHead(*weight.shape)
+    model.embed = VocabParallelEmbedding(*weight.shape, ctx=ctx)
+    model.embed.weight_loader(model.embed.weight, weight)  # rows beyond: padding to 64
+    model.head = ParallelLMHead(*weight.shape, ctx=ctx)
     model.head.tie_weights(model.embed)
     return model
 
@@ -145,11 +151,11 @@ def test_a_tied_head_multiplies_by_its_embedding_rows(dense, tiles, monkeypatch)
         pytest.skip("this CPU has no AVX-512 VNNI")
     model = _tied_head_model(_gguf_round_trip(dense, "Q8_0"))
     assert packed_format() == ("tiles" if tiles else "groups")
-    pack_model(model)
+    process_weights_after_loading(model)
     assert isinstance(model.head.packed_weight, TiledWeight if tiles else QuantizedWeight)
     assert model.head.packed_weight is model.embed.packed_rows  # one copy of the groups
     hidden = torch.randn(2, dense.shape[1])
-    expected = hidden @ model.embed.weight.T
+    expected = hidden @ model.embed.weight[: dense.shape[0]].T
     torch.testing.assert_close(model.head.compute_logits(hidden), expected, **BF16)
 
 
@@ -158,21 +164,21 @@ def test_without_a_compiler_the_head_takes_torch_halves(dense, monkeypatch):
     monkeypatch.setattr(tile_matmul, "available", lambda: False)
     assert packed_format() == "int4pack"
     model = _tied_head_model(_gguf_round_trip(dense, "Q8_0"))
-    pack_model(model)
+    process_weights_after_loading(model)
     assert isinstance(model.head.packed_weight, PackedInt4Weight)
     assert model.head.packed_rows is model.embed.packed_rows  # rows are read all the same
     hidden = torch.randn(2, dense.shape[1])
-    expected = hidden @ model.embed.weight.T
+    expected = hidden @ model.embed.weight[: dense.shape[0]].T
     torch.testing.assert_close(model.head.compute_logits(hidden), expected, **BF16)
 
 
 def test_only_layers_made_of_groups_are_packed_and_turned_bfloat16(dense):
     model = torch.nn.Module()
-    model.grid = ReplicatedLinear(128, 96)
-    model.free = ReplicatedLinear(128, 96)
+    model.grid = ReplicatedLinear(128, 96, ctx=_gguf_context())
+    model.free = ReplicatedLinear(128, 96, ctx=_gguf_context())
     model.grid.weight.data.copy_(_gguf_round_trip(dense, "Q4_1"))
     model.free.weight.data.copy_(torch.from_numpy(dense))  # e.g. an F16/F32 tensor of a GGUF
-    assert pack_model(model) == 1
+    process_weights_after_loading(model)
     assert model.grid.packed_weight is not None and model.grid.weight.dtype == torch.bfloat16
     assert model.free.packed_weight is None and model.free.weight.dtype == torch.float32
     x = torch.randn(3, 128)

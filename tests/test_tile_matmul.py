@@ -12,8 +12,13 @@ import pytest
 import torch
 
 from ember.kernels import cpu_library, tile_matmul
+from ember.workers.layers.context import ModelContext
 from ember.workers.layers.linear import ReplicatedLinear
-from ember.workers.layers.packed_int4 import pack_model, pack_weight
+from ember.workers.layers.packed_int4 import pack_weight
+from ember.workers.layers.quantization import (
+    get_quantization_config,
+    process_weights_after_loading,
+)
 from ember.workers.layers.tiled_weight import TiledWeight
 from tests.helpers import quantized_activations, random_group_weight
 
@@ -130,13 +135,16 @@ def test_dequantized_tiles_equal_the_bfloat16_dense_weight(bits):
 def test_large_batches_never_read_the_dense_copy_of_a_tiled_layer():
     """Prefill-sized batches multiply by a bfloat16 weight made from the tiles, so that the
     layer's dense copy (mapped from the weights cache) never becomes resident."""
-    layer = ReplicatedLinear(128, 64)
+    layer = ReplicatedLinear(
+        128, 64, ctx=ModelContext(quant_config=get_quantization_config("gguf"))
+    )
     qtype = gguf.GGMLQuantizationType.Q4_1
     weight = np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32) * 0.05
     layer.weight.data.copy_(
         torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(weight, qtype), qtype))
     )
-    assert pack_model(layer) == 1 and isinstance(layer.packed_weight, TiledWeight)
+    process_weights_after_loading(layer)
+    assert isinstance(layer.packed_weight, TiledWeight)
     big = torch.randn(layer.packed_weight.max_tokens + 1, 128)
     expected = (big.bfloat16() @ layer.weight.T).float()
     layer.weight.data.fill_(float("nan"))  # were it read, the result would be NaN

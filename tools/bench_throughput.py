@@ -241,6 +241,12 @@ def ember_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """ember's model and device arguments: the GGUF file, or a shape's config with dummy
     weights, no tokenizer, and `max_model_len` just long enough for the workload (the shapes'
     own 40960 / 131072 would make the engine insist on room for one such request)."""
+    parallel = {}
+    if args.tensor_parallel_size > 1:  # the ranks share --threads between them
+        parallel = {
+            "tensor_parallel_size": args.tensor_parallel_size,
+            "num_threads": max(1, args.threads // args.tensor_parallel_size),
+        }
     if args.model_shape:
         return {
             "model": args._shape_dir,
@@ -248,8 +254,9 @@ def ember_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "skip_tokenizer_init": True,
             "device": args.device,
             "max_model_len": args.input_len_max + args.output_len,
+            **parallel,
         }
-    return {"model": args.model, "device": args.device}
+    return {"model": args.model, "device": args.device, **parallel}
 
 
 Setup = Callable[[argparse.Namespace, dict[str, Any], dict[str, Any]], GenerateAll]
@@ -579,6 +586,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(overrides the four workload options above)",
     )
     p.add_argument("--threads", type=int, default=2, help="CPU threads per engine")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="ember's worker ranks (on CPU they share --threads: threads // size each)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--repeat",
@@ -646,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"workload: {len(lens)} prompts, input len {min(lens)}-{max(lens)} "
         f"(sum {sum(lens)}), output len {args.output_len} (EOS ignored, greedy), "
-        f"threads {args.threads}, seed {args.seed}"
+        f"threads {args.threads}, seed {args.seed}, "
+        f"ember tensor_parallel_size {args.tensor_parallel_size}"
     )
     print("engine    , output tok/s, total tok/s, elapsed s, peak RSS", flush=True)
     with tempfile.NamedTemporaryFile(

@@ -80,7 +80,12 @@ class SchedulerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ParallelConfig:
+    """The worker ranks. execute_model_timeout_s: how long the engine core waits for every
+    rank to answer one step before it reports the engine dead (a rank stopped or stuck in a
+    collective); vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS, 300 s by default there too."""
+
     tensor_parallel_size: int = 1
+    execute_model_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,9 @@ import torch
 
 from ember.kernels.attention import AttentionMetadata
 from ember.workers.config import EngineConfig
+from ember.workers.cpu_decode.llama_runner import LlamaCPUDecodeRunner
 from ember.workers.cuda_graphs import CudaGraphRunner
+from ember.workers.distributed import SINGLE_RANK, ParallelContext
 from ember.workers.host_to_device import to_device
 from ember.workers.layers.attention import Attention
 from ember.workers.logprobs import LogprobsLists
@@ -73,16 +75,23 @@ class PromptLogprobsJob:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, device: torch.device):
+    """Every rank runs every step on its shard; rank 0 (`parallel.is_driver`) alone gathers
+    the logits, samples, and broadcasts the sampled ids so that every rank's request state
+    stays the same."""
+
+    def __init__(
+        self, config: EngineConfig, device: torch.device, parallel: ParallelContext = SINGLE_RANK
+    ):
         self.config = config
         self.device = device
+        self.parallel = parallel
         self.block_size = config.cache.block_size
         self.dtype = DTYPES[config.model.dtype]
         # quantization="gguf" keeps float32 activations but stores keys and values in bfloat16:
         # half the cache memory and half the bytes attention reads, and its greedy tokens still
         # agree with float32 (tests/test_packed_int4.py).
         self.kv_cache_dtype = torch.bfloat16 if config.model.quantization == "gguf" else self.dtype
-        self.model = get_model(config.model, device)
+        self.model = get_model(config.model, device, parallel)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.requests: dict[str, CachedRequestState] = {}
         generator = torch.Generator(device=device).manual_seed(config.model.seed)
@@ -90,6 +99,8 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.pooling = PoolingRunner(self) if config.model.runner == "pooling" else None
         self.cuda_graphs: CudaGraphRunner | None = None  # set by the worker on CUDA
+        # The fused CPU decode step, where the capability check passes (logs the choice).
+        self.cpu_decode = LlamaCPUDecodeRunner.select(self.model, config, device)
 
     # ---- KV cache ----------------------------------------------------------------------
 
@@ -361,9 +372,41 @@ class ModelRunner:
         for job in jobs:
             rows = hidden_states[job.first_row : job.first_row + len(job.target_token_ids)]
             targets = torch.tensor(job.target_token_ids, device=self.device)
-            logits = self.model.compute_logits(rows)
-            results[job.req_id] = _to_lists(compute_logprobs(logits, targets, job.num_logprobs))
+            logits = self.model.compute_logits(rows)  # a collective: every rank computes
+            if logits is not None:
+                results[job.req_id] = _to_lists(compute_logprobs(logits, targets, job.num_logprobs))
         return results
+
+    def _sample(
+        self, logits: torch.Tensor, states: list[CachedRequestState]
+    ) -> tuple[list[int], list[int], LogprobsLists | None]:
+        """Sampled ids, a finite flag per row, and the requested logprobs (rank 0).
+
+        Non-finite logits fail only their request. The check rides on the one host sync of
+        the step (reading the sampled ids); a failed row's draw is dropped. A row's sum is
+        non-finite exactly when the row holds a NaN or an inf (finite logits are far below
+        float32's range divided by the vocabulary), and costs a fiftieth of isfinite().all()
+        on CPU (28 us against 173 us for one row of 49152)."""
+        finite_rows = torch.isfinite(logits.sum(dim=-1))
+        sampler_output = self.sampler(logits, self._sampling_metadata(states))
+        sampled, finite = torch.stack(
+            [sampler_output.sampled_token_ids, finite_rows.to(torch.int64)]
+        ).tolist()
+        logprobs = sampler_output.logprobs
+        if logprobs is not None:
+            logprobs = _to_lists(logprobs, states)
+        return sampled, finite, logprobs
+
+    def _share_sampled(
+        self, sampled: list[int] | None, finite: list[int] | None, num_rows: int
+    ) -> tuple[list[int], list[int]]:
+        """Rank 0's sampled ids and finite flags on every rank (one broadcast of [2, rows])."""
+        if sampled is None:
+            shared = torch.empty(2, num_rows, dtype=torch.int64, device=self.device)
+        else:
+            shared = torch.tensor([sampled, finite], dtype=torch.int64, device=self.device)
+        sampled, finite = self.parallel.broadcast(shared).tolist()
+        return sampled, finite
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -375,9 +418,15 @@ class ModelRunner:
         states, input_ids, positions, metadata, sample_rows, prompt_jobs = self._prepare_inputs(
             scheduler_output
         )
+        hidden_states = None
         if self.cuda_graphs is not None and self.cuda_graphs.can_replay(len(input_ids), metadata):
             hidden_states = self.cuda_graphs.replay(input_ids, positions, metadata)
-        else:
+        elif self.cpu_decode is not None and self.cpu_decode.can_run(
+            input_ids, positions, metadata
+        ):
+            # None when a kernel refused the step: the forward below makes its KV writes again
+            hidden_states = self.cpu_decode.run(input_ids, positions, metadata)
+        if hidden_states is None:
             hidden_states = self.model(input_ids, positions, metadata)
         output = ModelRunnerOutput()
         if prompt_jobs:
@@ -386,19 +435,11 @@ class ModelRunner:
             return output
         rows = to_device(sample_rows, self.device, torch.int64)
         logits = self.model.compute_logits(hidden_states.index_select(0, rows))
-        # Non-finite logits fail only their request. The check rides on the one host sync of
-        # the step (reading the sampled ids); a failed row's draw is dropped. A row's sum is
-        # non-finite exactly when the row holds a NaN or an inf (finite logits are far below
-        # float32's range divided by the vocabulary), and costs a fiftieth of isfinite().all()
-        # on CPU (28 us against 173 us for one row of 49152).
-        finite_rows = torch.isfinite(logits.sum(dim=-1))
-        sampler_output = self.sampler(logits, self._sampling_metadata(states))
-        sampled, finite = torch.stack(
-            [sampler_output.sampled_token_ids, finite_rows.to(torch.int64)]
-        ).tolist()
-        logprobs = sampler_output.logprobs
-        if logprobs is not None:
-            logprobs = _to_lists(logprobs, states)
+        sampled = finite = logprobs = None
+        if logits is not None:  # rank 0
+            sampled, finite, logprobs = self._sample(logits, states)
+        if self.parallel.world_size > 1:
+            sampled, finite = self._share_sampled(sampled, finite, len(states))
         if not all(finite):
             errored_states = [state for state, ok in zip(states, finite) if not ok]
             scrub_nonfinite_blocks(self.kv_caches, [s.block_ids for s in errored_states])

@@ -58,7 +58,9 @@ def _answer(worker, call: WorkerCall, rank: int) -> WorkerReply:
     raise TypeError(f"unknown worker call {type(call).__name__}")
 
 
-def run_worker(config: EngineConfig, broadcast_handle: QueueHandle, rank: int) -> None:
+def run_worker(
+    config: EngineConfig, broadcast_handle: QueueHandle, rank: int, rendezvous: str | None = None
+) -> None:
     stop = threading.Event()
     watch_parent(stop.set)
     broadcast = MessageQueue.attach(broadcast_handle, reader_rank=rank)
@@ -70,7 +72,7 @@ def run_worker(config: EngineConfig, broadcast_handle: QueueHandle, rank: int) -
 
     worker = None
     try:
-        worker = Worker(config, rank)
+        worker = Worker(config, rank, rendezvous)
         replies.enqueue(reply_encoder.encode(WorkerReply(rank=rank)))  # ready
     except Exception as exc:
         logger.exception("worker %d failed to start", rank)
@@ -100,6 +102,8 @@ def run_worker(config: EngineConfig, broadcast_handle: QueueHandle, rank: int) -
     finally:
         replies.close()
         broadcast.close()
+        if worker is not None:
+            worker.shutdown()
 
 
 def _error_reply(rank: int, exc: BaseException) -> WorkerReply:
@@ -111,6 +115,9 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="EngineConfig as a JSON file")
     parser.add_argument("--broadcast-handle", required=True, help="QueueHandle as JSON")
     parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument(
+        "--rendezvous", default=None, help="where the ranks meet (file:// store), TP > 1 only"
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the user's process
     set_process_name(f"ember-worker-{args.rank}")
@@ -122,7 +129,7 @@ def main() -> None:
     with open(args.config, "rb") as f:
         config = msgspec.json.decode(f.read(), type=EngineConfig)
     handle = msgspec.json.decode(args.broadcast_handle.encode(), type=QueueHandle)
-    run_worker(config, handle, args.rank)
+    run_worker(config, handle, args.rank, args.rendezvous)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 /* The elementwise parts of a Llama-shaped decode layer on CPU, each one call over a step's few
-   tokens (the matmuls stay torch's packed 4-bit kernel; see ember/workers/models/llama_cpu_decode.py):
+   tokens (the matmuls stay torch's packed 4-bit kernel; see ember/workers/cpu_decode/llama_runner.py):
 
    ember_rope_write_kv: the fused qkv projection's output [T, (Hq + 2 Hkv) D] (bfloat16) ->
        query rotated (neox style, the first R channels of each head) into q_out [T, Hq, D]

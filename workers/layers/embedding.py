@@ -1,56 +1,52 @@
-"""Token embedding and LM head, with the vocabulary split across tensor-parallel ranks."""
+"""Token embedding and LM head, with the vocabulary split across tensor-parallel ranks.
+
+As vLLM does, the vocabulary is padded to a multiple of 64 and each rank holds an equal share
+of the padded rows (the last rank's share runs past the vocabulary; those rows are zero):
+
+    vocab 1000 -> padded 1024, tp_size 2:   rank 0 rows [0, 512)   rank 1 rows [512, 1024)
+                                            (rank 1: 488 real rows, 24 padding rows)
+
+An embedding looks up the ids that fall in its rows, zeroes the others, and all-reduces; an LM
+head multiplies by its rows, and the shares of logits are gathered on rank 0 and trimmed to the
+real vocabulary. The table's format is its `quant_method`'s (dense, or GGUF's packed groups).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ember.workers.distributed import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from ember.workers.layers.context import ModelContext
 from ember.workers.layers.linear import default_weight_loader
 
-# Rows of logits recomputed in float32 after the packed LM head: the argmax and the head of the
-# distribution that top-k and logprobs (at most 20 by default) read; each costs one dense row.
-REFINED_LOGITS = 32
+VOCAB_PADDING = 64
 
 
-def refine_top_logits(
-    logits: torch.Tensor,
-    hidden_states: torch.Tensor,
-    read_rows: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """Recompute in float32 the `REFINED_LOGITS` largest of `logits` [M, V] (float32, from the
-    packed LM head, whose bfloat16 output is coarse: 0.125 apart near 20) from the weight's
-    rows (`read_rows(ids)`: [*ids.shape, H]): the argmax and the top of the distribution become
-    float32 products."""
-    top = logits.topk(min(REFINED_LOGITS, logits.shape[1]), dim=-1).indices  # [M, k]
-    rows = read_rows(top).float()  # [M, k, H]
-    exact = torch.bmm(rows, hidden_states.float().unsqueeze(-1)).squeeze(-1)
-    return logits.scatter_(1, top, exact)
+def pad_vocab_size(vocab_size: int, padding: int = VOCAB_PADDING) -> int:
+    return -(-vocab_size // padding) * padding
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Each rank holds ceil(vocab / tp_size) rows; padding rows beyond the vocabulary are zero."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int):
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, ctx: ModelContext):
         super().__init__()
-        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.parallel = ctx.parallel
+        self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
         self.num_embeddings = num_embeddings
-        self.rows_per_rank = -(-num_embeddings // self.tp_size)
+        self.num_embeddings_padded = pad_vocab_size(num_embeddings)
+        self.rows_per_rank = -(-self.num_embeddings_padded // self.tp_size)
         self.vocab_start = self.tp_rank * self.rows_per_rank
+        self.quant_method = ctx.quant_config.get_quant_method(self)
         # Uninitialised, like every parameter: the checkpoint fills it (no second pass over
-        # memory); only the padding rows of the last rank are zeroed here.
-        self.weight = nn.Parameter(
-            torch.empty(self.rows_per_rank, embedding_dim), requires_grad=False
+        # memory); only the padding rows are zeroed here.
+        self.quant_method.create_weights(
+            self, self.rows_per_rank, embedding_dim, self.weight_loader
         )
-        valid_rows = max(0, min(self.rows_per_rank, num_embeddings - self.vocab_start))
-        self.weight.data[valid_rows:].zero_()
-        self.weight.weight_loader = self.weight_loader
-        # `packed_int4.QuantizedWeight` of the weight (quantization="gguf"): rows are read from
-        # it and the dense weight is left untouched (mapped from the cache, never resident).
-        self.packed_rows = None
+        self.weight.data[self.num_local_rows :].zero_()
+
+    @property
+    def num_local_rows(self) -> int:
+        """Rows of this rank that hold real tokens."""
+        return max(0, min(self.rows_per_rank, self.num_embeddings - self.vocab_start))
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         if loaded_weight.shape[0] != self.num_embeddings:
@@ -58,16 +54,16 @@ class VocabParallelEmbedding(nn.Module):
                 f"shape mismatch: checkpoint has {tuple(loaded_weight.shape)}, model expects "
                 f"({self.num_embeddings}, {param.shape[1]})"
             )
-        rows = min(self.rows_per_rank, self.num_embeddings - self.vocab_start)
+        rows = self.num_local_rows
+        if rows == 0:  # this rank's share is all padding (a table smaller than the ranks)
+            return
         default_weight_loader(
             param.data.narrow(0, 0, rows), loaded_weight.narrow(0, self.vocab_start, rows)
         )
 
     def read_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` (any shape) of this rank's weight: [*ids.shape, H]."""
-        if self.packed_rows is not None:
-            return self.packed_rows.rows(ids)
-        return F.embedding(ids, self.weight)
+        """Rows `ids` (any shape, local to this rank) of this rank's table: [*ids.shape, H]."""
+        return self.quant_method.embedding(self, ids)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -76,25 +72,43 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local_ids < 0) | (local_ids >= self.rows_per_rank)
         out = self.read_rows(local_ids.masked_fill(outside, 0))
         out = out.masked_fill(outside.unsqueeze(-1), 0)
-        return tp_all_reduce(out)
+        return self.parallel.all_reduce(out)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """The output projection to vocabulary logits; may share its weight with the embedding."""
+    """The output projection to vocabulary logits; may share its weight with the embedding.
 
-    def __init__(self, num_embeddings: int, embedding_dim: int):
-        super().__init__(num_embeddings, embedding_dim)
-        self.packed_weight = None  # `packed_int4`, see `compute_logits`
+    `logit_scale` and `soft_cap` (Granite's 1 / logits_scaling, Gemma 2's final soft cap) are
+    applied to each rank's share before the gather: both act on each logit alone.
+    """
+
+    is_lm_head = True
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        ctx: ModelContext,
+        logit_scale: float = 1.0,
+        soft_cap: float | None = None,
+    ):
+        super().__init__(num_embeddings, embedding_dim, ctx=ctx)
+        self.logit_scale = logit_scale
+        self.soft_cap = soft_cap
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Logits [N, vocab] (float32) of hidden states [N, H], gathered from every rank."""
-        if self.packed_weight is None:
-            logits = F.linear(hidden_states, self.weight)
-        else:  # packed at any batch size: the dense rows are read only for the refined top
-            logits = self.packed_weight.matmul(hidden_states).float()
-            logits = refine_top_logits(logits, hidden_states, self.read_rows)
-        logits = tp_all_gather(logits, dim=-1)
-        return logits[:, : self.num_embeddings].float()
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Logits [N, vocab] (float32) of hidden states [N, H] on rank 0; None on the other
+        ranks (each computes its share, which rank 0 gathers)."""
+        logits = self.quant_method.apply(self, hidden_states)
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.soft_cap:
+            logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
+        logits = self.parallel.gather(logits, dim=-1)
+        if logits is None:
+            return None
+        return logits[:, : self.num_embeddings]

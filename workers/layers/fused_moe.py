@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.workers.distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce
+from ember.workers.distributed import divide
 from ember.workers.layers.activation import get_gated_activation
+from ember.workers.layers.context import ModelContext
 from ember.workers.layers.linear import ReplicatedLinear, check_shape, default_weight_loader
 
 
@@ -44,9 +45,12 @@ class FusedMoE(nn.Module):
         intermediate_size: int,
         renormalize: bool = True,
         hidden_act: str = "silu",
+        *,
+        ctx: ModelContext,
     ):
         super().__init__()
-        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.parallel = ctx.parallel
+        self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
@@ -119,9 +123,7 @@ class FusedMoE(nn.Module):
             x = F.linear(x, self.w2_weight[expert_id])
             x = x * topk_weights[token_index, slot, None].to(x.dtype)
             output.index_add_(0, token_index, x)
-        if self.tp_size > 1:
-            output = tp_all_reduce(output)
-        return output
+        return self.parallel.all_reduce(output)
 
 
 class SparseMoeBlock(nn.Module):
@@ -138,15 +140,17 @@ class SparseMoeBlock(nn.Module):
         renormalize: bool,
         hidden_act: str = "silu",
         shared_expert: nn.Module | None = None,
+        *,
+        ctx: ModelContext,
     ):
         super().__init__()
-        self.gate = ReplicatedLinear(hidden_size, num_experts)
+        self.gate = ReplicatedLinear(hidden_size, num_experts, ctx=ctx)
         self.experts = FusedMoE(
-            num_experts, top_k, hidden_size, intermediate_size, renormalize, hidden_act
+            num_experts, top_k, hidden_size, intermediate_size, renormalize, hidden_act, ctx=ctx
         )
         self.shared_expert = shared_expert
         self.shared_expert_gate = (
-            ReplicatedLinear(hidden_size, 1) if shared_expert is not None else None
+            ReplicatedLinear(hidden_size, 1, ctx=ctx) if shared_expert is not None else None
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

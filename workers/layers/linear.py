@@ -9,16 +9,20 @@ tensor per `shard_id`:
 
 A checkpoint that already stores the fused tensor (Phi-3's `qkv_proj`, `gate_up_proj`; GPT-2's
 `c_attn`) passes `shard_id=None`; the loader splits it and loads each part as its own shard.
+
+Each layer is built with a `ModelContext` (its rank and group, and the model's quantization
+config) and owns its weight format through `quant_method` (`quantization/base.py`): the method
+creates the parameters, processes them once loaded, and applies them in `forward`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ember.workers.distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce
-from ember.workers.layers.tiled_weight import TiledWeight
+from ember.workers.distributed import divide
+from ember.workers.layers.context import ModelContext
+from ember.workers.layers.quantization.unquantized import make_parameter
 
 
 def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
@@ -40,72 +44,57 @@ def check_shape(loaded_weight: torch.Tensor, expected: tuple[int, ...]) -> None:
         )
 
 
-def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The dense weight a large batch multiplies by: made from the layer's tiles for this one
-    matmul when it has them (bfloat16, the values of `layer.weight`, which is then never read
-    into memory), else `layer.weight`."""
-    packed = layer.packed_weight
-    if isinstance(packed, TiledWeight):
-        return packed.dense_bfloat16()
-    return layer.weight
+class LinearBase(nn.Module):
+    """A linear layer whose weight format is its `quant_method`'s (see `quantization.base`)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        input_size_per_partition: int,
+        output_size_per_partition: int,
+        ctx: ModelContext,
+    ):
+        super().__init__()
+        self.input_size, self.output_size = input_size, output_size
+        self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
+        self.parallel = ctx.parallel
+        self.quant_method = ctx.quant_config.get_quant_method(self)
+        self.quant_method.create_weights(
+            self,
+            input_size_per_partition,
+            output_size_per_partition,
+            input_size,
+            output_size,
+            self.weight_loader,
+        )
 
 
-def apply_linear(
-    layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """x @ layer.weight.T (+ bias) in x's dtype: through `layer.packed_weight` for decode-sized
-    batches (up to its `max_tokens` rows; larger ones, prefill chunks, are compute-bound and run
-    faster on the dense weight, `dense_weight`) when the layer has one (`packed_int4`), and in
-    the weight's dtype when that differs from x's (bfloat16 weights under float32 activations)."""
-    packed = layer.packed_weight
-    if packed is not None and x.shape[0] <= packed.max_tokens:
-        out = packed.matmul(x)
-    else:
-        weight = dense_weight(layer) if packed is not None else layer.weight
-        if weight.dtype == x.dtype:
-            return F.linear(x, weight, bias)
-        out = F.linear(x.to(weight.dtype), weight).to(x.dtype)
-    return out if bias is None else out + bias
-
-
-def _make_param(*shape: int, weight_loader) -> nn.Parameter:
-    param = nn.Parameter(torch.empty(*shape), requires_grad=False)
-    param.weight_loader = weight_loader
-    return param
-
-
-class ReplicatedLinear(nn.Module):
+class ReplicatedLinear(LinearBase):
     """A linear layer every rank holds whole."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__()
-        self.weight = _make_param(output_size, input_size, weight_loader=self.weight_loader)
-        self.bias = _make_param(output_size, weight_loader=self.weight_loader) if bias else None
-        self.packed_weight = None
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, *, ctx: ModelContext):
+        super().__init__(input_size, output_size, input_size, output_size, ctx)
+        self.bias = make_parameter(output_size, weight_loader=self.weight_loader) if bias else None
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         default_weight_loader(param, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_linear(self, x, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(LinearBase):
     """Y = X A^T with A's rows (output features) split across ranks; the output stays sharded."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__()
-        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        self.output_size_per_rank = divide(output_size, self.tp_size, "output size")
-        self.weight = _make_param(
-            self.output_size_per_rank, input_size, weight_loader=self.weight_loader
-        )
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, *, ctx: ModelContext):
+        self.output_size_per_rank = divide(output_size, ctx.tp_size, "output size")
+        super().__init__(input_size, output_size, input_size, self.output_size_per_rank, ctx)
         self.bias = (
-            _make_param(self.output_size_per_rank, weight_loader=self.weight_loader)
+            make_parameter(self.output_size_per_rank, weight_loader=self.weight_loader)
             if bias
             else None
         )
-        self.packed_weight = None
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None
@@ -115,15 +104,19 @@ class ColumnParallelLinear(nn.Module):
         default_weight_loader(param, loaded_weight.narrow(0, self.tp_rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_linear(self, x, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel layers of one input fused into one matmul (e.g. gate | up)."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+    def __init__(
+        self, input_size: int, output_sizes: list[int], bias: bool = False, *, ctx: ModelContext
+    ):
         self.output_sizes = output_sizes
-        super().__init__(input_size, sum(output_sizes), bias)
+        for size in output_sizes:
+            divide(size, ctx.tp_size, "output size")
+        super().__init__(input_size, sum(output_sizes), bias, ctx=ctx)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None):
         if shard_id is None:  # the fused tensor: [ shard 0 | shard 1 | ... ] whole
@@ -153,8 +146,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         total_num_heads: int,
         total_num_kv_heads: int | None = None,
         bias: bool = False,
+        *,
+        ctx: ModelContext,
     ):
-        tp_size = get_tp_size()
+        tp_size = ctx.tp_size
         total_num_kv_heads = total_num_kv_heads or total_num_heads
         self.total_num_heads = total_num_heads
         self.total_num_kv_heads = total_num_kv_heads
@@ -167,7 +162,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_heads = divide(total_num_kv_heads, tp_size, "number of KV heads")
             self.kv_head_replicas = 1
         output_size = (self.num_heads + 2 * self.num_kv_heads) * tp_size * head_size
-        super().__init__(hidden_size, output_size, bias)
+        super().__init__(hidden_size, output_size, bias, ctx=ctx)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None):
         if shard_id is None:  # the fused tensor [ q | k | v ] of all heads
@@ -195,18 +190,14 @@ class QKVParallelLinear(ColumnParallelLinear):
         default_weight_loader(target, loaded_weight.narrow(0, rank_index * rows, rows))
 
 
-class RowParallelLinear(nn.Module):
-    """Y = X A^T with A's columns (input features) split across ranks; outputs are summed."""
+class RowParallelLinear(LinearBase):
+    """Y = X A^T with A's columns (input features) split across ranks; the partial products
+    are summed over the ranks (all-reduce), then the bias is added once."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__()
-        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        self.input_size_per_rank = divide(input_size, self.tp_size, "input size")
-        self.weight = _make_param(
-            output_size, self.input_size_per_rank, weight_loader=self.weight_loader
-        )
-        self.bias = _make_param(output_size, weight_loader=self.bias_loader) if bias else None
-        self.packed_weight = None
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, *, ctx: ModelContext):
+        self.input_size_per_rank = divide(input_size, ctx.tp_size, "input size")
+        super().__init__(input_size, output_size, self.input_size_per_rank, output_size, ctx)
+        self.bias = make_parameter(output_size, weight_loader=self.bias_loader) if bias else None
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         cols = param.shape[1]
@@ -217,8 +208,7 @@ class RowParallelLinear(nn.Module):
         default_weight_loader(param, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = apply_linear(self, x)
-        out = tp_all_reduce(out)
+        out = self.parallel.all_reduce(self.quant_method.apply(self, x))
         if self.bias is not None:
             out = out + self.bias
         return out

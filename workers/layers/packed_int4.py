@@ -29,10 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ember.kernels import block_matmul, tile_matmul
-from ember.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ember.workers.layers.tiled_weight import TiledWeight
 
 GROUP_SIZE = 32
@@ -253,8 +251,8 @@ def pack_weight(weight: torch.Tensor) -> TiledWeight | PackedInt4Weight | None:
     if weight.device.type != "cpu" or weight.dim() != 2:
         return None
     if tile_matmul.available():
-        tiled = _tiled(QuantizedWeight.from_weight(weight))
-        if tiled is not None:
+        tiled = tiled_groups(QuantizedWeight.from_weight(weight))
+        if isinstance(tiled, TiledWeight):
             return tiled
     groups = find_int4_groups(weight)
     if groups is not None:
@@ -265,10 +263,11 @@ def pack_weight(weight: torch.Tensor) -> TiledWeight | PackedInt4Weight | None:
     return None
 
 
-def _tiled(groups: QuantizedWeight | None) -> TiledWeight | None:
+def tiled_groups(groups: QuantizedWeight | None) -> TiledWeight | QuantizedWeight | None:
+    """`groups` in VNNI tiles where the CPU has them, else as they are."""
     if groups is None:
         return None
-    return TiledWeight.from_groups(groups.codes, groups.scale, groups.offset)
+    return TiledWeight.from_groups(groups.codes, groups.scale, groups.offset) or groups
 
 
 def packed_format() -> str:
@@ -278,177 +277,3 @@ def packed_format() -> str:
     if tile_matmul.available():
         return "tiles"
     return "groups" if block_matmul.available() else "int4pack"
-
-
-# ---- a whole model -----------------------------------------------------------------------
-
-
-def packable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers whose matmul goes through `apply_linear` (they have `packed_weight`)."""
-    return [(name, m) for name, m in model.named_modules() if hasattr(m, "packed_weight")]
-
-
-def row_tables(model: nn.Module) -> list[tuple[str, VocabParallelEmbedding]]:
-    """The embeddings and LM heads, whose rows are read (`packed_rows`); a head tied to its
-    embedding is listed once, under the embedding's name."""
-    tables, seen = [], set()
-    for name, module in model.named_modules():
-        if isinstance(module, VocabParallelEmbedding) and id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            tables.append((name, module))
-    return tables
-
-
-def _share_rows(model: nn.Module) -> None:
-    """A head tied to its embedding reads the embedding's packed rows; as tiles or with the C
-    kernel, a head's rows are also its packed weight (one copy of the groups serves both)."""
-    by_weight = {id(m.weight): m.packed_rows for _, m in row_tables(model)}
-    for module in model.modules():
-        if isinstance(module, VocabParallelEmbedding):
-            module.packed_rows = by_weight.get(id(module.weight))
-        if (
-            isinstance(module, ParallelLMHead)
-            and module.packed_rows is not None
-            and (isinstance(module.packed_rows, TiledWeight) or block_matmul.available())
-        ):
-            module.packed_weight = module.packed_rows
-
-
-def pack_model(model: nn.Module) -> int:
-    """Give each layer whose dense weight is exactly 4- or 8-bit groups its packed weight, and
-    keep the dense copy of those layers in bfloat16; embeddings and LM heads also get their
-    rows as `QuantizedWeight`. Returns how many linear layers were packed."""
-    for _, table in row_tables(model):
-        groups = QuantizedWeight.from_weight(table.weight)
-        table.packed_rows = _tiled(groups) or groups
-    _share_rows(model)
-    count = 0
-    for _, layer in packable_layers(model):
-        if layer.packed_weight is None:
-            layer.packed_weight = pack_weight(layer.weight)
-        count += layer.packed_weight is not None
-    use_bfloat16_dense_weights(model, convert=True)
-    return count
-
-
-def unpack_model(model: nn.Module, dtype: torch.dtype) -> None:
-    """Undo `pack_model` on an unloaded model: no packed weights, dense weights in `dtype`."""
-    for _, layer in packable_layers(model):
-        if layer.packed_weight is not None:
-            layer.packed_weight = None
-            _set_weight_dtype(layer, dtype, convert=False)
-    for module in model.modules():
-        if isinstance(module, VocabParallelEmbedding):
-            module.packed_rows = None
-
-
-def use_bfloat16_dense_weights(model: nn.Module, convert: bool) -> None:
-    """Store the dense weights of the packed linear layers in bfloat16: they serve batches too
-    large for the packed kernels, where bfloat16 matmuls are about twice as fast as float32
-    ones. Layers that are not packed keep their weights as loaded, and so does the LM head: its
-    float32 rows refine the packed logits, and it may be the embedding. `convert=False` only
-    changes the dtype of an unloaded model's parameters."""
-    for _, layer in packable_layers(model):
-        if layer.packed_weight is not None and not isinstance(layer, ParallelLMHead):
-            _set_weight_dtype(layer, torch.bfloat16, convert)
-
-
-def _set_weight_dtype(layer: nn.Module, dtype: torch.dtype, convert: bool) -> None:
-    weight = layer.weight
-    if weight.dtype == dtype:
-        return
-    data = weight.data.to(dtype) if convert else torch.empty_like(weight.data, dtype=dtype)
-    layer.weight = nn.Parameter(data, requires_grad=False)
-    layer.weight.weight_loader = getattr(weight, "weight_loader", None)
-
-
-def _groups_tensors(prefix: str, groups: QuantizedWeight) -> dict[str, torch.Tensor]:
-    tensors = {f"{prefix}.codes": groups.codes, f"{prefix}.scale": groups.scale}
-    if groups.offset is not None:
-        tensors[f"{prefix}.offset"] = groups.offset
-    return tensors
-
-
-def _groups_from(prefix: str, tensors: dict[str, torch.Tensor]) -> QuantizedWeight | None:
-    codes, scale = tensors.get(f"{prefix}.codes"), tensors.get(f"{prefix}.scale")
-    offset = tensors.get(f"{prefix}.offset")
-    if codes is None or scale is None or (offset is None) != (codes.dtype == torch.int8):
-        return None
-    return QuantizedWeight(codes, scale, offset)
-
-
-def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The packed weights of `model` by name: "<layer>.tiles" (`TiledWeight`), or
-    "<layer>.<part>.packed" and ".scales_zeros" (torch's layout); for row tables
-    "<table>.rows.tiles", or "<table>.rows.codes", ".scale", ".offset" (`QuantizedWeight`). A
-    head whose packed weight is its rows is saved once, as rows."""
-    tensors = {}
-    for name, table in row_tables(model):
-        if isinstance(table.packed_rows, TiledWeight):
-            tensors[f"{name}.rows.tiles"] = table.packed_rows.tiles
-        elif table.packed_rows is not None:
-            tensors.update(_groups_tensors(f"{name}.rows", table.packed_rows))
-    for name, layer in packable_layers(model):
-        packed = layer.packed_weight
-        if packed is None or packed is getattr(layer, "packed_rows", None):
-            continue
-        if isinstance(packed, TiledWeight):
-            tensors[f"{name}.tiles"] = packed.tiles
-            continue
-        for index, (codes, scales_zeros) in enumerate(packed.parts):
-            tensors[f"{name}.{index}.packed"] = codes
-            tensors[f"{name}.{index}.scales_zeros"] = scales_zeros
-    return tensors
-
-
-def _tiles_from(tiles: torch.Tensor | None, shape: tuple[int, ...]) -> TiledWeight | None:
-    """`tiles` as the packed weight of a [N, K] `shape` layer, or None when they do not fit."""
-    if tiles is None or tiles.dim() != 3 or tiles.dtype != torch.uint8:
-        return None
-    if tiles.shape[-1] not in tile_matmul.TILE_BYTES.values():
-        return None
-    tiled = TiledWeight(tiles)
-    return tiled if tiled.shape == tuple(shape) else None
-
-
-def attach_packed_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> bool:
-    """Give the layers of `model` the packed weights of `tensors` (from `packed_tensors`);
-    False when they do not fit the model's layers."""
-    layers = dict(packable_layers(model))
-    tables = dict(row_tables(model))
-    for key in (k for k in tensors if k.endswith((".rows.codes", ".rows.tiles"))):
-        name = key.rsplit(".", 2)[0]
-        table = tables.get(name)
-        if table is None:
-            return False
-        if key.endswith(".tiles"):
-            table_rows = _tiles_from(tensors[key], tuple(table.weight.shape))
-        else:
-            table_rows = _groups_from(f"{name}.rows", tensors)
-            if table_rows is not None and table_rows.shape != tuple(table.weight.shape):
-                table_rows = None
-        if table_rows is None:
-            return False
-        table.packed_rows = table_rows
-    _share_rows(model)
-    for key in (k for k in tensors if k.endswith(".tiles") and not k.endswith(".rows.tiles")):
-        layer = layers.get(key.removesuffix(".tiles"))
-        tiled = None if layer is None else _tiles_from(tensors[key], tuple(layer.weight.shape))
-        if tiled is None:
-            return False
-        layer.packed_weight = tiled
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for key in sorted(k for k in tensors if k.endswith(".packed")):
-        name, index, _ = key.rsplit(".", 2)
-        scales_zeros = tensors.get(f"{name}.{index}.scales_zeros")
-        layer = layers.get(name)
-        if layer is None or scales_zeros is None or int(index) != len(parts.get(name, [])):
-            return False
-        rows, cols = layer.weight.shape
-        packed = tensors[key]
-        if packed.shape != (rows, cols // 2) or scales_zeros.shape[1:] != (rows, 2):
-            return False
-        parts.setdefault(name, []).append((packed, scales_zeros))
-    for name, layer_parts in parts.items():
-        layers[name].packed_weight = PackedInt4Weight(layer_parts)
-    return True

@@ -18,14 +18,19 @@ import torch
 from torch import nn
 
 from ember.workers.config import ModelConfig
+from ember.workers.distributed import SINGLE_RANK, ParallelContext
 from ember.workers.hf_config import HFConfig, load_hf_config
-from ember.workers.layers.packed_int4 import (
+from ember.workers.layers.context import ModelContext
+from ember.workers.layers.packed_int4 import packed_format
+from ember.workers.layers.quantization import (
+    get_quantization_config,
+    process_weights_after_loading,
+)
+from ember.workers.layers.quantization.gguf_packed import (
     attach_packed_tensors,
-    pack_model,
-    packed_format,
+    packed_layers,
     packed_tensors,
-    unpack_model,
-    use_bfloat16_dense_weights,
+    reset_packed_layers,
 )
 from ember.workers.model_loader.gguf_files import gguf_cache_dir
 from ember.workers.model_loader.weight_utils import (
@@ -83,27 +88,31 @@ def _one_torch_thread():
         torch.set_num_threads(previous)
 
 
-def get_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
-    """The model of `model_config` on `device`, in eval mode, with its weights loaded."""
+def get_model(
+    model_config: ModelConfig, device: torch.device, parallel: ParallelContext = SINGLE_RANK
+) -> nn.Module:
+    """This rank's shard of the model of `model_config` on `device`, in eval mode, with its
+    weights loaded and turned into their quantization method's format."""
     start = time.perf_counter()
     hf_config = model_hf_config(model_config)
     model_class = adapt_for_pooling(
         get_model_class(model_config.architecture), model_config.convert
     )
     dtype = DTYPES[model_config.dtype]
+    ctx = ModelContext(parallel, get_quantization_config(model_config.quantization))
     with _default_dtype(dtype), device:
-        model = model_class(hf_config, max_position=model_config.max_model_len)
+        model = model_class(hf_config, max_position=model_config.max_model_len, ctx=ctx)
     model.eval()
     load_format = model_config.load_format
     with _one_torch_thread():
         if load_format == "dummy":
             initialize_dummy_weights(model, model_config.seed)
+            process_weights_after_loading(model)
         elif model_config.gguf_file is not None:
-            _load_gguf(model, model_config, hf_config)
+            _load_gguf(model, model_config, hf_config, parallel)
         else:
             model.load_weights(iterate_checkpoint(model_config.model_dir, load_format))
-    if model_config.quantization == "gguf":
-        _enable_fused_decode(model)
+            process_weights_after_loading(model)
     logger.info(
         "loaded %s (%s, %s) in %.1f s",
         model_config.architecture,
@@ -114,23 +123,16 @@ def get_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     return model
 
 
-def _enable_fused_decode(model: nn.Module) -> None:
-    """Give each `LlamaModel` inside `model` whose layers fit it the fused CPU decode step."""
-    from ember.workers.models.llama import LlamaModel
-    from ember.workers.models.llama_cpu_decode import FusedCPUDecode
-
-    for module in model.modules():
-        if isinstance(module, LlamaModel):
-            module.fused_decode = FusedCPUDecode.build(module)
-            if module.fused_decode is not None:
-                logger.info("decode steps of up to a few requests run fused (C kernels)")
-
-
-def gguf_weights_cache_file(model_config: ModelConfig, packed: bool = False) -> str:
+def gguf_weights_cache_file(
+    model_config: ModelConfig, packed: bool = False, parallel: ParallelContext = SINGLE_RANK
+) -> str:
     """Where the converted weights of a GGUF model live (see `weights_cache`): one file per
-    model class and dtype (and quantization), next to the converted config and tokenizer;
-    `packed=True`: the file of the packed 4-bit weights (quantization="gguf")."""
+    model class and dtype (and quantization) and per rank of a tensor-parallel size, next to
+    the converted config and tokenizer; `packed=True`: the file of the packed 4-bit weights
+    (quantization="gguf")."""
     model_kind = f"{model_config.architecture}-{model_config.convert}"
+    if parallel.world_size > 1:
+        model_kind += f"-tp{parallel.world_size}-rank{parallel.rank}"
     label = model_config.dtype
     if model_config.quantization is not None:
         label = f"{label}-{model_config.quantization}"
@@ -138,35 +140,37 @@ def gguf_weights_cache_file(model_config: ModelConfig, packed: bool = False) -> 
     return cached_weights_path(gguf_cache_dir(model_config.gguf_file), model_kind, label)
 
 
-def _load_gguf(model: nn.Module, model_config: ModelConfig, hf_config: HFConfig) -> None:
+def _load_gguf(
+    model: nn.Module, model_config: ModelConfig, hf_config: HFConfig, parallel: ParallelContext
+) -> None:
     """Map the converted weights when an earlier start cached them; otherwise dequantise the
     file and cache the result for the next start (dequantising takes seconds, mapping none).
 
     quantization="gguf": the layers whose weights are 4- or 8-bit groups also get them packed
     (`packed_int4`), in a second cached file, and the dense linear weights are kept in bfloat16.
     """
-    packed = model_config.quantization == "gguf"
-    cache_file = gguf_weights_cache_file(model_config)
-    packed_file = gguf_weights_cache_file(model_config, packed=True)
+    packed = bool(packed_layers(model))
+    cache_file = gguf_weights_cache_file(model_config, parallel=parallel)
+    packed_file = gguf_weights_cache_file(model_config, packed=True, parallel=parallel)
     if os.path.exists(cache_file) and (not packed or os.path.exists(packed_file)):
         # The packed layers first: they say which dense weights the cache holds in bfloat16.
         packed_tensors_found = _map_or_none(packed_file) if packed else None
-        if not packed or (
+        packed_fit = not packed or (
             packed_tensors_found is not None and attach_packed_tensors(model, packed_tensors_found)
-        ):
-            use_bfloat16_dense_weights(model, convert=False)
-            if load_model_weights(model, cache_file):
-                logger.info("mapped converted GGUF weights from %s", cache_file)
-                return
-        unpack_model(model, DTYPES[model_config.dtype])
+        )
+        if packed_fit and load_model_weights(model, cache_file):
+            logger.info("mapped converted GGUF weights from %s", cache_file)
+            return
+        reset_packed_layers(model, DTYPES[model_config.dtype])
     from ember.workers.model_loader.gguf_loader import iterate_gguf  # imports gguf, numpy
 
     names = checkpoint_names(
         model, type(model).packed_modules_mapping, getattr(model, "name_mapping", ())
     )
     model.load_weights(iterate_gguf(model_config.gguf_file, hf_config, names))
+    process_weights_after_loading(model)
     if packed:
-        count = pack_model(model)
+        count = sum(getattr(m, "packed_weight", None) is not None for _, m in packed_layers(model))
         logger.info("packed %d layers of 4- and 8-bit groups", count)
     try:
         save_model_weights(model, cache_file)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from ember.workers.hf_config import HFConfig
+from ember.workers.layers.context import ModelContext
 from ember.workers.layers.linear import ReplicatedLinear
 from ember.workers.models.llama import LlamaForCausalLM
 from ember.workers.models.qwen2 import Qwen2ForCausalLM
@@ -36,8 +37,8 @@ def as_embedding_model(causal_class: type) -> type:
     """`causal_class` without its LM head: the runner pools its last hidden states."""
 
     class EmbeddingModel(causal_class):
-        def __init__(self, config: HFConfig, max_position: int):
-            super().__init__(config, max_position)
+        def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
+            super().__init__(config, max_position, ctx)
             del self.lm_head
 
         def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -56,10 +57,12 @@ def as_classification_model(causal_class: type) -> type:
     head, as transformers' `*ForSequenceClassification`."""
 
     class ClassificationModel(causal_class):
-        def __init__(self, config: HFConfig, max_position: int):
-            super().__init__(config, max_position)
+        def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
+            super().__init__(config, max_position, ctx)
             del self.lm_head
-            self.score = ReplicatedLinear(config.hidden_size, config.num_labels, bias=False)
+            self.score = ReplicatedLinear(
+                config.hidden_size, config.num_labels, bias=False, ctx=ctx
+            )
 
         def pooling_head(self, pooled: torch.Tensor) -> torch.Tensor:
             """Logits [N, num_labels] of hidden states [N, H]."""

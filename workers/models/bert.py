@@ -18,6 +18,7 @@ from torch import nn
 from ember.kernels.attention import AttentionMetadata
 from ember.kernels.encoder_attention import encoder_attention
 from ember.workers.hf_config import HFConfig
+from ember.workers.layers.context import ModelContext
 from ember.workers.layers.embedding import VocabParallelEmbedding
 from ember.workers.layers.linear import (
     ColumnParallelLinear,
@@ -38,14 +39,16 @@ _BUFFERS = ("embeddings.position_ids", "bert.embeddings.position_ids")
 
 
 class BertEmbedding(nn.Module):
-    def __init__(self, config: HFConfig):
+    def __init__(self, config: HFConfig, ctx: ModelContext):
         super().__init__()
-        self.word_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, ctx=ctx
+        )
         self.position_embeddings = VocabParallelEmbedding(
-            config.max_position_embeddings, config.hidden_size
+            config.max_position_embeddings, config.hidden_size, ctx=ctx
         )
         self.token_type_embeddings = VocabParallelEmbedding(
-            config.type_vocab_size, config.hidden_size
+            config.type_vocab_size, config.hidden_size, ctx=ctx
         )
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -57,7 +60,7 @@ class BertEmbedding(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-    def __init__(self, config: HFConfig):
+    def __init__(self, config: HFConfig, ctx: ModelContext):
         super().__init__()
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.qkv_proj = QKVParallelLinear(
@@ -66,6 +69,7 @@ class BertSelfAttention(nn.Module):
             config.num_attention_heads,
             config.num_attention_heads,
             bias=True,
+            ctx=ctx,
         )
         self.num_heads = self.qkv_proj.num_heads
         self.scale = self.head_dim**-0.5
@@ -80,9 +84,9 @@ class BertSelfAttention(nn.Module):
 class BertOutput(nn.Module):
     """dense, then LayerNorm over the residual sum (BERT is post-norm)."""
 
-    def __init__(self, input_size: int, config: HFConfig):
+    def __init__(self, input_size: int, config: HFConfig, ctx: ModelContext):
         super().__init__()
-        self.dense = RowParallelLinear(input_size, config.hidden_size, bias=True)
+        self.dense = RowParallelLinear(input_size, config.hidden_size, bias=True, ctx=ctx)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -90,19 +94,21 @@ class BertOutput(nn.Module):
 
 
 class BertAttention(nn.Module):
-    def __init__(self, config: HFConfig):
+    def __init__(self, config: HFConfig, ctx: ModelContext):
         super().__init__()
-        self.self = BertSelfAttention(config)  # the checkpoint's name
-        self.output = BertOutput(config.hidden_size, config)
+        self.self = BertSelfAttention(config, ctx)  # the checkpoint's name
+        self.output = BertOutput(config.hidden_size, config, ctx)
 
     def forward(self, hidden_states: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
         return self.output(self.self(hidden_states, seq_lens), hidden_states)
 
 
 class BertIntermediate(nn.Module):
-    def __init__(self, config: HFConfig):
+    def __init__(self, config: HFConfig, ctx: ModelContext):
         super().__init__()
-        self.dense = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias=True)
+        self.dense = ColumnParallelLinear(
+            config.hidden_size, config.intermediate_size, bias=True, ctx=ctx
+        )
         if config.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"BERT hidden_act {config.hidden_act!r} is not supported")
         self.act_fn = _ACTIVATIONS[config.hidden_act]
@@ -112,11 +118,11 @@ class BertIntermediate(nn.Module):
 
 
 class BertLayer(nn.Module):
-    def __init__(self, config: HFConfig):
+    def __init__(self, config: HFConfig, ctx: ModelContext):
         super().__init__()
-        self.attention = BertAttention(config)
-        self.intermediate = BertIntermediate(config)
-        self.output = BertOutput(config.intermediate_size, config)
+        self.attention = BertAttention(config, ctx)
+        self.intermediate = BertIntermediate(config, ctx)
+        self.output = BertOutput(config.intermediate_size, config, ctx)
 
     def forward(self, hidden_states: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
         attention_output = self.attention(hidden_states, seq_lens)
@@ -124,9 +130,9 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    def __init__(self, config: HFConfig):
+    def __init__(self, config: HFConfig, ctx: ModelContext):
         super().__init__()
-        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.layer = nn.ModuleList(BertLayer(config, ctx) for _ in range(config.num_hidden_layers))
 
     def forward(self, hidden_states: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
         for layer in self.layer:
@@ -137,9 +143,9 @@ class BertEncoder(nn.Module):
 class BertPooler(nn.Module):
     """BERT's own pooler: dense + tanh over the [CLS] token (classification heads use it)."""
 
-    def __init__(self, config: HFConfig):
+    def __init__(self, config: HFConfig, ctx: ModelContext):
         super().__init__()
-        self.dense = ReplicatedLinear(config.hidden_size, config.hidden_size, bias=True)
+        self.dense = ReplicatedLinear(config.hidden_size, config.hidden_size, bias=True, ctx=ctx)
 
     def forward(self, cls_hidden: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.dense(cls_hidden))
@@ -160,12 +166,14 @@ class BertModel(nn.Module):
     }
     uses_token_type_ids = True
 
-    def __init__(self, config: HFConfig, max_position: int, with_pooler: bool = False):
+    def __init__(
+        self, config: HFConfig, max_position: int, ctx: ModelContext, with_pooler: bool = False
+    ):
         super().__init__()
         self.config = config
-        self.embeddings = BertEmbedding(config)
-        self.encoder = BertEncoder(config)
-        self.pooler = BertPooler(config) if with_pooler else None
+        self.embeddings = BertEmbedding(config, ctx)
+        self.encoder = BertEncoder(config, ctx)
+        self.pooler = BertPooler(config, ctx) if with_pooler else None
 
     def forward(
         self,
@@ -191,10 +199,12 @@ class BertForSequenceClassification(nn.Module):
     packed_modules_mapping = BertModel.packed_modules_mapping
     uses_token_type_ids = True
 
-    def __init__(self, config: HFConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
         super().__init__()
-        self.bert = BertModel(config, max_position, with_pooler=True)
-        self.classifier = ReplicatedLinear(config.hidden_size, config.num_labels, bias=True)
+        self.bert = BertModel(config, max_position, ctx, with_pooler=True)
+        self.classifier = ReplicatedLinear(
+            config.hidden_size, config.num_labels, bias=True, ctx=ctx
+        )
 
     def forward(
         self,

@@ -14,6 +14,7 @@ from torch import nn
 
 from ember.kernels.attention import AttentionMetadata
 from ember.workers.hf_config import HFConfig
+from ember.workers.layers.context import ModelContext
 from ember.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ember.workers.layers.layernorm import GemmaRMSNorm
 from ember.workers.model_loader.weight_utils import load_weights_into
@@ -26,6 +27,7 @@ class GemmaDecoderLayer(nn.Module):
         config: HFConfig,
         max_position: int,
         layer_idx: int,
+        ctx: ModelContext,
         qk_norm: type[nn.Module] | None,
     ):
         super().__init__()
@@ -33,12 +35,13 @@ class GemmaDecoderLayer(nn.Module):
             config,
             max_position,
             layer_idx,
+            ctx,
             qk_norm=qk_norm,
             scale=config.query_pre_attn_scalar**-0.5,
             logits_soft_cap=getattr(config, "attn_logit_softcapping", None),
         )
         hidden_act = getattr(config, "hidden_activation", None) or config.hidden_act
-        self.mlp = LlamaMLP(config, hidden_act=hidden_act)
+        self.mlp = LlamaMLP(config, ctx, hidden_act=hidden_act)
         size, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(size, eps)
         self.post_attention_layernorm = GemmaRMSNorm(size, eps)
@@ -65,12 +68,12 @@ class GemmaDecoderLayer(nn.Module):
 
 
 class Gemma2Model(nn.Module):
-    def __init__(self, config: HFConfig, max_position: int, qk_norm):
+    def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext, qk_norm):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx=ctx)
         self.normalizer = config.hidden_size**0.5
         self.layers = nn.ModuleList(
-            GemmaDecoderLayer(config, max_position, i, qk_norm)
+            GemmaDecoderLayer(config, max_position, i, ctx, qk_norm)
             for i in range(config.num_hidden_layers)
         )
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -92,26 +95,27 @@ class Gemma2ForCausalLM(nn.Module):
     packed_modules_mapping: ClassVar[dict] = LlamaForCausalLM.packed_modules_mapping
     qk_norm: ClassVar[type[nn.Module] | None] = None
 
-    def __init__(self, config: HFConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
         super().__init__()
         self.config = config
-        self.model = Gemma2Model(config, max_position, self.qk_norm)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.model = Gemma2Model(config, max_position, ctx, self.qk_norm)
+        self.lm_head = ParallelLMHead(
+            config.vocab_size,
+            config.hidden_size,
+            ctx=ctx,
+            soft_cap=getattr(config, "final_logit_softcapping", None),
+        )
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_weights(self.model.embed_tokens)
-        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         return self.model(input_ids, positions, attn_metadata)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head.compute_logits(hidden_states)
-        if self.final_logit_softcapping:
-            cap = self.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Soft-capped logits (Gemma 2) on rank 0; None on the other ranks."""
+        return self.lm_head.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("lm_head.",) if getattr(self.config, "tie_word_embeddings", True) else ()

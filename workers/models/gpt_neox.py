@@ -14,6 +14,7 @@ from ember.kernels.attention import AttentionMetadata
 from ember.workers.hf_config import HFConfig
 from ember.workers.layers.activation import get_act_fn
 from ember.workers.layers.attention import Attention
+from ember.workers.layers.context import ModelContext
 from ember.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ember.workers.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ember.workers.layers.rotary_embedding import get_rope
@@ -21,15 +22,15 @@ from ember.workers.model_loader.weight_utils import load_weights_into
 
 
 class GPTNeoXAttention(nn.Module):
-    def __init__(self, config: HFConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
         super().__init__()
         total_num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // total_num_heads
         bias = getattr(config, "attention_bias", True)
         self.query_key_value = QKVParallelLinear(
-            config.hidden_size, self.head_size, total_num_heads, bias=bias
+            config.hidden_size, self.head_size, total_num_heads, bias=bias, ctx=ctx
         )
-        self.dense = RowParallelLinear(config.hidden_size, config.hidden_size, bias=bias)
+        self.dense = RowParallelLinear(config.hidden_size, config.hidden_size, bias=bias, ctx=ctx)
         self.num_heads = self.query_key_value.num_heads
         self.rotary_emb = get_rope(config, self.head_size, max_position)
         self.attn = Attention(self.num_heads, self.head_size, self.head_size**-0.5, self.num_heads)
@@ -45,26 +46,28 @@ class GPTNeoXAttention(nn.Module):
 
 
 class GPTNeoXMLP(nn.Module):
-    def __init__(self, config: HFConfig):
+    def __init__(self, config: HFConfig, ctx: ModelContext):
         super().__init__()
         self.dense_h_to_4h = ColumnParallelLinear(
-            config.hidden_size, config.intermediate_size, True
+            config.hidden_size, config.intermediate_size, True, ctx=ctx
         )
         self.act = get_act_fn(config.hidden_act)
-        self.dense_4h_to_h = RowParallelLinear(config.intermediate_size, config.hidden_size, True)
+        self.dense_4h_to_h = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, True, ctx=ctx
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
 
 
 class GPTNeoXLayer(nn.Module):
-    def __init__(self, config: HFConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
         super().__init__()
         self.use_parallel_residual = config.use_parallel_residual
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = GPTNeoXAttention(config, max_position)
-        self.mlp = GPTNeoXMLP(config)
+        self.attention = GPTNeoXAttention(config, max_position, ctx)
+        self.mlp = GPTNeoXMLP(config, ctx)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, attn_metadata: AttentionMetadata
@@ -78,11 +81,11 @@ class GPTNeoXLayer(nn.Module):
 
 
 class GPTNeoXModel(nn.Module):
-    def __init__(self, config: HFConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
         super().__init__()
-        self.embed_in = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_in = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx=ctx)
         self.layers = nn.ModuleList(
-            GPTNeoXLayer(config, max_position) for _ in range(config.num_hidden_layers)
+            GPTNeoXLayer(config, max_position, ctx) for _ in range(config.num_hidden_layers)
         )
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -99,11 +102,11 @@ class GPTNeoXForCausalLM(nn.Module):
     # query_key_value is stored fused: its parameter's own name, loaded whole after reordering.
     packed_modules_mapping: ClassVar[dict] = {}
 
-    def __init__(self, config: HFConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
         super().__init__()
         self.config = config
-        self.gpt_neox = GPTNeoXModel(config, max_position)
-        self.embed_out = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.gpt_neox = GPTNeoXModel(config, max_position, ctx)
+        self.embed_out = ParallelLMHead(config.vocab_size, config.hidden_size, ctx=ctx)
         if getattr(config, "tie_word_embeddings", False):
             self.embed_out.tie_weights(self.gpt_neox.embed_in)
 

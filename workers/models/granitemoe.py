@@ -3,17 +3,17 @@ residual branches, logits) and all experts of a layer stored in one tensor."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ember.workers.hf_config import HFConfig
+from ember.workers.layers.context import ModelContext
 from ember.workers.layers.fused_moe import SparseMoeBlock
 from ember.workers.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 
 class GraniteMoeForCausalLM(LlamaForCausalLM):
-    def __init__(self, config: HFConfig, max_position: int):
-        super().__init__(config, max_position)
+    def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
+        super().__init__(config, max_position, ctx)
         self.model.embedding_multiplier = config.embedding_multiplier
         self.name_mapping = [
             # input_linear [E, 2I, H] holds [gate | up] of every expert; output_linear [E, H, I]
@@ -22,7 +22,9 @@ class GraniteMoeForCausalLM(LlamaForCausalLM):
             ("block_sparse_moe.router.layer.", "block_sparse_moe.gate.", None),
         ]
 
-    def make_layer(self, config: HFConfig, max_position: int, layer_idx: int) -> nn.Module:
+    def make_layer(
+        self, config: HFConfig, max_position: int, layer_idx: int, ctx: ModelContext
+    ) -> nn.Module:
         moe = SparseMoeBlock(
             config.hidden_size,
             config.intermediate_size,
@@ -30,16 +32,19 @@ class GraniteMoeForCausalLM(LlamaForCausalLM):
             config.num_experts_per_tok,
             renormalize=True,  # Granite's softmax over the top-k logits is the same thing
             hidden_act=config.hidden_act,
+            ctx=ctx,
         )
         return LlamaDecoderLayer(
             config,
             max_position,
             layer_idx,
+            ctx,
             mlp=moe,
             mlp_name="block_sparse_moe",
             residual_multiplier=config.residual_multiplier,
             scale=config.attention_multiplier,
         )
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return super().compute_logits(hidden_states) / self.config.logits_scaling
+    @staticmethod
+    def logit_scale(config: HFConfig) -> float:
+        return 1.0 / config.logits_scaling

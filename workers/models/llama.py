@@ -14,6 +14,7 @@ from ember.kernels.attention import AttentionMetadata
 from ember.workers.hf_config import HFConfig, rope_layer_type
 from ember.workers.layers.activation import get_gated_activation
 from ember.workers.layers.attention import Attention
+from ember.workers.layers.context import ModelContext
 from ember.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ember.workers.layers.layernorm import RMSNorm
 from ember.workers.layers.linear import (
@@ -40,7 +41,8 @@ class LlamaAttention(nn.Module):
         self,
         config: HFConfig,
         max_position: int,
-        layer_idx: int = 0,
+        layer_idx: int,
+        ctx: ModelContext,
         *,
         qkv_bias: bool | None = None,  # None: the config's attention_bias
         o_bias: bool | None = None,
@@ -59,13 +61,17 @@ class LlamaAttention(nn.Module):
             total_num_heads,
             total_num_kv_heads,
             bias=bias if qkv_bias is None else qkv_bias,
+            ctx=ctx,
         )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(
-            total_num_heads * self.head_dim, config.hidden_size, bias if o_bias is None else o_bias
+            total_num_heads * self.head_dim,
+            config.hidden_size,
+            bias if o_bias is None else o_bias,
+            ctx=ctx,
         )
         self.q_norm = self.k_norm = None
         if qk_norm is not None:
@@ -100,14 +106,17 @@ class LlamaMLP(nn.Module):
     def __init__(
         self,
         config: HFConfig,
+        ctx: ModelContext,
         intermediate_size: int | None = None,
         hidden_act: str | None = None,
     ):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         size = intermediate_size or config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias)
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [size, size], bias, ctx=ctx
+        )
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias, ctx=ctx)
         self.act_fn = get_gated_activation(hidden_act or config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +135,8 @@ class LlamaDecoderLayer(nn.Module):
         self,
         config: HFConfig,
         max_position: int,
-        layer_idx: int = 0,
+        layer_idx: int,
+        ctx: ModelContext,
         *,
         mlp: nn.Module | None = None,
         mlp_name: str = "mlp",
@@ -134,9 +144,9 @@ class LlamaDecoderLayer(nn.Module):
         **attention_options,
     ):
         super().__init__()
-        self.self_attn = LlamaAttention(config, max_position, layer_idx, **attention_options)
+        self.self_attn = LlamaAttention(config, max_position, layer_idx, ctx, **attention_options)
         self.mlp_name = mlp_name
-        setattr(self, mlp_name, mlp if mlp is not None else LlamaMLP(config))
+        setattr(self, mlp_name, mlp if mlp is not None else LlamaMLP(config, ctx))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.residual_multiplier = residual_multiplier
@@ -164,25 +174,18 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: HFConfig, max_position: int, make_layer):
+    def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext, make_layer):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx=ctx)
         self.embedding_multiplier = 1.0
         self.layers = nn.ModuleList(
-            make_layer(config, max_position, i) for i in range(config.num_hidden_layers)
+            make_layer(config, max_position, i, ctx) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # `llama_cpu_decode.FusedCPUDecode`, set by the loader for packed CPU weights: serves
-        # the steps of a few decodes in fewer, larger calls
-        self.fused_decode = None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
-        if self.fused_decode is not None:
-            hidden_states = self.fused_decode(input_ids, positions, attn_metadata)
-            if hidden_states is not None:
-                return hidden_states
         hidden_states = self.embed_tokens(input_ids)
         if self.embedding_multiplier != 1.0:
             hidden_states = hidden_states * self.embedding_multiplier
@@ -205,25 +208,35 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: HFConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
         super().__init__()
         self.config = config
         # (checkpoint fragment, parameter fragment, shard id), tried before the packed mapping
         self.name_mapping: list[tuple[str, str, object]] = []
-        self.model = LlamaModel(config, max_position, self.make_layer)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.model = LlamaModel(config, max_position, ctx, self.make_layer)
+        self.lm_head = ParallelLMHead(
+            config.vocab_size, config.hidden_size, ctx=ctx, logit_scale=self.logit_scale(config)
+        )
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.tie_weights(self.model.embed_tokens)
 
-    def make_layer(self, config: HFConfig, max_position: int, layer_idx: int) -> nn.Module:
-        return LlamaDecoderLayer(config, max_position, layer_idx)
+    def make_layer(
+        self, config: HFConfig, max_position: int, layer_idx: int, ctx: ModelContext
+    ) -> nn.Module:
+        return LlamaDecoderLayer(config, max_position, layer_idx, ctx)
+
+    @staticmethod
+    def logit_scale(config: HFConfig) -> float:
+        """The factor the logits are multiplied by (Granite: 1 / logits_scaling)."""
+        return 1.0
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         return self.model(input_ids, positions, attn_metadata)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Logits on rank 0; None on the other ranks."""
         return self.lm_head.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -14,6 +14,7 @@ from ember.kernels.attention import AttentionMetadata
 from ember.workers.hf_config import HFConfig
 from ember.workers.layers.activation import get_act_fn
 from ember.workers.layers.attention import Attention
+from ember.workers.layers.context import ModelContext
 from ember.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ember.workers.layers.linear import (
     ColumnParallelLinear,
@@ -27,13 +28,17 @@ _POSITION_OFFSET = 2  # OPT's learned positions start at row 2
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, config: HFConfig):
+    def __init__(self, config: HFConfig, ctx: ModelContext):
         super().__init__()
         total_num_heads = config.num_attention_heads
         head_dim = config.hidden_size // total_num_heads
         bias = config.enable_bias
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, total_num_heads, bias=bias)
-        self.out_proj = RowParallelLinear(config.hidden_size, config.hidden_size, bias=bias)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, head_dim, total_num_heads, bias=bias, ctx=ctx
+        )
+        self.out_proj = RowParallelLinear(
+            config.hidden_size, config.hidden_size, bias=bias, ctx=ctx
+        )
         num_heads = self.qkv_proj.num_heads
         self.attn = Attention(num_heads, head_dim, head_dim**-0.5, num_heads)
 
@@ -43,15 +48,19 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, config: HFConfig):
+    def __init__(self, config: HFConfig, ctx: ModelContext):
         super().__init__()
         affine = getattr(config, "layer_norm_elementwise_affine", True)
         self.do_layer_norm_before = config.do_layer_norm_before
-        self.self_attn = OPTAttention(config)
+        self.self_attn = OPTAttention(config, ctx)
         self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
-        self.fc1 = ColumnParallelLinear(config.hidden_size, config.ffn_dim, config.enable_bias)
+        self.fc1 = ColumnParallelLinear(
+            config.hidden_size, config.ffn_dim, config.enable_bias, ctx=ctx
+        )
         self.activation_fn = get_act_fn(config.activation_function)
-        self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, config.enable_bias)
+        self.fc2 = RowParallelLinear(
+            config.ffn_dim, config.hidden_size, config.enable_bias, ctx=ctx
+        )
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
 
     def forward(self, hidden_states: torch.Tensor, attn_metadata: AttentionMetadata):
@@ -71,21 +80,25 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, config: HFConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
         super().__init__()
         hidden, embed_dim = config.hidden_size, config.word_embed_proj_dim
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim, ctx=ctx)
         self.embed_positions = VocabParallelEmbedding(
-            config.max_position_embeddings + _POSITION_OFFSET, hidden
+            config.max_position_embeddings + _POSITION_OFFSET, hidden, ctx=ctx
         )
-        self.project_in = ReplicatedLinear(embed_dim, hidden) if embed_dim != hidden else None
-        self.project_out = ReplicatedLinear(hidden, embed_dim) if embed_dim != hidden else None
+        self.project_in = (
+            ReplicatedLinear(embed_dim, hidden, ctx=ctx) if embed_dim != hidden else None
+        )
+        self.project_out = (
+            ReplicatedLinear(hidden, embed_dim, ctx=ctx) if embed_dim != hidden else None
+        )
         self.final_layer_norm = None
         if config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False):
             affine = getattr(config, "layer_norm_elementwise_affine", True)
             self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
         self.layers = nn.ModuleList(
-            OPTDecoderLayer(config) for _ in range(config.num_hidden_layers)
+            OPTDecoderLayer(config, ctx) for _ in range(config.num_hidden_layers)
         )
 
     def forward(
@@ -105,9 +118,9 @@ class OPTDecoder(nn.Module):
 
 
 class OPTModel(nn.Module):
-    def __init__(self, config: HFConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
         super().__init__()
-        self.decoder = OPTDecoder(config, max_position)
+        self.decoder = OPTDecoder(config, max_position, ctx)
 
     def forward(self, input_ids, positions, attn_metadata) -> torch.Tensor:
         return self.decoder(input_ids, positions, attn_metadata)
@@ -120,11 +133,11 @@ class OPTForCausalLM(nn.Module):
         "v_proj": ("qkv_proj", "v"),
     }
 
-    def __init__(self, config: HFConfig, max_position: int):
+    def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
         super().__init__()
         self.config = config
-        self.model = OPTModel(config, max_position)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.word_embed_proj_dim)
+        self.model = OPTModel(config, max_position, ctx)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.word_embed_proj_dim, ctx=ctx)
         self.lm_head.tie_weights(self.model.decoder.embed_tokens)
 
     def forward(

@@ -1,5 +1,5 @@
-"""The layers of a fused CPU decode step in one C call (`csrc/decode_step.c`): the same kernels
-the Python loop of `workers/models/llama_cpu_decode.py` calls one by one (RMSNorm, the VNNI tile
+"""The layers of a fused CPU decode step in one C call (`decode_step.c` beside this file): the
+same kernels the Python loop of `llama_runner.py` calls one by one (RMSNorm, the VNNI tile
 matmuls, rotary + KV write, decode attention, SiLU-and-mul), strung together in C so that a
 layer costs no Python at all (at batch size 1 the per-call overhead was about half the step).
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from pathlib import Path
 
 import torch
 
@@ -64,7 +65,7 @@ class _Model(ctypes.Structure):
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    library = load_c_library("decode_step.c")
+    library = load_c_library(Path(__file__).with_name("decode_step.c"))
     if library is None:
         return None
     library.ember_decode_step.argtypes = [ctypes.POINTER(_Model), _i64, _ptr, _ptr, _ptr, _ptr]

@@ -1,4 +1,6 @@
-"""A decode step of a Llama-shaped model on CPU in about ten calls per layer.
+"""The fused CPU decode runner: a decode step of a Llama-shaped model on CPU in about ten calls
+per layer, or in one C call. `ModelRunner` selects it (`LlamaCPUDecodeRunner.select`, an explicit
+capability check) and runs it for the steps it can serve (`can_run`), as it does CUDA graphs.
 
 At batch size 1 the packed 4-bit matmuls (`packed_int4`) take about 5.6 ms of a 13.5 ms step;
 the rest was some 25 torch operators and a dozen module calls per layer (casts around each
@@ -16,32 +18,43 @@ weights for more, up to `MAX_DECODES`):
     C  SiLU-and-mul         bfloat16 in and out
     .  packed down matmul   -> the next layer's add + RMSNorm
 
-With VNNI tiles (`tiled_weight`) every one of these is C, and `kernels/decode_step.py` makes
-all the layers' calls from C in one call from Python (at batch size 1 the ctypes calls had cost
-about as much as the kernels); the loop below serves the other cases.
+With VNNI tiles (`tiled_weight`, AVX-512 only) every one of these is C, and `decode_step.py`
+makes all the layers' calls from C in one call from Python (at batch size 1 the ctypes calls had
+cost about as much as the kernels); the loop below serves the other cases (e.g. AVX2 CPUs, where
+the packed matmuls are torch's 4-bit kernel).
 
 The values rounded to bfloat16 are the ones the layer-by-layer path rounds (the packed
 kernel's inputs and outputs), and all other math is float32, so both paths agree to float32
-rounding (tests/test_fused_cpu_decode.py). It serves steps of decodes only, on models whose
-every layer is the plain Llama layer with packed weights and no biases (`FusedCPUDecode.build`
-checks); anything else takes the model's own forward.
+rounding (tests/test_fused_cpu_decode.py). It serves steps of decodes only, on one
+tensor-parallel rank (it calls no all-reduce after `RowParallelLinear`), for models whose
+forward is their `LlamaModel`'s and whose every layer is the plain Llama layer with packed
+weights and no biases (`unsupported_reason` checks); anything else takes the model's forward.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.kernels import decode_cpu, decode_step
+from ember.kernels import decode_cpu
 from ember.kernels.attention import AttentionMetadata
 from ember.kernels.attention_cpu import paged_decode_attention_cpu
 from ember.kernels.layernorm import rms_norm_c
+from ember.workers.cpu_decode import decode_step
 from ember.workers.layers.activation import SiluAndMul
 from ember.workers.layers.layernorm import RMSNorm
-from ember.workers.layers.linear import dense_weight
+from ember.workers.layers.quantization.gguf_packed import dense_weight
 from ember.workers.layers.tiled_weight import TiledWeight
-from ember.workers.models.llama import LlamaDecoderLayer, LlamaMLP
+from ember.workers.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel
+
+if TYPE_CHECKING:
+    from ember.workers.config import EngineConfig
+
+logger = logging.getLogger(__name__)
 
 # Decodes per step the fused path serves: up to the packed weights' `max_tokens` through them,
 # more through the layers' dense bfloat16 copies (as the layer-by-layer forward does).
@@ -66,11 +79,65 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return (F.silu(wide[:, :size]) * wide[:, size:]).to(torch.bfloat16)
 
 
-class FusedCPUDecode:
-    """The fused decode forward of one `LlamaModel`; `__call__` returns its final hidden states,
-    or None when a step is not for it."""
+def unsupported_reason(model: nn.Module, config: EngineConfig, device: torch.device) -> str | None:
+    """Why the fused step cannot serve `model` in this engine, or None when it can: a CPU
+    device, one tensor-parallel rank, a generating model whose forward is its `LlamaModel`'s,
+    and layers that fit (`_layers_unsupported_reason`)."""
+    if device.type != "cpu":
+        return f"device {device.type}, not cpu"
+    if config.parallel.tensor_parallel_size != 1:
+        # Each rank's o_proj and down_proj give partial sums that RowParallelLinear all-reduces;
+        # the fused step has no all-reduce between its layers.
+        return f"tensor_parallel_size {config.parallel.tensor_parallel_size}, not 1"
+    if config.model.runner != "generate":
+        return f"runner {config.model.runner!r}, not 'generate'"
+    decoder = getattr(model, "model", None)
+    if (
+        not isinstance(model, LlamaForCausalLM)
+        or type(model).forward is not LlamaForCausalLM.forward
+        or type(decoder) is not LlamaModel
+    ):
+        return f"{type(model).__name__} is not a LlamaForCausalLM over a LlamaModel"
+    return _layers_unsupported_reason(decoder)
 
-    def __init__(self, model: nn.Module):
+
+def _layers_unsupported_reason(model: LlamaModel) -> str | None:
+    """Why the layers of `model` do not fit the fused step (a layer that is not plain Llama with
+    packed weights, the C kernels not built here), or None when they fit."""
+    if model.embedding_multiplier != 1.0:
+        return "an embedding multiplier"
+    if not decode_cpu.available():
+        return "the C kernels cannot be built here"
+    if type(model.norm) is not RMSNorm:
+        return "a final norm that is not RMSNorm"
+    shapes = set()
+    for layer in model.layers:
+        if type(layer) is not LlamaDecoderLayer or layer.residual_multiplier != 1.0:
+            return "a layer that is not the plain LlamaDecoderLayer"
+        attention, mlp = layer.self_attn, getattr(layer, layer.mlp_name)
+        if type(mlp) is not LlamaMLP or type(mlp.act_fn) is not SiluAndMul:
+            return "an MLP that is not LlamaMLP with SiLU"
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if any(type(norm) is not RMSNorm for norm in norms):
+            return "a norm that is not RMSNorm"
+        if attention.q_norm is not None or not attention.rotary_emb.is_neox_style:
+            return "q/k norms or rotary embedding not in neox style"
+        if attention.attn.logits_soft_cap:
+            return "an attention soft cap"
+        for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            if getattr(linear, "packed_weight", None) is None:
+                return "linear layers without packed weights (quantization='gguf' packs them)"
+            if getattr(linear, "bias", None) is not None:
+                return "linear layers with biases"
+        shapes.add((attention.num_heads, attention.num_kv_heads, attention.head_dim))
+    return None if len(shapes) == 1 else "layers of different attention shapes"
+
+
+class LlamaCPUDecodeRunner:
+    """The fused decode forward of one `LlamaModel` (the decoder of the model `select`
+    takes): `run` returns its final hidden states for a step that `can_run` accepts."""
+
+    def __init__(self, model: LlamaModel):
         self.model = model
         self.layers = []
         for layer in model.layers:
@@ -100,7 +167,7 @@ class FusedCPUDecode:
         self.step_model = self._step_model(linears)
 
     def _step_model(self, linears: list[nn.Module]) -> decode_step.DecodeStepModel | None:
-        """The layers in one C call (`kernels/decode_step.py`) when every matmul has tiles and
+        """The layers in one C call (`decode_step.py`) when every matmul has tiles and
         the norms and attention share one setting; else None (the loop below serves)."""
         norms = [norm for entry in self.layers for norm in entry[:2]] + [self.model.norm]
         attns = [entry[7] for entry in self.layers]
@@ -143,37 +210,25 @@ class FusedCPUDecode:
         )
 
     @classmethod
-    def build(cls, model: nn.Module) -> FusedCPUDecode | None:
-        """The fused forward of `model` (a `LlamaModel`), or None when a layer is not plain
-        Llama with packed weights, or the C kernels cannot be built here."""
-        if getattr(model, "embedding_multiplier", 1.0) != 1.0 or not decode_cpu.available():
+    def select(
+        cls, model: nn.Module, config: EngineConfig, device: torch.device
+    ) -> LlamaCPUDecodeRunner | None:
+        """The runner of `model` (a whole model, as the model runner holds it) when the
+        capability check passes, else None; logs which decode path this engine takes."""
+        reason = unsupported_reason(model, config, device)
+        if reason is not None:
+            logger.info("decode runner: the model's forward (no fused CPU step: %s)", reason)
             return None
-        if type(model.norm) is not RMSNorm:
-            return None
-        shapes = set()
-        for layer in model.layers:
-            if type(layer) is not LlamaDecoderLayer or layer.residual_multiplier != 1.0:
-                return None
-            attention, mlp = layer.self_attn, getattr(layer, layer.mlp_name)
-            if type(mlp) is not LlamaMLP or type(mlp.act_fn) is not SiluAndMul:
-                return None
-            if type(layer.input_layernorm) is not RMSNorm:
-                return None
-            if type(layer.post_attention_layernorm) is not RMSNorm:
-                return None
-            if attention.q_norm is not None or not attention.rotary_emb.is_neox_style:
-                return None
-            if attention.attn.logits_soft_cap:
-                return None
-            for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                if linear.packed_weight is None or getattr(linear, "bias", None) is not None:
-                    return None
-            shapes.add((attention.num_heads, attention.num_kv_heads, attention.head_dim))
-        return cls(model) if len(shapes) == 1 else None
+        runner = cls(model.model)
+        how = "one C call" if runner.step_model is not None else "C kernels called per layer"
+        logger.info("decode runner: the fused Llama CPU step (%s)", how)
+        return runner
 
-    def __call__(
+    def can_run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
-    ) -> torch.Tensor | None:
+    ) -> bool:
+        """Whether a step is for the fused path: CPU tensors, decodes only (one token per
+        request, no padding slots), at most `max_decodes`, and the dtypes the kernels take."""
         num_tokens = input_ids.shape[0]
         if (
             input_ids.device.type != "cpu"
@@ -182,19 +237,25 @@ class FusedCPUDecode:
             or metadata.num_reqs != num_tokens
             or not metadata.all_slots_valid
         ):
-            return None
+            return False
         kv_cache = self.layers[0][7].kv_cache
-        block_table, seq_lens = metadata.block_table, metadata.seq_lens
-        slot_mapping = metadata.slot_mapping
-        if (
+        return not (
             kv_cache.dtype != torch.bfloat16
             or not kv_cache.is_contiguous()
-            or block_table.dtype != torch.int64
-            or seq_lens.dtype != torch.int32
-            or slot_mapping.dtype != torch.int64
+            or metadata.block_table.dtype != torch.int64
+            or metadata.seq_lens.dtype != torch.int32
+            or metadata.slot_mapping.dtype != torch.int64
             or positions.dtype != torch.int64
-        ):
-            return None
+        )
+
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor | None:
+        """The final hidden states [T, H] of a step that `can_run` accepted; None when a kernel
+        refused it (the model's forward then serves it, making the same KV writes again)."""
+        num_tokens = input_ids.shape[0]
+        block_table, seq_lens = metadata.block_table, metadata.seq_lens
+        slot_mapping = metadata.slot_mapping
         num_heads, num_kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         attn_size = num_heads * head_dim
         residual = self.model.embed_tokens(input_ids).contiguous()  # float32 [T, H]

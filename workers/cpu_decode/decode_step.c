@@ -1,5 +1,6 @@
 /* The layers of a Llama-shaped decode step in one call from Python (see
- * ember/workers/models/llama_cpu_decode.py and ember/kernels/decode_step.py).
+ * ember/workers/cpu_decode/llama_runner.py and decode_step.py beside this file; built by
+ * ember/kernels/cpu_library.py with the kernels' headers from kernels/csrc/ on its path).
  *
  * At batch size 1 a layer is ten C calls of a few to a few tens of microseconds each (add +
  * RMSNorm, four VNNI tile matmuls, rotary + KV write, decode attention, SiLU-and-mul); made

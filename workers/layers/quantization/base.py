@@ -1,0 +1,91 @@
+"""How a layer holds its weights: a `QuantizationConfig` hands each linear layer, embedding and LM
+head a method object that creates its parameters, turns them into the format it computes with
+once the checkpoint is loaded, and applies them (vLLM's `QuantizeMethodBase` shape).
+
+    layer.__init__        quant_method = ctx.quant_config.get_quant_method(layer)
+                          quant_method.create_weights(layer, ...)     parameters + weight_loader
+    loader                checkpoint tensors -> each parameter's weight_loader (this rank's shard)
+    loader                quant_method.process_weights_after_loading(layer)
+    layer.forward         quant_method.apply(layer, x, bias)
+
+The unquantized method keeps dense weights; `gguf_packed` keeps GGUF's 4- and 8-bit groups
+packed for the CPU. AWQ, GPTQ and FP8 are further methods; LoRA wraps the layers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+WeightLoader = Callable[..., None]
+
+
+class LinearMethodBase(ABC):
+    """The weight format of one linear layer (`weight` is [output, input] per rank)."""
+
+    @abstractmethod
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_size_per_partition: int,
+        input_size: int,
+        output_size: int,
+        weight_loader: WeightLoader,
+    ) -> None:
+        """Register the layer's parameters, each carrying `weight_loader`."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Turn the loaded parameters into the format `apply` computes with."""
+
+    @abstractmethod
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [T, input] @ weight.T (+ bias) -> [T, output] in x's dtype."""
+
+
+class EmbeddingMethodBase(ABC):
+    """The weight format of a vocabulary table: an embedding (rows read) or an LM head (also
+    multiplied by)."""
+
+    @abstractmethod
+    def create_weights(
+        self, layer: nn.Module, rows_per_partition: int, embedding_dim: int, weight_loader
+    ) -> None:
+        """Register `layer.weight` [rows_per_partition, embedding_dim]."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Turn the loaded table into the format `embedding` and `apply` read."""
+
+    @abstractmethod
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (any shape, local to this rank) -> [*ids.shape, embedding_dim]."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits of this rank's rows: hidden [N, H] -> [N, rows_per_partition], float32."""
+
+
+class QuantizationConfig(ABC):
+    """One weight format for a whole model; `get_quant_method` picks each layer's method."""
+
+    @classmethod
+    @abstractmethod
+    def get_name(cls) -> str:
+        """The `quantization=` value that selects it."""
+
+    @abstractmethod
+    def get_quant_method(self, layer: nn.Module) -> LinearMethodBase | EmbeddingMethodBase:
+        """The method of `layer` (a linear layer, embedding or LM head)."""
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Call every layer's `process_weights_after_loading` once its checkpoint is loaded."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
