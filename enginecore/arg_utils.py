@@ -56,8 +56,8 @@ class EngineArgs:
     skip_tokenizer_init: bool = False
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1
-    # "mp" (worker processes, the only backend) or None; vLLM's "ray" and
-    # "external_launcher" raise NotImplementedError.
+    # None or "mp": worker processes, ember's only executor ("uni" is accepted at TP=1 and runs
+    # the same); vLLM's "ray" and "external_launcher" raise NotImplementedError.
     distributed_executor_backend: str | None = None
     disable_custom_all_reduce: bool = False  # accepted: ember's all-reduce is torch's
     execute_model_timeout_s: float = 300.0

@@ -62,6 +62,7 @@ class MultiprocExecutor(Executor):
         self.workers: list[subprocess.Popen] = []
         self.reply_queues: list[MessageQueue] = []
         self.execute_timeout_s = config.parallel.execute_model_timeout_s
+        self._faulted = False  # a rank died or stopped: shutdown kills instead of waiting
         self._private_dir = tempfile.mkdtemp(prefix="ember-workers-")
         # The rank group's file store: kept until every rank has joined (the config directory
         # above goes as soon as the workers have read it).
@@ -188,7 +189,7 @@ class MultiprocExecutor(Executor):
         if getattr(self, "_shut_down", False):
             return
         self._shut_down = True
-        if getattr(self, "_faulted", False):
+        if self._faulted:
             # A rank died or stopped: the others may be stuck in a collective with it and
             # would never read Shutdown. Nothing of theirs is worth waiting for.
             for process in self.workers:

@@ -12,6 +12,8 @@ build for less than the CPU has is a build with fewer `-m` flags. `EMBER_CPU_ISA
     avx2     no AVX-512 (`-mno-avx512f`): what a CPU with AVX2 only (e.g. AMD EPYC Zen 2/3)
              builds, so that its paths (no VNNI tiles: `tile_matmul.available()` is False)
              run and are tested here. `ATEN_CPU_CAPABILITY=avx2` does the same for torch.
+    plain    no AVX at all (`-mno-avx`, which also drops AVX2, FMA, F16C and AVX-512): the
+             kernels' plain-C paths. `ATEN_CPU_CAPABILITY=default` for torch.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ _SOURCES = Path(__file__).with_name("csrc")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros"]
 _FLAGS += ["-fno-trapping-math", "-shared", "-fPIC"]
 # EMBER_CPU_ISA -> the flags after -march=native that hold a build to that instruction set.
-ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",)}
+ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx",)}
 
 
 def isa_flags() -> tuple[str, ...]:

@@ -175,6 +175,16 @@ def test_paged_attention_falls_back_to_the_reference_where_the_c_kernel_declines
     assert torch.equal(out, attention.paged_attention_torch(query, kv_cache, metadata, 0.125))
 
 
+def _assert_the_reference_serves(query, kv_cache, metadata) -> None:
+    """`paged_attention` gives exactly the torch reference's output (the C kernel declined)."""
+    torch.testing.assert_close(
+        attention.paged_attention(query, kv_cache, metadata, 0.125),
+        attention.paged_attention_torch(query, kv_cache, metadata, 0.125),
+        rtol=0,
+        atol=0,
+    )
+
+
 @needs_c_kernel
 def test_c_kernel_declines_more_than_16_query_heads_per_kv_head():
     query, kv_cache, metadata = _paged_batch([9, 3], 34, 2, 64)  # 17 query heads per KV head
@@ -182,12 +192,7 @@ def test_c_kernel_declines_more_than_16_query_heads_per_kv_head():
         query, kv_cache, metadata.block_table, metadata.seq_lens, 0.125, None
     )
     assert out is None
-    torch.testing.assert_close(
-        attention.paged_attention(query, kv_cache, metadata, 0.125),
-        attention.paged_attention_torch(query, kv_cache, metadata, 0.125),
-        rtol=0,
-        atol=0,
-    )
+    _assert_the_reference_serves(query, kv_cache, metadata)
 
 
 def test_without_a_compiler_the_c_kernel_declines_and_the_reference_serves(monkeypatch):
@@ -201,12 +206,7 @@ def test_without_a_compiler_the_c_kernel_declines_and_the_reference_serves(monke
             query, kv_cache, metadata.block_table, metadata.seq_lens, 0.125, None
         )
         assert out is None
-        torch.testing.assert_close(
-            attention.paged_attention(query, kv_cache, metadata, 0.125),
-            attention.paged_attention_torch(query, kv_cache, metadata, 0.125),
-            rtol=0,
-            atol=0,
-        )
+        _assert_the_reference_serves(query, kv_cache, metadata)
     finally:
         cpu_library.load_c_library.cache_clear()
         attention_cpu._library.cache_clear()

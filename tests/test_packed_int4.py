@@ -159,6 +159,24 @@ def test_a_tied_head_multiplies_by_its_embedding_rows(dense, tiles, monkeypatch)
     torch.testing.assert_close(model.head.compute_logits(hidden), expected, **BF16)
 
 
+def test_the_packed_cache_file_is_per_torch_isa_where_torch_packs_the_layers(
+    default_gguf, monkeypatch
+):
+    """torch's 4-bit layout differs by the ISA torch packs for: a packed file made under AVX2
+    must not be mapped under AVX-512 (seen: garbage tokens). VNNI tiles are ember's own."""
+    config = default_model_config(default_gguf, quantization="gguf")
+    monkeypatch.setattr(tile_matmul, "available", lambda: False)
+    files = set()
+    for capability in ("AVX2", "AVX512", "DEFAULT"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        files.add(loader.gguf_weights_cache_file(config, packed=True))
+    assert len(files) == 3
+    monkeypatch.setattr(tile_matmul, "available", lambda: True)
+    tiled = {loader.gguf_weights_cache_file(config, packed=True)}
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert tiled == {loader.gguf_weights_cache_file(config, packed=True)}
+
+
 def test_without_a_compiler_the_head_takes_torch_halves(dense, monkeypatch):
     monkeypatch.setattr(block_matmul, "available", lambda: False)
     monkeypatch.setattr(tile_matmul, "available", lambda: False)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import glob
 import json
-import multiprocessing
 import os
 import shutil
 
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -101,18 +101,23 @@ def _assert_prompt_logprobs_close(
                 )
 
 
-def _check_against_hf_and_tp1(model_dir, hf_model, tp_size: int) -> list[list[int]]:
-    """Greedy ids equal HF's; prompt log-probs match HF and TP=1 ember. Returns the ids."""
+def _check_against_hf_and_tp1(
+    model_dir, hf_model, tp_size: int, **engine_options
+) -> tuple[list[list[int]], int]:
+    """Greedy ids equal HF's; prompt log-probs match HF and TP=1 ember. Returns the ids and
+    the engine's number of KV blocks."""
     prompts = random_prompts(4, _vocab_size(model_dir), PROMPT_LENGTHS, seed=1)
-    with LLM(model_dir, tensor_parallel_size=tp_size, **ENGINE_OPTIONS) as llm:
+    options = {**ENGINE_OPTIONS, **engine_options}
+    with LLM(model_dir, tensor_parallel_size=tp_size, **options) as llm:
         assert llm.config.parallel.tensor_parallel_size == tp_size
         outputs = _generate(llm, prompts, prompt_logprobs=3)
+        num_kv_blocks = llm.engine.ready_info.num_kv_blocks
     generated = [list(output.outputs[0].token_ids) for output in outputs]
     for prompt, token_ids in zip(prompts, generated):
         assert token_ids == hf_greedy(hf_model, prompt, MAX_TOKENS)
     _assert_prompt_logprobs_close(outputs, hf_prompt_logprobs(hf_model, prompts), "HF")
     _assert_prompt_logprobs_close(outputs, ember_prompt_logprobs(model_dir, prompts), "TP=1")
-    return generated
+    return generated, num_kv_blocks
 
 
 # ---- every architecture, and the sharding quirks, against Hugging Face ---------------------
@@ -128,7 +133,7 @@ def test_tp2_greedy_and_prompt_logprobs_match_hf_and_tp1(architecture, random_mo
 def test_tp2_quirks_match_hf_with_tokens_from_the_last_ranks_padded_share(quirk, random_models):
     architecture, overrides = QUIRKS[quirk]
     model_dir, hf_model = random_models(architecture, **overrides)
-    generated = _check_against_hf_and_tp1(model_dir, hf_model, tp_size=2)
+    generated, _ = _check_against_hf_and_tp1(model_dir, hf_model, tp_size=2)
     # The vocabulary is padded, so the last rank's rows start at half the padded size; its
     # ids must reach the output through the gathered, trimmed logits.
     last_rank_start = pad_vocab_size(_vocab_size(model_dir)) // 2
@@ -137,10 +142,19 @@ def test_tp2_quirks_match_hf_with_tokens_from_the_last_ranks_padded_share(quirk,
 
 
 @pytest.mark.slow
-def test_tp4_replicates_two_kv_heads_and_matches_hf(random_models):
+def test_tp4_replicates_two_kv_heads_matches_hf_and_splits_the_kv_budget(random_models):
     # Llama's random settings: 4 heads, 2 KV heads -> each KV head on two of four ranks.
     model_dir, hf_model = random_models("LlamaForCausalLM")
-    _check_against_hf_and_tp1(model_dir, hf_model, tp_size=4)
+    budget = 8 << 20
+    _, num_kv_blocks = _check_against_hf_and_tp1(
+        model_dir, hf_model, tp_size=4, kv_cache_memory_bytes=budget
+    )
+    # Each rank gets a quarter of the CPU budget for its one KV head of each layer (float32
+    # keys and values of `block_size` tokens); the engine takes the ranks' minimum.
+    config = hf_model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    block_bytes = config.num_hidden_layers * 2 * ENGINE_OPTIONS["block_size"] * head_dim * 4
+    assert num_kv_blocks == budget // 4 // block_bytes
 
 
 @pytest.mark.slow
@@ -346,10 +360,10 @@ def test_tp_size_that_does_not_divide_the_heads_is_refused_before_any_process(ra
     model_dir, _ = random_models("LlamaForCausalLM")  # 4 heads, 2 KV heads
     with pytest.raises(ValueError, match="tensor_parallel_size=3"):
         EngineArgs(model=model_dir, tensor_parallel_size=3).create_engine_config()
-    children = set(multiprocessing.active_children())
+    children = {child.pid for child in psutil.Process().children(recursive=True)}
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM(model_dir, tensor_parallel_size=3, skip_tokenizer_init=True)
-    assert set(multiprocessing.active_children()) == children
+    assert {child.pid for child in psutil.Process().children(recursive=True)} <= children
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         EngineArgs(model=model_dir, tensor_parallel_size=0).create_engine_config()
 

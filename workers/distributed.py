@@ -30,11 +30,6 @@ class ParallelContext:
     world_size: int = 1
     group: dist.ProcessGroup | None = None
 
-    @property
-    def is_driver(self) -> bool:
-        """Rank 0 samples and returns results."""
-        return self.rank == 0
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of `x` over the ranks, in place."""
         if self.world_size > 1:

@@ -75,9 +75,9 @@ class PromptLogprobsJob:
 
 
 class ModelRunner:
-    """Every rank runs every step on its shard; rank 0 (`parallel.is_driver`) alone gathers
-    the logits, samples, and broadcasts the sampled ids so that every rank's request state
-    stays the same."""
+    """Every rank runs every step on its shard; rank 0 alone gets the gathered logits (other
+    ranks' `compute_logits` returns None), samples, and broadcasts the sampled ids so that every
+    rank's request state stays the same."""
 
     def __init__(
         self, config: EngineConfig, device: torch.device, parallel: ParallelContext = SINGLE_RANK

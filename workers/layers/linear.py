@@ -56,7 +56,6 @@ class LinearBase(nn.Module):
         ctx: ModelContext,
     ):
         super().__init__()
-        self.input_size, self.output_size = input_size, output_size
         self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
         self.parallel = ctx.parallel
         self.quant_method = ctx.quant_config.get_quant_method(self)

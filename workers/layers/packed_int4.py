@@ -277,3 +277,15 @@ def packed_format() -> str:
     if tile_matmul.available():
         return "tiles"
     return "groups" if block_matmul.available() else "int4pack"
+
+
+def packed_cache_key() -> str:
+    """What decides the bytes of the packed weights made here, for the name of their cache
+    file: `packed_format()`, and for torch's 4-bit layout the instruction set torch packs for
+    (`_convert_weight_to_int4pack_for_cpu` lays the groups out per ISA: a file packed under
+    AVX2 read under AVX-512 gives garbage, as a cache shared by two machines, or a run under
+    `ATEN_CPU_CAPABILITY`, would)."""
+    layout = packed_format()
+    if layout == "tiles":
+        return layout
+    return f"{layout}-{torch.backends.cpu.get_cpu_capability().lower()}"

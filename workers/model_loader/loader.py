@@ -21,7 +21,7 @@ from ember.workers.config import ModelConfig
 from ember.workers.distributed import SINGLE_RANK, ParallelContext
 from ember.workers.hf_config import HFConfig, load_hf_config
 from ember.workers.layers.context import ModelContext
-from ember.workers.layers.packed_int4 import packed_format
+from ember.workers.layers.packed_int4 import packed_cache_key
 from ember.workers.layers.quantization import (
     get_quantization_config,
     process_weights_after_loading,
@@ -136,7 +136,7 @@ def gguf_weights_cache_file(
     label = model_config.dtype
     if model_config.quantization is not None:
         label = f"{label}-{model_config.quantization}"
-        label += f"-packed4-{packed_format()}" if packed else ""
+        label += f"-packed4-{packed_cache_key()}" if packed else ""
     return cached_weights_path(gguf_cache_dir(model_config.gguf_file), model_kind, label)
 
 

@@ -15,6 +15,7 @@ class GraniteMoeForCausalLM(LlamaForCausalLM):
     def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
         super().__init__(config, max_position, ctx)
         self.model.embedding_multiplier = config.embedding_multiplier
+        self.lm_head.logit_scale = 1.0 / config.logits_scaling
         self.name_mapping = [
             # input_linear [E, 2I, H] holds [gate | up] of every expert; output_linear [E, H, I]
             ("block_sparse_moe.input_linear.", "block_sparse_moe.experts.w13_", None),
@@ -44,7 +45,3 @@ class GraniteMoeForCausalLM(LlamaForCausalLM):
             residual_multiplier=config.residual_multiplier,
             scale=config.attention_multiplier,
         )
-
-    @staticmethod
-    def logit_scale(config: HFConfig) -> float:
-        return 1.0 / config.logits_scaling

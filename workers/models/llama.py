@@ -214,9 +214,7 @@ class LlamaForCausalLM(nn.Module):
         # (checkpoint fragment, parameter fragment, shard id), tried before the packed mapping
         self.name_mapping: list[tuple[str, str, object]] = []
         self.model = LlamaModel(config, max_position, ctx, self.make_layer)
-        self.lm_head = ParallelLMHead(
-            config.vocab_size, config.hidden_size, ctx=ctx, logit_scale=self.logit_scale(config)
-        )
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx=ctx)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.tie_weights(self.model.embed_tokens)
 
@@ -224,11 +222,6 @@ class LlamaForCausalLM(nn.Module):
         self, config: HFConfig, max_position: int, layer_idx: int, ctx: ModelContext
     ) -> nn.Module:
         return LlamaDecoderLayer(config, max_position, layer_idx, ctx)
-
-    @staticmethod
-    def logit_scale(config: HFConfig) -> float:
-        """The factor the logits are multiplied by (Granite: 1 / logits_scaling)."""
-        return 1.0
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
