@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from ember.enginecore.cpu_features import packed_kernels
 from ember.enginecore.pooling_config import (
     pooler_config,
     resolve_runner,
@@ -344,12 +345,13 @@ def _resolve_quantization(
     quantization: str | None, dtype_arg: object, dtype: str, gguf_file: str | None, device: str
 ) -> str | None:
     """ "gguf" keeps a GGUF file's 4- and 8-bit groups packed for decode batches (CPU only, with
-    float32 activations). Asked for by default when a GGUF model runs on a CPU with native
-    bfloat16 and `dtype` is "auto"; an explicit dtype="float32" dequantises (the exact float32
-    reference the parity tests use)."""
+    float32 activations). Asked for by default when a GGUF model runs on an x86-64 CPU whose
+    packed kernels run (AVX2 or AVX-512: `cpu_features.packed_kernels`) and `dtype` is "auto";
+    an explicit dtype="float32" dequantises (the exact float32 reference the parity tests
+    use)."""
     if quantization is None:
         wanted = dtype_arg == "auto" and gguf_file is not None and device == "cpu"
-        return "gguf" if wanted and dtype == "float32" and cpu_has_native_bfloat16() else None
+        return "gguf" if wanted and dtype == "float32" and packed_kernels() else None
     if gguf_file is None:
         raise ValueError("quantization='gguf' needs a .gguf model file")
     if device != "cpu":
@@ -359,17 +361,6 @@ def _resolve_quantization(
     if dtype != "float32":
         raise ValueError(f"quantization='gguf' computes in float32; got dtype={dtype_arg!r}")
     return quantization
-
-
-def cpu_has_native_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX), which torch's
-    packed 4-bit kernels use; read from /proc/cpuinfo (False where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _cuda_bf16_supported() -> bool:

@@ -14,14 +14,13 @@ without OpenMP it runs on the calling thread.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
-from ember.kernels.cpu_library import load_openmp_library
+from ember.kernels.cpu_library import isa_cached, load_openmp_library
 
 
-@functools.cache
+@isa_cached
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel with its argument types, or None (no compiler)."""
     library = load_openmp_library("paged_decode_attention.c")

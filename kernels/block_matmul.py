@@ -11,14 +11,13 @@ wider than it takes; the caller keeps another path.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
-from ember.kernels.cpu_library import load_openmp_library
+from ember.kernels.cpu_library import isa_cached, load_openmp_library
 
 
-@functools.cache
+@isa_cached
 def _library() -> ctypes.CDLL | None:
     return with_signatures(load_openmp_library("block_matmul.c"))
 

@@ -4,16 +4,13 @@ directory (`~/.cache/ember/kernels/`, keyed by the source, the flags and the CPU
 with ctypes. Where no compiler works, `load_c_library` returns None and the caller's torch
 reference serves.
 
-The kernels pick their instruction set at compile time (`#if defined(__AVX512F__)` ...), so a
-build for less than the CPU has is a build with fewer `-m` flags. `EMBER_CPU_ISA` says which
-(read at the first build of each library, and inherited by the engine's worker processes):
+The kernels pick their instruction set at compile time (`#if defined(__AVX512F__)` ...,
+`#elif defined(__AVX2__)` ...), so a build for less than the CPU has is a build with fewer
+`-m` flags: `ISA_FLAGS` holds them for each ISA that `EMBER_CPU_ISA` names
+(`ember.enginecore.cpu_features`).
 
-    native   (default) everything `-march=native` enables
-    avx2     no AVX-512 (`-mno-avx512f`): what a CPU with AVX2 only (e.g. AMD EPYC Zen 2/3)
-             builds, so that its paths (no VNNI tiles: `tile_matmul.available()` is False)
-             run and are tested here. `ATEN_CPU_CAPABILITY=avx2` does the same for torch.
-    plain    no AVX at all (`-mno-avx`, which also drops AVX2, FMA, F16C and AVX-512): the
-             kernels' plain-C paths. `ATEN_CPU_CAPABILITY=default` for torch.
+Each kernel module caches its loaded library per ISA (`isa_cached`), so that tests can run the
+same kernels under every ISA the machine supports in one process.
 """
 
 from __future__ import annotations
@@ -27,7 +24,11 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from ember.enginecore.cpu_features import cpu_isa
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +37,39 @@ _SOURCES = Path(__file__).with_name("csrc")
 # online softmax starts from -inf).
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros"]
 _FLAGS += ["-fno-trapping-math", "-shared", "-fPIC"]
-# EMBER_CPU_ISA -> the flags after -march=native that hold a build to that instruction set.
-ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx",)}
+# ISA (`cpu_features.ISAS`) -> the flags after -march=native that hold a build to it.
+ISA_FLAGS = {"avx512": (), "avx2": ("-mno-avx512f",), "generic": ("-mno-avx",)}
 
 
 def isa_flags() -> tuple[str, ...]:
-    """The flags of `EMBER_CPU_ISA` (see the module's docstring)."""
-    isa = os.environ.get("EMBER_CPU_ISA", "").strip().lower() or "native"
-    if isa not in ISA_FLAGS:
-        raise ValueError(f"EMBER_CPU_ISA must be one of {sorted(ISA_FLAGS)}, got {isa!r}")
-    return ISA_FLAGS[isa]
+    """The compiler flags of `cpu_isa()`."""
+    return ISA_FLAGS[cpu_isa()]
+
+
+_T = TypeVar("_T")
+_ISA_CACHES: list[dict[str, object]] = []  # every `isa_cached` function's cache, for clearing
+
+
+def isa_cached(load: Callable[[], _T]) -> Callable[[], _T]:
+    """`load()` (a kernel module's library loader) called once per ISA (`cpu_isa()`)."""
+    cache: dict[str, _T] = {}
+    _ISA_CACHES.append(cache)
+
+    @functools.wraps(load)
+    def cached() -> _T:
+        isa = cpu_isa()
+        if isa not in cache:
+            cache[isa] = load()
+        return cache[isa]
+
+    return cached
+
+
+def clear_caches() -> None:
+    """Forget every loaded library (tests that take the compiler away, then give it back)."""
+    _load.cache_clear()
+    for cache in _ISA_CACHES:
+        cache.clear()
 
 
 def _cache_dir() -> str:
@@ -71,13 +95,16 @@ def load_openmp_library(source: str | Path) -> ctypes.CDLL | None:
     return load_c_library(source, ("-fopenmp",)) or load_c_library(source)
 
 
-@functools.cache
 def load_c_library(source: str | Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """`source` compiled (with the `EMBER_CPU_ISA` flags and `extra_flags` after the common
     ones) and loaded, built on first use and then taken from the cache; None when it cannot be
     built here. `source`: a file name in `csrc/`, or the path of a C file elsewhere (a runner's
     own step, which may include the headers of `csrc/`)."""
-    flags = [*_FLAGS, *isa_flags(), *extra_flags]
+    return _load(source, (*_FLAGS, *isa_flags(), *extra_flags))
+
+
+@functools.cache
+def _load(source: str | Path, flags: tuple[str, ...]) -> ctypes.CDLL | None:
     source_path = _SOURCES / source  # an absolute path stays itself
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:

@@ -11,14 +11,13 @@ shapes) and the caller must take the torch path.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
-from ember.kernels.cpu_library import load_c_library
+from ember.kernels.cpu_library import isa_cached, load_c_library
 
 
-@functools.cache
+@isa_cached
 def _library() -> ctypes.CDLL | None:
     # No fused multiply-adds: the rotation rounds each product as torch's reference does, so
     # that both paths give the same bits (a last-bit difference grows through 30 layers).

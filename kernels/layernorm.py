@@ -9,11 +9,10 @@ against 13 us for a decode row); the torch references here serve the rest, and t
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
-from ember.kernels.cpu_library import load_c_library
+from ember.kernels.cpu_library import isa_cached, load_c_library
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -92,7 +91,7 @@ def rms_norm_c(
     )
 
 
-@functools.cache
+@isa_cached
 def _library() -> ctypes.CDLL | None:
     library = load_c_library("rms_norm.c", ("-ffp-contract=off",))
     if library is None:

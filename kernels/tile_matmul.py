@@ -1,31 +1,33 @@
-"""Matmuls against 4- and 8-bit weight groups laid out for AVX-512 VNNI (`csrc/tile_matmul.c`):
-the weights of 16 rows side by side, so that one vpdpbusd multiplies 64 of their codes by a
-broadcast quad of activation bytes. `pack_tiles` builds the layout from GGUF-style groups
+"""Matmuls against 4- and 8-bit weight groups laid out in tiles (`csrc/tile_matmul.c`): the
+weights of 16 rows side by side, so that one AVX-512 VNNI vpdpbusd multiplies 64 of their codes
+by a broadcast quad of activation bytes, and on AVX2 (+FMA, F16C) each half of a tile is 8 rows
+for vpmaddubsw + vpmaddwd. The layout is the same on both; the ISA is chosen when the library
+is built (`cpu_library.cpu_isa()`). `pack_tiles` builds the layout from GGUF-style groups
 (`packed_int4.QuantizedWeight`'s codes, scales and offsets); `tile_matmul` multiplies by it.
 
-`dequantize_tiles` writes the weight back as dense bfloat16, for batches where torch's
-bfloat16 matmul is faster (prefill chunks): a layer's copy at a time, so that no dense copy of
-the model stays in memory.
+`dequantize_tiles` writes the weight back as dense bfloat16 (CPUs with native bfloat16) or
+float32 (the rest, where torch's bfloat16 matmul converts in software), for batches where
+torch's dense matmul is faster (prefill chunks): a layer's copy at a time, so that no dense
+copy of the model stays in memory.
 
 `tile_matmul` and `dequantize_tiles` return None where the library cannot be built or the CPU
-lacks AVX-512 VNNI; `pack_tiles` returns None for weights the layout does not take (rows not a
+has neither AVX-512 VNNI nor AVX2; `pack_tiles` returns None for weights the layout does not take (rows not a
 multiple of 16, scales that float16 does not hold). The caller keeps another path for both.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
-from ember.kernels.cpu_library import load_openmp_library
+from ember.kernels.cpu_library import isa_cached, load_openmp_library
 
 TILE_ROWS = 16
 GROUP = 32
 
 
-@functools.cache
+@isa_cached
 def _library() -> ctypes.CDLL | None:
     library = load_openmp_library("tile_matmul.c")
     if library is None or not library.ember_tile_matmul_supported():
@@ -33,13 +35,21 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     library.ember_tile_matmul.argtypes = [ptr, i32, i64, i64, ptr, i32, i64, ptr, i32]
     library.ember_tile_matmul.restype = ctypes.c_int
-    library.ember_tile_dequantize.argtypes = [ptr, i32, i64, i64, ptr]
+    library.ember_tile_dequantize.argtypes = [ptr, i32, i64, i64, ptr, i32]
     library.ember_tile_dequantize.restype = ctypes.c_int
     return library
 
 
 def available() -> bool:
     return _library() is not None
+
+
+def activation_levels() -> int:
+    """The steps of a group of 32 activations on each side of zero (qx = round(x * levels /
+    max|x|)): 16383 for AVX-512 VNNI, 16256 for AVX2 (whose high bytes must stay off -128);
+    0 where the kernel is not available."""
+    library = _library()
+    return 0 if library is None else library.ember_tile_activation_levels()
 
 
 def _exact_half(values: torch.Tensor) -> torch.Tensor | None:
@@ -117,15 +127,22 @@ def tile_matmul(
     return out if status == 0 else None
 
 
-def dequantize_tiles(tiles: torch.Tensor) -> torch.Tensor | None:
-    """The weight of `tiles` as dense [N, K] bfloat16 (q * scale + offset rounded to nearest
-    even); None when the kernel is not available."""
+def dequantize_tiles(
+    tiles: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor | None:
+    """The weight of `tiles` as dense [N, K] `dtype` (bfloat16 or float32: q * scale + offset,
+    rounded to nearest even for bfloat16); None when the kernel is not available."""
     library = _library()
     if library is None:
         return None
     row_tiles, groups = tiles.shape[:2]
-    out = torch.empty(row_tiles * TILE_ROWS, groups * GROUP, dtype=torch.bfloat16)
+    out = torch.empty(row_tiles * TILE_ROWS, groups * GROUP, dtype=dtype)
     status = library.ember_tile_dequantize(
-        tiles.data_ptr(), tile_bits(tiles), out.shape[0], out.shape[1], out.data_ptr()
+        tiles.data_ptr(),
+        tile_bits(tiles),
+        out.shape[0],
+        out.shape[1],
+        out.data_ptr(),
+        dtype == torch.float32,
     )
     return out if status == 0 else None

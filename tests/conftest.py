@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from ember.enginecore.cpu_features import ISAS, supported_isas
 from tests.helpers import write_random_llama
 
 # Without a GPU, ember's Triton kernels are tested in Triton's interpreter. Triton reads
@@ -40,3 +41,24 @@ def hf_smollm2(default_gguf):
 def tiny_llama_dir(tmp_path_factory) -> str:
     """A random Llama (GQA, untied head) saved as one safetensors file."""
     return write_random_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def _use_isa(isa: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    if isa not in supported_isas():
+        pytest.skip(f"this CPU has no {isa} (it runs {', '.join(supported_isas())})")
+    monkeypatch.setenv("EMBER_CPU_ISA", isa)
+    return isa
+
+
+@pytest.fixture(params=ISAS)
+def cpu_isa(request, monkeypatch) -> str:
+    """The test once per ISA of the C kernels (`EMBER_CPU_ISA`: avx512, avx2, generic); an ISA
+    this CPU lacks skips, saying so. Each kernel module caches its library per ISA."""
+    return _use_isa(request.param, monkeypatch)
+
+
+@pytest.fixture(scope="module", params=ISAS)
+def module_cpu_isa(request) -> str:
+    """`cpu_isa` for a module whose fixtures (a model, its runner) hold kernels of one ISA."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield _use_isa(request.param, monkeypatch)

@@ -9,6 +9,7 @@ import torch
 from ember.kernels import attention, attention_cpu, cpu_library
 from ember.kernels.attention import AttentionMetadata
 
+pytestmark = pytest.mark.usefixtures("cpu_isa")
 needs_c_kernel = pytest.mark.skipif(
     not attention_cpu.available(),
     reason="the C decode kernel could not be built here (no C compiler)",
@@ -197,8 +198,7 @@ def test_c_kernel_declines_more_than_16_query_heads_per_kv_head():
 
 def test_without_a_compiler_the_c_kernel_declines_and_the_reference_serves(monkeypatch):
     monkeypatch.setattr(cpu_library.shutil, "which", lambda name: None)
-    cpu_library.load_c_library.cache_clear()
-    attention_cpu._library.cache_clear()
+    cpu_library.clear_caches()
     try:
         assert not attention_cpu.available()
         query, kv_cache, metadata = _paged_batch([9, 3], 4, 2, 64)
@@ -208,8 +208,7 @@ def test_without_a_compiler_the_c_kernel_declines_and_the_reference_serves(monke
         assert out is None
         _assert_the_reference_serves(query, kv_cache, metadata)
     finally:
-        cpu_library.load_c_library.cache_clear()
-        attention_cpu._library.cache_clear()
+        cpu_library.clear_caches()
 
 
 @needs_c_kernel

@@ -21,10 +21,8 @@ from ember.workers.model_loader import loader
 from tests.helpers import default_model_config
 
 CPU = torch.device("cpu")
-needs_tiles = pytest.mark.skipif(
-    not tile_matmul.available(),
-    reason="this CPU has no AVX-512 VNNI: no tiles, so no one-call step (the loop serves)",
-)
+# Every test once per ISA of the C kernels (the model and its runner are built per ISA).
+pytestmark = pytest.mark.usefixtures("module_cpu_isa")
 
 
 @pytest.mark.parametrize(
@@ -94,7 +92,7 @@ def test_silu_mul_and_bf16_norms_match_the_torch_references():
 
 
 @pytest.fixture(scope="module")
-def engine_config(default_gguf) -> EngineConfig:
+def engine_config(default_gguf, module_cpu_isa) -> EngineConfig:
     return EngineConfig(model=default_model_config(default_gguf, quantization="gguf"))
 
 
@@ -153,7 +151,7 @@ TWELVE = [3, 9, 17, 33, 64, 65, 80, 100, 101, 111, 120, 128]
     ("seq_lens", "path"),
     [
         *[
-            pytest.param(lens, path, marks=[needs_tiles] if path == "one_call" else [])
+            (lens, path)
             for lens in ([1], [40], [5, 77, 16, 120], TWELVE)
             for path in ("one_call", "loop")
         ],
@@ -161,12 +159,16 @@ TWELVE = [3, 9, 17, 33, 64, 65, 80, 100, 101, 111, 120, 128]
     ],
 )
 def test_fused_decode_step_equals_the_layer_by_layer_forward(
-    packed_model, runner, seq_lens, path, monkeypatch
+    packed_model, runner, seq_lens, path, monkeypatch, module_cpu_isa
 ):
     model = packed_model
+    if path == "one_call" and runner.step_model is None:
+        pytest.skip(f"the {module_cpu_isa} build has no tiles: no one-call step (the loop serves)")
     if path != "one_call":
         monkeypatch.setattr(runner, "step_model", None)
     if path == "dense":
+        if runner.max_decodes <= runner.packed_max_tokens:
+            pytest.skip("float32 dense copies (no native bfloat16): the layers' forward serves")
         packed_class = type(model.model.layers[0].self_attn.qkv_proj.packed_weight)
         monkeypatch.setattr(runner, "packed_max_tokens", 0)
         monkeypatch.setattr(packed_class, "max_tokens", 0)

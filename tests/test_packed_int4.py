@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ember import LLM, SamplingParams
-from ember.enginecore.arg_utils import EngineArgs, cpu_has_native_bfloat16
+from ember.enginecore.arg_utils import EngineArgs
+from ember.enginecore.cpu_features import packed_kernels
 from ember.kernels import block_matmul, tile_matmul
 from ember.workers.layers.context import ModelContext
 from ember.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -224,7 +225,7 @@ def test_refined_logits_are_float32_products_at_the_top():
 def test_quantization_is_resolved_like_vllm(default_gguf, tiny_llama_dir):
     auto = EngineArgs(model=default_gguf).create_engine_config().model
     assert auto.dtype == "float32"
-    assert auto.quantization == ("gguf" if cpu_has_native_bfloat16() else None)
+    assert auto.quantization == ("gguf" if packed_kernels() else None)
     exact = EngineArgs(model=default_gguf, dtype="float32").create_engine_config().model
     assert exact.quantization is None  # the float32 reference: dequantised
     forced = EngineArgs(model=default_gguf, quantization="gguf").create_engine_config().model

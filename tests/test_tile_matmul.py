@@ -1,5 +1,6 @@
-"""The VNNI tile matmul (`kernels/tile_matmul.py`) against a plain-torch reference that quantizes
-the activations the same way (15-bit groups of 32, max|x| / 16383), its layout, and
+"""The tile matmul (`kernels/tile_matmul.py`), under each ISA (AVX-512 VNNI, AVX2; the generic
+build has none), against a plain-torch reference that quantizes the activations the same way
+(15-bit groups of 32: max|x| / 16383 with VNNI, / 16256 with AVX2), its layout, and
 `TiledWeight`'s rows against the dense weight."""
 
 from __future__ import annotations
@@ -19,15 +20,19 @@ from ember.workers.layers.quantization import (
     get_quantization_config,
     process_weights_after_loading,
 )
-from ember.workers.layers.tiled_weight import TiledWeight
+from ember.workers.layers.tiled_weight import TiledWeight, dense_dtype
 from tests.helpers import quantized_activations, random_group_weight
 
-needs_vnni = pytest.mark.skipif(
-    not tile_matmul.available(), reason="this CPU has no AVX-512 VNNI (torch's 4-bit path serves)"
-)
+pytestmark = pytest.mark.usefixtures("cpu_isa")
 
 
-@needs_vnni
+@pytest.fixture
+def needs_tiles(cpu_isa):
+    if not tile_matmul.available():
+        pytest.skip(f"the {cpu_isa} build has no tile kernel (block_matmul serves)")
+
+
+@pytest.mark.usefixtures("needs_tiles")
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
@@ -44,7 +49,7 @@ def test_tile_matmul_equals_the_quantized_reference(bits, x_dtype, rows, n, k):
     x = torch.randn(rows, k).to(x_dtype)
     out = tile_matmul.tile_matmul(x, tiles, torch.float32)
     assert out is not None and out.shape == (rows, n) and out.dtype == torch.float32
-    quantized = quantized_activations(x.float(), levels=16383).double()
+    quantized = quantized_activations(x.float(), tile_matmul.activation_levels()).double()
     expected = quantized @ dense.double().T
     # Equal up to float32 rounding, which is relative to the terms summed (a 4-bit group's
     # offset and scale parts may cancel).
@@ -58,7 +63,7 @@ def test_tile_matmul_equals_the_quantized_reference(bits, x_dtype, rows, n, k):
     assert torch.equal(rounded, out.bfloat16())
 
 
-@needs_vnni
+@pytest.mark.usefixtures("needs_tiles")
 def test_special_rows_zero_and_non_finite():
     codes, scale, offset, dense = random_group_weight(32, 64, 4, torch.float16, seed=1)
     tiles = tile_matmul.pack_tiles(codes, scale, offset)
@@ -80,7 +85,7 @@ def test_the_layout_refuses_what_it_cannot_hold():
     assert tile_matmul.pack_tiles(codes, scale.half().float(), offset.half().float()) is not None
 
 
-@needs_vnni
+@pytest.mark.usefixtures("needs_tiles")
 def test_a_width_mismatch_is_a_value_error():
     codes, scale, offset, _ = random_group_weight(16, 64, 4, torch.float16, seed=0)
     tiles = tile_matmul.pack_tiles(codes, scale, offset)
@@ -97,7 +102,7 @@ def test_tiled_rows_read_the_dense_rows(bits):
     torch.testing.assert_close(tiled.rows(ids), dense[ids], rtol=0, atol=1e-6)
 
 
-@needs_vnni
+@pytest.mark.usefixtures("needs_tiles")
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 def test_pack_weight_takes_tiles_and_both_matmuls_agree(kind):
     qtype = getattr(gguf.GGMLQuantizationType, kind)
@@ -112,40 +117,60 @@ def test_pack_weight_takes_tiles_and_both_matmuls_agree(kind):
     torch.testing.assert_close(out, x @ dense.T, rtol=2e-2, atol=2e-2)
 
 
-def test_a_build_without_vnni_says_so():
-    library = cpu_library.load_c_library("tile_matmul.c", ("-mno-avx512vnni",))
-    assert library is not None
+def test_each_build_says_what_it_computes(cpu_isa):
+    """AVX-512 VNNI and AVX2 builds (including an AVX-512 CPU without VNNI, which takes the
+    AVX2 path) compute; a build without AVX2 says so and computes nothing."""
+    no_vnni = cpu_library.load_c_library("tile_matmul.c", ("-mno-avx512vnni",))
+    assert no_vnni is not None
+    levels = {"avx512": 16256, "avx2": 16256, "generic": 0}[cpu_isa]
+    assert no_vnni.ember_tile_activation_levels() == levels
+    library = cpu_library.load_c_library("tile_matmul.c", ("-mno-avx2",))
     assert library.ember_tile_matmul_supported() == 0
     fn = library.ember_tile_matmul
     fn.restype = ctypes.c_int
     args = [None, 0, ctypes.c_int64(1), ctypes.c_int64(32), None, 4, ctypes.c_int64(16), None, 0]
-    assert fn(*args) == 1  # nothing computed: the caller keeps torch's kernel
+    assert fn(*args) == 1  # nothing computed: the caller keeps another kernel
 
 
-@needs_vnni
+def _exact_dense(codes, scale, offset, bits) -> torch.Tensor:
+    if bits == 4:
+        q = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2).double()
+    else:
+        q = codes.double()
+    w = q.unflatten(-1, (-1, 32)) * scale.double()[..., None]
+    if offset is not None:
+        w = w + offset.double()[..., None]
+    return w.flatten(-2).float()
+
+
+@pytest.mark.usefixtures("needs_tiles")
 @pytest.mark.parametrize("bits", [4, 8])
-def test_dequantized_tiles_equal_the_bfloat16_dense_weight(bits):
+def test_dequantized_tiles_equal_the_dense_weight(bits):
     codes, scale, offset, dense = random_group_weight(48, 96, bits, torch.float16, seed=bits)
-    dequantized = tile_matmul.dequantize_tiles(tile_matmul.pack_tiles(codes, scale, offset))
+    tiles = tile_matmul.pack_tiles(codes, scale, offset)
+    dequantized = tile_matmul.dequantize_tiles(tiles)
     assert dequantized.dtype == torch.bfloat16
     assert torch.equal(dequantized, dense.bfloat16())
+    # float32: q * scale + offset rounded once (a fused multiply-add)
+    exact = _exact_dense(codes, scale, offset, bits)
+    assert torch.equal(tile_matmul.dequantize_tiles(tiles, torch.float32), exact)
 
 
-@needs_vnni
+@pytest.mark.usefixtures("needs_tiles")
 def test_large_batches_never_read_the_dense_copy_of_a_tiled_layer():
-    """Prefill-sized batches multiply by a bfloat16 weight made from the tiles, so that the
-    layer's dense copy (mapped from the weights cache) never becomes resident."""
+    """Prefill-sized batches multiply by a dense weight made from the tiles (`dense_dtype`), so
+    that the layer's dense copy (mapped from the weights cache) never becomes resident."""
     layer = ReplicatedLinear(
         128, 64, ctx=ModelContext(quant_config=get_quantization_config("gguf"))
     )
     qtype = gguf.GGMLQuantizationType.Q4_1
     weight = np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32) * 0.05
-    layer.weight.data.copy_(
-        torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(weight, qtype), qtype))
-    )
+    dense = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(weight, qtype), qtype))
+    layer.weight.data.copy_(dense)
     process_weights_after_loading(layer)
     assert isinstance(layer.packed_weight, TiledWeight)
     big = torch.randn(layer.packed_weight.max_tokens + 1, 128)
-    expected = (big.bfloat16() @ layer.weight.T).float()
+    dtype = dense_dtype()  # bfloat16 on CPUs that compute in it, else float32
+    expected = torch.nn.functional.linear(big.to(dtype), dense.to(dtype)).float()
     layer.weight.data.fill_(float("nan"))  # were it read, the result would be NaN
-    torch.testing.assert_close(layer(big), expected, rtol=0, atol=0)
+    torch.testing.assert_close(layer(big), expected, rtol=1e-6, atol=1e-6)

@@ -4,6 +4,12 @@ first of which may fill caches; the fastest is reported).
 
     python tools/bench_cold_start.py                    # ember and llama.cpp, 3 runs each
     python tools/bench_cold_start.py --engines ember,llama.cpp,hf
+    python tools/bench_cold_start.py --fresh --engines ember  # as on a fresh machine
+
+`--fresh` gives every run an empty cache directory (`XDG_CACHE_HOME`): ember then compiles its
+C kernels, converts the GGUF file and caches the config and tokenizer within the timed start,
+as the first `LLM()` on a fresh machine does (`EMBER_CPU_ISA` and the other environment
+variables pass through, so `EMBER_CPU_ISA=avx2` times the AVX2 path's first start).
 
 For ember it also reports whether the engine-core process has torch loaded (it must not:
 only the workers need it), read from the process's memory maps, and whether the user's process
@@ -14,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 EMBER = """
@@ -64,14 +72,17 @@ print(json.dumps({"ready_s": t_ready - t0, "first_token_s": t_first - t0}))
 SCRIPTS = {"ember": EMBER, "llama.cpp": LLAMA_CPP, "hf": HF}
 
 
-def run_once(engine: str, model: str) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPTS[engine], model],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def run_once(engine: str, model: str, fresh: bool) -> dict:
+    with tempfile.TemporaryDirectory(prefix="ember-fresh-cache-") as cache:
+        env = dict(os.environ, XDG_CACHE_HOME=cache) if fresh else None
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-c", SCRIPTS[engine], model],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
+        )
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -86,10 +97,13 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="GGUF file (default: the embedded model)")
     parser.add_argument("--engines", default="ember,llama.cpp")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--fresh", action="store_true", help="an empty cache directory for every run"
+    )
     args = parser.parse_args()
     model = args.model or default_model_path()
     for engine in args.engines.split(","):
-        runs = [run_once(engine, model) for _ in range(args.repeat)]
+        runs = [run_once(engine, model, args.fresh) for _ in range(args.repeat)]
         good = [r for r in runs if "error" not in r]
         if not good:
             print(f"{engine:<10} failed: {runs[0]['error']}")

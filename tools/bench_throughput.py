@@ -18,6 +18,10 @@ Engines (``--engines``, in the order given):
 - ``llama.cpp``: ``llama_cpp.Llama`` on the GGUF file itself; its high-level API has no batched
   multi-sequence generate, so prompts run one after another (context reset between them), greedy,
   with a logits processor that masks EOS, stopping after exactly ``output_len`` tokens.
+- ``llama.cpp-batched``: llama.cpp's own batched decoding through llama-cpp-python's low-level
+  API, as llama-server's parallel slots run it: every prompt is a sequence of one unified KV
+  cache, prompts are decoded in chunks of 512 tokens, then each ``llama_decode`` takes one token
+  of every sequence; greedy argmax with EOS masked.
 
 Each engine runs in a fresh subprocess of this script (hidden ``--_run-one ENGINE``) that writes
 one JSON line back, so peak RSS is per engine and engines do not disturb each other's threads.
@@ -65,7 +69,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("ember", "hf", "llama.cpp", "ember-inproc")
+ENGINES = ("ember", "hf", "llama.cpp", "llama.cpp-batched", "ember-inproc")
 RESULT_MARKER = "@@BENCH_RESULT@@ "
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -417,11 +421,89 @@ def setup_llama_cpp(
     return generate_all
 
 
+def setup_llama_cpp_batched(
+    args: argparse.Namespace, work: dict[str, Any], info: dict[str, Any]
+) -> GenerateAll:
+    """llama.cpp decoding all prompts together, as llama-server's parallel slots do: through
+    the low-level API, one `llama_batch` per `llama_decode` holding a token of every running
+    sequence (each its own `seq_id` in one unified KV cache); prompts go in chunks of up to
+    `n_batch` tokens from several sequences, with logits for each prompt's last token. Greedy
+    (argmax with EOS masked) over `llama_get_logits_ith`."""
+    import llama_cpp
+    import numpy as np
+
+    prompts = work["prompts"]
+    n_seqs = len(prompts)
+    per_seq = max(len(p) for p in prompts) + work["output_len"] + 8
+    n_ctx = -(-(per_seq * n_seqs) // 256) * 256
+    n_batch = 512
+    t0 = time.perf_counter()
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(
+        args.model.encode(), llama_cpp.llama_model_default_params()
+    )
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
+    params.n_seq_max = n_seqs
+    params.kv_unified = True
+    params.n_threads = params.n_threads_batch = args.threads
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    eos = llama_cpp.llama_vocab_eos(vocab)
+    batch = llama_cpp.llama_batch_init(max(n_batch, n_seqs), 0, 1)
+    info["load_s"] = time.perf_counter() - t0
+    info.update(n_ctx=n_ctx, n_batch=n_batch, parallel_sequences=n_seqs)
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, sequence, wants logits) entries."""
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i] = token, pos
+            batch.n_seq_id[i], batch.seq_id[i][0] = 1, seq
+            batch.logits[i] = logits
+        batch.n_tokens = len(entries)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def greedy(index: int) -> int:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), (n_vocab,))
+        logits = logits.copy()
+        logits[eos] = -np.inf
+        return int(logits.argmax())
+
+    def generate_all(batch_prompts: list[list[int]], output_len: int) -> int:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        pending = [
+            (token, pos, seq, pos == len(p) - 1)
+            for seq, p in enumerate(batch_prompts)
+            for pos, token in enumerate(p)
+        ]
+        last: dict[int, int] = {}  # sequence -> its next token
+        for start in range(0, len(pending), n_batch):
+            chunk = pending[start : start + n_batch]
+            decode(chunk)
+            for i, (_, _, seq, logits) in enumerate(chunk):
+                if logits:
+                    last[seq] = greedy(i)
+        produced = len(last)
+        lengths = {seq: len(p) for seq, p in enumerate(batch_prompts)}
+        for step in range(1, output_len):
+            seqs = sorted(last)
+            decode([(last[s], lengths[s] + step - 1, s, True) for s in seqs])
+            for i, s in enumerate(seqs):
+                last[s] = greedy(i)
+            produced += len(seqs)
+        return produced
+
+    return generate_all
+
+
 RUNNERS: dict[str, tuple[tuple[str, ...], Setup]] = {
     # engine -> (modules whose import failure means "not available", setup)
     "ember": (("ember",), setup_ember),
     "hf": (("torch", "transformers"), setup_hf),
     "llama.cpp": (("llama_cpp",), setup_llama_cpp),
+    "llama.cpp-batched": (("llama_cpp",), setup_llama_cpp_batched),
     "ember-inproc": (("ember.enginecore.engine_core",), setup_ember_inproc),
 }
 
@@ -429,7 +511,7 @@ RUNNERS: dict[str, tuple[tuple[str, ...], Setup]] = {
 def check_available(engine: str, args: argparse.Namespace) -> str | None:
     """None if the engine's imports succeed, otherwise the reason."""
     modules, _ = RUNNERS[engine]
-    if engine == "llama.cpp" and (args.model_shape or args.device != "cpu"):
+    if engine.startswith("llama.cpp") and (args.model_shape or args.device != "cpu"):
         return "ember's benchmark runs llama.cpp on the GGUF file on CPU only"
     try:
         for mod in modules:
@@ -572,7 +654,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="ember's and HF's")
     p.add_argument(
         "--engines",
-        default="ember,hf,llama.cpp",
+        default="ember,hf,llama.cpp,llama.cpp-batched",
         help=f"comma-separated subset of {','.join(ENGINES)}, run in this order",
     )
     p.add_argument("--num-prompts", type=int, default=32)

@@ -77,6 +77,18 @@ void ember_silu_mul(const uint16_t *gate_up, int64_t num_tokens, int64_t size, u
             __m512 result = _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), u);
             _mm256_storeu_si256((__m256i *)(o + i), bf16_from_ps(result));
         }
+#elif defined(__AVX2__) && defined(__FMA__)
+        const __m256 one = _mm256_set1_ps(1.0f);
+        const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        for (; i + 8 <= size; i += 8) {
+            __m256 g = load_bf16_8(gate + i), u = load_bf16_8(up + i);
+            __m256 e = exp_ps8(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_and_ps(g, magnitude)));
+            __m256 negative = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
+            __m256 numerator = _mm256_blendv_ps(one, e, negative);
+            __m256 sigmoid = _mm256_div_ps(numerator, _mm256_add_ps(one, e));
+            __m256 result = _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), u);
+            _mm_storeu_si128((__m128i *)(o + i), bf16_from_ps8(result));
+        }
 #endif
         for (; i < size; ++i) {
             float g = bf16_to_float(gate[i]);

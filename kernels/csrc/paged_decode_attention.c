@@ -8,8 +8,9 @@
  * count `torch.set_num_threads` sets). Returns 1, computing nothing, for shapes beyond its
  * fixed buffers.
  *
- * With AVX-512 the scores of a block are one vector per query head and their exponentials a
- * vectorised exp (`exp_ps`, within 2 ulp of expf); elsewhere the same steps run as scalar loops.
+ * With AVX-512 (16 lanes) or AVX2 + FMA (8) the scores of a block are one vector per query head
+ * and their exponentials a vectorised exp (`exp_ps`, within 2 ulp of expf); elsewhere the same
+ * steps run as scalar loops.
  *
  *   query       [B, Hq, D]                   float32, contiguous
  *   kv_cache    [2, num_blocks, bs, Hkv, D]  bfloat16 (uint16 bits), contiguous
@@ -23,9 +24,6 @@
 
 #include "bfloat16.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #if defined(_OPENMP)
 #include <omp.h>
 #else
@@ -57,6 +55,8 @@ static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int
     }
 #if defined(__AVX512F__)
     const int vector_path = head_dim % 16 == 0;
+#elif defined(__AVX2__) && defined(__FMA__)
+    const int vector_path = head_dim % 8 == 0;
 #else
     const int vector_path = 0;
 #endif
@@ -97,6 +97,16 @@ static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int
                     }
                     for (int64_t g = 0; g < group; g++)
                         scores[h * group + g][t] = _mm512_reduce_add_ps(dots[g]);
+#elif defined(__AVX2__) && defined(__FMA__)
+                    __m256 dots[MAX_GROUP];
+                    for (int64_t g = 0; g < group; g++) dots[g] = _mm256_setzero_ps();
+                    for (int64_t d = 0; d < head_dim; d += 8) {
+                        __m256 k = load_bf16_8(k_row + d);
+                        for (int64_t g = 0; g < group; g++)
+                            dots[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qh[g] + d), k, dots[g]);
+                    }
+                    for (int64_t g = 0; g < group; g++)
+                        scores[h * group + g][t] = reduce_add_ps8(dots[g]);
 #endif
                 } else {
                     float k[MAX_HEAD_DIM];
@@ -134,6 +144,19 @@ static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int
                 t = count;
             }
             running_sum[j] += _mm512_reduce_add_ps(sums);
+#elif defined(__AVX2__) && defined(__FMA__)
+            __m256 sums = _mm256_setzero_ps();
+            for (; t < count; t += 8) { /* the tail padded with -inf, whose exp is 0 */
+                float padded[8];
+                int64_t lanes = count - t < 8 ? count - t : 8;
+                for (int64_t i = 0; i < 8; i++) padded[i] = i < lanes ? scores[j][t + i] : -INFINITY;
+                __m256 e = exp_ps8(_mm256_sub_ps(_mm256_loadu_ps(padded), _mm256_set1_ps(block_max)));
+                _mm256_storeu_ps(padded, e);
+                memcpy(scores[j] + t, padded, sizeof(float) * lanes);
+                sums = _mm256_add_ps(sums, e);
+            }
+            t = count;
+            running_sum[j] += reduce_add_ps8(sums);
 #endif
             for (; t < count; t++) {
                 scores[j][t] = expf(scores[j][t] - block_max);
@@ -157,6 +180,20 @@ static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int
                     }
                     for (int64_t g = 0; g < group; g++)
                         _mm512_storeu_ps(acc[h * group + g] + d, sums[g]);
+                }
+#elif defined(__AVX2__) && defined(__FMA__)
+                for (int64_t d = 0; d < head_dim; d += 8) {
+                    __m256 sums[MAX_GROUP];
+                    for (int64_t g = 0; g < group; g++)
+                        sums[g] = _mm256_loadu_ps(acc[h * group + g] + d);
+                    for (int64_t t = 0; t < count; t++) {
+                        __m256 v = load_bf16_8(v_head + t * token_stride + d);
+                        for (int64_t g = 0; g < group; g++)
+                            sums[g] = _mm256_fmadd_ps(_mm256_set1_ps(scores[h * group + g][t]),
+                                                      v, sums[g]);
+                    }
+                    for (int64_t g = 0; g < group; g++)
+                        _mm256_storeu_ps(acc[h * group + g] + d, sums[g]);
                 }
 #endif
             } else {

@@ -27,12 +27,15 @@
  *   x    [M, K]  float32 or bfloat16 (uint16 bits)
  *   out  [M, N]  float32 or bfloat16 (rounded to nearest even)
  *
- * Returns 0; 1 when this build has no AVX-512 VNNI (nothing computed), 2 when K is not a
- * multiple of 32 or N not one of 16, 3 when out of memory.
+ * Returns 0; 1 when this build has neither AVX-512 VNNI nor AVX2 (nothing computed), 2 when K
+ * is not a multiple of 32 or N not one of 16, 3 when out of memory.
  *
- * `ember_tile_dequantize` writes the weight back as a dense [N, K] bfloat16 matrix (q * scale
- * + offset in float32, rounded to nearest even: the values of a bfloat16 copy of the dequantised
- * GGUF weight), for batches large enough that torch's bfloat16 matmul is the faster one.
+ * AVX2 builds (below the AVX-512 ones) read the same tiles as two halves of 8 rows.
+ *
+ * `ember_tile_dequantize` writes the weight back as a dense [N, K] matrix (q * scale + offset
+ * in float32; bfloat16 rounded to nearest even: the values of a bfloat16 copy of the
+ * dequantised GGUF weight; or float32 on CPUs without native bfloat16), for batches large
+ * enough that torch's dense matmul is the faster one.
  */
 #include <math.h>
 #include <stdint.h>
@@ -189,8 +192,10 @@ int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
     return 0;
 }
 
-/* Row tile t, group g of the tiles, as 16 rows of 32 bfloat16 values at out (row stride k). */
-static void dequantize_tile(const uint8_t *codes, int bits, int64_t k, uint16_t *out) {
+/* Row tile t, group g of the tiles, as 16 rows of 32 values at element `first` of out (row
+   stride k): bfloat16, or float32 with out_f32. */
+static void dequantize_tile(const uint8_t *codes, int bits, int64_t k, void *out, int64_t first,
+                            int out_f32) {
     const int vectors = bits == 4 ? 4 : 8;
     uint8_t quads[8][64]; /* quad c (columns 4c..4c+3) of the 16 rows, 4 bytes a row */
     const __m512i nibble = _mm512_set1_epi8(0x0f);
@@ -217,24 +222,244 @@ static void dequantize_tile(const uint8_t *codes, int bits, int64_t k, uint16_t 
             low = _mm512_sub_ps(low, _mm512_set1_ps(128.0f));
             high = _mm512_sub_ps(high, _mm512_set1_ps(128.0f));
         }
-        store_row(out + j * k, 1, 0, _mm512_fmadd_ps(low, scale, offset));
-        store_row(out + j * k, 1, 16, _mm512_fmadd_ps(high, scale, offset));
+        store_row(out, !out_f32, first + j * k, _mm512_fmadd_ps(low, scale, offset));
+        store_row(out, !out_f32, first + j * k + 16, _mm512_fmadd_ps(high, scale, offset));
     }
 }
 
-int ember_tile_dequantize(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, uint16_t *out) {
+int ember_tile_dequantize(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, void *out,
+                          int out_f32) {
     if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
     const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
     const int64_t tile_bytes = TILE_BYTES(bits);
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < row_tiles; t++)
         for (int64_t g = 0; g < groups; g++)
-            dequantize_tile(tiles + (t * groups + g) * tile_bytes, bits, k,
-                            out + t * TILE_ROWS * k + g * GROUP);
+            dequantize_tile(tiles + (t * groups + g) * tile_bytes, bits, k, out,
+                            t * TILE_ROWS * k + g * GROUP, out_f32);
     return 0;
 }
 
 int ember_tile_matmul_supported(void) { return 1; }
+
+int ember_tile_activation_levels(void) { return 16383; }
+
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include "vector_math.h"
+
+/* AVX2 (+FMA, F16C): the same tiles, each 64-byte vector read as two halves of 8 rows. With no
+   vpdpbusd, a quad of products is vpmaddubsw (byte pairs into int16) then vpmaddwd (int16 pairs
+   into int32), as llama.cpp does on these CPUs. vpmaddubsw saturates at 32767, so:
+   - 4-bit codes (0..15) times bytes in [-127, 127] are at most 3810 a pair: the 8 quads of a
+     group add up in int16 (30480 at most) before one vpmaddwd, by 128 for the high bytes;
+   - 8-bit codes are made signed (byte ^ 0x80 = q) and multiplied as |q| * sign(x, q), as
+     llama.cpp's Q8_0 dot does: 2 * 127 * 127 a pair, each quad widened on its own.
+   Both need the high activation bytes in [-127, 127]: qx is rounded on 16256 = 127 * 128
+   steps instead of 16383, and h = qx >> 7 never reaches -128. */
+#define QX_MAX 16256.0f
+
+typedef struct {
+    int32_t *quads; /* [M, groups, 16]: the group's 8 quads of h bytes, then 8 of l bytes */
+    float *scale;   /* [M, groups]: dx */
+    float *sum;     /* [M, groups]: dx * sum(qx) */
+} Activations;
+
+static inline float load_row_value(const void *x, int x_bf16, int64_t index) {
+    if (x_bf16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)x)[index] << 16;
+        float value;
+        memcpy(&value, &bits, sizeof value);
+        return value;
+    }
+    return ((const float *)x)[index];
+}
+
+static void quantize_activations(const void *x, int x_bf16, int64_t rows, int64_t k,
+                                 Activations *a) {
+    const int64_t groups = k / GROUP;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t g = 0; g < groups; g++) {
+            float values[GROUP];
+            float amax = 0.0f;
+            for (int i = 0; i < GROUP; i++) {
+                values[i] = load_row_value(x, x_bf16, r * k + g * GROUP + i);
+                amax = fmaxf(amax, fabsf(values[i]));
+            }
+            float inverse = amax > 0.0f ? QX_MAX / amax : 0.0f;
+            int8_t *bytes = (int8_t *)(a->quads + (r * groups + g) * 16);
+            int32_t total = 0;
+            for (int i = 0; i < GROUP; i++) {
+                int32_t qx = (int32_t)nearbyintf(values[i] * inverse);
+                bytes[i] = (int8_t)(qx >> 7);         /* h in [-127, 127] */
+                bytes[GROUP + i] = (int8_t)(qx & 127); /* l in [0, 127] */
+                total += qx;
+            }
+            float dx = amax / QX_MAX;
+            a->scale[r * groups + g] = dx;
+            a->sum[r * groups + g] = dx * (float)total;
+        }
+    }
+}
+
+/* out rows [rows] of the 8 columns of one half of a row tile (`half` 0: rows 0-7 of the tile,
+   1: rows 8-15), as dot_tile of the AVX-512 build. */
+static inline __attribute__((always_inline)) void dot_half_tile(
+    const Activations *a, const int rows, int64_t groups, const uint8_t *tile, int bits,
+    int half, __m256 *results) {
+    const int vectors = bits == 4 ? 4 : 8;
+    const int64_t tile_bytes = TILE_BYTES(bits);
+    const __m256i nibble = _mm256_set1_epi8(0x0f), sign_bit = _mm256_set1_epi8((char)0x80);
+    const __m256i ones = _mm256_set1_epi16(1), by128 = _mm256_set1_epi16(128);
+    __m256 acc[ROW_CHUNK];
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *codes = tile + g * tile_bytes;
+        __m256i w[8];
+        if (bits == 4) {
+            for (int c = 0; c < 4; c++) {
+                __m256i packed = _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * half));
+                w[c] = _mm256_and_si256(packed, nibble);
+                w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+            }
+        } else {
+            for (int c = 0; c < 8; c++)
+                w[c] = _mm256_xor_si256(
+                    _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * half)), sign_bit);
+        }
+        const uint8_t *halves = codes + 64 * vectors + 16 * half;
+        __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)halves));
+        __m256 offset = bits == 4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(halves + 32)))
+                                  : _mm256_setzero_ps();
+        for (int r = 0; r < rows; r++) {
+            const int32_t *quads = a->quads + (r * groups + g) * 16;
+            __m256i total;
+            if (bits == 4) {
+                __m256i high = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(quads[0]));
+                __m256i low = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(quads[8]));
+                for (int c = 1; c < 8; c++) {
+                    high = _mm256_add_epi16(high, _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(quads[c])));
+                    low = _mm256_add_epi16(low, _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(quads[8 + c])));
+                }
+                total = _mm256_add_epi32(_mm256_madd_epi16(high, by128), _mm256_madd_epi16(low, ones));
+            } else {
+                __m256i high = _mm256_setzero_si256(), low = _mm256_setzero_si256();
+                for (int c = 0; c < 8; c++) {
+                    __m256i magnitude = _mm256_sign_epi8(w[c], w[c]);
+                    __m256i h = _mm256_sign_epi8(_mm256_set1_epi32(quads[c]), w[c]);
+                    __m256i l = _mm256_sign_epi8(_mm256_set1_epi32(quads[8 + c]), w[c]);
+                    high = _mm256_add_epi32(high, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, h), ones));
+                    low = _mm256_add_epi32(low, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, l), ones));
+                }
+                total = _mm256_add_epi32(_mm256_slli_epi32(high, 7), low);
+            }
+            __m256 product = _mm256_mul_ps(_mm256_cvtepi32_ps(total),
+                                           _mm256_set1_ps(a->scale[r * groups + g]));
+            acc[r] = _mm256_fmadd_ps(product, scale, acc[r]);
+            if (bits == 4)
+                acc[r] = _mm256_fmadd_ps(offset, _mm256_set1_ps(a->sum[r * groups + g]), acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) results[r] = acc[r];
+}
+
+static inline void store_half_row(void *out, int out_bf16, int64_t index, __m256 values) {
+    if (out_bf16)
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + index), bf16_from_ps8(values));
+    else
+        _mm256_storeu_ps((float *)out + index, values);
+}
+
+int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, const uint8_t *tiles,
+                      int bits, int64_t n_cols, void *out, int out_bf16) {
+    if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
+    const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
+    const int64_t tile_bytes = TILE_BYTES(bits);
+    Activations a;
+    a.quads = malloc(sizeof(int32_t) * 16 * (size_t)(m_rows * groups));
+    a.scale = malloc(sizeof(float) * (size_t)(m_rows * groups));
+    a.sum = malloc(sizeof(float) * (size_t)(m_rows * groups));
+    if (!a.quads || !a.scale || !a.sum) {
+        free(a.quads), free(a.scale), free(a.sum);
+        return 3;
+    }
+    quantize_activations(x, x_bf16, m_rows, k, &a);
+
+    /* A task is half a row tile: 8 output columns. */
+#pragma omp parallel for schedule(static) if (row_tiles > 1)
+    for (int64_t task = 0; task < 2 * row_tiles; task++) {
+        const int64_t t = task / 2;
+        const int half = (int)(task % 2);
+        const uint8_t *tile = tiles + t * groups * tile_bytes;
+        for (int64_t r0 = 0; r0 < m_rows; r0 += ROW_CHUNK) {
+            int64_t rows = m_rows - r0 < ROW_CHUNK ? m_rows - r0 : ROW_CHUNK;
+            Activations chunk = {a.quads + r0 * groups * 16, a.scale + r0 * groups,
+                                 a.sum + r0 * groups};
+            __m256 results[ROW_CHUNK];
+            switch (rows) {
+                case 1: dot_half_tile(&chunk, 1, groups, tile, bits, half, results); break;
+                case 2: dot_half_tile(&chunk, 2, groups, tile, bits, half, results); break;
+                case 3: dot_half_tile(&chunk, 3, groups, tile, bits, half, results); break;
+                default: dot_half_tile(&chunk, 4, groups, tile, bits, half, results); break;
+            }
+            for (int64_t r = 0; r < rows; r++)
+                store_half_row(out, out_bf16, (r0 + r) * n_cols + t * TILE_ROWS + 8 * half,
+                               results[r]);
+        }
+    }
+    free(a.quads), free(a.scale), free(a.sum);
+    return 0;
+}
+
+/* Row tile t, group g of the tiles, as 16 rows of 32 values at element `first` of out (row
+   stride k): bfloat16, or float32 with out_f32. */
+static void dequantize_tile(const uint8_t *codes, int bits, int64_t k, void *out, int64_t first,
+                            int out_f32) {
+    const int vectors = bits == 4 ? 4 : 8;
+    uint8_t quads[8][64]; /* quad c (columns 4c..4c+3) of the 16 rows, 4 bytes a row */
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    for (int c = 0; c < vectors; c++) {
+        for (int half = 0; half < 2; half++) {
+            __m256i packed = _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * half));
+            if (bits == 4) {
+                _mm256_storeu_si256((__m256i *)(quads[c] + 32 * half), _mm256_and_si256(packed, nibble));
+                _mm256_storeu_si256((__m256i *)(quads[c + 4] + 32 * half),
+                                    _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble));
+            } else {
+                _mm256_storeu_si256((__m256i *)(quads[c] + 32 * half), packed);
+            }
+        }
+    }
+    const uint16_t *halves = (const uint16_t *)(codes + 64 * vectors);
+    for (int j = 0; j < TILE_ROWS; j++) {
+        uint32_t row[8];
+        for (int c = 0; c < 8; c++) memcpy(&row[c], quads[c] + 4 * j, 4);
+        __m256 scale = _mm256_set1_ps(_cvtsh_ss(halves[j]));
+        __m256 offset = bits == 4 ? _mm256_set1_ps(_cvtsh_ss(halves[TILE_ROWS + j]))
+                                  : _mm256_set1_ps(-128.0f * _cvtsh_ss(halves[j]));
+        for (int part = 0; part < 4; part++) { /* columns 8 part .. 8 part + 7 */
+            __m128i bytes = _mm_loadl_epi64((const __m128i *)((const uint8_t *)row + 8 * part));
+            __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+            store_half_row(out, !out_f32, first + j * k + 8 * part, _mm256_fmadd_ps(q, scale, offset));
+        }
+    }
+}
+
+int ember_tile_dequantize(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, void *out,
+                          int out_f32) {
+    if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
+    const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
+    const int64_t tile_bytes = TILE_BYTES(bits);
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < row_tiles; t++)
+        for (int64_t g = 0; g < groups; g++)
+            dequantize_tile(tiles + (t * groups + g) * tile_bytes, bits, k, out,
+                            t * TILE_ROWS * k + g * GROUP, out_f32);
+    return 0;
+}
+
+int ember_tile_matmul_supported(void) { return 1; }
+
+int ember_tile_activation_levels(void) { return (int)QX_MAX; }
 
 #else
 
@@ -245,11 +470,14 @@ int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
     return 1;
 }
 
-int ember_tile_dequantize(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, uint16_t *out) {
-    (void)tiles, (void)bits, (void)n_cols, (void)k, (void)out;
+int ember_tile_dequantize(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, void *out,
+                          int out_f32) {
+    (void)tiles, (void)bits, (void)n_cols, (void)k, (void)out, (void)out_f32;
     return 1;
 }
 
 int ember_tile_matmul_supported(void) { return 0; }
+
+int ember_tile_activation_levels(void) { return 0; }
 
 #endif

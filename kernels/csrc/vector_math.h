@@ -1,6 +1,6 @@
-/* AVX-512 helpers shared by ember's C kernels: a vectorised exp and bfloat16 <-> float32 for 16
-   lanes (rounding to nearest even as torch's casts and `float_to_bf16` do). Empty without
-   AVX-512F. */
+/* Vector helpers shared by ember's C kernels: a vectorised exp and bfloat16 <-> float32 for 16
+   lanes with AVX-512F and for 8 with AVX2 + FMA (rounding to nearest even as torch's casts and
+   `float_to_bf16` do). Empty without AVX2. */
 #ifndef EMBER_VECTOR_MATH_H
 #define EMBER_VECTOR_MATH_H
 
@@ -42,6 +42,57 @@ static inline __m256i bf16_from_ps(__m512 values) {
     __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
     rounded = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x400000));
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+#endif
+
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* exp_ps for 8 lanes: the same reduction and polynomial, 2^n built in the exponent bits. */
+static inline __m256 exp_ps8(__m256 x) {
+    const __m256 floor = _mm256_set1_ps(-87.3f);
+    __m256 tiny = _mm256_cmp_ps(x, floor, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, floor);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    /* n >= -126 here (x >= -87.3), so 2^n is a normal float */
+    __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(power)));
+}
+
+static inline float reduce_add_ps8(__m256 values) {
+    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(values), _mm256_extractf128_ps(values, 1));
+    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+    sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+    return _mm_cvtss_f32(sum);
+}
+
+static inline __m256 load_bf16_8(const uint16_t *bits) {
+    __m128i half = _mm_loadu_si128((const __m128i *)bits);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+/* 8 floats -> 8 bfloat16 bits, rounded to nearest even (NaN stays NaN). */
+static inline __m128i bf16_from_ps8(__m256 values) {
+    __m256i bits = _mm256_castps_si256(values);
+    __m256i rounded = _mm256_add_epi32(
+        bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                               _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1))));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(values, values, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_or_si256(bits, _mm256_set1_epi32(0x400000)), nan);
+    __m256i shifted = _mm256_srli_epi32(rounded, 16); /* 8 words in the low halves of 32 bits */
+    __m128i low = _mm256_castsi256_si128(shifted), high = _mm256_extracti128_si256(shifted, 1);
+    return _mm_packus_epi32(low, high);
 }
 #endif
 

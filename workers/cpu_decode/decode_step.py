@@ -11,13 +11,12 @@ returns None and the Python loop serves.
 from __future__ import annotations
 
 import ctypes
-import functools
 from pathlib import Path
 
 import torch
 
 from ember.kernels import attention_cpu, decode_cpu, layernorm, tile_matmul
-from ember.kernels.cpu_library import load_c_library
+from ember.kernels.cpu_library import isa_cached, load_c_library
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
@@ -63,7 +62,7 @@ class _Model(ctypes.Structure):
     ]
 
 
-@functools.cache
+@isa_cached
 def _library() -> ctypes.CDLL | None:
     library = load_c_library(Path(__file__).with_name("decode_step.c"))
     if library is None:

@@ -48,7 +48,7 @@ from ember.workers.cpu_decode import decode_step
 from ember.workers.layers.activation import SiluAndMul
 from ember.workers.layers.layernorm import RMSNorm
 from ember.workers.layers.quantization.gguf_packed import dense_weight
-from ember.workers.layers.tiled_weight import TiledWeight
+from ember.workers.layers.tiled_weight import TiledWeight, dense_dtype
 from ember.workers.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel
 
 if TYPE_CHECKING:
@@ -158,8 +158,13 @@ class LlamaCPUDecodeRunner:
         self.num_heads, self.num_kv_heads = first.num_heads, first.num_kv_heads
         self.head_dim = first.head_dim
         linears = [linear for entry in self.layers for linear in entry[2:6]]
+        # Beyond the packed weights' batches the loop multiplies by bfloat16 dense copies, as the
+        # layer-by-layer forward does where the CPU computes in bfloat16. Elsewhere the dense
+        # copies are float32 and the layers' forward (float32 activations) serves those steps.
         dense_bf16 = all(
-            isinstance(linear.packed_weight, TiledWeight) or linear.weight.dtype == torch.bfloat16
+            dense_dtype() == torch.bfloat16
+            if isinstance(linear.packed_weight, TiledWeight)
+            else linear.weight.dtype == torch.bfloat16
             for linear in linears
         )
         self.packed_max_tokens = min(linear.packed_weight.max_tokens for linear in linears)

@@ -3,7 +3,8 @@ in `packed_int4` and `tiled_weight`).
 
 The checkpoint loads dense (dequantised from the file, sharded by the layers' weight loaders like
 any weight); `process_weights_after_loading` then finds the groups in each rank's shard and packs
-them. Decode-sized batches multiply by the packed groups; larger ones by a dense bfloat16 copy.
+them. Decode-sized batches multiply by the packed groups; larger ones by a dense copy (bfloat16,
+or float32 where the CPU has no native bfloat16: `dense_weight`).
 An embedding reads its rows from the packed table, and an LM head tied to it shares that table.
 
 Shards: a column-parallel shard splits rows, which never cuts a group. A row-parallel shard
@@ -136,11 +137,11 @@ class GGUFPackedLinearMethod(UnquantizedLinearMethod):
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
     """The dense weight a large batch multiplies by: made from the layer's tiles for this one
-    matmul when it has them (bfloat16, the values of `layer.weight`, which is then never read
-    into memory), else `layer.weight`."""
+    matmul when it has them (`tiled_weight.dense_dtype`: bfloat16 or float32; `layer.weight`
+    is then never read into memory), else `layer.weight`."""
     packed = getattr(layer, "packed_weight", None)
     if isinstance(packed, TiledWeight):
-        return packed.dense_bfloat16()
+        return packed.dense()
     return layer.weight
 
 
