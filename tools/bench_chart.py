@@ -1,11 +1,19 @@
 """Runs the two CPU workloads of `tools/bench_throughput.py` (W1, the default batch; and
-`--single`, batch-1 decode) for ember, llama.cpp and HF in one go, and draws them side by side
-in a PNG (matplotlib).
+`--single`, batch-1 decode) for ember, llama.cpp (its batched decoding and one sequence at a
+time), vLLM's CPU build (where `$EMBER_BENCH_VLLM_PYTHON` names its venv's interpreter) and HF
+in one go, and draws them side by side in a PNG (matplotlib).
 
     python tools/bench_chart.py                         # runs both workloads, writes the chart
     python tools/bench_chart.py --from-json w1.jsonl single.jsonl   # chart from saved results
+    EMBER_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+        LLAMA_CPP_LIB_PATH=.cache/llama-avx2/lib \
+        python tools/bench_chart.py --output tools/bench_cpu_avx2.png   # the AVX2 path
 
-The figures (output tokens/s and peak RSS per engine) are printed as well.
+The chart's title names the instruction set ember's kernels ran on (`EMBER_CPU_ISA`, see
+`ember.enginecore.cpu_features`); under the avx2 override, llama.cpp must be an AVX2 build too
+(`LLAMA_CPP_LIB_PATH`: the directory of an AVX2 `libllama.so`, which llama-cpp-python loads
+instead of its own). `--save-json DIR` keeps the results. The figures (output tokens/s and
+peak RSS per engine) are printed as well.
 """
 
 from __future__ import annotations
@@ -19,7 +27,13 @@ from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
 WORKLOADS = {"W1 (32 prompts, 64 tokens each)": [], "batch-1 decode (--single)": ["--single"]}
-COLORS = {"ember": "#d9541e", "llama.cpp": "#4c72b0", "hf": "#8c8c8c"}
+COLORS = {
+    "ember": "#d9541e",
+    "llama.cpp-batched": "#2a4d8f",
+    "llama.cpp": "#4c72b0",
+    "hf": "#8c8c8c",
+    "vllm": "#55a868",
+}
 
 
 def run_workload(extra: list[str], engines: str, repeat: int, out: Path) -> list[dict]:
@@ -42,7 +56,7 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def draw(results: dict[str, list[dict]], path: Path) -> None:
+def draw(results: dict[str, list[dict]], path: Path, isa: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,14 +80,17 @@ def draw(results: dict[str, list[dict]], path: Path) -> None:
         axis.set_title(title)
         axis.set_ylabel("output tokens / s (2 threads)")
         axis.margins(y=0.2)
-    fig.suptitle("SmolLM2-135M-Instruct Q4_1 GGUF on CPU: ember vs llama.cpp vs HF transformers")
+    fig.suptitle(
+        f"SmolLM2-135M-Instruct Q4_1 GGUF on CPU ({isa}): ember vs llama.cpp vs HF transformers"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engines", default="ember,llama.cpp,hf")
+    parser.add_argument("--engines", default="ember,vllm,llama.cpp-batched,llama.cpp,hf")
+    parser.add_argument("--save-json", default=None, metavar="DIR", help="keep the results")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--output", default=str(TOOLS / "bench_cpu.png"))
     parser.add_argument("--from-json", nargs=2, metavar=("W1_JSONL", "SINGLE_JSONL"))
@@ -86,17 +103,20 @@ def main() -> None:
         results = {}
         with tempfile.TemporaryDirectory() as scratch:
             for index, (title, extra) in enumerate(WORKLOADS.items()):
-                out = Path(scratch) / f"workload{index}.jsonl"
+                out = Path(args.save_json or scratch) / f"workload{index}.jsonl"
+                out.parent.mkdir(parents=True, exist_ok=True)
                 results[title] = run_workload(extra, args.engines, args.repeat, out)
     for title, rows in results.items():
         print(title)
         for row in rows:
             if row.get("status") == "ok":
                 print(
-                    f"  {row['engine']:<10} {row['output_tok_s']:8.1f} tok/s   "
+                    f"  {row['engine']:<18} {row['output_tok_s']:8.1f} tok/s   "
                     f"peak RSS {row['peak_rss_bytes'] / 2**20:6.0f} MiB"
                 )
-    draw(results, Path(args.output))
+    from ember.enginecore.cpu_features import cpu_isa
+
+    draw(results, Path(args.output), cpu_isa())
     print(f"chart written to {args.output}")
 
 

