@@ -227,19 +227,6 @@ static void dequantize_tile(const uint8_t *codes, int bits, int64_t k, void *out
     }
 }
 
-int ember_tile_dequantize(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, void *out,
-                          int out_f32) {
-    if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
-    const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
-    const int64_t tile_bytes = TILE_BYTES(bits);
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < row_tiles; t++)
-        for (int64_t g = 0; g < groups; g++)
-            dequantize_tile(tiles + (t * groups + g) * tile_bytes, bits, k, out,
-                            t * TILE_ROWS * k + g * GROUP, out_f32);
-    return 0;
-}
-
 int ember_tile_matmul_supported(void) { return 1; }
 
 int ember_tile_activation_levels(void) { return 16383; }
@@ -444,6 +431,16 @@ static void dequantize_tile(const uint8_t *codes, int bits, int64_t k, void *out
     }
 }
 
+int ember_tile_matmul_supported(void) { return 1; }
+
+int ember_tile_activation_levels(void) { return (int)QX_MAX; }
+
+#endif
+
+#if (defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)) || \
+    (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+/* The weight of the tiles as a dense [N, K] matrix: each (row tile, group) by the ISA's
+   dequantize_tile above. */
 int ember_tile_dequantize(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, void *out,
                           int out_f32) {
     if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
@@ -456,10 +453,6 @@ int ember_tile_dequantize(const uint8_t *tiles, int bits, int64_t n_cols, int64_
                             t * TILE_ROWS * k + g * GROUP, out_f32);
     return 0;
 }
-
-int ember_tile_matmul_supported(void) { return 1; }
-
-int ember_tile_activation_levels(void) { return (int)QX_MAX; }
 
 #else
 
