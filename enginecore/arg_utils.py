@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from ember.enginecore.cpu_features import packed_kernels
 from ember.enginecore.pooling_config import (
     pooler_config,
     resolve_runner,
     sentence_transformers_max_seq_length,
 )
+from ember.kernels.cpu_features import packed_kernels
 from ember.workers.config import (
     CacheConfig,
     DeviceConfig,

@@ -3,13 +3,27 @@
 Each public function dispatches on the device: Triton kernels (`<op>_triton.py`, imported
 only for CUDA tensors, so CPU users never import triton) or the plain-torch reference beside it
 (`<op>_torch`, used on CPU and as the oracle in tests).
+
+The names below load their module on first use, so that torch-free modules of this package
+(`cpu_features`, which the engine's argument resolution reads) import without torch.
 """
 
-from ember.kernels.activation import gelu_and_mul, silu_and_mul
-from ember.kernels.attention import paged_attention, write_kv_cache
-from ember.kernels.layernorm import fused_add_rms_norm, rms_norm
-from ember.kernels.rotary import apply_rotary_emb
-from ember.kernels.sampling import apply_top_k_top_p, sample_from_probs
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "apply_rotary_emb": "rotary",
+    "apply_top_k_top_p": "sampling",
+    "fused_add_rms_norm": "layernorm",
+    "gelu_and_mul": "activation",
+    "paged_attention": "attention",
+    "rms_norm": "layernorm",
+    "sample_from_probs": "sampling",
+    "silu_and_mul": "activation",
+    "write_kv_cache": "attention",
+}
 
 __all__ = [
     "apply_rotary_emb",
@@ -22,3 +36,9 @@ __all__ = [
     "silu_and_mul",
     "write_kv_cache",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

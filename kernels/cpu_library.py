@@ -7,7 +7,7 @@ reference serves.
 The kernels pick their instruction set at compile time (`#if defined(__AVX512F__)` ...,
 `#elif defined(__AVX2__)` ...), so a build for less than the CPU has is a build with fewer
 `-m` flags: `ISA_FLAGS` holds them for each ISA that `EMBER_CPU_ISA` names
-(`ember.enginecore.cpu_features`).
+(`ember.kernels.cpu_features`).
 
 Each kernel module caches its loaded library per ISA (`isa_cached`), so that tests can run the
 same kernels under every ISA the machine supports in one process.
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from ember.enginecore.cpu_features import cpu_isa
+from ember.kernels.cpu_features import cpu_isa
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,7 @@ float32 arithmetic as the torch reference in `ember.workers.layers.packed_int4`,
 instead of a dozen, for the first start's conversion of a GGUF file (SmolLM2: about 7 s in
 torch on 2 cores).
 
-Each function returns None where the library cannot be built (the caller's torch reference
-serves), else its answer, with `NOT_ON_GRID` for a weight that is not in the form asked.
+Where the library cannot be built (`available()` False) the caller's torch reference serves.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import torch
 from ember.kernels.cpu_library import isa_cached, load_c_library
 
 GROUP = 32
-NOT_ON_GRID = False  # the weight is not made of groups of that form
 FORMS = {"q4_1": 0, "q4_0": 1, "q8_0": 2}
 
 
@@ -36,26 +34,28 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+def available() -> bool:
+    return _library() is not None
+
+
 def find_groups(
     weight: torch.Tensor, form: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | bool | None:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(q [N, K] int8, step [N, K / 32], base [N, K / 32]) float32 of `weight` [N, K] in
     `form` (one of `FORMS`: the reference's `find_int4_groups` forms and `find_int8_groups`);
-    `NOT_ON_GRID` when some value does not fit; None without the library."""
+    None when some value does not fit. Needs `available()`."""
     library = _library()
-    if library is None:
-        return None
     weight = weight.detach().float().contiguous()
     rows, cols = weight.shape
     if cols % GROUP:
-        return NOT_ON_GRID
+        return None
     q = torch.empty(rows, cols, dtype=torch.int8)
     step = torch.empty(rows, cols // GROUP)
     base = torch.empty(rows, cols // GROUP)
     status = library.ember_find_groups(
         weight.data_ptr(), rows, cols, FORMS[form], q.data_ptr(), step.data_ptr(), base.data_ptr()
     )
-    return (q, step, base) if status == 0 else NOT_ON_GRID
+    return (q, step, base) if status == 0 else None
 
 
 def rebuild_fits(
@@ -64,12 +64,10 @@ def rebuild_fits(
     scale: torch.Tensor,
     offset: torch.Tensor | None,
     wide_scale: torch.Tensor,
-) -> bool | None:
+) -> bool:
     """Whether q * scale + offset (float32 operands) lands on `weight` within the groups'
-    tolerance (the reference's `_narrowed` check); None without the library."""
+    tolerance (the reference's `_narrowed` check). Needs `available()`."""
     library = _library()
-    if library is None:
-        return None
     weight = weight.detach().float().contiguous()
     q = q.to(torch.int8).contiguous()
     scale, wide_scale = scale.float().contiguous(), wide_scale.float().contiguous()

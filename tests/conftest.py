@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from ember.enginecore.cpu_features import ISAS, supported_isas
+from ember.kernels.cpu_features import ISAS, supported_isas
 from tests.helpers import write_random_llama
 
 # Without a GPU, ember's Triton kernels are tested in Triton's interpreter. Triton reads

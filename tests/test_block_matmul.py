@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ember.enginecore.cpu_features import supported_isas
 from ember.kernels import block_matmul, cpu_library
+from ember.kernels.cpu_features import supported_isas
 from tests.helpers import quantized_activations, random_group_weight
 
 

@@ -1,4 +1,4 @@
-"""`EMBER_CPU_ISA` and what the CPU can run (`enginecore/cpu_features.py`): names resolved,
+"""`EMBER_CPU_ISA` and what the CPU can run (`kernels/cpu_features.py`): names resolved,
 refused with a ValueError that says what the CPU runs, and the decisions taken from them (the
 GGUF packing default, bfloat16 dense copies)."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from ember.enginecore import cpu_features
 from ember.enginecore.arg_utils import EngineArgs
+from ember.kernels import cpu_features
 
 ZEN3 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
 ZEN4 = ZEN3 | {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}

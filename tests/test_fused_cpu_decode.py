@@ -17,6 +17,7 @@ from ember.workers.cpu_decode.llama_runner import (
     LlamaCPUDecodeRunner,
     unsupported_reason,
 )
+from ember.workers.layers.tiled_weight import dense_dtype
 from ember.workers.model_loader import loader
 from tests.helpers import default_model_config
 
@@ -166,9 +167,15 @@ def test_fused_decode_step_equals_the_layer_by_layer_forward(
         pytest.skip(f"the {module_cpu_isa} build has no tiles: no one-call step (the loop serves)")
     if path != "one_call":
         monkeypatch.setattr(runner, "step_model", None)
+    if path == "dense" and tile_matmul.available() and dense_dtype() == torch.float32:
+        # tiles with float32 dense copies (no native bfloat16): beyond the packed batches the runner
+        # refuses the step, and the layers' forward (float32 activations) serves it
+        assert runner.max_decodes == runner.packed_max_tokens
+        many = [3 + i for i in range(runner.packed_max_tokens + 1)]
+        input_ids, positions, metadata, _ = _decode_step(model, many, seed=1)
+        assert not runner.can_run(input_ids, positions, metadata)
+        return
     if path == "dense":
-        if runner.max_decodes <= runner.packed_max_tokens:
-            pytest.skip("float32 dense copies (no native bfloat16): the layers' forward serves")
         packed_class = type(model.model.layers[0].self_attn.qkv_proj.packed_weight)
         monkeypatch.setattr(runner, "packed_max_tokens", 0)
         monkeypatch.setattr(packed_class, "max_tokens", 0)

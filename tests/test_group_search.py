@@ -35,7 +35,7 @@ def _assert_same(c_result, torch_result):
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "F32"])
 def test_c_search_equals_the_torch_reference(kind):
     weight = _gguf_weight(kind) if kind != "F32" else torch.randn(48, 128)
-    assert group_search.find_groups(weight, "q4_1") is not None  # the library builds here
+    assert group_search.available()  # the library builds here
     c4, t4 = packed_int4.find_int4_groups(weight), packed_int4.find_int4_groups_torch(weight)
     _assert_same(c4 and (c4.q, c4.scale, c4.zero), t4 and (t4.q, t4.scale, t4.zero))
     _assert_same(packed_int4.find_int8_groups(weight), packed_int4.find_int8_groups_torch(weight))
@@ -65,4 +65,4 @@ def test_one_value_off_the_grid_refuses_the_weight():
     weight[40, 77] += 1e-3
     assert packed_int4.find_int4_groups(weight) is None
     assert packed_int4.find_int4_groups_torch(weight) is None
-    assert group_search.find_groups(torch.zeros(2, 48), "q8_0") is group_search.NOT_ON_GRID
+    assert group_search.find_groups(torch.zeros(2, 48), "q8_0") is None  # K not whole groups

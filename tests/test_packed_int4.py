@@ -13,8 +13,8 @@ import torch
 
 from ember import LLM, SamplingParams
 from ember.enginecore.arg_utils import EngineArgs
-from ember.enginecore.cpu_features import packed_kernels
 from ember.kernels import block_matmul, tile_matmul
+from ember.kernels.cpu_features import packed_kernels
 from ember.workers.layers.context import ModelContext
 from ember.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ember.workers.layers.linear import ReplicatedLinear

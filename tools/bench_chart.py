@@ -10,7 +10,7 @@ in one go, and draws them side by side in a PNG (matplotlib).
         python tools/bench_chart.py --output tools/bench_cpu_avx2.png   # the AVX2 path
 
 The chart's title names the instruction set ember's kernels ran on (`EMBER_CPU_ISA`, see
-`ember.enginecore.cpu_features`); under the avx2 override, llama.cpp must be an AVX2 build too
+`ember.kernels.cpu_features`); under the avx2 override, llama.cpp must be an AVX2 build too
 (`LLAMA_CPP_LIB_PATH`: the directory of an AVX2 `libllama.so`, which llama-cpp-python loads
 instead of its own). `--save-json DIR` keeps the results. The figures (output tokens/s and
 peak RSS per engine) are printed as well.
@@ -114,7 +114,7 @@ def main() -> None:
                     f"  {row['engine']:<18} {row['output_tok_s']:8.1f} tok/s   "
                     f"peak RSS {row['peak_rss_bytes'] / 2**20:6.0f} MiB"
                 )
-    from ember.enginecore.cpu_features import cpu_isa
+    from ember.kernels.cpu_features import cpu_isa
 
     draw(results, Path(args.output), cpu_isa())
     print(f"chart written to {args.output}")

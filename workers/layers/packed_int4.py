@@ -71,18 +71,15 @@ def find_int4_groups(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Int4
     (symmetric, d * (q - 8), the largest magnitude at q = 0). In C (`kernels.group_search`,
     one pass) where it builds, else `find_int4_groups_torch`: the same answer.
     """
-    if group_size == GROUP_SIZE and weight.device.type == "cpu":
-        for form in ("q4_1", "q4_0"):
-            found = group_search.find_groups(weight, form)
-            if found is None:
-                break  # no library here
-            if found is not group_search.NOT_ON_GRID:
-                q, step, base = found
-                zero = base + 8 * step if form == "q4_1" else torch.zeros_like(step)
-                return Int4Groups(q.int(), step, zero)
-        else:
-            return None
-    return find_int4_groups_torch(weight, group_size)
+    if group_size != GROUP_SIZE or weight.device.type != "cpu" or not group_search.available():
+        return find_int4_groups_torch(weight, group_size)
+    for form in ("q4_1", "q4_0"):
+        found = group_search.find_groups(weight, form)
+        if found is not None:
+            q, step, base = found
+            zero = base + 8 * step if form == "q4_1" else torch.zeros_like(step)
+            return Int4Groups(q.int(), step, zero)
+    return None
 
 
 def find_int4_groups_torch(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Int4Groups | None:
@@ -110,13 +107,10 @@ def find_int8_groups(
     """(q8 [N, K] int32 in [-127, 127], d [N, K / group_size]) with weight == d * q8, when
     `weight` [N, K] is made of 8-bit symmetric groups (Q8_0: the largest magnitude at
     |q8| = 127); else None. In C where it builds, else `find_int8_groups_torch`."""
-    if group_size == GROUP_SIZE and weight.device.type == "cpu":
-        found = group_search.find_groups(weight, "q8_0")
-        if found is group_search.NOT_ON_GRID:
-            return None
-        if found is not None:
-            return found[0].int(), found[1]
-    return find_int8_groups_torch(weight, group_size)
+    if group_size != GROUP_SIZE or weight.device.type != "cpu" or not group_search.available():
+        return find_int8_groups_torch(weight, group_size)
+    found = group_search.find_groups(weight, "q8_0")
+    return None if found is None else (found[0].int(), found[1])
 
 
 def find_int8_groups_torch(
@@ -155,8 +149,8 @@ def _narrowed(
     """(scale, offset) in float16 when q * scale + offset still lands on `weight` [N, K]
     within the tolerance the groups were found with, else in float32."""
     narrow_scale, narrow_offset = scale.half(), offset.half()
-    fits = group_search.rebuild_fits(weight, q, narrow_scale, narrow_offset, scale)
-    if fits is not None:
+    if group_search.available():
+        fits = group_search.rebuild_fits(weight, q, narrow_scale, narrow_offset, scale)
         return (narrow_scale, narrow_offset) if fits else (scale, offset)
     group_size = q.shape[1] // scale.shape[1]
     rebuilt = q.float().unflatten(-1, (scale.shape[1], group_size))

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ember.enginecore.cpu_features import native_bfloat16
 from ember.kernels import tile_matmul
+from ember.kernels.cpu_features import native_bfloat16
 from ember.kernels.tile_matmul import GROUP, TILE_ROWS
 
 # Up to this many rows the tiles are multiplied directly; beyond, a matmul is compute-bound and
