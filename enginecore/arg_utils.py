@@ -24,6 +24,7 @@ from ember.workers.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    StructuredOutputsConfig,
 )
 from ember.workers.hf_config import HFConfig, load_hf_config, rope_parameters
 from ember.workers.model_loader.resolve import resolve_model
@@ -83,6 +84,9 @@ class EngineArgs:
     max_logprobs: int = 20
     runner: str = "auto"  # "auto" | "generate" | "pooling"
     convert: str = "auto"  # "auto" | "none" | "embed" | "classify"
+    # vLLM's: a dict (or an object with these attributes) of backend ("auto" | "xgrammar" |
+    # "guidance" | "outlines"), disable_any_whitespace, disable_additional_properties
+    structured_outputs_config: Any = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -148,6 +152,8 @@ class EngineArgs:
             raise ValueError(
                 f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}"
             )
+
+        _structured_outputs_config(self.structured_outputs_config)
 
     def _device(self) -> str:
         if self.device == "auto":
@@ -227,7 +233,63 @@ class EngineArgs:
             device=DeviceConfig(
                 device=device, num_threads=self.num_threads, enforce_eager=self.enforce_eager
             ),
+            structured_outputs=_structured_outputs_config(self.structured_outputs_config),
         )
+
+
+_STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "guidance", "outlines")
+# vLLM's other StructuredOutputsConfig fields: reasoning parsers, which ember does not have.
+_STRUCTURED_OUTPUTS_IGNORED = ("reasoning_parser", "reasoning_parser_plugin", "enable_in_reasoning")
+
+
+def _structured_outputs_config(value: Any) -> StructuredOutputsConfig:
+    """`structured_outputs_config` (None, a dict, or vLLM's config object) checked as vLLM's
+    `StructuredOutputsConfig` checks it; errors name the field."""
+    if value is None:
+        return StructuredOutputsConfig()
+    if isinstance(value, StructuredOutputsConfig):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif isinstance(value, dict):
+        fields = dict(value)
+    elif hasattr(value, "backend"):  # vLLM's own StructuredOutputsConfig
+        fields = {
+            name: getattr(value, name)
+            for name in ("backend", "disable_any_whitespace", "disable_additional_properties")
+            if hasattr(value, name)
+        }
+    else:
+        raise TypeError("structured_outputs_config must be a dict, got " + type(value).__name__)
+    for name in _STRUCTURED_OUTPUTS_IGNORED:
+        if fields.pop(name, None) not in (None, "", False):
+            raise NotImplementedError(f"structured_outputs_config.{name} is not supported")
+    known = {f.name for f in dataclasses.fields(StructuredOutputsConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise TypeError(f"structured_outputs_config has no field {unknown[0]!r}")
+    config = StructuredOutputsConfig(**fields)
+    if config.backend == "lm-format-enforcer":
+        raise NotImplementedError(
+            "structured_outputs_config.backend='lm-format-enforcer' is not supported"
+        )
+    if config.backend not in _STRUCTURED_OUTPUTS_BACKENDS:
+        raise ValueError(
+            f"structured_outputs_config.backend must be one of {_STRUCTURED_OUTPUTS_BACKENDS}, "
+            f"got {config.backend!r}"
+        )
+    for name in ("disable_any_whitespace", "disable_additional_properties"):
+        if not isinstance(getattr(config, name), bool):
+            raise TypeError(f"structured_outputs_config.{name} must be a bool")
+    if config.disable_any_whitespace and config.backend not in ("xgrammar", "guidance"):
+        raise ValueError(
+            "structured_outputs_config.disable_any_whitespace is only supported for the "
+            "xgrammar and guidance backends"
+        )
+    if config.disable_additional_properties and config.backend != "guidance":
+        raise ValueError(
+            "structured_outputs_config.disable_additional_properties is only supported for "
+            "the guidance backend"
+        )
+    return config
 
 
 def _check_tensor_parallel(hf_config: HFConfig, tp_size: int) -> None:

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 
 import msgspec
 import zmq
@@ -248,7 +249,10 @@ class EngineCoreProc:
                     logger.warning("dropped a request with a duplicate id %r", request.request_id)
                     continue
                 problem = request_problem(
-                    request, model_config.max_model_len, model_config.vocab_size
+                    request,
+                    model_config.max_model_len,
+                    model_config.vocab_size,
+                    model_config.runner,
                 )
                 if problem is not None:
                     logger.warning("refused request %r: %s", request.request_id[:64], problem)
@@ -262,7 +266,7 @@ class EngineCoreProc:
             own = [r for r in payload if self.request_client.get(r) == identity]
             self._emit(core.abort_requests(own))
         elif message_type == MessageType.UTILITY:
-            self._send(identity, MessageType.UTILITY_OUTPUT, self._call_utility(payload))
+            self._call_utility(identity, payload)
 
     def _hello(self, identity: bytes, hello: Hello) -> None:
         if self.token is not None and not secrets.compare_digest(
@@ -297,16 +301,37 @@ class EngineCoreProc:
         self._emit(self.engine_core.abort_requests(list(self.request_client)))
         logger.info("%s: in-flight requests aborted", reason)
 
-    def _call_utility(self, request: UtilityRequest) -> UtilityOutput:
+    def _call_utility(self, identity: bytes, request: UtilityRequest) -> None:
+        """Run a utility and send its result. One that returns a Future (work done on another
+        thread, such as compiling grammars) is answered when the future is done, while the
+        loop runs on."""
         method = getattr(self, f"utility_{request.method}", None) or getattr(
             self.engine_core, f"utility_{request.method}", None
         )
         if method is None:
-            return UtilityOutput(request.call_id, error=f"unknown utility {request.method!r}")
+            error = f"unknown utility {request.method!r}"
+            self._send(
+                identity, MessageType.UTILITY_OUTPUT, UtilityOutput(request.call_id, error=error)
+            )
+            return
         try:
-            return UtilityOutput(request.call_id, result=method(*request.args))
+            result = method(*request.args)
         except Exception as exc:  # noqa: BLE001 (the caller gets the error)
-            return UtilityOutput(request.call_id, error=f"{type(exc).__name__}: {exc}")
+            self._send(identity, MessageType.UTILITY_OUTPUT, _utility_error(request, exc))
+            return
+        if not isinstance(result, Future):
+            self._send(identity, MessageType.UTILITY_OUTPUT, UtilityOutput(request.call_id, result))
+            return
+
+        def answer(future: Future) -> None:
+            exc = future.exception()
+            if exc is not None:
+                output = _utility_error(request, exc)
+            else:
+                output = UtilityOutput(request.call_id, result=future.result())
+            self._send(identity, MessageType.UTILITY_OUTPUT, output)
+
+        result.add_done_callback(answer)
 
     def utility_start_profile(self, profile_dir: str) -> None:
         """Trace this loop and every worker (torch.profiler) until `stop_profile`."""
@@ -354,6 +379,10 @@ class EngineCoreProc:
                 MessageType.OUTPUTS,
                 EngineCoreOutputs(outputs=client_outputs, scheduler_stats=stats),
             )
+
+
+def _utility_error(request: UtilityRequest, exc: BaseException) -> UtilityOutput:
+    return UtilityOutput(request.call_id, error=f"{type(exc).__name__}: {exc}")
 
 
 # ---- command line ----------------------------------------------------------------------

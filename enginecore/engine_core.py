@@ -10,15 +10,22 @@ import dataclasses
 import logging
 import time
 
+import msgspec
+
 from ember.enginecore.executor import Executor, UniProcExecutor
 from ember.enginecore.kv_cache_manager import KVCacheManager
 from ember.enginecore.messages import EngineCoreOutput, EngineCoreRequest, FinishReason
 from ember.enginecore.request import Request
 from ember.enginecore.scheduler import Scheduler
 from ember.enginecore.stats import SchedulerStats, scheduler_stats
+from ember.enginecore.structured_output.manager import StructuredOutputManager
 from ember.workers.config import EngineConfig
+from ember.workers.structured_outputs_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
+
+# How long a step with nothing to run but grammars compiling waits for them.
+_COMPILE_WAIT_S = 0.005
 
 
 class EngineCore:
@@ -57,12 +64,21 @@ class EngineCore:
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
         self.eos_token_ids = config.model.eos_token_ids
+        self.structured_output = StructuredOutputManager(config.model, config.structured_outputs)
+        # Requests whose grammar is compiling: checked each step for a failed compile.
+        self.compiling: list[Request] = []
 
     # ---- requests ----------------------------------------------------------------------
 
     def add_request(self, request: EngineCoreRequest) -> None:
         engine_request = Request.from_engine_core_request(request, self.eos_token_ids)
         engine_request.queued_ts = time.monotonic()
+        params = request.sampling_params
+        if params is not None and params.structured_outputs is not None:
+            engine_request.grammar = self.structured_output.request_grammar(
+                params.structured_outputs
+            )
+            self.compiling.append(engine_request)
         self.scheduler.add_request(engine_request)
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
@@ -78,12 +94,58 @@ class EngineCore:
         """Run one step; return the outputs of the requests that produced or finished."""
         if not self.scheduler.has_unfinished_requests():
             return []
+        failed = self._finish_failed_grammars() if self.compiling else []
         scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.num_scheduled_tokens and not scheduler_output.finished_req_ids:
+            # Every waiting request waits for its grammar: let the compiles run a moment.
+            self.structured_output.wait_for_compiles(
+                [r.grammar for r in self.compiling], _COMPILE_WAIT_S
+            )
+            return failed
+        if any(r.grammar is not None for r in self.scheduler.running):
+            self._add_grammar_bitmask(scheduler_output)
         runner_output = self.executor.execute_model(scheduler_output)
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        return failed + self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def _finish_failed_grammars(self) -> list[EngineCoreOutput]:
+        """Finish with "error" the requests whose grammar failed to compile (a frontend that
+        validated them first never sends one); forget the compiles that are done."""
+        failed = []
+        for request in self.compiling:
+            error = request.grammar.error() if request.grammar.ready else None
+            if error is not None and not request.is_finished:
+                logger.warning("request %r: grammar failed: %s", request.request_id[:64], error)
+                failed.extend(
+                    self.scheduler.finish_requests([request.request_id], FinishReason.ERROR)
+                )
+        self.compiling = [r for r in self.compiling if not r.grammar.ready and not r.is_finished]
+        return [EngineCoreOutput(r.request_id, [], FinishReason.ERROR) for r in failed]
+
+    def _add_grammar_bitmask(self, scheduler_output) -> None:
+        """Rows of allowed tokens for the constrained requests that sample in this step."""
+        requests = self.scheduler.requests
+        sampling = [
+            requests[request_id]
+            for request_id in scheduler_output.num_scheduled_tokens
+            if requests[request_id].grammar is not None
+            and requests[request_id].num_computed_tokens >= requests[request_id].num_tokens
+        ]
+        if not sampling:
+            return
+        bitmask = self.structured_output.fill_bitmask([r.grammar for r in sampling])
+        scheduler_output.grammar_req_ids = [r.request_id for r in sampling]
+        scheduler_output.grammar_bitmask = bitmask.tobytes()
 
     def shutdown(self) -> None:
+        self.structured_output.shutdown()
         self.executor.shutdown()
+
+    def utility_validate_structured_outputs(self, specs: list) -> object:
+        """Choose the backend of each spec and compile it, on the compile threads (a Future:
+        the process answers when it is done). Per spec: [backend, was_auto] or [None, error]."""
+        return self.structured_output.validate(
+            [msgspec.convert(spec, StructuredOutputsParams) for spec in specs]
+        )
 
     # ---- utilities (called by name from clients: `core_process._call_utility`) ---------
 

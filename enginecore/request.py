@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ember.enginecore.block_pool import BlockHash
 from ember.enginecore.messages import EngineCoreRequest, FinishReason
 from ember.workers.pooling_params import PoolingParams
 from ember.workers.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ember.enginecore.structured_output.manager import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -45,6 +49,9 @@ class Request:
     queued_ts: float = 0.0
     scheduled_ts: float = 0.0
     pooling_params: PoolingParams | None = None  # a pooling request: prefilled whole, then done
+    # Set for a request under structured outputs: its compile, then its matcher. The request
+    # waits until the compile is done; each sampled token advances the matcher.
+    grammar: RequestGrammar | None = None
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

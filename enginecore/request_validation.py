@@ -2,8 +2,8 @@
 
 The frontend refuses bad input in the user's process; these checks guard the engine against a
 client that skipped them (another program, a fuzzer): a request the model cannot run (an empty
-prompt, a token id outside the vocabulary, a prompt too long) is answered with "error" instead
-of taking the engine down. Called by `core_process.EngineCoreProc` on each ADD.
+prompt, a token id outside the vocabulary, a prompt too long, parameters for the other kind of
+model) is answered with "error" instead of taking the engine down. Called by `core_process.EngineCoreProc` on each ADD.
 """
 
 from __future__ import annotations
@@ -11,11 +11,20 @@ from __future__ import annotations
 from ember.enginecore.messages import EngineCoreRequest
 
 
-def request_problem(request: EngineCoreRequest, max_model_len: int, vocab_size: int) -> str | None:
-    """Why the engine cannot run `request`, or None when it can."""
+def request_problem(
+    request: EngineCoreRequest, max_model_len: int, vocab_size: int, runner: str
+) -> str | None:
+    """Why the engine cannot run `request` on a `runner` ("generate" | "pooling") model, or
+    None when it can."""
     prompt = request.prompt_token_ids
     if not request.request_id:
         return "empty request_id"
+    if runner == "pooling" and request.pooling_params is None:
+        return "a pooling model needs pooling_params"
+    if runner != "pooling" and (
+        request.sampling_params is None or request.pooling_params is not None
+    ):
+        return "a generative model needs sampling_params and no pooling_params"
     if not prompt:
         return "empty prompt"
     if len(prompt) >= max_model_len:

@@ -144,8 +144,10 @@ class Scheduler:
             request.num_computed_tokens += num_new
             index += 1
 
-        # Then waiting ones (resumed preempted requests first), unless this step preempted.
+        # Then waiting ones (resumed preempted requests first), unless this step preempted. A
+        # request whose grammar is still compiling is passed over, keeping its place.
         waiting = self.waiting
+        compiling: list[Request] = []
         while (
             waiting
             and token_budget > 0
@@ -153,6 +155,9 @@ class Scheduler:
             and len(running) < self.config.max_num_seqs
         ):
             request = waiting[0]
+            if request.grammar is not None and not request.grammar.ready:
+                compiling.append(waiting.popleft())
+                continue
             computed_blocks, num_cached = kv_cache_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_cached
             if 0 < long_prefill_threshold < num_new:
@@ -185,6 +190,7 @@ class Scheduler:
                 )
             )
             request.num_computed_tokens = num_cached + num_new
+        waiting.extendleft(reversed(compiling))
 
         output = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
@@ -214,6 +220,8 @@ class Scheduler:
                 continue
             request.output_token_ids.append(token_id)
             request.all_token_ids.append(token_id)
+            if request.grammar is not None:
+                request.grammar.accept_token(request_id, token_id)
             if request.check_stop(max_model_len):
                 self._free(request)
                 any_finished = True

@@ -31,6 +31,8 @@ _EXPORTS = {
     "BeamSearchParams": "ember.beam_search",
     "BeamSearchOutput": "ember.beam_search",
     "BeamSearchSequence": "ember.beam_search",
+    "StructuredOutputsParams": "ember.workers.structured_outputs_params",
+    "GuidedDecodingParams": "ember.workers.structured_outputs_params",
 }
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "EmbeddingRequestOutput",
     "EngineArgs",
     "EngineDeadError",
+    "GuidedDecodingParams",
     "Logprob",
     "PoolingOutput",
     "PoolingParams",
@@ -53,6 +56,7 @@ __all__ = [
     "SamplingParams",
     "ScoringOutput",
     "ScoringRequestOutput",
+    "StructuredOutputsParams",
 ]
 
 if TYPE_CHECKING:
@@ -73,6 +77,10 @@ if TYPE_CHECKING:
     )
     from ember.workers.pooling_params import PoolingParams
     from ember.workers.sampling_params import SamplingParams
+    from ember.workers.structured_outputs_params import (
+        GuidedDecodingParams,
+        StructuredOutputsParams,
+    )
 
 
 def __getattr__(name: str):

@@ -33,8 +33,9 @@ from ember.output_processor import OutputProcessor, ParentRequest
 from ember.outputs import RequestOutput
 from ember.pooling_api import PoolingMixin
 from ember.stat_logger import LoggingStatLogger
-from ember.tokenizer_loader import load_tokenizer
+from ember.structured_outputs import check_structured_outputs
 from ember.workers.sampling_params import SamplingParams
+from ember.workers.tokenizer_loader import load_tokenizer
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -245,6 +246,7 @@ class LLM(ChatMixin, PoolingMixin):
             processed.append(item)
         if not processed:
             return []
+        check_structured_outputs(self.engine, params)
         return self._run_requests(processed, params, use_tqdm)
 
     def beam_search(

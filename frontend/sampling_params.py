@@ -1,7 +1,14 @@
-"""`ember.sampling_params`, where vLLM users import `SamplingParams` and `BeamSearchParams`
-from (`from vllm.sampling_params import BeamSearchParams`)."""
+"""`ember.sampling_params`, where vLLM users import `SamplingParams`, `BeamSearchParams` and
+`StructuredOutputsParams` from (`from vllm.sampling_params import StructuredOutputsParams`)."""
 
 from ember.beam_search import BeamSearchParams
 from ember.workers.sampling_params import SamplingParams, SamplingType
+from ember.workers.structured_outputs_params import GuidedDecodingParams, StructuredOutputsParams
 
-__all__ = ["BeamSearchParams", "SamplingParams", "SamplingType"]
+__all__ = [
+    "BeamSearchParams",
+    "GuidedDecodingParams",
+    "SamplingParams",
+    "SamplingType",
+    "StructuredOutputsParams",
+]

@@ -24,6 +24,7 @@ from typing import Any
 
 _EXPORTS = {
     "apply_rotary_emb": "rotary",
+    "apply_token_bitmask_": "token_bitmask",
     "apply_top_k_top_p": "sampling",
     "fused_add_rms_norm": "layernorm",
     "gelu_and_mul": "activation",
@@ -36,6 +37,7 @@ _EXPORTS = {
 
 __all__ = [
     "apply_rotary_emb",
+    "apply_token_bitmask_",
     "apply_top_k_top_p",
     "fused_add_rms_norm",
     "gelu_and_mul",

@@ -13,10 +13,10 @@ import textwrap
 import pytest
 import transformers
 
-from ember.tokenizer_loader import load_tokenizer
 from ember.workers import hf_config
 from ember.workers.hf_config import HFConfig, load_hf_config, snapshot_config
 from ember.workers.model_loader.gguf_files import gguf_model_dir
+from ember.workers.tokenizer_loader import load_tokenizer
 from tests.helpers import _BASE_SETTINGS, RANDOM_MODEL_SETTINGS
 
 _CONFIGS = [
@@ -144,7 +144,7 @@ def test_a_cached_tokenizer_equals_a_fresh_one(default_gguf, tmp_path, monkeypat
 
 
 def test_remote_code_and_hub_names_are_not_cached(tmp_path, monkeypatch):
-    from ember import tokenizer_loader
+    from ember.workers import tokenizer_loader
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert tokenizer_loader._cache_file("org/model", True, False, None) is None

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from ember import LLM, SamplingParams
+from ember import LLM, PoolingParams, SamplingParams
 from ember.enginecore.messages import EngineCoreRequest
 from tests.helpers import hf_greedy, random_prompts, write_random_llama
 
@@ -102,6 +102,8 @@ def test_requests_the_engine_cannot_run_are_refused_with_error(llm):
         EngineCoreRequest("bad-vocab", [1, 10**6], SamplingParams(max_tokens=2)),
         EngineCoreRequest("bad-negative", [-5, 3], SamplingParams(max_tokens=2)),
         EngineCoreRequest("bad-long", [3] * 500, SamplingParams(max_tokens=2)),
+        EngineCoreRequest("bad-no-params", [1, 2], None),
+        EngineCoreRequest("bad-pooling", [1, 2], None, pooling_params=PoolingParams()),
     ]
     engine.add_requests(bad)
     reasons = {}

@@ -18,6 +18,7 @@ from ember.kernels import (
     layernorm_triton,
     rotary_triton,
     sampling_triton,
+    token_bitmask_triton,
 )
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -95,6 +96,11 @@ def main() -> None:
             sampling_triton._top_k_top_p_kernel,
             {"out_ptr": "*fp32", "logits_ptr": "*fp32", "top_k_ptr": "*i64", "top_p_ptr": "*fp32"},
             (), {"HAS_TOP_K": has_top_k, "HAS_TOP_P": has_top_p, "BLOCK": 4096},
+        ))  # fmt: skip
+    for dtype in ("*bf16", "*fp32"):
+        results.append(compile_for_h100(
+            token_bitmask_triton._apply_token_bitmask_kernel,
+            {"logits_ptr": dtype, "bitmask_ptr": "*i32", "rows_ptr": "*i64"}, (), {"BLOCK": 1024},
         ))  # fmt: skip
     for result in results:
         print(json.dumps(result), flush=True)

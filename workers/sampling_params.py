@@ -15,6 +15,8 @@ from typing import Any
 
 import msgspec
 
+from ember.workers.structured_outputs_params import GuidedDecodingParams, StructuredOutputsParams
+
 logger = logging.getLogger(__name__)
 
 _SAMPLING_EPS = 1e-5  # a temperature below this means greedy sampling
@@ -81,6 +83,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    # The older spelling of structured_outputs; moved there on construction.
+    guided_decoding: GuidedDecodingParams | None = None
     # Set by the engine, not by users: stop_token_ids plus the model's EOS ids, which min_tokens
     # must also hold back (vLLM's field of the same name).
     _all_stop_token_ids: set[int] = msgspec.field(default_factory=set)
@@ -165,6 +170,23 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
                 )
                 for k, v in self.logit_bias.items()
             }
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("give structured_outputs or guided_decoding, not both")
+            if not isinstance(self.guided_decoding, GuidedDecodingParams):
+                raise TypeError(
+                    "guided_decoding must be a GuidedDecodingParams, got "
+                    f"{type(self.guided_decoding).__name__}"
+                )
+            self.structured_outputs = self.guided_decoding.to_structured_outputs()
+            self.guided_decoding = None
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise TypeError(
+                "structured_outputs must be a StructuredOutputsParams, got "
+                f"{type(self.structured_outputs).__name__}"
+            )
         if not isinstance(self._all_stop_token_ids, set):
             self._all_stop_token_ids = set(
                 _as_token_ids("_all_stop_token_ids", self._all_stop_token_ids)
@@ -317,7 +339,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
             f"spaces_between_special_tokens={self.spaces_between_special_tokens}, "
             f"truncate_prompt_tokens={self.truncate_prompt_tokens}, "
             f"logit_bias={self.logit_bias}, "
-            f"allowed_token_ids={self.allowed_token_ids})"
+            f"allowed_token_ids={self.allowed_token_ids}, "
+            f"structured_outputs={self.structured_outputs})"
         )
 
 

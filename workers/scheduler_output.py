@@ -42,6 +42,11 @@ class SchedulerOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fa
     scheduled_cached_reqs: list[CachedRequestData] = []
     num_scheduled_tokens: dict[str, int] = {}
     finished_req_ids: list[str] = []  # finished or aborted: forget them
+    # Structured outputs: the requests that sample under a grammar this step, and their rows of
+    # allowed tokens (int32 [len(grammar_req_ids), ceil(vocab / 32)], native byte order; bit
+    # t % 32 of word t // 32 set = token t allowed). Rank 0 masks their logits before sampling.
+    grammar_req_ids: list[str] = []
+    grammar_bitmask: bytes = b""
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -1,4 +1,5 @@
-"""The tokenizer of a model: transformers' `AutoTokenizer`, kept pickled in ember's cache.
+"""The tokenizer of a model: transformers' `AutoTokenizer`, kept pickled in ember's cache (read by
+the frontend, and by the engine core when a grammar needs the vocabulary).
 
 `AutoTokenizer.from_pretrained` loads the model's config class to choose the tokenizer class,
 and importing that class costs transformers' validators, kernels and sharding code: 3.7 s to the
