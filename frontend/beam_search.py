@@ -1,19 +1,20 @@
-"""`LLM.beam_search`: beam search in the frontend, one engine request per beam and step.
+"""`LLM.beam_search`: vLLM's beam search, in the frontend, one engine request per beam and step.
 
 Each step sends every live beam as a prompt with `max_tokens=1` and `logprobs=2 × beam_width`;
 the prefix cache keeps a beam's earlier tokens, so a step computes about one block per beam.
-Candidates are chosen as Hugging Face's `num_beams` search chooses them:
+Candidates are chosen as vLLM chooses them (not as Hugging Face's `num_beams` search does):
 
-    prompt p, beam_width 2, one step:
-      beams  [a] cum -1.0, [b] cum -1.5
-      top 2 × 2 continuations over both beams, best first:
-        [a, x] -1.2   [a, EOS] -1.4   [b, y] -1.6   [a, z] -1.9
-      [a, EOS] ranks 2nd (< beam_width): finished.  running: [a, x], [b, y]
+    prompt p (5 tokens), beam_width 2, one step:
+      beams  [p a] cum -1.0, [p b] cum -1.5
+      each beam's top 2 × 2 next tokens (its logprobs row) become candidates:
+        [p a x] -1.2   [p a EOS] -1.4   [p b y] -1.6   [p a z] -1.9   ...
+      every EOS candidate is finished, whatever its rank: [p a EOS]
+      the others are ranked by score; the best 2 run on: [p a x], [p b y]
 
-An EOS continuation ranked below beam_width is dropped, and a prompt stops early once its best
-running beam can no longer beat its worst finished one. Finished beams are scored by
-cum_logprob / generated_len ** length_penalty (EOS not counted); all beams of a prompt share the
-prompt, so this orders them as vLLM's score over whole sequences does when lengths are equal.
+score = cum_logprob / len(tokens) ** length_penalty, where tokens are the prompt's and the
+generated ones, a final EOS not counted (vLLM's `get_beam_search_score`). The search runs
+`max_tokens` steps (no early stop); then the finished and running beams of a prompt are ranked
+by score and the best `beam_width` returned, their text decoded from all their tokens.
 """
 
 from __future__ import annotations
@@ -40,8 +41,15 @@ class BeamSearchParams:
     temperature: float = 0.0
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # how each beam's text is decoded
+    structured_outputs: Any = None  # vLLM's grammar-constrained beams: not supported yet
+    watermarking: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.structured_outputs is not None:
+            raise NotImplementedError("BeamSearchParams.structured_outputs is not supported yet")
+        if self.watermarking:
+            raise NotImplementedError("BeamSearchParams.watermarking is not supported")
         for name in ("beam_width", "max_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -79,17 +87,17 @@ class BeamSearchOutput:
 
 @dataclass(slots=True)
 class _PromptBeams:
-    num_prompt_tokens: int
     beams: list[BeamSearchSequence]
     finished: list[BeamSearchSequence] = field(default_factory=list)
-    done: bool = False
 
 
-def _score(beam: BeamSearchSequence, num_prompt_tokens: int, length_penalty: float) -> float:
-    generated = len(beam.tokens) - num_prompt_tokens
-    if beam.finish_reason == "stop":
-        generated -= 1
-    return beam.cum_logprob / max(generated, 1) ** length_penalty
+def beam_score(beam: BeamSearchSequence, eos_token_id: int | None, length_penalty: float) -> float:
+    """vLLM's score of a beam: its cumulative logprob over its length (prompt included, a
+    final EOS not) to the power `length_penalty`."""
+    length = len(beam.tokens)
+    if beam.tokens and beam.tokens[-1] == eos_token_id:
+        length -= 1
+    return beam.cum_logprob / max(length, 1) ** length_penalty
 
 
 def run_beam_search(
@@ -113,7 +121,7 @@ def run_beam_search(
         processed = tokenize_prompt(prompt, tokenizer, index)
         check_prompt(processed, index, llm.max_model_len, llm.vocab_size)
         start = BeamSearchSequence(tokens=list(processed.prompt_token_ids), logprobs=[])
-        searches.append(_PromptBeams(len(start.tokens), [start]))
+        searches.append(_PromptBeams([start]))
     step_params = SamplingParams(
         logprobs=2 * params.beam_width, max_tokens=1, temperature=params.temperature
     )
@@ -121,7 +129,7 @@ def run_beam_search(
     for batch_start in range(0, len(searches), batch_size):
         batch = searches[batch_start : batch_start + batch_size]
         for _ in range(params.max_tokens):
-            live = [s for s in batch if not s.done and s.beams]
+            live = [s for s in batch if s.beams]
             if not live:
                 break
             beams = [beam for search in live for beam in search.beams]
@@ -137,15 +145,17 @@ def run_beam_search(
                 offset += num_beams
     results = []
     for search in searches:
-        for beam in search.beams:
-            beam.finish_reason = beam.finish_reason or "length"
         candidates = search.finished + search.beams
         candidates.sort(
-            key=lambda b: _score(b, search.num_prompt_tokens, params.length_penalty), reverse=True
+            key=lambda b: beam_score(b, eos_token_id, params.length_penalty), reverse=True
         )
         best = candidates[: params.beam_width]
         for beam in best:
-            beam.text = None if tokenizer is None else tokenizer.decode(beam.tokens)
+            beam.text = (
+                None
+                if tokenizer is None
+                else tokenizer.decode(beam.tokens, skip_special_tokens=params.skip_special_tokens)
+            )
         results.append(BeamSearchOutput(sequences=best))
     return results
 
@@ -157,40 +167,22 @@ def _advance(
     eos_token_id: int | None,
     llm: LLM,
 ) -> None:
-    """One step of one prompt: pick the next beams from the top continuations."""
-    beam_width = params.beam_width
-    candidates = []
+    """One step of one prompt: every beam's top continuations become candidates; those ending
+    in EOS are finished, the best `beam_width` of the others run on."""
+    running = []
     for beam, output in zip(search.beams, outputs):
         step_logprobs = output.outputs[0].logprobs[0]
         for token_id, logprob in step_logprobs.items():
-            candidates.append((beam.cum_logprob + logprob.logprob, beam, token_id, step_logprobs))
-    candidates.sort(key=lambda c: c[0], reverse=True)
-    next_beams = []
-    for rank, (cum_logprob, beam, token_id, step_logprobs) in enumerate(
-        candidates[: 2 * beam_width]
-    ):
-        extended = BeamSearchSequence(
-            tokens=[*beam.tokens, token_id],
-            logprobs=[*beam.logprobs, step_logprobs],
-            cum_logprob=cum_logprob,
-        )
-        if token_id == eos_token_id and not params.ignore_eos:
-            if rank < beam_width:
-                extended.finish_reason, extended.stop_reason = "stop", None
+            extended = BeamSearchSequence(
+                tokens=[*beam.tokens, token_id],
+                logprobs=[*beam.logprobs, step_logprobs],
+                cum_logprob=beam.cum_logprob + logprob.logprob,
+            )
+            if token_id == eos_token_id and not params.ignore_eos:
                 search.finished.append(extended)
-            continue
-        if len(extended.tokens) >= llm.max_model_len:
-            extended.finish_reason = "length"
-            search.finished.append(extended)
-            continue
-        next_beams.append(extended)
-        if len(next_beams) == beam_width:
-            break
-    search.beams = next_beams
-    if len(search.finished) >= beam_width and next_beams:
-        worst_finished = sorted(
-            _score(b, search.num_prompt_tokens, params.length_penalty) for b in search.finished
-        )[-beam_width]
-        generated = len(next_beams[0].tokens) - search.num_prompt_tokens
-        best_running = next_beams[0].cum_logprob / generated**params.length_penalty
-        search.done = best_running <= worst_finished
+            elif len(extended.tokens) >= llm.max_model_len:
+                search.finished.append(extended)  # no room for another token
+            else:
+                running.append(extended)
+    running.sort(key=lambda b: beam_score(b, eos_token_id, params.length_penalty), reverse=True)
+    search.beams = running[: params.beam_width]

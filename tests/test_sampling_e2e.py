@@ -298,35 +298,63 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(tiny):
     assert output.outputs[0].token_ids == direct.outputs[0].token_ids
 
 
-BEAM_PROMPTS = ["The best way to learn a language is", "def fibonacci(n):", "In 1969, astronauts"]
+BEAM_PROMPTS = [
+    "The best way to learn a language is",
+    "def fibonacci(n):",
+    # chat turns whose beams end in EOS within the budget
+    "<|im_start|>user\nWhat is 2+2? Answer with one number.<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n",
+]
 
 
-def test_beam_search_matches_hf_num_beams(smollm2, hf_smollm2):
+def _vllm_beam_search_reference(
+    model, prompt: list[int], beam_width: int, max_tokens: int, eos: int, length_penalty: float
+) -> list[tuple[list[int], float]]:
+    """vLLM's beam search (its documented rules) over Hugging Face's next-token logprobs:
+    each beam's top 2 x beam_width tokens are candidates, every EOS candidate is finished, the
+    best beam_width others by cum_logprob / len(tokens) ** length_penalty run on (a final EOS
+    not counted in the length), and after max_tokens steps the best of all are returned."""
+
+    def score(tokens: list[int], cum: float) -> float:
+        length = len(tokens) - (tokens[-1] == eos)
+        return cum / max(length, 1) ** length_penalty
+
+    beams, finished = [(list(prompt), 0.0)], []
+    for _ in range(max_tokens):
+        if not beams:
+            break
+        candidates = []
+        for tokens, cum in beams:
+            with torch.no_grad():
+                logits = model(torch.tensor([tokens])).logits[0, -1].float()
+            top = logits.log_softmax(-1).topk(2 * beam_width)
+            for logprob, token in zip(top.values.tolist(), top.indices.tolist()):
+                (finished if token == eos else candidates).append((tokens + [token], cum + logprob))
+        candidates.sort(key=lambda c: score(*c), reverse=True)
+        beams = candidates[:beam_width]
+    return sorted(finished + beams, key=lambda c: score(*c), reverse=True)[:beam_width]
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.5])
+def test_beam_search_follows_vllm_rules_on_hf_logprobs(smollm2, hf_smollm2, length_penalty):
+    """vLLM's answer, EOS-finished beams included (checked once by hand against vLLM 0.32 on
+    the same weights: all beams equal)."""
     tokenizer = smollm2.get_tokenizer()
-    params = BeamSearchParams(beam_width=4, max_tokens=12)
+    params = BeamSearchParams(beam_width=4, max_tokens=12, length_penalty=length_penalty)
     outputs = smollm2.beam_search([{"prompt": p} for p in BEAM_PROMPTS], params)
+    eos_seen = False
     for prompt, output in zip(BEAM_PROMPTS, outputs):
         ids = tokenizer(prompt).input_ids
-        with torch.no_grad():
-            hf = hf_smollm2.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                num_beams=4,
-                num_return_sequences=4,
-                max_new_tokens=12,
-                do_sample=False,
-                early_stopping=False,
-                length_penalty=1.0,
-                pad_token_id=tokenizer.eos_token_id,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-        assert [s.tokens for s in output.sequences] == hf.sequences.tolist()
-        for sequence, hf_score in zip(output.sequences, hf.sequences_scores.tolist()):
-            generated = len(sequence.tokens) - len(ids)
-            assert sequence.cum_logprob / generated == pytest.approx(hf_score, abs=1e-4)
-            assert sequence.text == tokenizer.decode(sequence.tokens)
-            assert len(sequence.logprobs) == generated
+        expected = _vllm_beam_search_reference(
+            hf_smollm2, ids, 4, 12, tokenizer.eos_token_id, length_penalty
+        )
+        assert [s.tokens for s in output.sequences] == [tokens for tokens, _ in expected]
+        for sequence, (tokens, cum) in zip(output.sequences, expected):
+            assert sequence.cum_logprob == pytest.approx(cum, abs=1e-3)
+            assert sequence.text == tokenizer.decode(sequence.tokens, skip_special_tokens=True)
+            assert len(sequence.logprobs) == len(tokens) - len(ids)
+            eos_seen |= tokens[-1] == tokenizer.eos_token_id
+    assert eos_seen, "no beam ended in EOS: the prompts no longer test that rule"
 
 
 def test_beam_search_params_are_checked():
