@@ -4,18 +4,23 @@ into the frozen `EngineConfig` that every process reads."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from ember.enginecore.generation_config import (
+    diff_sampling_params,
+    generation_config_source,
+    override_fields,
+    read_generation_config,
+)
 from ember.enginecore.pooling_config import (
     pooler_config,
     resolve_runner,
     sentence_transformers_max_seq_length,
 )
+from ember.enginecore.vllm_engine_args import log_no_effect
 from ember.kernels.cpu_features import packed_kernels
 from ember.workers.config import (
     CacheConfig,
@@ -27,7 +32,7 @@ from ember.workers.config import (
     StructuredOutputsConfig,
 )
 from ember.workers.hf_config import HFConfig, load_hf_config, rope_parameters
-from ember.workers.model_loader.resolve import resolve_model
+from ember.workers.model_loader.resolve import resolve_model, resolve_tokenizer
 from ember.workers.models.registry import resolve_architecture
 
 _DTYPE_NAMES = {
@@ -38,6 +43,17 @@ _DTYPE_NAMES = {
     "half": "float16",
 }
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+# vLLM's tokenizer modes that need its own tokenizer classes.
+_UNSUPPORTED_TOKENIZER_MODES = (
+    "mistral",
+    "deepseek_v32",
+    "deepseek_v4",
+    "inkling",
+    "kimi_k3",
+    "cohere",
+    "custom",
+)
 _MAX_LEN_KEYS = (  # vLLM's list
     "max_position_embeddings",
     "n_positions",
@@ -66,14 +82,23 @@ class EngineArgs:
     dtype: str = "auto"
     quantization: str | None = None
     revision: str | None = None
+    tokenizer_revision: str | None = None  # None: `revision`
+    download_dir: str | None = None  # the hub cache for downloads; None: huggingface_hub's
+    hf_token: bool | str | None = None  # huggingface_hub's `token`
+    # vLLM's: a dict set on the Hugging Face config, or a callable taking and returning it
+    hf_overrides: Any = None
+    # On CPU no effect (weights are in host memory); on CUDA > 0 raises NotImplementedError.
+    cpu_offload_gb: float = 0
     seed: int | None = 0
     gpu_memory_utilization: float = 0.9
     swap_space: float = 4
     enforce_eager: bool = False
+    enable_sleep_mode: bool = False  # LLM.sleep(level=1 or 2) may release memory
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     long_prefill_token_threshold: int = 0
+    scheduling_policy: str = "fcfs"  # "fcfs" | "priority" (vLLM's; `priority=` per request)
     block_size: int = 16
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int | None = None
@@ -82,11 +107,17 @@ class EngineArgs:
     device: str = "auto"
     num_threads: int | None = None
     max_logprobs: int = 20
+    logprobs_mode: str = "raw_logprobs"
     runner: str = "auto"  # "auto" | "generate" | "pooling"
     convert: str = "auto"  # "auto" | "none" | "embed" | "classify"
     # vLLM's: a dict (or an object with these attributes) of backend ("auto" | "xgrammar" |
     # "guidance" | "outlines"), disable_any_whitespace, disable_additional_properties
     structured_outputs_config: Any = None
+    # vLLM's: "auto" (the model's generation_config.json sets the defaults of
+    # LLM.get_default_sampling_params), "vllm" (SamplingParams() defaults) or a directory
+    # holding a generation_config.json; override_generation_config's fields win over it.
+    generation_config: str = "auto"
+    override_generation_config: dict | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -124,9 +155,21 @@ class EngineArgs:
             raise ValueError(
                 f"execute_model_timeout_s must be positive, got {self.execute_model_timeout_s!r}"
             )
-        if self.tokenizer_mode not in ("auto", "slow"):
+        if self.tokenizer_mode in _UNSUPPORTED_TOKENIZER_MODES:
+            raise NotImplementedError(
+                f"tokenizer_mode={self.tokenizer_mode!r} is not supported (it needs vLLM's own "
+                "tokenizer classes, e.g. mistral_common's); ember loads Hugging Face tokenizers: "
+                "'auto' (= 'hf') or 'slow'"
+            )
+        if self.tokenizer_mode not in ("auto", "hf", "slow"):
             raise ValueError(
-                f"tokenizer_mode must be 'auto' or 'slow', got {self.tokenizer_mode!r}"
+                f"tokenizer_mode must be 'auto', 'hf' or 'slow', got {self.tokenizer_mode!r}"
+            )
+        generation_config_source(self.generation_config)
+        override_fields(self.override_generation_config)
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(
+                f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
             )
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(
@@ -136,6 +179,14 @@ class EngineArgs:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        if not isinstance(self.cpu_offload_gb, (int, float)) or self.cpu_offload_gb < 0:
+            raise ValueError(f"cpu_offload_gb must be non-negative, got {self.cpu_offload_gb!r}")
+        if self.hf_overrides is not None and not (
+            isinstance(self.hf_overrides, dict) or callable(self.hf_overrides)
+        ):
+            raise TypeError(
+                "hf_overrides must be a dict or a callable, got " + type(self.hf_overrides).__name__
+            )
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be non-negative, got {self.swap_space}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -144,6 +195,10 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.logprobs_mode not in _LOGPROBS_MODES:
+            raise ValueError(
+                f"logprobs_mode must be one of {_LOGPROBS_MODES}, got {self.logprobs_mode!r}"
+            )
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
             raise ValueError(
                 f"max_logprobs must be -1 or a non-negative integer, got {self.max_logprobs!r}"
@@ -165,8 +220,10 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         self._validate()
         device = self._device()
-        model_dir, gguf_file = resolve_model(self.model, self.revision)
-        hf_config = load_hf_config(model_dir, self.trust_remote_code)
+        _check_cpu_offload(self.cpu_offload_gb, device)
+        hub = {"download_dir": self.download_dir, "hf_token": self.hf_token}
+        model_dir, gguf_file = resolve_model(self.model, self.revision, **hub)
+        hf_config = load_hf_config(model_dir, self.trust_remote_code, self.hf_overrides)
         architecture = resolve_architecture(hf_config)
         _check_tensor_parallel(hf_config, self.tensor_parallel_size)
         runner, convert = resolve_runner(architecture, self.runner, self.convert)
@@ -187,6 +244,8 @@ class EngineArgs:
             if self.long_prefill_token_threshold:
                 raise ValueError("long_prefill_token_threshold applies to runner='generate' only")
         dtype = _resolve_dtype(self.dtype, hf_config, device)
+        generation_source = generation_config_source(self.generation_config)
+        generation_config = read_generation_config(generation_source, model_dir)
         model_config = ModelConfig(
             model=self.model or gguf_file or model_dir,
             model_dir=model_dir,
@@ -194,21 +253,38 @@ class EngineArgs:
             dtype=dtype,
             max_model_len=max_model_len,
             vocab_size=hf_config.vocab_size,
-            eos_token_ids=_eos_token_ids(model_dir, hf_config),
+            eos_token_ids=_eos_token_ids(
+                read_generation_config("auto", model_dir), generation_config, hf_config
+            ),
             load_format=self.load_format,
             gguf_file=gguf_file,
             quantization=_resolve_quantization(
                 self.quantization, self.dtype, dtype, gguf_file, device
             ),
-            tokenizer=self.tokenizer or model_dir,
+            tokenizer=resolve_tokenizer(
+                self.tokenizer,
+                self.model,
+                model_dir,
+                revision=self.revision,
+                tokenizer_revision=self.tokenizer_revision,
+                **hub,
+            ),
             revision=self.revision,
             seed=0 if self.seed is None else self.seed,
             trust_remote_code=self.trust_remote_code,
+            enable_sleep_mode=self.enable_sleep_mode,
             max_logprobs=self.max_logprobs,
+            logprobs_mode=self.logprobs_mode,
             runner=runner,
             convert=convert,
             pooler=pooler,
             hf_config=hf_config.snapshot(),
+            generation_config=generation_source,
+            default_sampling_params=diff_sampling_params(
+                generation_config,
+                generation_source,
+                override_fields(self.override_generation_config),
+            ),
         )
         return EngineConfig(
             model=model_config,
@@ -225,6 +301,7 @@ class EngineArgs:
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
+                policy=self.scheduling_policy,
             ),
             parallel=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size,
@@ -290,6 +367,20 @@ def _structured_outputs_config(value: Any) -> StructuredOutputsConfig:
             "the guidance backend"
         )
     return config
+
+
+def _check_cpu_offload(cpu_offload_gb: float, device: str) -> None:
+    """vLLM's `cpu_offload_gb` keeps that much of the weights in host memory and streams it
+    in for each step. On CPU the weights are in host memory already; on CUDA ember does not
+    stream weights (yet)."""
+    if not cpu_offload_gb:
+        return
+    if device != "cpu":
+        raise NotImplementedError(
+            f"cpu_offload_gb={cpu_offload_gb} is not supported on {device}: ember keeps every "
+            "weight in device memory (use a smaller dtype, quantization or tensor_parallel_size)"
+        )
+    log_no_effect("cpu_offload_gb", cpu_offload_gb, "on CPU the weights are in host memory")
 
 
 def _check_tensor_parallel(hf_config: HFConfig, tp_size: int) -> None:
@@ -448,16 +539,20 @@ def _cpu_computes(dtype_name: str) -> bool:
     return True
 
 
-def _eos_token_ids(model_dir: str, hf_config: HFConfig) -> tuple[int, ...]:
-    """generation_config.json's eos_token_id (what transformers' GenerationConfig reads), else
-    the model config's."""
-    eos = None
-    path = os.path.join(model_dir, "generation_config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
-    if eos is None:
-        eos = getattr(hf_config, "eos_token_id", None)
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+def _eos_token_ids(
+    model_generation_config: dict, generation_config: dict, hf_config: HFConfig
+) -> tuple[int, ...]:
+    """The model's generation_config.json eos_token_id (what transformers' GenerationConfig
+    reads), else its config's; then the extra EOS ids of a `generation_config` directory, which
+    vLLM's input processor also stops on."""
+    model_eos = model_generation_config.get("eos_token_id")
+    if model_eos is None:
+        model_eos = getattr(hf_config, "eos_token_id", None)
+    ids: list[int] = []
+    for eos in (model_eos, generation_config.get("eos_token_id")):
+        if eos is None:
+            continue
+        for token_id in eos if isinstance(eos, (list, tuple)) else (eos,):
+            if token_id not in ids:
+                ids.append(token_id)
+    return tuple(ids)

@@ -49,12 +49,14 @@ from ember.enginecore.messages import (
 )
 from ember.enginecore.multiproc_executor import MultiprocExecutor
 from ember.enginecore.pooling_config import pooling_ready_info
+from ember.enginecore.profiling import ProfileSession
 from ember.enginecore.request_validation import request_problem
 from ember.enginecore.stats import scheduler_stats
 from ember.enginecore.step_trace import StepTrace
 from ember.enginecore.tensor_frames import split_tensor_frames
 from ember.workers.config import EngineConfig
 from ember.workers.parent_watch import set_process_name, watch_parent
+from ember.workers.rpc import FunctionRef
 
 logger = logging.getLogger("ember.enginecore")
 
@@ -72,10 +74,16 @@ class EngineCoreProc:
         output_address: str,
         token: str | None = None,
         client_timeout_s: float = CLIENT_TIMEOUT_S,
+        allow_functions: bool = False,
     ):
         self.config = config
         self.token = token
         self.client_timeout_s = client_timeout_s
+        # Whether collective_rpc may run a function by reference (import a module and call
+        # a function of it): only for the frontend that started this engine core, never for
+        # clients of a standalone one, which may be other users.
+        self.allow_functions = allow_functions
+        self.profile: ProfileSession | None = None
         self.context = zmq.Context(io_threads=1)
         self.input_socket = self.context.socket(zmq.ROUTER)
         self.input_socket.bind(input_address)
@@ -217,6 +225,8 @@ class EngineCoreProc:
                         outputs = core.step()
                     with self.trace.span("emit"):
                         self._emit(outputs)
+                    if self.profile is not None:
+                        self.profile.step_done()
             except Exception as exc:  # every client is told, then the engine stops
                 if isinstance(exc, EngineDeadError):
                     logger.error("engine is dead: %s", exc)
@@ -254,6 +264,8 @@ class EngineCoreProc:
                     model_config.vocab_size,
                     model_config.runner,
                 )
+                if problem is None and core.is_sleeping:  # refused, not queued: none waits
+                    problem = "the engine is asleep (LLM.sleep); call LLM.wake_up() first"
                 if problem is not None:
                     logger.warning("refused request %r: %s", request.request_id[:64], problem)
                     refused = EngineCoreOutput(request.request_id, [], FinishReason.ERROR)
@@ -333,16 +345,82 @@ class EngineCoreProc:
 
         result.add_done_callback(answer)
 
-    def utility_start_profile(self, profile_dir: str) -> None:
-        """Trace this loop and every worker (torch.profiler) until `stop_profile`."""
-        os.makedirs(profile_dir, exist_ok=True)
-        self.trace.start(os.path.join(profile_dir, "ember-enginecore.trace.json"))
-        self.engine_core.executor.start_profile(profile_dir)
+    def utility_start_profile(
+        self,
+        profile_dir: str,
+        profile_prefix: str | None = None,
+        delay_iterations: int | None = None,
+        max_iterations: int | None = None,
+    ) -> None:
+        """Trace this loop and every worker (torch.profiler) until `stop_profile`: after
+        `delay_iterations` engine steps, for `max_iterations` steps (0 or None: no limit)."""
+        if self.profile is not None:
+            raise RuntimeError("a profiling session is running: call stop_profile() first")
+        self.profile = ProfileSession(
+            self.trace,
+            self.engine_core.executor,
+            profile_dir,
+            profile_prefix,
+            delay_iterations,
+            max_iterations,
+        )
 
     def utility_stop_profile(self) -> list[str]:
         """Write the traces; return their paths."""
-        paths = self.engine_core.executor.stop_profile()
-        return [self.trace.stop(), *paths]
+        if self.profile is None:
+            raise RuntimeError("the profiler was not started")
+        profile, self.profile = self.profile, None
+        return profile.finish()
+
+    def utility_sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """vLLM's `sleep`: every request in the engine is aborted (mode "abort", telling their
+        clients), then the engine sleeps at `level` (`EngineCore.sleep`)."""
+        if mode in ("wait", "keep"):
+            raise NotImplementedError(
+                f"sleep(mode={mode!r}) is not supported: ember's LLM runs one call at a time, "
+                "so none of its requests is in flight; use mode='abort'"
+            )
+        if mode != "abort":
+            raise ValueError(f"mode must be 'abort', 'wait' or 'keep', got {mode!r}")
+        self.engine_core.check_sleep_level(level)
+        self._abort_everything("the engine goes to sleep")
+        self.engine_core.sleep(level)
+
+    def utility_collective_rpc(
+        self,
+        method: object,
+        timeout: float | None = None,
+        args: list | None = None,
+        kwargs: dict | None = None,
+    ) -> list:
+        """Run a Worker method (by name) or a function (by reference) on every rank; the
+        results, one per rank (vLLM's `collective_rpc`)."""
+        try:
+            method = msgspec.convert(method, str | FunctionRef)
+        except msgspec.ValidationError:
+            raise TypeError(
+                f"method must be a Worker method name or a function, got {method!r}"
+            ) from None
+        if isinstance(method, FunctionRef) and not self.allow_functions:
+            raise PermissionError(
+                "collective_rpc with a function runs only on an engine core started by its "
+                "LLM; a standalone engine core runs Worker methods by name"
+            )
+        if timeout is not None and (
+            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0
+        ):
+            raise ValueError(
+                f"timeout must be a positive number of seconds or None, got {timeout!r}"
+            )
+        if not isinstance(args or [], list) or not isinstance(kwargs or {}, dict):
+            raise TypeError("args must be a tuple or list and kwargs a dict")
+        return self.engine_core.executor.collective_rpc(
+            method, timeout, list(args or []), dict(kwargs or {})
+        )
+
+    def utility_get_engine_config(self) -> EngineConfig:
+        """The engine's configuration, with the KV capacity it found (`LLM.llm_engine`)."""
+        return self.engine_core.config
 
     def _ready_info(self) -> EngineCoreReadyInfo:
         config = self.engine_core.config
@@ -357,6 +435,8 @@ class EngineCoreProc:
             model=config.model.model,
             tokenizer=config.model.tokenizer,
             max_logprobs=config.model.max_logprobs,
+            generation_config=config.model.generation_config,
+            default_sampling_params=config.model.default_sampling_params,
             **pooling_ready_info(config.model),
         )
 
@@ -468,7 +548,11 @@ def main(argv: list[str] | None = None) -> None:
             config = msgspec.json.decode(f.read(), type=EngineConfig)
         # Its one client is the parent, watched through the stdin pipe: no silence timeout.
         proc = EngineCoreProc(
-            config, args.input_address, args.output_address, client_timeout_s=float("inf")
+            config,
+            args.input_address,
+            args.output_address,
+            client_timeout_s=float("inf"),
+            allow_functions=True,
         )
         signal.signal(signal.SIGTERM, lambda *_: proc.stop())
 

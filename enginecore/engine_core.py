@@ -67,6 +67,10 @@ class EngineCore:
         self.structured_output = StructuredOutputManager(config.model, config.structured_outputs)
         # Requests whose grammar is compiling: checked each step for a failed compile.
         self.compiling: list[Request] = []
+        # Sleep mode: what the workers have released ("weights", "kv_cache"), and whether
+        # scheduling is paused (any level); requests are refused until fully awake.
+        self.sleeping_tags: set[str] = set()
+        self.scheduling_paused = False
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -147,10 +151,73 @@ class EngineCore:
             [msgspec.convert(spec, StructuredOutputsParams) for spec in specs]
         )
 
+    # ---- sleep mode --------------------------------------------------------------------
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.scheduling_paused or bool(self.sleeping_tags)
+
+    def check_sleep_level(self, level: object) -> None:
+        if not isinstance(level, int) or isinstance(level, bool) or level not in (0, 1, 2):
+            raise ValueError(f"level must be 0, 1 or 2, got {level!r}")
+        if level >= 1 and not self.config.model.enable_sleep_mode:
+            raise ValueError(
+                f"sleep(level={level}) needs sleep mode: create the engine with "
+                "LLM(..., enable_sleep_mode=True)"
+            )
+
+    def sleep(self, level: int) -> None:
+        """vLLM's levels: 0 pauses scheduling; 1 also releases the workers' KV caches (and on
+        a GPU moves the weights to host memory); 2 releases the weights too. The caller has
+        finished every request (`EngineCoreProc.utility_sleep` aborts them)."""
+        self.check_sleep_level(level)
+        if self.scheduler.has_unfinished_requests():
+            raise RuntimeError("sleep() needs an engine without unfinished requests")
+        self.scheduling_paused = True
+        if level == 0:
+            return
+        if self.sleeping_tags:
+            logger.warning("the engine is asleep already (%s)", sorted(self.sleeping_tags))
+            return
+        # The cached blocks' contents go with the KV cache: nothing may match them after.
+        if not self.kv_cache_manager.reset_prefix_cache():
+            raise RuntimeError("the prefix cache could not be reset: requests hold blocks")
+        self.executor.sleep(level)
+        self.sleeping_tags = {"weights", "kv_cache"}
+        logger.info("asleep at level %d", level)
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        """Bring back `tags` ("weights", "kv_cache", "scheduling"; None: all); scheduling
+        resumes once the workers hold everything again. Returns whether fully awake."""
+        allowed = ("weights", "kv_cache", "scheduling")
+        if tags is not None and (
+            not isinstance(tags, list) or any(tag not in allowed for tag in tags)
+        ):
+            raise ValueError(f"tags must be None or a list of {allowed}, got {tags!r}")
+        wanted = self.sleeping_tags if tags is None else self.sleeping_tags & set(tags)
+        if wanted:
+            self.executor.wake_up(sorted(wanted))
+            self.sleeping_tags -= wanted
+        if not self.sleeping_tags:
+            self.scheduling_paused = False
+        return not self.is_sleeping
+
     # ---- utilities (called by name from clients: `core_process._call_utility`) ---------
 
-    def utility_reset_prefix_cache(self) -> bool:
-        """Forget every cached block; False (and nothing done) while requests hold blocks."""
+    def utility_reset_prefix_cache(
+        self, reset_running_requests: bool = False, reset_connector: bool = False
+    ) -> bool:
+        """Forget every cached block; False (and nothing done) while requests hold blocks,
+        unless `reset_running_requests`: the running requests are then preempted (recomputed
+        later) first, as vLLM does. `reset_connector`: ember has no KV connector."""
+        for name, value in (
+            ("reset_running_requests", reset_running_requests),
+            ("reset_connector", reset_connector),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        if reset_running_requests:
+            self.scheduler.preempt_running()
         reset = self.kv_cache_manager.reset_prefix_cache()
         if not reset:
             logger.warning(
@@ -158,6 +225,12 @@ class EngineCore:
                 len(self.kv_cache_manager.req_to_blocks),
             )
         return reset
+
+    def utility_wake_up(self, tags: list[str] | None = None) -> bool:
+        return self.wake_up(tags)
+
+    def utility_is_sleeping(self) -> bool:
+        return self.is_sleeping
 
     def utility_get_scheduler_stats(self) -> SchedulerStats:
         """The scheduler statistics `LLM.get_metrics()` reads between `generate` calls."""

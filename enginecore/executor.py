@@ -5,8 +5,10 @@ tools); the multiprocess executor starts one worker process per rank (see `multi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 from ember.workers.config import EngineConfig
+from ember.workers.rpc import FunctionRef
 from ember.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 
@@ -28,11 +30,30 @@ class Executor(ABC):
         """Raise if a worker is gone."""
 
     @abstractmethod
-    def start_profile(self, profile_dir: str) -> None: ...
+    def start_profile(self, profile_dir: str, prefix: str = "") -> None: ...
 
     @abstractmethod
     def stop_profile(self) -> list[str]:
         """Stop profiling; the paths of the traces written, one per worker."""
+
+    def collective_rpc(
+        self,
+        method: str | FunctionRef,
+        timeout_s: float | None,
+        args: list,
+        kwargs: dict[str, Any],
+    ) -> list[Any]:
+        """Run `method` on every worker (`Worker.call`); the results, one per rank. Raises
+        TimeoutError when a rank has not answered within `timeout_s`."""
+        raise NotImplementedError(f"{type(self).__name__} has no collective_rpc")
+
+    def sleep(self, level: int) -> None:
+        """Release the workers' KV caches (level 1) and weights (level 2): `Worker.sleep`."""
+        raise NotImplementedError(f"{type(self).__name__} has no sleep mode")
+
+    def wake_up(self, tags: list[str]) -> None:
+        """Bring back "weights" and / or "kv_cache": `Worker.wake_up`."""
+        raise NotImplementedError(f"{type(self).__name__} has no sleep mode")
 
     def shutdown(self) -> None:
         pass
@@ -56,8 +77,23 @@ class UniProcExecutor(Executor):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
 
-    def start_profile(self, profile_dir: str) -> None:
-        self.worker.start_profile(profile_dir)
+    def start_profile(self, profile_dir: str, prefix: str = "") -> None:
+        self.worker.start_profile(profile_dir, prefix)
 
     def stop_profile(self) -> list[str]:
         return [self.worker.stop_profile()]
+
+    def collective_rpc(
+        self,
+        method: str | FunctionRef,
+        timeout_s: float | None,
+        args: list,
+        kwargs: dict[str, Any],
+    ) -> list[Any]:
+        return [self.worker.call(method, args, kwargs)]  # in this thread: no timeout
+
+    def sleep(self, level: int) -> None:
+        self.worker.sleep(level)
+
+    def wake_up(self, tags: list[str]) -> None:
+        self.worker.wake_up(tags)

@@ -39,6 +39,8 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     # with requests of the same salt (vLLM's `cache_salt`).
     cache_salt: str | None = None
     pooling_params: PoolingParams | None = None  # set for a pooling request
+    # Under scheduling_policy="priority": a lower value is scheduled first (vLLM's).
+    priority: int = 0
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -109,6 +111,10 @@ class EngineCoreReadyInfo(msgspec.Struct, array_like=True, omit_defaults=True, g
     pooling_tasks: list[str] = []  # the tasks a pooling model serves
     pooling_size: int = 0  # a pooling model's hidden size (the longest embedding)
     num_labels: int = 0  # a classification model's number of labels
+    # `ModelConfig.generation_config` and `.default_sampling_params`: an attaching frontend's
+    # `LLM.get_default_sampling_params` reads them here
+    generation_config: str = "auto"
+    default_sampling_params: dict = {}
 
 
 class UtilityRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import msgspec
 import psutil
@@ -31,12 +32,16 @@ from ember.enginecore.exceptions import EngineDeadError, EngineStartupError
 from ember.enginecore.executor import Executor
 from ember.workers.config import EngineConfig
 from ember.workers.rpc import (
+    CollectiveRPC,
     DetermineNumKVBlocks,
     ExecuteModel,
+    FunctionRef,
     InitializeKVCache,
     Shutdown,
+    Sleep,
     StartProfile,
     StopProfile,
+    WakeUp,
     WorkerCall,
     WorkerReply,
     call_encoder,
@@ -63,6 +68,9 @@ class MultiprocExecutor(Executor):
         self.reply_queues: list[MessageQueue] = []
         self.execute_timeout_s = config.parallel.execute_model_timeout_s
         self._faulted = False  # a rank died or stopped: shutdown kills instead of waiting
+        # Per rank, replies still owed for collective_rpc calls that timed out: dropped when
+        # they come, so that every later call reads its own reply.
+        self._stale_replies = [0] * self.world_size
         self._private_dir = tempfile.mkdtemp(prefix="ember-workers-")
         # The rank group's file store: kept until every rank has joined (the config directory
         # above goes as soon as the workers have read it).
@@ -119,22 +127,37 @@ class MultiprocExecutor(Executor):
                 raise _rebuild_error(reply)
         shutil.rmtree(self._rendezvous_dir, ignore_errors=True)  # every rank has joined
 
-    def _collect(self, timeout_s: float | None = None, what: str = "call") -> list[WorkerReply]:
-        """One reply from every rank, watching that every worker stays alive."""
+    def _collect(
+        self, timeout_s: float | None = None, what: str = "call", fatal_timeout: bool = True
+    ) -> list[WorkerReply]:
+        """One reply from every rank, watching that every worker stays alive. Past `timeout_s`
+        the engine is dead, or with `fatal_timeout=False` the call alone fails (TimeoutError)
+        and the late replies are dropped when they come."""
         replies: list[WorkerReply | None] = [None] * len(self.reply_queues)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             for rank, queue in enumerate(self.reply_queues):
                 if replies[rank] is None:
                     try:
-                        replies[rank] = reply_decoder.decode(queue.dequeue(timeout_s=_POLL_S))
+                        reply = reply_decoder.decode(queue.dequeue(timeout_s=_POLL_S))
                     except (TimeoutError, EOFError):
-                        pass
+                        continue
+                    if self._stale_replies[rank]:
+                        self._stale_replies[rank] -= 1
+                    else:
+                        replies[rank] = reply
             if all(reply is not None for reply in replies):
                 return replies
             self.check_health()
             if deadline is not None and time.monotonic() > deadline:
                 missing = [rank for rank, reply in enumerate(replies) if reply is None]
+                if not fatal_timeout:
+                    for rank in missing:
+                        self._stale_replies[rank] += 1
+                    raise TimeoutError(
+                        f"worker rank(s) {missing} did not answer {what} within "
+                        f"timeout={timeout_s:g} s"
+                    )
                 self._faulted = True
                 raise EngineDeadError(
                     f"worker rank(s) {missing} did not answer {what} within {timeout_s:g} s "
@@ -179,11 +202,32 @@ class MultiprocExecutor(Executor):
         call = ExecuteModel(scheduler_output)
         return self._call(call, self.execute_timeout_s)[0].runner_output
 
-    def start_profile(self, profile_dir: str) -> None:
-        self._call(StartProfile(profile_dir))
+    def start_profile(self, profile_dir: str, prefix: str = "") -> None:
+        self._call(StartProfile(profile_dir, prefix))
 
     def stop_profile(self) -> list[str]:
         return [reply.trace_path for reply in self._call(StopProfile())]
+
+    def collective_rpc(
+        self,
+        method: str | FunctionRef,
+        timeout_s: float | None,
+        args: list,
+        kwargs: dict[str, Any],
+    ) -> list[Any]:
+        self.broadcast.enqueue(call_encoder.encode(CollectiveRPC(method, args, kwargs)))
+        name = method if isinstance(method, str) else f"{method.module}.{method.qualname}"
+        replies = self._collect(timeout_s, f"collective_rpc({name!r})", fatal_timeout=False)
+        for reply in replies:
+            if reply.error is not None:
+                raise _rebuild_error(reply)
+        return [reply.result for reply in replies]
+
+    def sleep(self, level: int) -> None:
+        self._call(Sleep(level))
+
+    def wake_up(self, tags: list[str]) -> None:
+        self._call(WakeUp(tags))
 
     def shutdown(self) -> None:
         if getattr(self, "_shut_down", False):
@@ -221,7 +265,14 @@ class MultiprocExecutor(Executor):
 
 _KNOWN_ERRORS = {
     cls.__name__: cls
-    for cls in (ValueError, TypeError, FileNotFoundError, NotImplementedError, MemoryError)
+    for cls in (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        NotImplementedError,
+        MemoryError,
+        AttributeError,
+    )
 }
 
 

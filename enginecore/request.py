@@ -52,6 +52,12 @@ class Request:
     # Set for a request under structured outputs: its compile, then its matcher. The request
     # waits until the compile is done; each sampled token advances the matcher.
     grammar: RequestGrammar | None = None
+    priority: int = 0  # under scheduling_policy="priority": lower first
+
+    @property
+    def priority_key(self) -> tuple[int, float, str]:
+        """The order of scheduling_policy="priority": priority, then arrival, then id."""
+        return (self.priority, self.arrival_time, self.request_id)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -69,6 +75,7 @@ class Request:
             arrival_time=request.arrival_time,
             cache_salt=request.cache_salt,
             pooling_params=request.pooling_params,
+            priority=request.priority,
         )
 
     @property

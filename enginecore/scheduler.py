@@ -7,10 +7,15 @@ is set. A waiting request starts after its longest prefix found in the prefix ca
 blocks run out, the newest running request is preempted: its blocks are freed and it is
 recomputed later from its prompt and the tokens it already has (vLLM's recompute; ember never
 swaps to CPU memory, so `swap_space` is unused).
+
+Under `scheduling_policy="priority"` (vLLM's), running and waiting requests are kept in the
+order of (priority, arrival time), a lower priority value first: the best are served first and
+the worst running one is preempted.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -42,7 +47,22 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._queue(request)
+
+    @property
+    def by_priority(self) -> bool:
+        return self.config.policy == "priority"
+
+    def _queue(self, request: Request, resumed: bool = False) -> None:
+        """Into the waiting queue: at the back (a resumed request at the front) under "fcfs",
+        in (priority, arrival) order under "priority"."""
+        if self.by_priority:
+            keys = [r.priority_key for r in self.waiting]
+            self.waiting.insert(bisect.bisect(keys, request.priority_key), request)
+        elif resumed:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
 
     def finish_requests(self, request_ids: Iterable[str], reason: FinishReason) -> list[Request]:
         """Stop requests from outside (abort); unknown or finished ids are ignored."""
@@ -103,7 +123,13 @@ class Scheduler:
         # The workers keep the request's state (its random generator above all) until it is
         # scheduled again as a new request. Its cached blocks stay in the prefix cache until
         # evicted, so the resume may find most of them.
-        self.waiting.appendleft(request)
+        self._queue(request, resumed=True)
+
+    def preempt_running(self) -> None:
+        """Preempt every running request (newest first, so that they wait in their running
+        order): they free their blocks and are recomputed when scheduled again."""
+        while self.running:
+            self._preempt(self.running.pop())
 
     def schedule(self) -> SchedulerOutput:
         token_budget = self.config.max_num_batched_tokens
@@ -115,8 +141,10 @@ class Scheduler:
         cached_reqs: list[CachedRequestData] = []
         preempted = False
 
-        # Running requests first, oldest first; a victim is taken from the end of the list, so
-        # it is never one already scheduled in this step.
+        # Running requests first, oldest (or best, by priority) first; a victim is taken from
+        # the end of the list, so it is never one already scheduled in this step.
+        if self.by_priority:
+            self.running.sort(key=lambda r: r.priority_key)
         running = self.running
         index = 0
         while index < len(running) and token_budget > 0:

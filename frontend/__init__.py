@@ -33,6 +33,9 @@ _EXPORTS = {
     "BeamSearchSequence": "ember.beam_search",
     "StructuredOutputsParams": "ember.workers.structured_outputs_params",
     "GuidedDecodingParams": "ember.workers.structured_outputs_params",
+    "PromptType": "ember.prompt_types",
+    "TextPrompt": "ember.prompt_types",
+    "TokensPrompt": "ember.prompt_types",
 }
 
 __all__ = [
@@ -52,11 +55,14 @@ __all__ = [
     "PoolingOutput",
     "PoolingParams",
     "PoolingRequestOutput",
+    "PromptType",
     "RequestOutput",
     "SamplingParams",
     "ScoringOutput",
     "ScoringRequestOutput",
     "StructuredOutputsParams",
+    "TextPrompt",
+    "TokensPrompt",
 ]
 
 if TYPE_CHECKING:
@@ -75,6 +81,7 @@ if TYPE_CHECKING:
         ScoringOutput,
         ScoringRequestOutput,
     )
+    from ember.prompt_types import PromptType, TextPrompt, TokensPrompt
     from ember.workers.pooling_params import PoolingParams
     from ember.workers.sampling_params import SamplingParams
     from ember.workers.structured_outputs_params import (

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ember.chat_content import format_messages, resolve_content_format
+
 
 def _is_message(value: Any) -> bool:
     return isinstance(value, dict) and "role" in value
@@ -33,12 +35,16 @@ def render_chat_prompts(
     messages: Any,
     *,
     chat_template: str | None = None,
+    chat_template_content_format: str = "auto",
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     tools: list[dict] | None = None,
     chat_template_kwargs: dict | None = None,
+    tokenize: bool = True,
 ) -> list[dict]:
-    """One prompt dict (`prompt`, `prompt_token_ids`) per conversation."""
+    """One prompt dict (`prompt`, and `prompt_token_ids` unless tokenize=False) per
+    conversation. Message content is given to the template as a string or as OpenAI-style
+    parts (`chat_template_content_format`, see `ember.chat_content`)."""
     if tokenizer is None:
         raise ValueError("chat() needs a tokenizer (skip_tokenizer_init=True was given)")
     if add_generation_prompt and continue_final_message:
@@ -54,10 +60,11 @@ def render_chat_prompts(
             "this model's tokenizer has no chat template; pass chat_template= (a Jinja "
             "template string) to chat()"
         )
+    content_format = resolve_content_format(chat_template_content_format, template)
     prompts = []
-    for conversation in normalize_conversations(messages):
+    for index, conversation in enumerate(normalize_conversations(messages)):
         text = tokenizer.apply_chat_template(
-            conversation,
+            format_messages(conversation, content_format, index),
             chat_template=template,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
@@ -65,6 +72,9 @@ def render_chat_prompts(
             tokenize=False,
             **(chat_template_kwargs or {}),
         )
+        if not tokenize:
+            prompts.append({"prompt": text})
+            continue
         token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         prompts.append({"prompt": text, "prompt_token_ids": list(token_ids)})
     return prompts
@@ -79,21 +89,42 @@ class ChatMixin:
         sampling_params: Any = None,
         use_tqdm: bool = True,
         lora_request: Any = None,
+        priority: int | list[int] | None = None,
         chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         tools: list[dict] | None = None,
         chat_template_kwargs: dict | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
     ) -> list:
         """Generate replies to one conversation (a list of `{"role", "content"}` dicts) or a
-        list of them, rendered with the tokenizer's chat template or `chat_template`."""
+        list of them, rendered with `chat_template`, else `LLM(chat_template=...)`, else the
+        tokenizer's template. As vLLM: `sampling_params=None` means
+        `get_default_sampling_params()`, and the rendered text is tokenized with
+        add_special_tokens=False unless `tokenization_kwargs` say otherwise."""
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         prompts = render_chat_prompts(
             self.tokenizer,
             messages,
-            chat_template=chat_template,
+            chat_template=self.chat_template if chat_template is None else chat_template,
+            chat_template_content_format=chat_template_content_format,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tools=tools,
             chat_template_kwargs=chat_template_kwargs,
+            tokenize=False,
         )
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+        if tokenization_kwargs is not None and not isinstance(tokenization_kwargs, dict):
+            raise TypeError(
+                f"tokenization_kwargs must be a dict, got {type(tokenization_kwargs).__name__}"
+            )
+        return self.generate(
+            prompts,
+            sampling_params,
+            use_tqdm=use_tqdm,
+            lora_request=lora_request,
+            priority=priority,
+            tokenization_kwargs={"add_special_tokens": False, **(tokenization_kwargs or {})},
+        )

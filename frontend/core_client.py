@@ -61,6 +61,21 @@ _ERROR_TYPES = {
 }
 
 
+def _utility_error(error: str) -> Exception:
+    """A utility's error ("TypeName: message") as that type where it is a plain builtin one,
+    else a RuntimeError."""
+    name, separator, message = error.partition(": ")
+    error_type = _ERROR_TYPES.get(name) or _UTILITY_ERROR_TYPES.get(name)
+    if not separator or error_type is None:
+        return RuntimeError(error)
+    return error_type(message)
+
+
+_UTILITY_ERROR_TYPES = {
+    cls.__name__: cls for cls in (AttributeError, KeyError, TimeoutError, RuntimeError)
+}
+
+
 class _Resources:
     """Everything the client must release; closed by `shutdown()` or by `weakref.finalize`
     (garbage collection, interpreter exit), never by `__del__`."""
@@ -114,6 +129,9 @@ class EngineCoreClient:
         self.dead_reason: str | None = None
         self._utility_ids = itertools.count()
         self._pending_utility: UtilityOutput | None = None
+        # Set by `LLM.sleep` (what it said), cleared by `LLM.wake_up`: requests are refused
+        # here, before they are sent, rather than left waiting for an engine that sleeps.
+        self.asleep: str | None = None
         self._output_decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
         self._encoder = msgspec.msgpack.Encoder()
         self._last_sent = self._last_heard = time.monotonic()
@@ -213,6 +231,10 @@ class EngineCoreClient:
             self._last_sent = time.monotonic()
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
+        if self.asleep is not None:
+            raise RuntimeError(
+                f"the engine is asleep ({self.asleep}): call LLM.wake_up() before new requests"
+            )
         self._send(MessageType.ADD, requests)
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -270,7 +292,7 @@ class EngineCoreClient:
                 reply = self._pending_utility
                 if reply is not None and reply.call_id == call_id:
                     if reply.error is not None:
-                        raise RuntimeError(reply.error)
+                        raise _utility_error(reply.error)
                     return reply.result
         raise TimeoutError(f"the engine core did not answer {method!r} in {timeout_s} s")
 

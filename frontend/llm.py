@@ -13,17 +13,22 @@ import msgspec
 from tqdm.auto import tqdm
 
 from ember.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
+from ember.chat_content import load_chat_template
 from ember.chat_utils import ChatMixin
 from ember.core_client import EngineCoreClient
+from ember.engine_access import EngineAccessMixin
 from ember.enginecore.arg_utils import EngineArgs
+from ember.enginecore.generation_config import log_sampling_defaults
 from ember.enginecore.messages import EngineCoreRequest
 from ember.enginecore.stats import SchedulerStats
+from ember.enginecore.vllm_engine_args import ember_engine_kwargs
 from ember.inputs import (
     EngineLimits,
     ProcessedPrompt,
     check_prompt,
     normalize_prompts,
     per_prompt_params,
+    tokenize_options,
     tokenize_prompt,
     truncate_prompt,
 )
@@ -43,7 +48,7 @@ if TYPE_CHECKING:
 _OUTPUT_POLL_S = 1.0
 
 
-class LLM(ChatMixin, PoolingMixin):
+class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
     """An LLM with an engine of its own: `LLM(model).generate(prompts, sampling_params)`.
 
     Arguments have vLLM's names, meanings and defaults; `model=None` loads ember's embedded
@@ -70,15 +75,19 @@ class LLM(ChatMixin, PoolingMixin):
         enforce_eager: bool = False,
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
+        chat_template: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
+        # vLLM's: the default template of chat() (a file path or the template itself)
+        self.chat_template = load_chat_template(chat_template)
+        self.default_sampling_params: dict[str, Any] | None = None  # read on first use
         engine_address = kwargs.pop("engine_address", None)
         engine_token = kwargs.pop("engine_token", None)
         self.profile_dir = kwargs.pop("profile_dir", None)
         disable_log_stats = kwargs.pop("disable_log_stats", True)
-        unknown = set(kwargs) - EngineArgs.field_names()
-        if unknown:
-            raise TypeError(f"LLM() got unexpected keyword argument(s): {sorted(unknown)}")
+        # vLLM's other engine arguments: checked (no effect, or NotImplementedError), then
+        # dropped; a name vLLM does not have either raises TypeError.
+        kwargs = ember_engine_kwargs(kwargs, EngineArgs.field_names())
         if engine_address is not None:
             self._attach(
                 engine_address,
@@ -190,22 +199,19 @@ class LLM(ChatMixin, PoolingMixin):
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
-    def start_profile(self, profile_dir: str | None = None) -> None:
-        """Start tracing the engine core's loop and every worker (torch.profiler); the traces,
-        one file per process, go to `profile_dir` (or `LLM(profile_dir=...)`)."""
-        profile_dir = profile_dir or self.profile_dir
-        if profile_dir is None:
-            raise ValueError("start_profile needs a profile_dir (here or in LLM(profile_dir=...))")
-        self.engine.call_utility("start_profile", os.path.abspath(profile_dir))
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: SamplingParams() with the fields the model's generation config sets
+        (`LLM(generation_config=..., override_generation_config=...)`: temperature, top_p,
+        top_k, min_p, penalties, max_new_tokens as max_tokens); what generate() and chat() use
+        when sampling_params is None. The first call logs vLLM's line when they differ."""
+        if self.default_sampling_params is None:
+            info = self.engine.ready_info
+            self.default_sampling_params = dict(info.default_sampling_params)
+            log_sampling_defaults(self.default_sampling_params, info.generation_config)
+        return SamplingParams(**self.default_sampling_params)
 
-    def stop_profile(self) -> list[str]:
-        """Stop tracing; return the paths of the trace files written."""
-        return self.engine.call_utility("stop_profile", timeout_s=300.0)
-
-    def reset_prefix_cache(self) -> bool:
-        """Forget every block in the engine's prefix cache (vLLM's method); False, with
-        nothing done, while requests still hold blocks."""
-        return bool(self.engine.call_utility("reset_prefix_cache"))
+    # start_profile / stop_profile, reset_prefix_cache, collective_rpc, sleep / wake_up,
+    # llm_engine, model_config: `ember.engine_access.EngineAccessMixin`.
 
     def get_metrics(self) -> MetricsList:
         """This engine's metrics as vLLM's reader objects (`Counter`, `Gauge`, `Histogram`),
@@ -224,8 +230,14 @@ class LLM(ChatMixin, PoolingMixin):
         *,
         use_tqdm: bool = True,
         lora_request: Any = None,
+        priority: int | list[int] | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Generate completions for `prompts`; the outputs come back in input order."""
+        """Generate completions for `prompts`; the outputs come back in input order.
+        `sampling_params=None` means `get_default_sampling_params()`; `priority` (one or one
+        per prompt) orders requests under `LLM(scheduling_policy="priority")`;
+        `tokenization_kwargs` (e.g. `{"truncation": True, "max_length": 512}`) as vLLM reads
+        them, see `ember.inputs.tokenize_options`."""
         if lora_request is not None:
             raise NotImplementedError("lora_request is not supported yet")
         if self.engine.ready_info.runner == "pooling":
@@ -233,21 +245,25 @@ class LLM(ChatMixin, PoolingMixin):
                 "generate() needs a generative model; this is a pooling model: "
                 "use encode(), embed(), classify() or score()"
             )
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        options = tokenize_options(tokenization_kwargs, self.max_model_len)
         prompt_list = normalize_prompts(prompts)
         limits = EngineLimits(
             self.vocab_size, self.max_model_len, self.max_logprobs, self.tokenizer
         )
         params = per_prompt_params(sampling_params, len(prompt_list), limits)
+        priorities = priority_per_prompt(priority, len(prompt_list))
         processed = []
         for index, (prompt, request_params) in enumerate(zip(prompt_list, params)):
-            item = tokenize_prompt(prompt, self.tokenizer, index)
+            item = tokenize_prompt(prompt, self.tokenizer, index, options)
             truncate_prompt(item, request_params, self.max_model_len)
             check_prompt(item, index, self.max_model_len, self.vocab_size)
             processed.append(item)
         if not processed:
             return []
         check_structured_outputs(self.engine, params)
-        return self._run_requests(processed, params, use_tqdm)
+        return self._run_requests(processed, params, use_tqdm, priorities)
 
     def beam_search(
         self,
@@ -268,6 +284,7 @@ class LLM(ChatMixin, PoolingMixin):
         processed: list[ProcessedPrompt],
         params: list[SamplingParams],
         use_tqdm: bool,
+        priorities: list[int] | None = None,
     ) -> list[RequestOutput]:
         """Send checked prompts to the engine and gather their outputs, in input order. A
         prompt with n > 1 becomes n child requests (child i seeded with seed + i) that share
@@ -292,7 +309,12 @@ class LLM(ChatMixin, PoolingMixin):
                 )
                 requests.append(
                     EngineCoreRequest(
-                        child_id, item.prompt_token_ids, child_params, now, item.cache_salt
+                        child_id,
+                        item.prompt_token_ids,
+                        child_params,
+                        now,
+                        item.cache_salt,
+                        priority=0 if priorities is None else priorities[index],
                     )
                 )
         results: list[RequestOutput | None] = [None] * len(processed)
@@ -321,6 +343,22 @@ class LLM(ChatMixin, PoolingMixin):
         finally:
             progress.close()
         return results
+
+
+def priority_per_prompt(priority: int | list[int] | None, num_prompts: int) -> list[int]:
+    """vLLM's `priority` argument: None (0 for all), one int, or one int per prompt."""
+    if priority is None:
+        return [0] * num_prompts
+    values = [priority] * num_prompts if isinstance(priority, int) else priority
+    if not isinstance(values, (list, tuple)) or any(
+        isinstance(v, bool) or not isinstance(v, int) for v in values
+    ):
+        raise TypeError(f"priority must be an int or a list of int, got {type(priority).__name__}")
+    if len(values) != num_prompts:
+        raise ValueError(
+            f"The lengths of prompts ({num_prompts}) and priority ({len(values)}) must be the same."
+        )
+    return list(values)
 
 
 def _child_params(params: SamplingParams) -> list[SamplingParams]:

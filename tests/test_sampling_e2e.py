@@ -362,3 +362,42 @@ def test_beam_search_params_are_checked():
         BeamSearchParams(beam_width=0, max_tokens=4)
     with pytest.raises(TypeError, match="max_tokens"):
         BeamSearchParams(beam_width=2, max_tokens=2.5)
+
+
+def test_logprobs_mode_raw_logits_reports_the_models_logits(tiny_dir):
+    """LLM(logprobs_mode="raw_logits"): each reported value is the model's logit (HF's)."""
+    hf_model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    prompt = random_prompts(1, 512, [9], seed=12)[0]
+    with LLM(
+        tiny_dir, dtype="float32", skip_tokenizer_init=True, logprobs_mode="raw_logits"
+    ) as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=3, logprobs=2, ignore_eos=True)
+        completion = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt + completion.token_ids])).logits[0]
+    for step, (token, step_logprobs) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        row = logits[len(prompt) - 1 + step]
+        assert step_logprobs[token].logprob == pytest.approx(row[token].item(), abs=1e-3)
+        for token_id, entry in step_logprobs.items():
+            assert entry.logprob == pytest.approx(row[token_id].item(), abs=1e-3)
+
+
+def test_priority_policy_runs_the_best_priority_first(tiny_dir):
+    """One sequence at a time under scheduling_policy="priority": requests are first scheduled
+    in (priority, arrival) order, whatever their order in the call."""
+    prompts = random_prompts(4, 512, [6], seed=13)
+    with LLM(
+        tiny_dir,
+        dtype="float32",
+        skip_tokenizer_init=True,
+        scheduling_policy="priority",
+        max_num_seqs=1,
+    ) as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        outputs = llm.generate(prompts, params, priority=[3, -1, 3, 0], use_tqdm=False)
+        with pytest.raises(ValueError, match="priority"):
+            llm.generate(prompts, params, priority=[1, 2], use_tqdm=False)
+        with pytest.raises(TypeError, match="priority"):
+            llm.generate(prompts, params, priority="high", use_tqdm=False)
+    order = sorted(range(4), key=lambda i: outputs[i].metrics.scheduled_ts)
+    assert order == [1, 3, 0, 2]

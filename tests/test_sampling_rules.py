@@ -173,3 +173,48 @@ def test_sampler_logprobs_ignore_processing():
     output = Sampler(torch.Generator())(logits, metadata)
     assert output.sampled_token_ids.item() == 3
     torch.testing.assert_close(output.logprobs.logprobs[0, 0], logits.log_softmax(-1)[0, 3])
+
+
+def _reference_processed_logits(logits, bias_token, bias, temperature, top_k):
+    """vLLM's processed logits of one random row, step by step: bias, temperature, top-k."""
+    row = logits[0].clone()
+    row[bias_token] += bias
+    row = row / temperature
+    kth = row.sort(descending=True).values[top_k - 1]
+    return torch.where(row < kth, torch.tensor(float("-inf")), row)
+
+
+def test_logprobs_modes_report_vllms_four_sources():
+    torch.manual_seed(6)
+    logits = torch.randn(1, VOCAB)
+    bias_token, bias, temperature, top_k = 7, 2.0, 0.7, 5
+
+    def run(mode):
+        metadata = SamplingMetadata(
+            temperature=torch.tensor([temperature]),
+            top_k=torch.tensor([top_k]),
+            top_p=None,
+            generators={},
+            all_greedy=False,
+            all_random=True,
+            logit_bias=(torch.tensor([0]), torch.tensor([bias_token]), torch.tensor([bias])),
+            max_num_logprobs=-1,
+        )
+        output = Sampler(torch.Generator().manual_seed(0), mode)(logits.clone(), metadata)
+        token = output.sampled_token_ids.item()
+        full = torch.empty(VOCAB)
+        full[output.logprobs.token_ids[0, 1:]] = output.logprobs.logprobs[0, 1:]
+        return token, output.logprobs.logprobs[0, 0].item(), full
+
+    processed = _reference_processed_logits(logits, bias_token, bias, temperature, top_k)
+    expected = {
+        "raw_logprobs": logits[0].log_softmax(-1),
+        "raw_logits": logits[0],
+        "processed_logprobs": processed.log_softmax(-1),
+        "processed_logits": processed,
+    }
+    for mode, reference in expected.items():
+        token, chosen, full = run(mode)
+        torch.testing.assert_close(full, reference, msg=mode)
+        assert chosen == reference[token].item(), mode
+        assert torch.isfinite(processed[token])  # drawn from the processed distribution

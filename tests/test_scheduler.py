@@ -309,3 +309,49 @@ def test_tokens_do_not_depend_on_budget_chunking_caching_or_preemption(
         assert produced[str(index)] == _reference_tokens(prefix + suffix, max_tokens)
     assert kv_cache_manager.block_pool.num_free_blocks == num_blocks - 1  # nothing leaked
     assert not kv_cache_manager.req_to_blocks and not kv_cache_manager.num_cached_blocks
+
+
+def _priority_scheduler(num_blocks=64, block_size=4, budget=64, max_num_seqs=8):
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=256,
+        policy="priority",
+    )  # fmt: skip
+    return Scheduler(config, KVCacheManager(num_blocks, block_size))
+
+
+def _prioritised(request_id, prompt_len, priority, arrival, **kwargs):
+    request = _request(request_id, prompt_len, **kwargs)
+    request.priority, request.arrival_time = priority, arrival
+    return request
+
+
+def test_priority_policy_schedules_waiting_requests_by_priority_then_arrival():
+    scheduler = _priority_scheduler(max_num_seqs=2)
+    scheduler.add_request(_prioritised("late-low", 3, priority=5, arrival=1.0))
+    scheduler.add_request(_prioritised("high", 3, priority=-1, arrival=3.0, first_token=50))
+    scheduler.add_request(_prioritised("early-low", 3, priority=5, arrival=0.5, first_token=90))
+    output = scheduler.schedule()
+    assert list(output.num_scheduled_tokens) == ["high", "early-low"]
+    assert [r.request_id for r in scheduler.waiting] == ["late-low"]
+
+
+def test_priority_policy_preempts_the_lowest_priority_request():
+    scheduler = _priority_scheduler(num_blocks=5, block_size=4)  # 4 usable blocks
+    scheduler.add_request(_prioritised("low", 7, priority=1, arrival=0.0, max_tokens=20))
+    scheduler.add_request(
+        _prioritised("high", 7, priority=0, arrival=1.0, max_tokens=20, first_token=100)
+    )
+    _sample_everything(scheduler, scheduler.schedule())  # 2 blocks each, 8 tokens each now
+    _sample_everything(scheduler, scheduler.schedule())
+    output = scheduler.schedule()  # the 9th token needs a 3rd block: "low" gives way
+    assert output.num_scheduled_tokens == {"high": 1}
+    assert scheduler.waiting[0].request_id == "low"
+    # Under "fcfs" the newest ("high") would have been preempted instead.
+    fcfs = _scheduler(num_blocks=5, block_size=4, budget=64)
+    fcfs.add_request(_prioritised("low", 7, priority=1, arrival=0.0, max_tokens=20))
+    fcfs.add_request(
+        _prioritised("high", 7, priority=0, arrival=1.0, max_tokens=20, first_token=100)
+    )
+    _sample_everything(fcfs, fcfs.schedule())
+    _sample_everything(fcfs, fcfs.schedule())
+    assert fcfs.schedule().num_scheduled_tokens == {"low": 1}

@@ -47,13 +47,23 @@ class ModelConfig:
     revision: str | None = None
     seed: int = 0
     trust_remote_code: bool = False
+    # `LLM.sleep(level >= 1)` may release the weights and the KV cache (vLLM's flag)
+    enable_sleep_mode: bool = False
     max_logprobs: int = 20  # vLLM's default; -1 allows the whole vocabulary
+    # What logprobs report (vLLM's): "raw_logprobs" | "raw_logits" | "processed_logprobs" |
+    # "processed_logits" (processed: after penalties, bias, masks, temperature, top-k/top-p)
+    logprobs_mode: str = "raw_logprobs"
     runner: str = "generate"  # "generate" | "pooling" (vLLM's `runner`)
     convert: str = "none"  # "none" | "embed" | "classify": a causal LM adapted for pooling
     pooler: PoolerConfig | None = None  # set for runner="pooling"
     # the Hugging Face config as `ember.workers.hf_config.snapshot_config` records it; empty:
     # the workers read config.json in `model_dir` themselves
     hf_config: dict = field(default_factory=dict)
+    # vLLM's generation_config as resolved: "auto", "vllm" or an absolute directory path
+    generation_config: str = "auto"
+    # the SamplingParams fields it and override_generation_config set (vLLM's
+    # `get_diff_sampling_param`), the defaults of `LLM.get_default_sampling_params`
+    default_sampling_params: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +86,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     long_prefill_token_threshold: int = 0
+    # "fcfs": waiting requests in arrival order, the newest running one preempted first;
+    # "priority": both by (priority, arrival), a lower value first (vLLM's policies)
+    policy: str = "fcfs"
 
 
 @dataclass(frozen=True, slots=True)

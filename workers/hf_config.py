@@ -17,10 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
 from ember.workers.cache_dir import ember_cache_dir, write_atomically
+
+# vLLM's `hf_overrides`: fields to set on the config, or a function of the config.
+HFOverrides = dict[str, Any] | Callable[[Any], Any] | None
 
 # Bump when `snapshot_config` changes what it records: older cache files are then ignored.
 _SNAPSHOT_FORMAT = 1
@@ -140,17 +144,25 @@ def _from_json(value: Any) -> Any:
     return value
 
 
-def load_hf_config(model_dir: str, trust_remote_code: bool = False) -> HFConfig:
-    """The config of the model in `model_dir`: from ember's cache when this config.json was
-    read before by this transformers version, else through transformers (and then cached)."""
-    cache_file = _cache_file(model_dir, trust_remote_code)
+def load_hf_config(
+    model_dir: str, trust_remote_code: bool = False, hf_overrides: HFOverrides = None
+) -> HFConfig:
+    """The config of the model in `model_dir`, with vLLM's `hf_overrides` applied (see
+    `apply_hf_overrides`): from ember's cache when this config.json was read before by this
+    transformers version with the same overrides, else through transformers (and then cached;
+    never for a callable `hf_overrides`, whose result may change)."""
+    overrides_key = _overrides_key(hf_overrides)
+    cache_file = None
+    if overrides_key is not None:
+        cache_file = _cache_file(model_dir, trust_remote_code, overrides_key)
     if cache_file is not None:
         try:
             with open(cache_file) as f:
                 return HFConfig(json.load(f))
         except (OSError, ValueError, KeyError):
             pass
-    text = json.dumps(snapshot_config(_transformers_config(model_dir, trust_remote_code)))
+    config = _transformers_config(model_dir, trust_remote_code)
+    text = json.dumps(snapshot_config(apply_hf_overrides(config, hf_overrides)))
     if cache_file is not None:
         write_atomically(cache_file, text.encode())
     return HFConfig(json.loads(text))  # as a warm start and the workers read it
@@ -170,9 +182,59 @@ def _transformers_config(model_dir: str, trust_remote_code: bool) -> Any:
         raise
 
 
-def _cache_file(model_dir: str, trust_remote_code: bool) -> str | None:
-    """Keyed by the config file (path, size, mtime) and the transformers version; None (no
-    caching) for remote code, whose config class may change without either changing."""
+def apply_hf_overrides(config: Any, hf_overrides: HFOverrides) -> Any:
+    """vLLM's `hf_overrides` on a transformers config: a dict's entries are set on it (a dict
+    given for a sub-config, e.g. `text_config`, updates that sub-config's fields), a callable
+    takes the config and returns the one to use."""
+    if hf_overrides is None:
+        return config
+    if callable(hf_overrides):
+        result = hf_overrides(config)
+        if result is None:
+            raise TypeError("hf_overrides must return the config (it returned None)")
+        return result
+    if not isinstance(hf_overrides, dict):
+        raise TypeError(
+            f"hf_overrides must be a dict or a callable, got {type(hf_overrides).__name__}"
+        )
+    for key, value in hf_overrides.items():
+        current = getattr(config, key, None)
+        if isinstance(value, dict) and _is_config(current):
+            _update_nested(current, value)
+        else:  # a dict for a dict-valued field (rope_scaling) replaces it, as in vLLM
+            setattr(config, key, value)
+    return config
+
+
+def _update_nested(target: Any, updates: dict[str, Any]) -> None:
+    """vLLM's merge into a sub-config: dicts merge into dicts and objects, level by level."""
+    for key, value in updates.items():
+        current = target.get(key) if isinstance(target, dict) else getattr(target, key, None)
+        if isinstance(value, dict) and (isinstance(current, dict) or hasattr(current, "__dict__")):
+            _update_nested(current, value)
+        elif isinstance(target, dict):
+            target[key] = value
+        else:
+            setattr(target, key, value)
+
+
+def _overrides_key(hf_overrides: HFOverrides) -> str | None:
+    """The cache key part of `hf_overrides`: "" for none, the JSON of a dict, None (do not
+    cache) for a callable or a dict JSON cannot hold."""
+    if not hf_overrides:
+        return ""
+    if callable(hf_overrides):
+        return None
+    try:
+        return json.dumps(hf_overrides, sort_keys=True)
+    except (TypeError, ValueError):
+        return None
+
+
+def _cache_file(model_dir: str, trust_remote_code: bool, overrides_key: str = "") -> str | None:
+    """Keyed by the config file (path, size, mtime), the transformers version and the
+    overrides; None (no caching) for remote code, whose config class may change without
+    either changing."""
     if trust_remote_code:
         return None
     try:
@@ -184,6 +246,8 @@ def _cache_file(model_dir: str, trust_remote_code: bool) -> str | None:
         f"{_SNAPSHOT_FORMAT}:{os.path.realpath(model_dir)}:{stat.st_size}:{stat.st_mtime_ns}:"
         f"{version}"
     )
+    if overrides_key:  # no overrides: the key files written before hf_overrides existed
+        key += f":{overrides_key}"
     name = hashlib.sha256(key.encode()).hexdigest()[:24] + ".json"
     return os.path.join(ember_cache_dir(), "configs", name)
 

@@ -92,16 +92,42 @@ class ModelRunner:
         # half the cache memory and half the bytes attention reads, and its greedy tokens still
         # agree with float32 (tests/test_packed_int4.py).
         self.kv_cache_dtype = torch.bfloat16 if config.model.quantization == "gguf" else self.dtype
-        self.model = get_model(config.model, device, parallel)
-        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.requests: dict[str, CachedRequestState] = {}
         generator = torch.Generator(device=device).manual_seed(config.model.seed)
-        self.sampler = Sampler(generator)
+        self.sampler = Sampler(generator, config.model.logprobs_mode)
         self.kv_caches: list[torch.Tensor] = []
-        self.pooling = PoolingRunner(self) if config.model.runner == "pooling" else None
         self.cuda_graphs: CudaGraphRunner | None = None  # set by the worker on CUDA
-        # The fused CPU decode step, where the capability check passes (logs the choice).
-        self.cpu_decode = LlamaCPUDecodeRunner.select(self.model, config, device)
+        self.load_model()
+
+    def load_model(self) -> None:
+        """Load the weights (again, after `unload_model`) and what is built on the model: the
+        pooler, and the fused CPU decode step where its capability check passes (it logs the
+        choice). An allocated KV cache is bound to the new attention layers."""
+        config = self.config
+        self.model = get_model(config.model, self.device, self.parallel)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer, cache in zip(self.attention_layers, self.kv_caches):
+            layer.kv_cache = cache
+        self.pooling = PoolingRunner(self) if config.model.runner == "pooling" else None
+        self.cpu_decode = LlamaCPUDecodeRunner.select(self.model, config, self.device)
+
+    def unload_model(self) -> None:
+        """Drop the model and everything that holds its weights (`Worker.sleep(level=2)`)."""
+        self.model = None
+        self.attention_layers = []
+        self.pooling = None
+        self.cpu_decode = None
+        self.cuda_graphs = None
+
+    def move_weights(self, device: torch.device) -> None:
+        """Move every parameter and buffer of the model to `device` (host memory while a GPU
+        worker sleeps at level 1). Tensors a layer keeps outside its parameters and buffers
+        stay where they are."""
+        for module in self.model.modules():
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(device)
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(device)
 
     # ---- KV cache ----------------------------------------------------------------------
 
@@ -134,6 +160,14 @@ class ModelRunner:
                 cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             layer.kv_cache = cache
             self.kv_caches.append(cache)
+
+    def free_kv_cache(self) -> None:
+        """Release every layer's cache (`Worker.sleep`); the CUDA graphs, which read it, go
+        too. `initialize_kv_cache` allocates it again, zeroed."""
+        self.cuda_graphs = None
+        for layer in self.attention_layers:
+            layer.kv_cache = torch.empty(0)
+        self.kv_caches = []
 
     # ---- one step ----------------------------------------------------------------------
 

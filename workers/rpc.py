@@ -6,6 +6,8 @@ reads replies, `ember.workers.worker_process` answers them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from ember.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -33,14 +35,52 @@ class Shutdown(_Call, tag="shutdown"):
 
 class StartProfile(_Call, tag="start_profile"):
     profile_dir: str
+    prefix: str = ""  # vLLM's profile_prefix: the trace file is "<prefix>_ember-worker-<rank>"
 
 
 class StopProfile(_Call, tag="stop_profile"):
     pass
 
 
+class FunctionRef(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A function sent by reference, as pickle sends one (never pickled): the worker imports
+    `module` (adding `path`, the directory it was found under, to the end of `sys.path` when
+    missing) and looks `qualname` up in it. `on_model`: called with the model (`apply_model`)
+    rather than with the worker (`collective_rpc`)."""
+
+    module: str
+    qualname: str
+    path: str | None = None
+    on_model: bool = False
+
+
+class CollectiveRPC(_Call, tag="rpc"):
+    """`LLM.collective_rpc`: a public method of `Worker` by name, or a function by reference,
+    run on every rank with these arguments; each rank answers with its result."""
+
+    method: str | FunctionRef
+    args: list = []
+    kwargs: dict[str, Any] = {}
+
+
+class Sleep(_Call, tag="sleep"):
+    level: int  # 1: drop the KV cache (and on a GPU move the weights to host); 2: drop both
+
+
+class WakeUp(_Call, tag="wake_up"):
+    tags: list[str]  # what to bring back: "weights", "kv_cache"
+
+
 WorkerCall = (
-    DetermineNumKVBlocks | InitializeKVCache | ExecuteModel | Shutdown | StartProfile | StopProfile
+    DetermineNumKVBlocks
+    | InitializeKVCache
+    | ExecuteModel
+    | Shutdown
+    | StartProfile
+    | StopProfile
+    | CollectiveRPC
+    | Sleep
+    | WakeUp
 )
 
 
@@ -51,6 +91,7 @@ class WorkerReply(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     num_blocks: int | None = None
     runner_output: ModelRunnerOutput | None = None
     trace_path: str | None = None
+    result: Any = None  # a CollectiveRPC's result (plain data)
     error: str | None = None
     error_type: str | None = None
 

@@ -3,7 +3,8 @@
 Called by the model runner once per step with a `SamplingMetadata` built for that step. All work
 is batched over the rows; the order follows vLLM v1's sampler:
 
-    raw logits ──▶ logprobs (log_softmax of the raw logits, when any row asks)
+    raw logits ──▶ logprobs (log_softmax of the raw logits, when any row asks; see
+        │           `logprobs_mode` for the other sources vLLM offers)
         │
         ├─ allowed_token_ids, bad words and min_tokens stops masked to -inf, logit_bias added
         ├─ repetition / frequency / presence penalties
@@ -84,11 +85,11 @@ class SamplerOutput:
 
 
 def compute_logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, num_logprobs: int
+    logits: torch.Tensor, token_ids: torch.Tensor, num_logprobs: int, normalize: bool = True
 ) -> LogprobsTensors:
-    """Log-softmax of logits [B, V] (as float32), gathered at token_ids [B] and at each row's
-    top num_logprobs (-1: all V) tokens."""
-    logprobs = logits.float().log_softmax(dim=-1)
+    """Log-softmax of logits [B, V] (as float32; the logits themselves when not `normalize`),
+    gathered at token_ids [B] and at each row's top num_logprobs (-1: all V) tokens."""
+    logprobs = logits.float().log_softmax(dim=-1) if normalize else logits.float()
     chosen = logprobs.gather(1, token_ids.unsqueeze(1))
     ranks = (logprobs > chosen).sum(dim=-1) + 1
     if num_logprobs == -1:
@@ -149,9 +150,12 @@ def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) ->
 
 
 class Sampler:
-    def __init__(self, default_generator: torch.Generator):
+    def __init__(self, default_generator: torch.Generator, logprobs_mode: str = "raw_logprobs"):
         # Rows without a seed draw from the engine-wide generator (seeded by LLM(seed=...)).
         self.default_generator = default_generator
+        # vLLM's: logprobs of the raw logits (default), the raw logits, or either after every
+        # processing step that shapes the draw (penalties, masks, temperature, top-k/top-p).
+        self.logprobs_mode = logprobs_mode
 
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         """logits [B, V] -> sampled token ids [B] int64, and logprobs when a row asks."""
@@ -159,18 +163,30 @@ class Sampler:
         if metadata.has_logits_processors:
             # A copy: the raw logits stay intact for the logprobs.
             processed = apply_logits_processors(processed.clone(), metadata)
-        sampled = self._sample(processed, metadata)
+        wants_logprobs = metadata.max_num_logprobs is not None
+        keep_processed = wants_logprobs and self.logprobs_mode.startswith("processed")
+        sampled, final_logits = self._sample(processed, metadata, keep_processed)
         logprobs = None
-        if metadata.max_num_logprobs is not None:
-            # vLLM's default ("raw_logprobs"): the model's distribution, before any processing.
-            logprobs = compute_logprobs(logits, sampled, metadata.max_num_logprobs)
+        if wants_logprobs:
+            source = final_logits if keep_processed else logits
+            normalize = self.logprobs_mode.endswith("logprobs")
+            logprobs = compute_logprobs(source, sampled, metadata.max_num_logprobs, normalize)
         return SamplerOutput(sampled, logprobs)
 
-    def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    def _sample(
+        self, logits: torch.Tensor, metadata: SamplingMetadata, keep_processed: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sampled ids and, when `keep_processed`, the logits the draw was made from
+        (greedy rows at temperature 1, as vLLM reports them)."""
         greedy = None if metadata.all_random else logits.argmax(dim=-1)
         if metadata.all_greedy:
-            return greedy
-        temperature = metadata.temperature.clamp(min=_GREEDY_TEMPERATURE)
+            return greedy, logits
+        if keep_processed and not metadata.all_random:
+            temperature = torch.where(
+                metadata.temperature < _GREEDY_TEMPERATURE, 1.0, metadata.temperature
+            )
+        else:
+            temperature = metadata.temperature.clamp(min=_GREEDY_TEMPERATURE)
         logits = logits / temperature.unsqueeze(1)
         if metadata.min_p is not None:
             logits = apply_min_p(logits, metadata.min_p)
@@ -181,5 +197,5 @@ class Sampler:
             noise[row].exponential_(generator=generator)
         sampled = sample_from_probs(probs, noise)
         if greedy is None:
-            return sampled
-        return torch.where(metadata.temperature < _GREEDY_TEMPERATURE, greedy, sampled)
+            return sampled, logits
+        return torch.where(metadata.temperature < _GREEDY_TEMPERATURE, greedy, sampled), logits

@@ -1,5 +1,6 @@
 """One tensor-parallel rank: sets up its device and thread count, owns the ModelRunner, and
-answers the engine core's calls (KV capacity, cache allocation, model steps).
+answers the engine core's calls (KV capacity, cache allocation, model steps, sleep mode, and
+`collective_rpc`: its public methods by name).
 
 The engine core calls it in-process (`UniProcExecutor`) or through `ember.workers.__main__`
 in a child process.
@@ -7,8 +8,13 @@ in a child process.
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import importlib
 import logging
 import os
+import sys
+from typing import Any
 
 import psutil
 import torch
@@ -24,6 +30,7 @@ from ember.workers.gpu_memory import (
     profile_memory,
 )
 from ember.workers.model_runner import ModelRunner
+from ember.workers.rpc import FunctionRef
 from ember.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -70,6 +77,12 @@ class Worker:
         self.model_runner = ModelRunner(config, self.device, self.parallel)
         self.profiler: torch.profiler.profile | None = None
         self.profile_dir: str | None = None
+        self.trace_name = f"ember-worker-{rank}"
+        self.num_kv_blocks = 0
+        # Sleep mode: 0 = weights in place; 1 = on host memory (on CPU: kept as they are);
+        # 2 = dropped, loaded from the checkpoint again on wake_up.
+        self.weights_asleep = 0
+        self.kv_cache_asleep = False
 
     def kv_cache_block_bytes(self) -> int:
         return self.model_runner.kv_cache_block_bytes()
@@ -110,6 +123,7 @@ class Worker:
         return self.available_kv_cache_bytes() // block_bytes
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.num_kv_blocks = num_blocks
         self.model_runner.initialize_kv_cache(num_blocks)
         if self.cuda_graph_sizes:
             self._capture_cuda_graphs()
@@ -133,12 +147,16 @@ class Worker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
 
-    def start_profile(self, profile_dir: str) -> None:
-        """Record every step with torch.profiler until `stop_profile`."""
+    def start_profile(self, profile_dir: str, prefix: str = "") -> None:
+        """Record every step with torch.profiler until `stop_profile`; the trace will be
+        `<profile_dir>/[<prefix>_]ember-worker-<rank>.trace.json`."""
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.profile_dir = profile_dir
+        self.trace_name = f"ember-worker-{self.rank}"
+        if prefix:
+            self.trace_name = f"{prefix}_{self.trace_name}"
         self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
         self.profiler.start()
 
@@ -147,10 +165,124 @@ class Worker:
         if self.profiler is None:
             raise RuntimeError("the profiler was not started")
         self.profiler.stop()
-        path = os.path.join(self.profile_dir, f"ember-worker-{self.rank}.trace.json")
+        path = os.path.join(self.profile_dir, f"{self.trace_name}.trace.json")
         self.profiler.export_chrome_trace(path)
         self.profiler = None
         return path
 
+    # ---- sleep mode (`LLM.sleep` / `LLM.wake_up`) ------------------------------------
+
+    def sleep(self, level: int) -> None:
+        """Release memory: level 1 the KV cache (its contents are lost) and, on a GPU, moves
+        the weights to host memory; on CPU, where they already are, they stay. Level 2 drops
+        the weights too. Memory freed by torch goes back to the system (`_release_memory`)."""
+        if level not in (1, 2):
+            raise ValueError(f"level must be 1 or 2, got {level!r}")
+        self.model_runner.free_kv_cache()
+        self.kv_cache_asleep = True
+        if level == 2 or self.weights_asleep == 2:
+            self.model_runner.unload_model()
+            self.weights_asleep = 2
+        elif not self.weights_asleep:
+            if self.device.type != "cpu":
+                self.model_runner.move_weights(torch.device("cpu"))
+            self.weights_asleep = 1
+        _release_memory(self.device)
+
+    def wake_up(self, tags: list[str]) -> None:
+        """Bring back "weights" (from host memory, or loaded from the checkpoint after level
+        2) and "kv_cache" (allocated again, zeroed, once the weights are back)."""
+        unknown = sorted(set(tags) - {"weights", "kv_cache"})
+        if unknown:
+            raise ValueError(f"tags must be 'weights' or 'kv_cache', got {unknown[0]!r}")
+        if "weights" in tags and self.weights_asleep:
+            if self.weights_asleep == 2:
+                self.model_runner.load_model()
+            elif self.device.type != "cpu":
+                self.model_runner.move_weights(self.device)
+            self.weights_asleep = 0
+        if "kv_cache" in tags:
+            self.kv_cache_asleep = False
+        if not (self.kv_cache_asleep or self.weights_asleep or self.model_runner.kv_caches):
+            self.initialize_kv_cache(self.num_kv_blocks)
+
+    def reload_weights(self) -> None:
+        """Load the weights from the checkpoint again (vLLM's `collective_rpc("reload_weights")`,
+        as after `sleep(level=2)`); the KV cache stays bound."""
+        if self.weights_asleep:
+            raise RuntimeError("the weights are asleep: call wake_up(tags=['weights']) first")
+        self.model_runner.unload_model()
+        _release_memory(self.device)
+        self.model_runner.load_model()
+        if self.cuda_graph_sizes and self.model_runner.kv_caches:
+            self._capture_cuda_graphs()
+
+    # ---- collective_rpc ----------------------------------------------------------------
+
+    def call(self, method: str | FunctionRef, args: list, kwargs: dict[str, Any]) -> Any:
+        """Run `method` (a public method of this worker by name, or a function by reference,
+        called with this worker, or with the model for `apply_model`), as vLLM's
+        `collective_rpc` does on each rank."""
+        if isinstance(method, FunctionRef):
+            function = resolve_function(method)
+            target = self.get_model() if method.on_model else self
+            return function(target, *args, **kwargs)
+        if method.startswith("_"):
+            raise ValueError(f"method must name a public Worker method, got {method!r}")
+        function = getattr(self, method, None)
+        if not callable(function):
+            raise NotImplementedError(f"Method {method!r} is not implemented.")
+        return function(*args, **kwargs)
+
+    def get_model(self) -> torch.nn.Module:
+        """This rank's model (vLLM's `Worker.get_model`)."""
+        if self.model_runner.model is None:
+            raise RuntimeError("the weights are asleep: call wake_up(tags=['weights']) first")
+        return self.model_runner.model
+
+    def apply_model(self, func: Any) -> Any:
+        return func(self.get_model())
+
+    def check_health(self) -> None:
+        """Nothing to check: a worker that answers is healthy (vLLM's)."""
+
+    def get_memory_usage(self) -> dict[str, int]:
+        """This rank's process and the bytes its KV cache and weights take."""
+        model = self.model_runner.model
+        weights = () if model is None else [*model.parameters(), *model.buffers()]
+        caches = self.model_runner.kv_caches
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "kv_cache_bytes": sum(c.numel() * c.element_size() for c in caches),
+            "weights_bytes": sum(t.numel() * t.element_size() for t in weights),
+        }
+
     def shutdown(self) -> None:
         destroy_rank_group(self.parallel)
+
+
+def resolve_function(ref: FunctionRef) -> Any:
+    """The function `ref` names, imported as pickle would import it."""
+    if ref.path and ref.path not in sys.path:
+        sys.path.append(ref.path)
+    function: Any = importlib.import_module(ref.module)
+    for name in ref.qualname.split("."):
+        function = getattr(function, name)
+    if not callable(function):
+        raise TypeError(f"method: {ref.module}.{ref.qualname} is not callable")
+    return function
+
+
+def _release_memory(device: torch.device) -> None:
+    """Hand freed memory back: collect cycles, empty torch's CUDA cache, and on CPU ask glibc
+    to return its free heap pages (`malloc_trim`), which it otherwise keeps for reuse."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -20,12 +20,15 @@ import msgspec
 from ember.workers.config import EngineConfig
 from ember.workers.parent_watch import set_process_name, watch_parent
 from ember.workers.rpc import (
+    CollectiveRPC,
     DetermineNumKVBlocks,
     ExecuteModel,
     InitializeKVCache,
     Shutdown,
+    Sleep,
     StartProfile,
     StopProfile,
+    WakeUp,
     WorkerCall,
     WorkerReply,
     call_decoder,
@@ -51,10 +54,28 @@ def _answer(worker, call: WorkerCall, rank: int) -> WorkerReply:
         worker.initialize_kv_cache(call.num_blocks)
         return WorkerReply(rank=rank)
     if isinstance(call, StartProfile):
-        worker.start_profile(call.profile_dir)
+        worker.start_profile(call.profile_dir, call.prefix)
         return WorkerReply(rank=rank)
     if isinstance(call, StopProfile):
         return WorkerReply(rank=rank, trace_path=worker.stop_profile())
+    if isinstance(call, CollectiveRPC):
+        result = worker.call(call.method, call.args, call.kwargs)
+        try:
+            reply_encoder.encode(result)
+        except TypeError as exc:
+            method = call.method
+            name = method if isinstance(method, str) else f"{method.module}.{method.qualname}"
+            raise TypeError(
+                f"the result of {name} on rank {rank} cannot be sent back ({exc}): return plain "
+                "data (numbers, strings, lists, dicts; e.g. tensor.tolist())"
+            ) from None
+        return WorkerReply(rank=rank, result=result)
+    if isinstance(call, Sleep):
+        worker.sleep(call.level)
+        return WorkerReply(rank=rank)
+    if isinstance(call, WakeUp):
+        worker.wake_up(call.tags)
+        return WorkerReply(rank=rank)
     raise TypeError(f"unknown worker call {type(call).__name__}")
 
 

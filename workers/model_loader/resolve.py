@@ -1,5 +1,6 @@
 """Where a model's files are: the embedded default, a .gguf file, a local directory, or a
-Hugging Face repo id fetched through huggingface_hub (its cache, `revision`, offline mode).
+Hugging Face repo id fetched through huggingface_hub (its cache or `download_dir`, `revision`,
+`hf_token`, offline mode), and the tokenizer's files (`tokenizer`, `tokenizer_revision`).
 
 Called by `EngineArgs.create_engine_config` in the user's process; the processes below get the
 resolved local directory.
@@ -30,8 +31,15 @@ def default_model_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], _DEFAULT_MODEL_FILE)
 
 
-def resolve_model(model: str | None, revision: str | None = None) -> tuple[str, str | None]:
-    """(directory holding config.json and tokenizer files, path of the GGUF file or None)."""
+def resolve_model(
+    model: str | None,
+    revision: str | None = None,
+    *,
+    download_dir: str | None = None,
+    hf_token: bool | str | None = None,
+) -> tuple[str, str | None]:
+    """(directory holding config.json and tokenizer files, path of the GGUF file or None).
+    `download_dir` and `hf_token` apply to a repo id (see `hub_snapshot`)."""
     if model is None or model == DEFAULT_MODEL_NAME:
         model = default_model_path()
     if model.endswith(".gguf"):
@@ -44,13 +52,45 @@ def resolve_model(model: str | None, revision: str | None = None) -> tuple[str, 
         return os.path.abspath(model), None
     if os.path.exists(model):
         raise ValueError(f"model {model!r} is neither a directory nor a .gguf file")
-    return hub_snapshot(model, revision), None
+    return hub_snapshot(model, revision, download_dir=download_dir, hf_token=hf_token), None
+
+
+def resolve_tokenizer(
+    tokenizer: str | None,
+    model: str | None,
+    model_dir: str,
+    *,
+    revision: str | None = None,
+    tokenizer_revision: str | None = None,
+    download_dir: str | None = None,
+    hf_token: bool | str | None = None,
+) -> str:
+    """The local directory (or file) of the tokenizer, as vLLM picks it: `tokenizer`, else the
+    model's, at `tokenizer_revision`, else at the model's `revision`. A repo id is fetched
+    (tokenizer files only) into the hub cache; a local path is used as it is, and so is the
+    model's directory when the tokenizer's revision is the model's."""
+    revision_wanted = tokenizer_revision or revision
+    if tokenizer is None:
+        if model is None or os.path.exists(model) or tokenizer_revision in (None, revision):
+            return model_dir
+        tokenizer = model
+    elif os.path.exists(tokenizer):
+        return tokenizer
+    return hub_snapshot(
+        tokenizer,
+        revision_wanted,
+        download_dir=download_dir,
+        hf_token=hf_token,
+        tokenizer_only=True,
+    )
 
 
 # What a model needs from a repository: config, weights, tokenizer. Never Meta's `original/`
 # checkpoints or Mistral's `consolidated` copy of the same weights.
 _ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 _IGNORE_PATTERNS = ["original/*", "consolidated*"]
+# What a tokenizer needs (tokenizer.json, vocabularies, sentencepiece and tiktoken files).
+_TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
 def _env_flag(name: str) -> bool:
@@ -68,11 +108,20 @@ def hub_cache_dir() -> str | None:
     return None
 
 
-def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
+def hub_snapshot(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    download_dir: str | None = None,
+    hf_token: bool | str | None = None,
+    tokenizer_only: bool = False,
+) -> str:
     """The local snapshot directory of a Hugging Face repo at `revision` (branch, tag or commit;
-    None = main), downloaded into the hub cache if needed. With `HF_HUB_OFFLINE=1` only the
-    cache is read: refs/<revision> names the commit, snapshots/<commit> holds the files.
-    safetensors are fetched; `pytorch_model*.bin` only when the repository has none."""
+    None = main), downloaded into the hub cache if needed: `download_dir`, else the
+    environment's (`hub_cache_dir`). With `HF_HUB_OFFLINE=1` only the cache is read:
+    refs/<revision> names the commit, snapshots/<commit> holds the files. safetensors are
+    fetched; `pytorch_model*.bin` only when the repository has none; no weights at all with
+    `tokenizer_only`. `hf_token` is huggingface_hub's `token` (None: the stored login)."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         HFValidationError,
@@ -82,33 +131,39 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
     )
 
     offline = constants.HF_HUB_OFFLINE or _env_flag("HF_HUB_OFFLINE")
+    cache_dir = download_dir or hub_cache_dir()
     kwargs = {
         "revision": revision,
-        "cache_dir": hub_cache_dir(),
+        "cache_dir": cache_dir,
         "local_files_only": offline,
         "ignore_patterns": _IGNORE_PATTERNS,
+        "token": hf_token,
     }
+    allow_patterns = _TOKENIZER_PATTERNS if tokenizer_only else _ALLOW_PATTERNS
+    what = "tokenizer" if tokenizer_only else "model"
     where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
-        path = snapshot_download(repo_id, allow_patterns=_ALLOW_PATTERNS, **kwargs)
+        path = snapshot_download(repo_id, allow_patterns=allow_patterns, **kwargs)
+        if tokenizer_only:
+            return path
         if not offline and not glob.glob(os.path.join(path, "*.safetensors")):
             path = snapshot_download(
                 repo_id, allow_patterns=[*_ALLOW_PATTERNS, "pytorch_model*.bin"], **kwargs
             )
     except HFValidationError as exc:
-        raise ValueError(f"model {repo_id!r} is not a local path nor a valid repo id") from exc
+        raise ValueError(f"{what} {repo_id!r} is not a local path nor a valid repo id") from exc
     except RevisionNotFoundError as exc:
         raise ValueError(f"revision {revision!r} of {repo_id!r} does not exist") from exc
     except RepositoryNotFoundError as exc:
         raise ValueError(
-            f"model {repo_id!r} is not a local path nor a repository on the Hugging Face hub "
-            "(or it is private: log in with `hf auth login`)"
+            f"{what} {repo_id!r} is not a local path nor a repository on the Hugging Face hub "
+            "(or it is private: log in with `hf auth login`, or pass hf_token)"
         ) from exc
     except LocalEntryNotFoundError as exc:
-        cache = hub_cache_dir() or constants.HF_HUB_CACHE
+        cache = cache_dir or constants.HF_HUB_CACHE
         reason = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
         raise FileNotFoundError(
-            f"model {where} is not in the Hugging Face cache {cache!r} and {reason}"
+            f"{what} {where} is not in the Hugging Face cache {cache!r} and {reason}"
         ) from exc
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"model {where} has no config.json (snapshot {path!r})")
