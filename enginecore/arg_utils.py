@@ -32,6 +32,7 @@ from ember.workers.config import (
     StructuredOutputsConfig,
 )
 from ember.workers.hf_config import HFConfig, load_hf_config, rope_parameters
+from ember.workers.logits_processor import processor_reference
 from ember.workers.model_loader.resolve import resolve_model, resolve_tokenizer
 from ember.workers.models.registry import resolve_architecture
 
@@ -118,6 +119,9 @@ class EngineArgs:
     # holding a generation_config.json; override_generation_config's fields win over it.
     generation_config: str = "auto"
     override_generation_config: dict | None = None
+    # vLLM v1's class-based logits processors: classes (of `ember.logits_process`'s interface)
+    # or "module:Class" strings, built in the rank-0 worker
+    logits_processors: list | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -199,6 +203,15 @@ class EngineArgs:
             raise ValueError(
                 f"logprobs_mode must be one of {_LOGPROBS_MODES}, got {self.logprobs_mode!r}"
             )
+        if self.logits_processors is not None and not isinstance(
+            self.logits_processors, (list, tuple)
+        ):
+            raise TypeError(
+                "logits_processors must be a list of classes or '<module>:<class>' strings, "
+                f"got {type(self.logits_processors).__name__}"
+            )
+        for entry in self.logits_processors or ():
+            processor_reference(entry)  # raises for an entry the workers could not import
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
             raise ValueError(
                 f"max_logprobs must be -1 or a non-negative integer, got {self.max_logprobs!r}"
@@ -275,6 +288,10 @@ class EngineArgs:
             enable_sleep_mode=self.enable_sleep_mode,
             max_logprobs=self.max_logprobs,
             logprobs_mode=self.logprobs_mode,
+            logits_processors=tuple(
+                (ref.module, ref.qualname, ref.path)
+                for ref in map(processor_reference, self.logits_processors or ())
+            ),
             runner=runner,
             convert=convert,
             pooler=pooler,

@@ -287,6 +287,12 @@ class Scheduler:
             request.finish_reason = FinishReason.STOP
             self._free(request)
             outputs.append(
-                EngineCoreOutput(request_id, [], FinishReason.STOP, pooling_output=tensor)
+                EngineCoreOutput(
+                    request_id,
+                    [],
+                    FinishReason.STOP,
+                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                    pooling_output=tensor,
+                )
             )
         return outputs

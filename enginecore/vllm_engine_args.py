@@ -670,7 +670,11 @@ _POLICIES: dict[str, ArgPolicy] = {
     "additional_config": _no_effect("settings for vLLM's platform plugins"),
     "use_tqdm_on_load": _no_effect("ember shows no progress bar while loading"),
     "pt_load_map_location": _LOADING,
-    "logits_processors": _only("custom logits-processor classes are not supported"),
+    "logits_processors": _ember(
+        "honoured: vLLM v1's class-based processors (`ember.logits_process` interface), by "
+        "class or '<module>:<class>'; built in the rank-0 worker, options per request in "
+        "SamplingParams.extra_args"
+    ),
     "async_scheduling": _no_effect(
         "overlaps scheduling with the model step in vLLM; the outputs are the same"
     ),

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from ember.prompt_types import (
     PROMPT_KEYS,
     UNSUPPORTED_PROMPT_KEYS,
@@ -19,7 +21,7 @@ from ember.prompt_types import (
     TextPrompt,
     TokensPrompt,
 )
-from ember.workers.sampling_params import SamplingParams
+from ember.workers.sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = [
     "EmbedsPrompt",
@@ -349,6 +351,9 @@ def check_sampling_params(params: Any, index: int, limits: EngineLimits) -> Samp
                 f"{name}={requested} is more than max_logprobs={max_logprobs}; raise "
                 "LLM(max_logprobs=...)"
             )
+    if params.output_kind is not RequestOutputKind.FINAL_ONLY:
+        # The offline API returns finished outputs only; vLLM's `LLM` sets FINAL_ONLY too.
+        params = msgspec.structs.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
     if params.bad_words:
         if limits.tokenizer is None:
             raise ValueError("bad_words needs a tokenizer (skip_tokenizer_init=True was given)")

@@ -64,7 +64,9 @@ class RequestOutput:
 
     metrics is the request's `RequestStateStats` (`ember.metrics`: arrival, queue, schedule
     and token timestamps, first-token latency); num_cached_tokens counts the prompt
-    tokens served from the prefix cache (None when not known).
+    tokens served from the prefix cache (None when not known). encoder_prompt and
+    encoder_prompt_token_ids are vLLM's fields for encoder-decoder models: ember serves
+    decoder-only models, so both are always None.
     """
 
     request_id: str
@@ -75,6 +77,8 @@ class RequestOutput:
     finished: bool
     metrics: Any = None
     lora_request: Any = None  # vLLM's field; ember has no LoRA, so always None
+    encoder_prompt: str | None = None
+    encoder_prompt_token_ids: list[int] | None = None
     num_cached_tokens: int | None = None
 
     def add(self, next_output: RequestOutput, aggregate: bool) -> None:
@@ -114,5 +118,7 @@ class RequestOutput:
             f"finished={self.finished}, "
             f"metrics={self.metrics}, "
             f"lora_request={self.lora_request}, "
+            f"encoder_prompt={self.encoder_prompt!r}, "
+            f"encoder_prompt_token_ids={self.encoder_prompt_token_ids}, "
             f"num_cached_tokens={self.num_cached_tokens})"
         )

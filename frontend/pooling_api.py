@@ -256,7 +256,10 @@ class PoolingMixin:
                     data = torch.from_numpy(values.reshape(tensor.shape).copy())
                     i = index_of[output.request_id]
                     results[i] = PoolingRequestOutput(
-                        output.request_id, PoolingOutput(data), items[i].prompt_token_ids
+                        output.request_id,
+                        PoolingOutput(data),
+                        items[i].prompt_token_ids,
+                        output.num_cached_tokens,
                     )
                     progress.update(1)
         except BaseException:
@@ -293,13 +296,19 @@ class PoolingMixin:
             items.append(item)
             request_params.append(
                 PoolingParams(
-                    activation=params.activation, task="score", segment_start=segment_start
+                    use_activation=params.use_activation,
+                    activation=params.activation,
+                    task="score",
+                    segment_start=segment_start,
                 )
             )
         outputs = self._run_pooling(items, request_params, use_tqdm)
         return [
             ScoringRequestOutput(
-                o.request_id, ScoringOutput(float(o.outputs.data[0])), o.prompt_token_ids
+                o.request_id,
+                ScoringOutput(float(o.outputs.data[0])),
+                o.prompt_token_ids,
+                o.num_cached_tokens,
             )
             for o in outputs
         ]
@@ -322,6 +331,7 @@ class PoolingMixin:
                     f"{first.request_id}_{second.request_id}",
                     ScoringOutput(float(cosine)),
                     first.prompt_token_ids + second.prompt_token_ids,
+                    first.num_cached_tokens + second.num_cached_tokens,
                 )
             )
         return results

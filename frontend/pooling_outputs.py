@@ -66,11 +66,16 @@ OutputT = TypeVar("OutputT")
 
 @dataclass(slots=True)
 class PoolingRequestOutput(Generic[OutputT]):
-    """The output of one pooling request: its prompt's token ids and what was pooled."""
+    """The output of one pooling request: its prompt's token ids and what was pooled.
+
+    num_cached_tokens counts the prompt tokens served from the prefix cache (for a score of
+    two embeddings, the sum over both prompts, as vLLM's).
+    """
 
     request_id: str
     outputs: OutputT
     prompt_token_ids: list[int]
+    num_cached_tokens: int = 0
     finished: bool = True
 
 
@@ -83,6 +88,7 @@ class EmbeddingRequestOutput(PoolingRequestOutput[EmbeddingOutput]):
             output.request_id,
             EmbeddingOutput.from_base(output.outputs),
             output.prompt_token_ids,
+            output.num_cached_tokens,
             output.finished,
         )
 
@@ -96,6 +102,7 @@ class ClassificationRequestOutput(PoolingRequestOutput[ClassificationOutput]):
             output.request_id,
             ClassificationOutput.from_base(output.outputs),
             output.prompt_token_ids,
+            output.num_cached_tokens,
             output.finished,
         )
 

@@ -64,6 +64,9 @@ class ModelConfig:
     # the SamplingParams fields it and override_generation_config set (vLLM's
     # `get_diff_sampling_param`), the defaults of `LLM.get_default_sampling_params`
     default_sampling_params: dict = field(default_factory=dict)
+    # vLLM's class-based logits processors, by reference: (module, qualified name, the sys.path
+    # entry to import it from or None), built in the rank-0 worker
+    logits_processors: tuple[tuple[str, str, str | None], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,11 +22,13 @@ from ember.workers.cuda_graphs import CudaGraphRunner
 from ember.workers.distributed import SINGLE_RANK, ParallelContext
 from ember.workers.host_to_device import to_device
 from ember.workers.layers.attention import Attention
+from ember.workers.logits_processor import LogitsProcessors, OutputTokenIds
 from ember.workers.logprobs import LogprobsLists
 from ember.workers.model_loader.loader import DTYPES, get_model
 from ember.workers.nonfinite import scrub_nonfinite_blocks
 from ember.workers.pooling_params import PoolingParams
 from ember.workers.pooling_runner import PoolingRunner
+from ember.workers.rpc import FunctionRef
 from ember.workers.sampler import (
     LogprobsTensors,
     PenaltyInputs,
@@ -95,6 +97,15 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         generator = torch.Generator(device=device).manual_seed(config.model.seed)
         self.sampler = Sampler(generator, config.model.logprobs_mode)
+        # Custom logits processors run where the sampler runs: rank 0 (it gets the logits).
+        self.logits_processors = None
+        if parallel.rank == 0 and config.model.logits_processors:
+            self.logits_processors = LogitsProcessors.build(
+                [FunctionRef(*ref) for ref in config.model.logits_processors],
+                config,
+                device,
+                is_pin_memory=device.type == "cuda",
+            )
         self.kv_caches: list[torch.Tensor] = []
         self.cuda_graphs: CudaGraphRunner | None = None  # set by the worker on CUDA
         self.load_model()
@@ -428,7 +439,21 @@ class ModelRunner:
         finite_rows = torch.isfinite(logits.sum(dim=-1))
         if scheduler_output.grammar_req_ids:
             self._apply_grammar_bitmask(logits, states, scheduler_output)
-        sampler_output = self.sampler(logits, self._sampling_metadata(states))
+        metadata = self._sampling_metadata(states)
+        if self.logits_processors is not None:
+            self.logits_processors.update(
+                [
+                    (
+                        (s.req_id, id(s)),
+                        s.sampling_params,
+                        s.token_ids[: s.num_prompt_tokens],
+                        OutputTokenIds(s.token_ids, s.num_prompt_tokens),
+                    )
+                    for s in states
+                ]
+            )
+            metadata.custom_processors = self.logits_processors
+        sampler_output = self.sampler(logits, metadata)
         sampled, finite = torch.stack(
             [sampler_output.sampled_token_ids, finite_rows.to(torch.int64)]
         ).tolist()

@@ -17,16 +17,22 @@ POOLING_TASKS = ("embed", "classify", "score", "token_embed", "token_classify")
 class PoolingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Parameters of a pooling request, as vLLM's `PoolingParams`.
 
+    - use_activation: vLLM's one switch for every task: L2-normalise embeddings (embed,
+      token_embed), apply the classifier's activation (classify, score, token_classify);
+      None = the task's default below.
     - normalize: L2-normalise embeddings (embed, token_embed); None = the model's default
       (True for embedding models, as sentence-transformers' `Normalize` module says).
     - dimensions: keep the first `dimensions` features of an embedding before normalising
       (Matryoshka truncation); must be in [1, hidden size].
     - activation: apply the classifier's activation (softmax over labels, sigmoid for a
       single label) for classify, score and token_classify; None = True.
+      normalize and activation are the older vLLM spellings (before use_activation); either
+      may be given with use_activation only when they agree.
     - truncate_prompt_tokens: keep only the last k prompt tokens (-1: the model's length).
     - task: set by `LLM.encode` and its siblings; one of `POOLING_TASKS`.
     """
 
+    use_activation: bool | None = None
     normalize: bool | None = None
     dimensions: int | None = None
     activation: bool | None = None
@@ -37,7 +43,7 @@ class PoolingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     segment_start: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("normalize", "activation"):
+        for name in ("use_activation", "normalize", "activation"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool or None, got {type(value).__name__}")
@@ -45,6 +51,13 @@ class PoolingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+        for name in ("normalize", "activation"):
+            value = getattr(self, name)
+            if None not in (value, self.use_activation) and value != self.use_activation:
+                raise ValueError(
+                    f"use_activation={self.use_activation} and {name}={value} disagree; give "
+                    "use_activation only"
+                )
         if self.dimensions is not None and self.dimensions < 1:
             raise ValueError(f"dimensions must be at least 1, got {self.dimensions}")
         if self.truncate_prompt_tokens is not None and (
@@ -56,6 +69,16 @@ class PoolingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
             )
         if self.task is not None and self.task not in POOLING_TASKS:
             raise ValueError(f"task must be one of {POOLING_TASKS}, got {self.task!r}")
+
+    @property
+    def apply_activation(self) -> bool | None:
+        """classify, score, token_classify: apply the classifier's activation (None: yes)."""
+        return self.activation if self.use_activation is None else self.use_activation
+
+    @property
+    def apply_normalize(self) -> bool | None:
+        """embed, token_embed: L2-normalise (None: the model's default)."""
+        return self.normalize if self.use_activation is None else self.use_activation
 
     def clone(self) -> PoolingParams:
         return msgspec.structs.replace(self)

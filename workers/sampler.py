@@ -6,21 +6,27 @@ is batched over the rows; the order follows vLLM v1's sampler:
     raw logits ──▶ logprobs (log_softmax of the raw logits, when any row asks; see
         │           `logprobs_mode` for the other sources vLLM offers)
         │
-        ├─ allowed_token_ids, bad words and min_tokens stops masked to -inf, logit_bias added
+        ├─ allowed_token_ids, bad words and min_tokens stops masked to -inf, logit_bias added,
+        │  then LLM(logits_processors=...) that may change the argmax
         ├─ repetition / frequency / presence penalties
         ├─ greedy rows: argmax
-        └─ other rows: temperature, min_p, top-k / top-p, then a draw from the exponential race
+        └─ other rows: temperature, argmax-invariant custom processors, min_p, top-k / top-p,
+           then a draw from the exponential race
            (seeded rows draw their noise from their own generator)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ember.kernels import apply_top_k_top_p, sample_from_probs
 from ember.kernels.penalties import apply_penalties
+
+if TYPE_CHECKING:
+    from ember.workers.logits_processor import LogitsProcessors
 
 _GREEDY_TEMPERATURE = 1e-5
 
@@ -57,6 +63,8 @@ class SamplingMetadata:
     banned: tuple[torch.Tensor, torch.Tensor] | None = None
     # The most logprobs any row asks for (-1: the whole vocabulary); None: no row asks.
     max_num_logprobs: int | None = None
+    # LLM(logits_processors=[...]) as built on rank 0 (`ember.workers.logits_processor`)
+    custom_processors: LogitsProcessors | None = None
 
     @property
     def has_logits_processors(self) -> bool:
@@ -65,6 +73,10 @@ class SamplingMetadata:
             or self.banned is not None
             or self.logit_bias is not None
             or self.penalties is not None
+            or (
+                self.custom_processors is not None
+                and bool(self.custom_processors.non_argmax_invariant)
+            )
         )
 
 
@@ -136,6 +148,9 @@ def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) ->
     if metadata.logit_bias is not None:
         rows, token_ids, biases = metadata.logit_bias
         logits.index_put_((rows, token_ids), biases.to(logits.dtype), accumulate=True)
+    if metadata.custom_processors is not None:  # those that may change the argmax, as vLLM
+        for processor in metadata.custom_processors.non_argmax_invariant:
+            logits = processor.apply(logits)
     penalties = metadata.penalties
     if penalties is not None:
         logits[penalties.rows] = apply_penalties(
@@ -188,6 +203,9 @@ class Sampler:
         else:
             temperature = metadata.temperature.clamp(min=_GREEDY_TEMPERATURE)
         logits = logits / temperature.unsqueeze(1)
+        if metadata.custom_processors is not None:  # greedy rows took their argmax above
+            for processor in metadata.custom_processors.argmax_invariant:
+                logits = processor.apply(logits)
         if metadata.min_p is not None:
             logits = apply_min_p(logits, metadata.min_p)
         logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)

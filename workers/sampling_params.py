@@ -10,7 +10,7 @@ import copy
 import logging
 import math
 import numbers
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Any
 
 import msgspec
@@ -28,6 +28,14 @@ class SamplingType(IntEnum):
     GREEDY = 0
     RANDOM = 1
     RANDOM_SEED = 2
+
+
+class RequestOutputKind(Enum):
+    """How a request's outputs are returned while it runs (vLLM's enum and values)."""
+
+    CUMULATIVE = 0  # every output holds the whole output so far
+    DELTA = 1  # every output holds only what is new since the previous one
+    FINAL_ONLY = 2  # no intermediate outputs: only the finished one
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -52,6 +60,10 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     - detokenize, skip_special_tokens, spaces_between_special_tokens: how text is made.
     - truncate_prompt_tokens: keep only the last k prompt tokens (-1: the model's length).
     - logit_bias: token id -> bias added to its logit. allowed_token_ids: sample only these.
+    - output_kind: a `RequestOutputKind`. The offline `LLM` returns finished outputs only and
+      sends FINAL_ONLY to the engine whatever is given, as vLLM's `LLM` does.
+    - extra_args: a dict for custom logits processors and plugins, carried unchanged to the
+      workers; it must be msgpack-encodable (no pickle), with integers that fit in 64 bits.
 
     Decisions where vLLM leaves room (see also `__post_init__`): a wrong type raises TypeError
     naming the field (vLLM lets most of them fail later); float fields are stored as float, so an
@@ -86,6 +98,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     structured_outputs: StructuredOutputsParams | None = None
     # The older spelling of structured_outputs; moved there on construction.
     guided_decoding: GuidedDecodingParams | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    extra_args: dict[str, Any] | None = None
     # Set by the engine, not by users: stop_token_ids plus the model's EOS ids, which min_tokens
     # must also hold back (vLLM's field of the same name).
     _all_stop_token_ids: set[int] = msgspec.field(default_factory=set)
@@ -187,6 +201,12 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
                 "structured_outputs must be a StructuredOutputsParams, got "
                 f"{type(self.structured_outputs).__name__}"
             )
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise TypeError(
+                f"output_kind must be a RequestOutputKind, got {type(self.output_kind).__name__}"
+            )
+        if self.extra_args is not None:
+            _check_extra_args(self.extra_args)
         if not isinstance(self._all_stop_token_ids, set):
             self._all_stop_token_ids = set(
                 _as_token_ids("_all_stop_token_ids", self._all_stop_token_ids)
@@ -340,8 +360,32 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
             f"truncate_prompt_tokens={self.truncate_prompt_tokens}, "
             f"logit_bias={self.logit_bias}, "
             f"allowed_token_ids={self.allowed_token_ids}, "
-            f"structured_outputs={self.structured_outputs})"
+            f"structured_outputs={self.structured_outputs}, "
+            f"extra_args={self.extra_args})"
         )
+
+
+def _check_extra_args(extra_args: object) -> None:
+    """extra_args travels to the workers as msgpack: a dict of plain data, 64-bit integers."""
+    if not isinstance(extra_args, dict):
+        raise TypeError(f"extra_args must be a dict or None, got {type(extra_args).__name__}")
+    pending: list[Any] = [extra_args]
+    visited: set[int] = set()
+    while pending:  # vLLM's check, without recursion (a deep dict cannot overflow the stack)
+        value = pending.pop()
+        if isinstance(value, int) and not _INT64_MIN <= value <= _UINT64_MAX:
+            raise ValueError(f"extra_args integers must be in [-2**63, 2**64 - 1], got {value}.")
+        if isinstance(value, (dict, list, tuple)) and id(value) not in visited:
+            visited.add(id(value))
+            if isinstance(value, dict):
+                pending.extend(value.keys())
+                pending.extend(value.values())
+            else:
+                pending.extend(value)
+    try:
+        msgspec.msgpack.encode(extra_args)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"extra_args must hold only msgpack-encodable data: {exc}") from None
 
 
 def _as_int(name: str, value: object) -> int:

@@ -3,10 +3,10 @@
 Called by `ember.workers.pooling_runner`. Per request, by its task:
 
     embed           pool the prompt's tokens (CLS: first, MEAN: all, LAST: last) -> [H'],
-                    first `dimensions` features, L2-normalised unless normalize=False
+                    first `dimensions` features, L2-normalised unless use_activation=False
     token_embed     every token's hidden state -> [T, H'], the same per token
     classify/score  pool, then the model's classifier head -> [num_labels], softmax (sigmoid
-                    for one label) unless activation=False
+                    for one label) unless use_activation=False
     token_classify  the classifier head on every token -> [T, num_labels]
 """
 
@@ -43,7 +43,7 @@ class Pooler:
         raise ValueError(f"unknown pooling_type {pooling_type!r}")
 
     def _activate(self, logits: torch.Tensor, params: PoolingParams) -> torch.Tensor:
-        if params.activation is False:
+        if params.apply_activation is False:
             return logits
         if logits.shape[-1] == 1:
             return torch.sigmoid(logits)
@@ -52,7 +52,9 @@ class Pooler:
     def _embedding(self, vectors: torch.Tensor, params: PoolingParams) -> torch.Tensor:
         if params.dimensions is not None:
             vectors = vectors[..., : params.dimensions]
-        normalize = self.config.normalize if params.normalize is None else params.normalize
+        normalize = params.apply_normalize
+        if normalize is None:
+            normalize = self.config.normalize
         return F.normalize(vectors, p=2, dim=-1) if normalize else vectors
 
     def __call__(
