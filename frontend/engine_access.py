@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
-import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +19,7 @@ import msgspec
 
 from ember.workers.config import EngineConfig, PoolerConfig
 from ember.workers.hf_config import HFConfig
-from ember.workers.rpc import FunctionRef
+from ember.workers.rpc import FunctionRef, reference_to
 
 if TYPE_CHECKING:
     from ember.enginecore.messages import EngineCoreReadyInfo
@@ -42,44 +40,8 @@ def supported_tasks(info: EngineCoreReadyInfo) -> tuple[str, ...]:
 
 
 def function_reference(func: Callable, argument: str) -> FunctionRef:
-    """`func` as the workers can find it: a function at the top level of an importable module
-    (or a static method of a class there). Lambdas, closures, bound methods and functions of
-    the `__main__` script cannot be found by name in another process."""
-    module_name = getattr(func, "__module__", None)
-    qualname = getattr(func, "__qualname__", None)
-    found: Any = sys.modules.get(module_name or "")
-    for name in (qualname or "").split("."):
-        found = getattr(found, name, None)
-    bound_to = getattr(func, "__self__", None)
-    if (
-        not module_name
-        or not qualname
-        or module_name == "__main__"
-        or "<" in qualname
-        or (bound_to is not None and not isinstance(bound_to, (type, types.ModuleType)))
-        or found != func
-    ):
-        raise TypeError(
-            f"{argument}: {func!r} cannot be sent to the workers. ember sends a function by "
-            "reference (its module and name, as pickle does), so define it at the top level "
-            "of an importable module (not in the __main__ script, nor as a lambda or a "
-            "closure), or pass the name of a Worker method"
-        )
-    return FunctionRef(module_name, qualname, _import_root(module_name))
-
-
-def _import_root(module_name: str) -> str | None:
-    """The sys.path entry under which `module_name` was found, for the workers' sys.path."""
-    path = getattr(sys.modules[module_name], "__file__", None)
-    if path is None:
-        return None
-    depth = module_name.count(".") + 1
-    if os.path.basename(path).startswith("__init__."):
-        depth += 1
-    root = os.path.abspath(path)
-    for _ in range(depth):
-        root = os.path.dirname(root)
-    return root
+    """`func` as the workers can find it (`ember.workers.rpc.reference_to`)."""
+    return reference_to(func, argument)
 
 
 # ---- configuration views -------------------------------------------------------------------

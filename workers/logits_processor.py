@@ -7,16 +7,13 @@ tells every processor how its batch changed (`BatchUpdate`), then the sampler ca
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import TYPE_CHECKING, Any
 
-from ember.workers.rpc import FunctionRef
+from ember.workers.rpc import FunctionRef, reference_to, resolve_reference
 
 if TYPE_CHECKING:
     import torch
@@ -105,30 +102,7 @@ def processor_reference(entry: Any) -> FunctionRef:
             f"{type(entry).__name__}"
         )
     _check_processor_class(entry)
-    module, qualname = entry.__module__, entry.__qualname__
-    found: Any = sys.modules.get(module)
-    for name in qualname.split("."):
-        found = getattr(found, name, None)
-    if module == "__main__" or "<" in qualname or found is not entry:
-        raise TypeError(
-            f"logits_processors: {entry!r} cannot be sent to the workers. ember sends a class "
-            "by reference (its module and name, as pickle does), so define it at the top level "
-            "of an importable module (not in the __main__ script, nor inside a function)"
-        )
-    file = getattr(sys.modules[module], "__file__", None)
-    return FunctionRef(module, qualname, _import_root(module, file))
-
-
-def _import_root(module: str, file: str | None) -> str | None:
-    """The sys.path entry `module` was found under, so that the workers find it too."""
-    if file is None:
-        return None
-    root = os.path.dirname(os.path.abspath(file))
-    if os.path.basename(file) == "__init__.py":
-        root = os.path.dirname(root)
-    for _ in range(module.count(".")):
-        root = os.path.dirname(root)
-    return root
+    return reference_to(entry, "logits_processors", kind="class")
 
 
 def _check_processor_class(cls: type) -> None:
@@ -142,14 +116,10 @@ def _check_processor_class(cls: type) -> None:
 
 def load_processor_class(ref: FunctionRef) -> type:
     """The class `ref` names, imported in the worker."""
-    if ref.path and ref.path not in sys.path:
-        sys.path.append(ref.path)
     try:
-        found: Any = importlib.import_module(ref.module)
+        found = resolve_reference(ref)
     except ImportError as exc:
         raise RuntimeError(f"logits_processors: cannot import {ref.module!r}: {exc}") from exc
-    for name in ref.qualname.split("."):
-        found = getattr(found, name)
     if not isinstance(found, type):
         raise TypeError(f"logits_processors: {ref.module}:{ref.qualname} is not a class")
     _check_processor_class(found)

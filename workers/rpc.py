@@ -1,11 +1,16 @@
 """Calls the engine core broadcasts to every worker, and each worker's reply (msgspec, tagged).
 
 Defined here, the lowest layer using them; `ember.enginecore.multiproc_executor` sends calls and
-reads replies, `ember.workers.worker_process` answers them.
+reads replies, `ember.workers.worker_process` answers them. Functions and classes travel as
+`FunctionRef`s (`reference_to` / `resolve_reference`), never pickled.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+import types
 from typing import Any
 
 import msgspec
@@ -52,6 +57,58 @@ class FunctionRef(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     qualname: str
     path: str | None = None
     on_model: bool = False
+
+
+def reference_to(obj: Any, argument: str, kind: str = "function") -> FunctionRef:
+    """`obj` (a function or class at the top level of an importable module, or a static
+    method of a class there) as a reference another process can import. Lambdas, closures,
+    bound methods and what the `__main__` script defines cannot be found by name there: a
+    TypeError naming `argument`."""
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    found: Any = sys.modules.get(module or "")
+    for name in (qualname or "").split("."):
+        found = getattr(found, name, None)
+    bound_to = getattr(obj, "__self__", None)
+    if (
+        not module
+        or not qualname
+        or module == "__main__"
+        or "<" in qualname
+        or (bound_to is not None and not isinstance(bound_to, (type, types.ModuleType)))
+        or found != obj
+    ):
+        raise TypeError(
+            f"{argument}: {obj!r} cannot be sent to the workers. ember sends a {kind} by "
+            "reference (its module and name, as pickle does), so define it at the top level "
+            "of an importable module (not in the __main__ script, nor as a lambda or inside "
+            "a function)"
+        )
+    return FunctionRef(module, qualname, _import_root(module))
+
+
+def _import_root(module: str) -> str | None:
+    """The sys.path entry `module` was found under, so that the workers find it too."""
+    file = getattr(sys.modules[module], "__file__", None)
+    if file is None:
+        return None
+    root = os.path.dirname(os.path.abspath(file))
+    if os.path.basename(file).startswith("__init__."):
+        root = os.path.dirname(root)
+    for _ in range(module.count(".")):
+        root = os.path.dirname(root)
+    return root
+
+
+def resolve_reference(ref: FunctionRef) -> Any:
+    """What `ref` names, imported as pickle would import it (its directory appended to
+    `sys.path` when missing)."""
+    if ref.path and ref.path not in sys.path:
+        sys.path.append(ref.path)
+    found: Any = importlib.import_module(ref.module)
+    for name in ref.qualname.split("."):
+        found = getattr(found, name)
+    return found
 
 
 class CollectiveRPC(_Call, tag="rpc"):

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import importlib
 import logging
 import os
-import sys
 from typing import Any
 
 import psutil
@@ -30,7 +28,7 @@ from ember.workers.gpu_memory import (
     profile_memory,
 )
 from ember.workers.model_runner import ModelRunner
-from ember.workers.rpc import FunctionRef
+from ember.workers.rpc import FunctionRef, resolve_reference
 from ember.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -265,11 +263,7 @@ class Worker:
 
 def resolve_function(ref: FunctionRef) -> Any:
     """The function `ref` names, imported as pickle would import it."""
-    if ref.path and ref.path not in sys.path:
-        sys.path.append(ref.path)
-    function: Any = importlib.import_module(ref.module)
-    for name in ref.qualname.split("."):
-        function = getattr(function, name)
+    function = resolve_reference(ref)
     if not callable(function):
         raise TypeError(f"method: {ref.module}.{ref.qualname} is not callable")
     return function
