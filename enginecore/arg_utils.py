@@ -26,6 +26,7 @@ from ember.workers.config import (
     CacheConfig,
     DeviceConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -47,7 +48,6 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 # vLLM's tokenizer modes that need its own tokenizer classes.
 _UNSUPPORTED_TOKENIZER_MODES = (
-    "mistral",
     "deepseek_v32",
     "deepseek_v4",
     "inkling",
@@ -122,10 +122,23 @@ class EngineArgs:
     # vLLM v1's class-based logits processors: classes (of `ember.logits_process`'s interface)
     # or "module:Class" strings, built in the rank-0 worker
     logits_processors: list | None = None
+    # LoRA adapters per request (vLLM's names and defaults; see workers/config.LoRAConfig)
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def add_cli_args(cls, parser: Any) -> Any:
+        """vLLM's: a `--flag` for every vLLM engine argument, with vLLM's defaults, on an
+        argparse parser or group (`ember.enginecore.engine_cli`); returns the parser."""
+        from ember.enginecore.engine_cli import add_engine_cli_args, ember_field_annotations
+
+        return add_engine_cli_args(parser, ember_field_annotations(cls))
 
     def _validate(self) -> None:
         if self.quantization not in (None, "gguf"):
@@ -162,12 +175,13 @@ class EngineArgs:
         if self.tokenizer_mode in _UNSUPPORTED_TOKENIZER_MODES:
             raise NotImplementedError(
                 f"tokenizer_mode={self.tokenizer_mode!r} is not supported (it needs vLLM's own "
-                "tokenizer classes, e.g. mistral_common's); ember loads Hugging Face tokenizers: "
-                "'auto' (= 'hf') or 'slow'"
+                "tokenizer classes); ember loads Hugging Face tokenizers ('auto' = 'hf', "
+                "'slow') and mistral_common's ('mistral')"
             )
-        if self.tokenizer_mode not in ("auto", "hf", "slow"):
+        if self.tokenizer_mode not in ("auto", "hf", "slow", "mistral"):
             raise ValueError(
-                f"tokenizer_mode must be 'auto', 'hf' or 'slow', got {self.tokenizer_mode!r}"
+                "tokenizer_mode must be 'auto', 'hf', 'slow' or 'mistral', got "
+                f"{self.tokenizer_mode!r}"
             )
         generation_config_source(self.generation_config)
         override_fields(self.override_generation_config)
@@ -222,6 +236,7 @@ class EngineArgs:
             )
 
         _structured_outputs_config(self.structured_outputs_config)
+        _lora_config(self)
 
     def _device(self) -> str:
         if self.device == "auto":
@@ -282,6 +297,7 @@ class EngineArgs:
                 tokenizer_revision=self.tokenizer_revision,
                 **hub,
             ),
+            tokenizer_mode=self.tokenizer_mode,
             revision=self.revision,
             seed=0 if self.seed is None else self.seed,
             trust_remote_code=self.trust_remote_code,
@@ -314,7 +330,7 @@ class EngineArgs:
                 swap_space_gib=self.swap_space,
             ),
             scheduler=SchedulerConfig(
-                max_num_seqs=self.max_num_seqs,
+                max_num_seqs=256 if self.max_num_seqs is None else self.max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
@@ -325,10 +341,34 @@ class EngineArgs:
                 execute_model_timeout_s=float(self.execute_model_timeout_s),
             ),
             device=DeviceConfig(
-                device=device, num_threads=self.num_threads, enforce_eager=self.enforce_eager
+                device=device,
+                num_threads=self.num_threads,
+                enforce_eager=self.enforce_eager,
+                cpu_offload_bytes=0 if device == "cpu" else int(self.cpu_offload_gb * 2**30),
             ),
             structured_outputs=_structured_outputs_config(self.structured_outputs_config),
+            lora=_lora_config(self),
         )
+
+
+def _lora_config(args: EngineArgs) -> LoRAConfig | None:
+    """vLLM's LoRA arguments, checked: None unless enable_lora."""
+    if not isinstance(args.enable_lora, bool):
+        raise TypeError(f"enable_lora must be a bool, got {type(args.enable_lora).__name__}")
+    for name in ("max_loras", "max_lora_rank"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    max_cpu_loras = args.max_cpu_loras
+    if max_cpu_loras is not None and (
+        not isinstance(max_cpu_loras, int) or max_cpu_loras < args.max_loras
+    ):
+        raise ValueError(
+            f"max_cpu_loras ({max_cpu_loras!r}) must be an integer >= max_loras ({args.max_loras})"
+        )
+    if not args.enable_lora:
+        return None
+    return LoRAConfig(args.max_loras, args.max_lora_rank, max_cpu_loras)
 
 
 _STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "guidance", "outlines")
@@ -388,15 +428,10 @@ def _structured_outputs_config(value: Any) -> StructuredOutputsConfig:
 
 def _check_cpu_offload(cpu_offload_gb: float, device: str) -> None:
     """vLLM's `cpu_offload_gb` keeps that much of the weights in host memory and streams it
-    in for each step. On CPU the weights are in host memory already; on CUDA ember does not
-    stream weights (yet)."""
-    if not cpu_offload_gb:
+    in for each step (on CUDA: `ember.workers.cpu_offload`). On CPU the weights are in host
+    memory already."""
+    if not cpu_offload_gb or device != "cpu":
         return
-    if device != "cpu":
-        raise NotImplementedError(
-            f"cpu_offload_gb={cpu_offload_gb} is not supported on {device}: ember keeps every "
-            "weight in device memory (use a smaller dtype, quantization or tensor_parallel_size)"
-        )
     log_no_effect("cpu_offload_gb", cpu_offload_gb, "on CPU the weights are in host memory")
 
 

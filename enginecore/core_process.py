@@ -55,6 +55,8 @@ from ember.enginecore.stats import scheduler_stats
 from ember.enginecore.step_trace import StepTrace
 from ember.enginecore.tensor_frames import split_tensor_frames
 from ember.workers.config import EngineConfig
+from ember.workers.hf_config import HFConfig
+from ember.workers.lora_request import lora_module_shapes
 from ember.workers.parent_watch import set_process_name, watch_parent
 from ember.workers.rpc import FunctionRef
 
@@ -64,6 +66,14 @@ _IDLE_POLL_S = 0.5
 _STARTUP_ERROR_GRACE_S = 5.0
 CLIENT_TIMEOUT_S = 10.0
 _STOP = object()  # an input-queue item that wakes the busy loop to stop
+
+
+def _lora_module_shapes(config: EngineConfig) -> dict[str, list[int]]:
+    """With LoRA on, the shapes of the modules an adapter may target (for the frontend's check);
+    {} without LoRA or without a config snapshot (the workers check every adapter anyway)."""
+    if config.lora is None or not config.model.hf_config:
+        return {}
+    return lora_module_shapes(HFConfig(config.model.hf_config))
 
 
 class EngineCoreProc:
@@ -264,6 +274,12 @@ class EngineCoreProc:
                     model_config.vocab_size,
                     model_config.runner,
                 )
+                if (
+                    problem is None
+                    and request.lora_request is not None
+                    and core.config.lora is None
+                ):
+                    problem = "a lora_request needs LLM(enable_lora=True)"
                 if problem is None and core.is_sleeping:  # refused, not queued: none waits
                     problem = "the engine is asleep (LLM.sleep); call LLM.wake_up() first"
                 if problem is not None:
@@ -437,6 +453,8 @@ class EngineCoreProc:
             max_logprobs=config.model.max_logprobs,
             generation_config=config.model.generation_config,
             default_sampling_params=config.model.default_sampling_params,
+            max_lora_rank=0 if config.lora is None else config.lora.max_lora_rank,
+            lora_module_shapes=_lora_module_shapes(config),
             **pooling_ready_info(config.model),
         )
 

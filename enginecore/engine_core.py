@@ -62,7 +62,11 @@ class EngineCore:
         self.kv_cache_manager = KVCacheManager(
             num_blocks, block_size, enable_caching=config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
+        self.scheduler = Scheduler(
+            config.scheduler,
+            self.kv_cache_manager,
+            max_loras=None if config.lora is None else config.lora.max_loras,
+        )
         self.eos_token_ids = config.model.eos_token_ids
         self.structured_output = StructuredOutputManager(config.model, config.structured_outputs)
         # Requests whose grammar is compiling: checked each step for a failed compile.
@@ -149,6 +153,13 @@ class EngineCore:
         the process answers when it is done). Per spec: [backend, was_auto] or [None, error]."""
         return self.structured_output.validate(
             [msgspec.convert(spec, StructuredOutputsParams) for spec in specs]
+        )
+
+    def utility_structured_output_allowed_tokens(self, spec: object, token_seqs: list) -> object:
+        """Per token sequence, the ids `spec`'s grammar allows next, or None where it ended
+        (a Future, as above): the grammar side of vLLM's constrained beam search."""
+        return self.structured_output.allowed_tokens_after(
+            msgspec.convert(spec, StructuredOutputsParams), token_seqs
         )
 
     # ---- sleep mode --------------------------------------------------------------------

@@ -12,6 +12,7 @@ import msgspec
 
 from ember.enginecore.stats import SchedulerStats
 from ember.workers.logprobs import LogprobsLists
+from ember.workers.lora_request import LoRARequest
 from ember.workers.pooled_tensor import PooledTensor
 from ember.workers.pooling_params import PoolingParams
 from ember.workers.sampling_params import SamplingParams
@@ -41,6 +42,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     pooling_params: PoolingParams | None = None  # set for a pooling request
     # Under scheduling_policy="priority": a lower value is scheduled first (vLLM's).
     priority: int = 0
+    lora_request: LoRARequest | None = None  # its LoRA adapter (LLM(enable_lora=True))
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -51,6 +53,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # With a request's first output: the prompt tokens this request computed and wrote to the
+    # prefix cache (whole blocks), vLLM's num_cache_creation_tokens.
+    num_cache_creation_tokens: int = 0
     # One row per new token, when the request asked for logprobs.
     new_logprobs: LogprobsLists | None = None
     # One row per prompt token computed this step (from the second on), for prompt_logprobs.
@@ -115,6 +120,9 @@ class EngineCoreReadyInfo(msgspec.Struct, array_like=True, omit_defaults=True, g
     # `LLM.get_default_sampling_params` reads them here
     generation_config: str = "auto"
     default_sampling_params: dict = {}
+    max_lora_rank: int = 0  # 0: LoRA is off (enable_lora=False)
+    # LoRA: [in, out] of each module an adapter may target, checked in the user's process
+    lora_module_shapes: dict[str, list[int]] = {}
 
 
 class UtilityRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ember.enginecore.block_pool import BlockHash
 from ember.enginecore.messages import EngineCoreRequest, FinishReason
+from ember.workers.lora_request import LoRARequest
 from ember.workers.pooling_params import PoolingParams
 from ember.workers.sampling_params import SamplingParams
 
@@ -31,8 +32,9 @@ class Request:
     eos_token_ids: tuple[int, ...]
     arrival_time: float = 0.0
     cache_salt: str | None = None
-    # The LoRA adapter's name once LoRA lands: part of every block's prefix-cache key.
+    # The LoRA adapter's name: part of every block's prefix-cache key.
     lora_name: str | None = None
+    lora_request: LoRARequest | None = None
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)  # prompt, then outputs
@@ -76,6 +78,8 @@ class Request:
             cache_salt=request.cache_salt,
             pooling_params=request.pooling_params,
             priority=request.priority,
+            lora_request=request.lora_request,
+            lora_name=None if request.lora_request is None else request.lora_request.lora_name,
         )
 
     @property

@@ -33,9 +33,17 @@ from ember.workers.scheduler_output import (
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache_manager: KVCacheManager,
+        max_loras: int | None = None,
+    ):
         self.config = config
         self.kv_cache_manager = kv_cache_manager
+        # LoRA: at most this many distinct adapters among the running requests (the workers'
+        # slots); None: LoRA off.
+        self.max_loras = max_loras
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -173,9 +181,11 @@ class Scheduler:
             index += 1
 
         # Then waiting ones (resumed preempted requests first), unless this step preempted. A
-        # request whose grammar is still compiling is passed over, keeping its place.
+        # request whose grammar is still compiling, or whose LoRA adapter would make more than
+        # max_loras adapters run at once, is passed over, keeping its place (vLLM's).
         waiting = self.waiting
         compiling: list[Request] = []
+        running_loras = self._running_loras()
         while (
             waiting
             and token_budget > 0
@@ -184,6 +194,15 @@ class Scheduler:
         ):
             request = waiting[0]
             if request.grammar is not None and not request.grammar.ready:
+                compiling.append(waiting.popleft())
+                continue
+            lora_id = _lora_id(request)
+            if (
+                lora_id is not None
+                and self.max_loras is not None
+                and lora_id not in running_loras
+                and len(running_loras) >= self.max_loras
+            ):
                 compiling.append(waiting.popleft())
                 continue
             computed_blocks, num_cached = kv_cache_manager.get_computed_blocks(request)
@@ -215,8 +234,11 @@ class Scheduler:
                     num_computed_tokens=num_cached,
                     output_token_ids=list(request.output_token_ids),
                     pooling_params=request.pooling_params,
+                    lora_request=request.lora_request,
                 )
             )
+            if lora_id is not None:
+                running_loras.add(lora_id)
             request.num_computed_tokens = num_cached + num_new
         waiting.extendleft(reversed(compiling))
 
@@ -228,6 +250,13 @@ class Scheduler:
         )
         self.finished_req_ids.clear()
         return output
+
+    def _running_loras(self) -> set[int]:
+        """The adapters (lora_int_id) of the running requests: each holds a worker slot while
+        it runs."""
+        if self.max_loras is None:
+            return set()
+        return {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
@@ -246,6 +275,9 @@ class Scheduler:
             request = requests.get(request_id)
             if request is None:  # aborted while the step ran
                 continue
+            first_output = not request.output_token_ids
+            if first_output:  # before a stop frees the blocks it counts
+                num_cache_creation_tokens = self._num_cache_creation_tokens(request)
             request.output_token_ids.append(token_id)
             request.all_token_ids.append(token_id)
             if request.grammar is not None:
@@ -256,8 +288,9 @@ class Scheduler:
             output = EngineCoreOutput(
                 request_id, [token_id], request.finish_reason, request.stop_reason
             )
-            if len(request.output_token_ids) == 1:
+            if first_output:
                 output.num_cached_tokens = max(request.num_cached_tokens, 0)
+                output.num_cache_creation_tokens = num_cache_creation_tokens
                 output.queued_ts, output.scheduled_ts = request.queued_ts, request.scheduled_ts
             if logprobs is not None and request.sampling_params.logprobs is not None:
                 output.new_logprobs = logprobs.slice(row, row + 1)
@@ -276,6 +309,18 @@ class Scheduler:
         if any_finished:
             self._drop_finished_from_running()
         return outputs
+
+    def _num_cache_creation_tokens(self, request: Request) -> int:
+        """Prompt tokens in the full blocks this request has cached, less those it found there
+        (vLLM's `PrefillStats.finalize`); 0 without prefix caching."""
+        kv_cache_manager = self.kv_cache_manager
+        if not kv_cache_manager.enable_caching:
+            return 0
+        num_cached_blocks = kv_cache_manager.num_cached_blocks.get(request.request_id, 0)
+        num_written = min(
+            num_cached_blocks * kv_cache_manager.block_size, request.num_prompt_tokens
+        )
+        return max(0, num_written - max(request.num_cached_tokens, 0))
 
     def _finish_pooled(self, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Pooling requests end with the step that computed their prompt: their pooled output."""
@@ -296,3 +341,7 @@ class Scheduler:
                 )
             )
         return outputs
+
+
+def _lora_id(request: Request) -> int | None:
+    return None if request.lora_request is None else request.lora_request.lora_int_id

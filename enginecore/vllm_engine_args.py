@@ -346,7 +346,9 @@ def _setting(value: Any, name: str) -> Any:
 
 
 _MULTIMODAL = _no_effect("multimodal input; ember runs text-only models")
-_LORA = _no_effect("configures LoRA adapters, which ember does not load (enable_lora)")
+_LORA = _no_effect(
+    "a LoRA option ember lacks (it honours enable_lora, max_loras, max_lora_rank, max_cpu_loras)"
+)
 _MAMBA = _no_effect("Mamba state caches; ember has no Mamba models")
 _DATA_PARALLEL = _no_effect("configures data parallelism, which ember runs at size 1")
 _CONTEXT_PARALLEL = _no_effect("configures context parallelism, which ember runs at size 1")
@@ -379,8 +381,8 @@ _POLICIES: dict[str, ArgPolicy] = {
     "skip_tokenizer_init": _ember("honoured"),
     "enable_prompt_embeds": _only("prompts given as embeddings are not supported"),
     "tokenizer_mode": _ember(
-        "'auto', 'hf' or 'slow'; vLLM's own tokenizer modes ('mistral', ...) raise "
-        "NotImplementedError"
+        "'auto', 'hf', 'slow' or 'mistral' (mistral_common's tokenizer); vLLM's other "
+        "tokenizer modes ('deepseek_v32', ...) raise NotImplementedError"
     ),
     "trust_remote_code": _ember("honoured"),
     "allowed_local_media_path": _MULTIMODAL,
@@ -473,8 +475,9 @@ _POLICIES: dict[str, ArgPolicy] = {
     "disable_cascade_attn": _no_effect("ember has no cascade attention"),
     "offload_backend": _OFFLOAD,
     "cpu_offload_gb": _ember(
-        "on CPU, no effect (the weights are in host memory already); on CUDA, a value above 0 "
-        "raises NotImplementedError (weights are not streamed from host memory)"
+        "on CUDA, that many GiB of the decoder layers' weights stay in pinned host memory and "
+        "are copied in for each forward (vLLM's non-UVA path; CUDA graphs off); on CPU, no "
+        "effect (the weights are in host memory already)"
     ),
     "cpu_offload_params": _OFFLOAD,
     "offload_group_size": _only("prefetch offloading of layer groups is not supported"),
@@ -549,12 +552,14 @@ _POLICIES: dict[str, ArgPolicy] = {
     "mm_processor_device": _MULTIMODAL,
     "mm_ipc_gpu_memory_gb": _MULTIMODAL,
     "mm_device_do_normalize": _MULTIMODAL,
-    "enable_lora": _only("LoRA adapters are not supported"),
-    "max_loras": _LORA,
-    "max_lora_rank": _LORA,
+    "enable_lora": _ember(
+        "honoured: PEFT adapters on q/k/v/o/gate/up/down_proj per request (lora_request)"
+    ),
+    "max_loras": _ember("honoured: distinct adapters in one step (device slots)"),
+    "max_lora_rank": _ember("honoured: the largest adapter rank; a larger one raises ValueError"),
     "default_mm_loras": _LORA,
     "fully_sharded_loras": _LORA,
-    "max_cpu_loras": _LORA,
+    "max_cpu_loras": _ember("honoured: adapters kept loaded in host memory (LRU)"),
     "lora_dtype": _LORA,
     "lora_target_modules": _LORA,
     "enable_tower_connector_lora": _LORA,

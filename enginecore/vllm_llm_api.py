@@ -296,8 +296,11 @@ VLLM_LLM_ATTRIBUTES: tuple[str, ...] = (
     "pooling_io_processors",
 )
 
-_LORA = _raises("a LoRARequest (anything but None): LoRA adapters are not supported yet")
-_MM = "multimodal processor options; ember runs text-only models"
+_LORA = (
+    "supported: one `LoRARequest` for every prompt, or a list of one (or None) per prompt; "
+    "needs `LLM(enable_lora=True)`, see [LoRA adapters](#lora-adapters)"
+)
+_MM_RAISES = _raises("anything but None: ember runs text-only models")
 _RL = "weight updates from a trainer (vLLM's RL API)"
 
 # ember's status of each method ("name") and argument ("name.argument"), read from ember's
@@ -311,8 +314,8 @@ _STATUS: dict[str, str] = {
     "apply_model.func": SUPPORTED,
     "beam_search": SUPPORTED,
     "beam_search.prompts": SUPPORTED,
-    "beam_search.params": "supported: `BeamSearchParams.structured_outputs` and "
-    "`watermarking` raise NotImplementedError",
+    "beam_search.params": "supported: `structured_outputs` included (vLLM's constrained "
+    "beams); `BeamSearchParams.watermarking` raises NotImplementedError",
     "beam_search.lora_request": _LORA,
     "beam_search.use_tqdm": SUPPORTED,
     "beam_search.concurrency_limit": SUPPORTED,
@@ -329,13 +332,13 @@ _STATUS: dict[str, str] = {
     "chat.tools": SUPPORTED,
     "chat.chat_template_kwargs": SUPPORTED,
     "chat.tokenization_kwargs": SUPPORTED,
-    "chat.mm_processor_kwargs": MISSING,
+    "chat.mm_processor_kwargs": _MM_RAISES,
     "classify": SUPPORTED,
     "classify.prompts": SUPPORTED,
     "classify.pooling_params": SUPPORTED,
     "classify.use_tqdm": SUPPORTED,
     "classify.lora_request": _LORA,
-    "classify.tokenization_kwargs": MISSING,
+    "classify.tokenization_kwargs": SUPPORTED,
     "collective_rpc": "supported: `method` is a `Worker` method's name or a top-level "
     "function of an importable module (sent by reference, never pickled); arguments and "
     "results are plain data",
@@ -348,18 +351,40 @@ _STATUS: dict[str, str] = {
     "embed.use_tqdm": SUPPORTED,
     "embed.pooling_params": SUPPORTED,
     "embed.lora_request": _LORA,
-    "embed.tokenization_kwargs": MISSING,
+    "embed.tokenization_kwargs": SUPPORTED,
     "encode": SUPPORTED,
     "encode.prompts": SUPPORTED,
     "encode.pooling_params": SUPPORTED,
     "encode.use_tqdm": SUPPORTED,
     "encode.lora_request": _LORA,
     "encode.pooling_task": SUPPORTED,
-    "encode.tokenization_kwargs": MISSING,
-    "enqueue": MISSING,
-    "enqueue_chat": MISSING,
+    "encode.tokenization_kwargs": SUPPORTED,
+    "enqueue": "supported: the engine core starts on the requests at once (it runs in its "
+    "own process); `wait_for_completion` gathers their outputs",
+    "enqueue.prompts": SUPPORTED,
+    "enqueue.sampling_params": SUPPORTED,
+    "enqueue.lora_request": _LORA,
+    "enqueue.priority": SUPPORTED,
+    "enqueue.use_tqdm": _no_effect("sending the requests is one message"),
+    "enqueue.tokenization_kwargs": SUPPORTED,
+    "enqueue.mm_processor_kwargs": _MM_RAISES,
+    "enqueue_chat": SUPPORTED,
+    "enqueue_chat.messages": SUPPORTED,
+    "enqueue_chat.sampling_params": SUPPORTED,
+    "enqueue_chat.use_tqdm": _no_effect("sending the requests is one message"),
+    "enqueue_chat.lora_request": _LORA,
+    "enqueue_chat.priority": SUPPORTED,
+    "enqueue_chat.chat_template": SUPPORTED,
+    "enqueue_chat.chat_template_content_format": SUPPORTED,
+    "enqueue_chat.add_generation_prompt": SUPPORTED,
+    "enqueue_chat.continue_final_message": SUPPORTED,
+    "enqueue_chat.tools": SUPPORTED,
+    "enqueue_chat.chat_template_kwargs": SUPPORTED,
+    "enqueue_chat.tokenization_kwargs": SUPPORTED,
+    "enqueue_chat.mm_processor_kwargs": _MM_RAISES,
     "finish_weight_update": MISSING,
-    "from_engine_args": MISSING,
+    "from_engine_args": "supported: with ember's `EngineArgs` (`from ember import EngineArgs`)",
+    "from_engine_args.engine_args": SUPPORTED,
     "generate": SUPPORTED,
     "generate.prompts": SUPPORTED,
     "generate.sampling_params": SUPPORTED,
@@ -367,7 +392,7 @@ _STATUS: dict[str, str] = {
     "generate.lora_request": _LORA,
     "generate.priority": SUPPORTED,
     "generate.tokenization_kwargs": SUPPORTED,
-    "generate.mm_processor_kwargs": MISSING,
+    "generate.mm_processor_kwargs": _MM_RAISES,
     "get_default_sampling_params": SUPPORTED,
     "get_metrics": SUPPORTED,
     "get_tokenizer": SUPPORTED,
@@ -378,7 +403,7 @@ _STATUS: dict[str, str] = {
     ),
     "init_weight_transfer_engine": MISSING,
     "release_kv_cache_memory": MISSING,
-    "reset_mm_cache": MISSING,
+    "reset_mm_cache": _no_effect("ember has no multimodal cache"),
     "reset_prefix_cache": SUPPORTED,
     "reset_prefix_cache.reset_running_requests": SUPPORTED,
     "reset_prefix_cache.reset_connector": _no_effect("ember has no KV connector to reset"),
@@ -388,7 +413,7 @@ _STATUS: dict[str, str] = {
     "score.use_tqdm": SUPPORTED,
     "score.pooling_params": SUPPORTED,
     "score.lora_request": _LORA,
-    "score.tokenization_kwargs": MISSING,
+    "score.tokenization_kwargs": SUPPORTED,
     "score.chat_template": MISSING,
     "shutdown_weight_transfer_engine": MISSING,
     "sleep": "supported: levels 1 and 2 need `LLM(enable_sleep_mode=True)`",
@@ -406,7 +431,9 @@ _STATUS: dict[str, str] = {
     "stop_profile": SUPPORTED,
     "update_weight_version": MISSING,
     "update_weights": MISSING,
-    "wait_for_completion": MISSING,
+    "wait_for_completion": SUPPORTED,
+    "wait_for_completion.output_type": SUPPORTED,
+    "wait_for_completion.use_tqdm": SUPPORTED,
     "wake_up": SUPPORTED,
     "wake_up.tags": SUPPORTED,
     # attributes
@@ -427,9 +454,6 @@ _STATUS: dict[str, str] = {
 }
 # Reasons shown with a "missing" status, where there is one worth giving.
 _MISSING_WHY: dict[str, str] = {
-    "chat.mm_processor_kwargs": _MM,
-    "generate.mm_processor_kwargs": _MM,
-    "reset_mm_cache": "ember has no multimodal cache",
     "finish_weight_update": _RL,
     "get_weight_version": _RL,
     "init_weight_transfer_engine": _RL,

@@ -33,6 +33,7 @@ _EXPORTS = {
     "BeamSearchSequence": "ember.beam_search",
     "StructuredOutputsParams": "ember.workers.structured_outputs_params",
     "GuidedDecodingParams": "ember.workers.structured_outputs_params",
+    "LoRARequest": "ember.workers.lora_request",
     "PromptType": "ember.prompt_types",
     "TextPrompt": "ember.prompt_types",
     "TokensPrompt": "ember.prompt_types",
@@ -51,6 +52,7 @@ __all__ = [
     "EngineArgs",
     "EngineDeadError",
     "GuidedDecodingParams",
+    "LoRARequest",
     "Logprob",
     "PoolingOutput",
     "PoolingParams",
@@ -82,6 +84,7 @@ if TYPE_CHECKING:
         ScoringRequestOutput,
     )
     from ember.prompt_types import PromptType, TextPrompt, TokensPrompt
+    from ember.workers.lora_request import LoRARequest
     from ember.workers.pooling_params import PoolingParams
     from ember.workers.sampling_params import SamplingParams
     from ember.workers.structured_outputs_params import (

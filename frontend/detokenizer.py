@@ -16,6 +16,8 @@ try:  # tokenizers >= 0.21.1
 except ImportError:  # pragma: no cover - older tokenizers: every tokenizer takes the offset path
     BackendTokenizer = DecodeStream = None
 
+from ember.workers.mistral_tokenizer import is_mistral_tokenizer
+
 if TYPE_CHECKING:
     from ember.workers.sampling_params import SamplingParams
 
@@ -191,7 +193,10 @@ def _make_token_decoder(
     skip_special_tokens: bool,
     spaces_between_special_tokens: bool,
 ) -> _StreamDecoder | _OffsetDecoder:
-    """The `tokenizers` DecodeStream for fast tokenizers (as vLLM v1), token offsets otherwise."""
+    """The `tokenizers` DecodeStream for fast tokenizers (as vLLM v1), token offsets otherwise
+    (over ids for mistral_common's tokenizers)."""
+    if is_mistral_tokenizer(tokenizer):
+        return _IdOffsetDecoder(tokenizer, prompt_token_ids, skip_special_tokens)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if DecodeStream is not None and isinstance(backend, BackendTokenizer):
         return _StreamDecoder(
@@ -293,12 +298,15 @@ class _OffsetDecoder:
         )
         return [token or "" for token in tokens]
 
+    def _to_string(self, tokens: list) -> str:
+        return self.tokenizer.convert_tokens_to_string(tokens)
+
     def decode_next(self, token_id: int) -> str:
         new_tokens = self._to_tokens([token_id])
         if not new_tokens:  # a skipped special token or an id with no text
             return ""
         self.tokens.extend(new_tokens)
-        to_string = self.tokenizer.convert_tokens_to_string
+        to_string = self._to_string
         prefix_text = to_string(self.tokens[self.prefix_offset : self.read_offset])
         new_text = to_string(self.tokens[self.prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
@@ -309,3 +317,35 @@ class _OffsetDecoder:
             self.read_offset -= self.prefix_offset
             self.prefix_offset = 0
         return new_text[len(prefix_text) :]
+
+
+class _IdOffsetDecoder(_OffsetDecoder):
+    """The offset algorithm over token ids, for tokenizers whose token strings do not join back
+    into text (mistral_common's byte tokens): each window is decoded from its ids."""
+
+    def __init__(
+        self, tokenizer: Any, prompt_token_ids: Sequence[int], skip_special_tokens: bool
+    ) -> None:
+        self.special_ids = frozenset(tokenizer.all_special_ids)
+        super().__init__(tokenizer, prompt_token_ids, skip_special_tokens)
+
+    def _to_tokens(self, token_ids: Sequence[int]) -> list[int]:
+        skipped = self.special_ids if self.skip_special_tokens else ()
+        return [i for i in token_ids if 0 <= i < self.vocab_size and i not in skipped]
+
+    def _to_string(self, tokens: list) -> str:
+        # Runs of ordinary ids decode as text; a special id kept in the output shows as its
+        # token (SentencePiece's decode would otherwise keep the word-boundary marks).
+        special_ids, decode = self.special_ids, self.tokenizer.decode
+        parts, run = [], []
+        for token_id in tokens:
+            if token_id in special_ids:
+                if run:
+                    parts.append(decode(run, skip_special_tokens=True))
+                    run = []
+                parts.append(self.tokenizer.convert_ids_to_tokens(token_id))
+            else:
+                run.append(token_id)
+        if run:
+            parts.append(decode(run, skip_special_tokens=True))
+        return "".join(parts)

@@ -32,6 +32,7 @@ from ember.inputs import (
     tokenize_prompt,
     truncate_prompt,
 )
+from ember.lora.resolve import lora_requests_per_prompt
 from ember.metrics import EngineMetrics
 from ember.metrics_reader import MetricsList, read_metrics
 from ember.output_processor import OutputProcessor, ParentRequest
@@ -39,6 +40,7 @@ from ember.outputs import RequestOutput
 from ember.pooling_api import PoolingMixin
 from ember.stat_logger import LoggingStatLogger
 from ember.structured_outputs import check_structured_outputs
+from ember.workers.lora_request import LoRARequest
 from ember.workers.sampling_params import SamplingParams
 from ember.workers.tokenizer_loader import load_tokenizer
 
@@ -129,7 +131,7 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
                 tokenizer = pool.submit(
                     load_tokenizer,
                     self.config.model.tokenizer,
-                    use_fast=tokenizer_mode != "slow",
+                    tokenizer_mode=tokenizer_mode,
                     trust_remote_code=trust_remote_code,
                     revision=revision,
                 )
@@ -143,6 +145,7 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
         self.vocab_size = self.engine.ready_info.vocab_size
         self.max_logprobs = self.engine.ready_info.max_logprobs
         self._request_counter = itertools.count()
+        self._enqueued: list[_Batch] = []  # sent by enqueue(), gathered by wait_for_completion
         self._init_metrics(self.config.model.model, disable_log_stats)
 
     def _init_metrics(self, model_name: str | None, disable_log_stats: bool) -> None:
@@ -175,13 +178,14 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
         if not skip_tokenizer_init:
             self.tokenizer = load_tokenizer(
                 tokenizer or info.tokenizer or model,
-                use_fast=tokenizer_mode != "slow",
+                tokenizer_mode=tokenizer_mode,
                 trust_remote_code=trust_remote_code,
                 revision=revision,
             )
         # Request ids must not collide with other clients' ids in the shared engine.
         prefix = self.engine.identity.hex()
         self._request_counter = (f"{prefix}-{i}" for i in itertools.count())
+        self._enqueued = []
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -196,8 +200,20 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
 
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> LLM:
+        """vLLM's: an `LLM` built from every field of `engine_args`."""
+        if not isinstance(engine_args, EngineArgs):
+            raise TypeError(
+                f"engine_args must be an ember EngineArgs, got {type(engine_args).__name__}"
+            )
+        return cls(**{name: getattr(engine_args, name) for name in EngineArgs.field_names()})
+
     def get_tokenizer(self) -> Any:
         return self.tokenizer
+
+    def reset_mm_cache(self) -> None:
+        """vLLM's; ember serves text-only models, so there is no multimodal cache to clear."""
 
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: SamplingParams() with the fields the model's generation config sets
@@ -232,18 +248,94 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
         lora_request: Any = None,
         priority: int | list[int] | None = None,
         tokenization_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Generate completions for `prompts`; the outputs come back in input order.
         `sampling_params=None` means `get_default_sampling_params()`; `priority` (one or one
         per prompt) orders requests under `LLM(scheduling_policy="priority")`;
         `tokenization_kwargs` (e.g. `{"truncation": True, "max_length": 512}`) as vLLM reads
         them, see `ember.inputs.tokenize_options`."""
-        if lora_request is not None:
-            raise NotImplementedError("lora_request is not supported yet")
+        request = self._prepare_generation(
+            "generate",
+            prompts,
+            sampling_params,
+            lora_request,
+            priority,
+            tokenization_kwargs,
+            mm_processor_kwargs,
+        )
+        if request is None:
+            return []
+        batch = self._send_requests(*request)
+        self._gather([batch], use_tqdm)
+        return batch.results
+
+    def enqueue(
+        self,
+        prompts: Any,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        lora_request: Any = None,
+        priority: int | list[int] | None = None,
+        use_tqdm: bool = True,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """vLLM's: check `prompts` as `generate` does and send them to the engine without
+        waiting; returns their request ids. `wait_for_completion()` gathers the outputs (the
+        engine core runs them meanwhile, and a `generate` call in between keeps their outputs
+        for it). use_tqdm has nothing to show: sending is one message."""
+        request = self._prepare_generation(
+            "enqueue",
+            prompts,
+            sampling_params,
+            lora_request,
+            priority,
+            tokenization_kwargs,
+            mm_processor_kwargs,
+        )
+        if request is None:
+            return []
+        batch = self._send_requests(*request)
+        self._enqueued.append(batch)
+        return list(batch.order)
+
+    def wait_for_completion(
+        self, output_type: type | tuple[type, ...] | None = None, *, use_tqdm: bool = True
+    ) -> list[RequestOutput]:
+        """vLLM's: the outputs of every request `enqueue` / `enqueue_chat` sent since the last
+        call, once all have finished, in the order they were enqueued (vLLM's request-id
+        order). `output_type` checks their type, as vLLM does."""
+        batches, self._enqueued = self._enqueued, []
+        self._gather(batches, use_tqdm)
+        results = [output for batch in batches for output in batch.results]
+        if output_type is not None:
+            for output in results:
+                if not isinstance(output, output_type):
+                    raise TypeError(
+                        f"wait_for_completion: expected {output_type}, got {type(output).__name__}"
+                    )
+        return results
+
+    def _prepare_generation(
+        self,
+        caller: str,
+        prompts: Any,
+        sampling_params: SamplingParams | list[SamplingParams] | None,
+        lora_request: Any,
+        priority: int | list[int] | None,
+        tokenization_kwargs: dict[str, Any] | None,
+        mm_processor_kwargs: dict[str, Any] | None,
+    ) -> tuple | None:
+        """Everything `generate` and `enqueue` check before any work: the arguments of
+        `_send_requests`, or None when there are no prompts."""
         if self.engine.ready_info.runner == "pooling":
             raise ValueError(
-                "generate() needs a generative model; this is a pooling model: "
+                f"{caller}() needs a generative model; this is a pooling model: "
                 "use encode(), embed(), classify() or score()"
+            )
+        if mm_processor_kwargs is not None:
+            raise NotImplementedError(
+                "mm_processor_kwargs is not supported: ember runs text-only models"
             )
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -254,6 +346,7 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
         )
         params = per_prompt_params(sampling_params, len(prompt_list), limits)
         priorities = priority_per_prompt(priority, len(prompt_list))
+        loras = lora_requests_per_prompt(lora_request, len(prompt_list), self.engine.ready_info)
         processed = []
         for index, (prompt, request_params) in enumerate(zip(prompt_list, params)):
             item = tokenize_prompt(prompt, self.tokenizer, index, options)
@@ -261,9 +354,9 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
             check_prompt(item, index, self.max_model_len, self.vocab_size)
             processed.append(item)
         if not processed:
-            return []
+            return None
         check_structured_outputs(self.engine, params)
-        return self._run_requests(processed, params, use_tqdm, priorities)
+        return processed, params, priorities, loras
 
     def beam_search(
         self,
@@ -275,9 +368,7 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
     ) -> list[BeamSearchOutput]:
         """vLLM's beam search: `beam_width` sequences per prompt, extended one token a step
         by their top 2 × beam_width next tokens; see `ember.beam_search`."""
-        if lora_request is not None:
-            raise NotImplementedError("lora_request is not supported yet")
-        return run_beam_search(self, prompts, params, use_tqdm, concurrency_limit)
+        return run_beam_search(self, prompts, params, use_tqdm, concurrency_limit, lora_request)
 
     def _run_requests(
         self,
@@ -285,10 +376,23 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
         params: list[SamplingParams],
         use_tqdm: bool,
         priorities: list[int] | None = None,
+        loras: list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Send checked prompts to the engine and gather their outputs, in input order. A
-        prompt with n > 1 becomes n child requests (child i seeded with seed + i) that share
-        the prompt's cached KV blocks."""
+        """Send checked prompts to the engine and gather their outputs, in input order."""
+        batch = self._send_requests(processed, params, priorities, loras)
+        self._gather([batch], use_tqdm)
+        return batch.results
+
+    def _send_requests(
+        self,
+        processed: list[ProcessedPrompt],
+        params: list[SamplingParams],
+        priorities: list[int] | None = None,
+        loras: list[LoRARequest | None] | None = None,
+    ) -> _Batch:
+        """Send checked prompts to the engine. A prompt with n > 1 becomes n child requests
+        (child i seeded with seed + i) that share the prompt's cached KV blocks. `loras`: each
+        prompt's adapter (checked)."""
         processor = OutputProcessor(self.tokenizer, self._metrics)
         requests, order = [], {}
         now = time.time()
@@ -315,13 +419,19 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
                         now,
                         item.cache_salt,
                         priority=0 if priorities is None else priorities[index],
+                        lora_request=None if loras is None else loras[index],
                     )
                 )
-        results: list[RequestOutput | None] = [None] * len(processed)
-        progress = _Progress(len(processed), use_tqdm)
+        self.engine.add_requests(requests)
+        return _Batch(processor, order, loras, [None] * len(processed))
+
+    def _gather(self, batches: list[_Batch], use_tqdm: bool) -> None:
+        """Read the engine's outputs until every request of `batches` has finished, filling
+        their results. Outputs of requests `enqueue` sent are kept for `wait_for_completion`."""
+        progress = _Progress(sum(len(batch.results) for batch in batches), use_tqdm)
+        readers = batches + [batch for batch in self._enqueued if batch not in batches]
         try:
-            self.engine.add_requests(requests)
-            while processor.states:
+            while any(batch.processor.states for batch in batches):
                 outputs = self.engine.get_outputs(timeout_s=_OUTPUT_POLL_S)
                 if self._stat_logger is not None:
                     self._stat_logger.maybe_log()
@@ -329,20 +439,47 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
                     continue
                 if outputs.scheduler_stats is not None:
                     self._metrics.update_scheduler_stats(outputs.scheduler_stats)
-                finished, to_abort = processor.process(outputs.outputs)
-                self.engine.abort_requests(to_abort)
-                for output in finished:
-                    results[order[output.request_id]] = output
-                    progress.update(output)
+                for batch in readers:
+                    for output in batch.process(outputs.outputs, self.engine):
+                        if batch in batches:
+                            progress.update(output)
         except BaseException:
             # Ctrl-C or a dead engine: nothing of this call may keep running in the engine.
-            pending = processor.abort_all()
-            if self.engine.is_alive():
-                self.engine.abort_requests(pending)
+            for batch in batches:
+                pending = batch.processor.abort_all()
+                if self.engine.is_alive():
+                    self.engine.abort_requests(pending)
             raise
         finally:
             progress.close()
-        return results
+
+
+class _Batch:
+    """The requests one call sent to the engine, and their outputs as they finish (results in
+    input order)."""
+
+    def __init__(
+        self,
+        processor: OutputProcessor,
+        order: dict[str, int],
+        loras: list[LoRARequest | None] | None,
+        results: list[RequestOutput | None],
+    ):
+        self.processor = processor
+        self.order = order  # request id -> index in the call's input
+        self.loras = loras
+        self.results = results
+
+    def process(self, outputs: list, engine: EngineCoreClient) -> list[RequestOutput]:
+        """Apply one step's outputs (others' requests are passed over); returns the outputs
+        of this batch's requests that finished."""
+        finished, to_abort = self.processor.process(outputs)
+        engine.abort_requests(to_abort)
+        for output in finished:
+            index = self.order[output.request_id]
+            output.lora_request = None if self.loras is None else self.loras[index]
+            self.results[index] = output
+        return finished
 
 
 def priority_per_prompt(priority: int | list[int] | None, num_prompts: int) -> list[int]:

@@ -66,6 +66,7 @@ class RequestState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    num_cache_creation_tokens: int = 0
     stats: RequestStateStats | None = field(default=None)  # RequestOutput.metrics
 
     @property
@@ -92,6 +93,7 @@ class RequestState:
             outputs=[self.completion()],
             finished=self.finished,
             num_cached_tokens=self.num_cached_tokens,
+            num_cache_creation_tokens=self.num_cache_creation_tokens,
             metrics=self.stats,
         )
 
@@ -120,6 +122,7 @@ class ParentRequest:
             outputs=[self.completions[i] for i in range(self.n)],
             finished=True,
             num_cached_tokens=first.num_cached_tokens,
+            num_cache_creation_tokens=first.num_cache_creation_tokens,
             metrics=first.stats,
         )
 
@@ -166,6 +169,8 @@ class OutputProcessor:
                 continue
             if output.num_cached_tokens:  # sent with the request's first output
                 state.num_cached_tokens = output.num_cached_tokens
+            if output.num_cache_creation_tokens:  # likewise
+                state.num_cache_creation_tokens = output.num_cache_creation_tokens
             if state.stats is not None:
                 self.metrics.observe_output(state.stats, output, len(state.prompt_token_ids))
             if output.new_prompt_logprobs is not None and state.prompt_logprobs is not None:

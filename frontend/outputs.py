@@ -41,7 +41,7 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    lora_request: Any = None  # vLLM's field; ember has no LoRA, so always None
+    lora_request: Any = None  # vLLM's field, None as in vLLM v1 (see RequestOutput's)
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -64,7 +64,8 @@ class RequestOutput:
 
     metrics is the request's `RequestStateStats` (`ember.metrics`: arrival, queue, schedule
     and token timestamps, first-token latency); num_cached_tokens counts the prompt
-    tokens served from the prefix cache (None when not known). encoder_prompt and
+    tokens served from the prefix cache (None when not known), num_cache_creation_tokens those
+    this request computed and wrote to it in whole blocks (0 without prefix caching). encoder_prompt and
     encoder_prompt_token_ids are vLLM's fields for encoder-decoder models: ember serves
     decoder-only models, so both are always None.
     """
@@ -76,10 +77,11 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: Any = None
-    lora_request: Any = None  # vLLM's field; ember has no LoRA, so always None
+    lora_request: Any = None  # the request's LoRARequest, or None (the base model)
     encoder_prompt: str | None = None
     encoder_prompt_token_ids: list[int] | None = None
     num_cached_tokens: int | None = None
+    num_cache_creation_tokens: int | None = None
 
     def add(self, next_output: RequestOutput, aggregate: bool) -> None:
         """Merge a later output of the same request into this one (vLLM's `RequestOutput.add`).
@@ -120,5 +122,6 @@ class RequestOutput:
             f"lora_request={self.lora_request}, "
             f"encoder_prompt={self.encoder_prompt!r}, "
             f"encoder_prompt_token_ids={self.encoder_prompt_token_ids}, "
-            f"num_cached_tokens={self.num_cached_tokens})"
+            f"num_cached_tokens={self.num_cached_tokens}, "
+            f"num_cache_creation_tokens={self.num_cache_creation_tokens})"
         )

@@ -7,6 +7,7 @@ tensor per request (a raw frame), which becomes vLLM's output objects.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -16,11 +17,14 @@ from tqdm.auto import tqdm
 from ember.enginecore.messages import EngineCoreRequest
 from ember.inputs import (
     ProcessedPrompt,
+    TokenizeOptions,
     check_prompt,
     normalize_prompts,
     one_per_prompt,
+    tokenize_options,
     tokenize_prompt,
 )
+from ember.lora.resolve import lora_requests_per_prompt
 from ember.pooling_outputs import (
     ClassificationRequestOutput,
     EmbeddingRequestOutput,
@@ -29,14 +33,10 @@ from ember.pooling_outputs import (
     ScoringOutput,
     ScoringRequestOutput,
 )
+from ember.workers.lora_request import LoRARequest
 from ember.workers.pooling_params import POOLING_TASKS, PoolingParams
 
 _OUTPUT_POLL_S = 1.0
-
-
-def _check_lora(lora_request: Any) -> None:
-    if lora_request is not None:
-        raise NotImplementedError("lora_request is not supported yet")
 
 
 class PoolingMixin:
@@ -73,25 +73,30 @@ class PoolingMixin:
         use_tqdm: bool = True,
         lora_request: Any = None,
         pooling_task: str | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
     ) -> list[PoolingRequestOutput]:
         """Pool each prompt with `pooling_task` (default: the model's first task, "embed" for
         an embedding model, "classify" for a classifier). Outputs come in input order; for
         "embed" they are `EmbeddingRequestOutput`s, for "classify" `ClassificationRequestOutput`s,
-        otherwise `PoolingRequestOutput`s whose `outputs.data` is the tensor."""
-        _check_lora(lora_request)
+        otherwise `PoolingRequestOutput`s whose `outputs.data` is the tensor.
+        `tokenization_kwargs` as for `generate`, truncating on the right as vLLM's pooling
+        tokenizer does (`{"truncation": True, "max_length": N}` keeps the first N tokens, the
+        special ones the tokenizer adds included)."""
         if pooling_task is None:
             tasks = self.engine.ready_info.pooling_tasks
             pooling_task = tasks[0] if tasks else "embed"
         if pooling_task not in POOLING_TASKS:
             raise ValueError(f"pooling_task must be one of {POOLING_TASKS}, got {pooling_task!r}")
         self._require_task(pooling_task, "encode")
+        options = _pooling_options(tokenization_kwargs, self.max_model_len)
         prompt_list = normalize_prompts(prompts)
         params = self._pooling_params(pooling_params, len(prompt_list), pooling_task)
+        loras = lora_requests_per_prompt(lora_request, len(prompt_list), self.engine.ready_info)
         items = [
-            self._tokenize_for_pooling(prompt, i, p, truncate_prompt_tokens)
+            self._tokenize_for_pooling(prompt, i, p, truncate_prompt_tokens, options)
             for i, (prompt, p) in enumerate(zip(prompt_list, params))
         ]
-        outputs = self._run_pooling(items, params, use_tqdm)
+        outputs = self._run_pooling(items, params, use_tqdm, loras)
         if pooling_task == "embed":
             return [EmbeddingRequestOutput.from_base(o) for o in outputs]
         if pooling_task == "classify":
@@ -106,6 +111,7 @@ class PoolingMixin:
         use_tqdm: bool = True,
         pooling_params: PoolingParams | list[PoolingParams] | None = None,
         lora_request: Any = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
     ) -> list[EmbeddingRequestOutput]:
         """One embedding per prompt (`output.outputs.embedding`)."""
         self._require_task("embed", "embed")
@@ -116,6 +122,7 @@ class PoolingMixin:
             use_tqdm=use_tqdm,
             lora_request=lora_request,
             pooling_task="embed",
+            tokenization_kwargs=tokenization_kwargs,
         )
 
     def classify(
@@ -126,6 +133,7 @@ class PoolingMixin:
         use_tqdm: bool = True,
         pooling_params: PoolingParams | list[PoolingParams] | None = None,
         lora_request: Any = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
     ) -> list[ClassificationRequestOutput]:
         """Class probabilities per prompt (`output.outputs.probs`)."""
         self._require_task("classify", "classify")
@@ -136,6 +144,7 @@ class PoolingMixin:
             use_tqdm=use_tqdm,
             lora_request=lora_request,
             pooling_task="classify",
+            tokenization_kwargs=tokenization_kwargs,
         )
 
     def score(
@@ -148,11 +157,13 @@ class PoolingMixin:
         use_tqdm: bool = True,
         pooling_params: PoolingParams | None = None,
         lora_request: Any = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
     ) -> list[ScoringRequestOutput]:
         """Scores of text pairs: 1 -> 1, 1 -> N (the first text against each second one) or
         N -> N (pairwise). A cross-encoder (classification model with one label) reads each
-        pair together; an embedding model scores the cosine similarity of the embeddings."""
-        _check_lora(lora_request)
+        pair together; an embedding model scores the cosine similarity of the embeddings.
+        `lora_request`: one adapter for every pair (a list: one per pair).
+        `tokenization_kwargs` as for `encode` (for a cross-encoder: the pair's tokenization)."""
         texts_1 = _as_texts(data_1, "data_1")
         texts_2 = _as_texts(data_2, "data_2")
         if len(texts_1) == 1:
@@ -164,13 +175,18 @@ class PoolingMixin:
             )
         if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
             raise TypeError("pooling_params must be a PoolingParams")
+        options = _pooling_options(tokenization_kwargs, self.max_model_len)
         info = self.engine.ready_info
         if info.runner == "pooling" and "score" in info.pooling_tasks:
+            if options is not None and options.keep_tokens() is not None:
+                truncate_prompt_tokens = options.keep_tokens()
             return self._cross_encoder_score(
-                texts_1, texts_2, pooling_params, truncate_prompt_tokens, use_tqdm
+                texts_1, texts_2, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request
             )
         self._require_task("embed", "score")
-        return self._embedding_score(texts_1, texts_2, pooling_params, use_tqdm)
+        return self._embedding_score(
+            texts_1, texts_2, pooling_params, use_tqdm, lora_request, tokenization_kwargs
+        )
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -195,8 +211,38 @@ class PoolingMixin:
         return checked
 
     def _tokenize_for_pooling(
-        self, prompt: Any, index: int, params: PoolingParams, truncate: int | None
+        self,
+        prompt: Any,
+        index: int,
+        params: PoolingParams,
+        truncate: int | None,
+        options: TokenizeOptions | None = None,
     ) -> ProcessedPrompt:
+        if options is not None:
+            keep = options.keep_tokens()
+            if isinstance(prompt, str) and keep is not None and options.truncation_side is None:
+                # No side given: the tokenizer truncates (on the right), keeping the special
+                # tokens it adds, as vLLM's pooling tokenizer does.
+                if self.tokenizer is None:
+                    raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True)")
+                text = prompt.lower() if options.do_lower_case else prompt
+                encoded = self.tokenizer(
+                    text,
+                    truncation=True,
+                    max_length=keep,
+                    add_special_tokens=options.add_special_tokens,
+                )
+                item = ProcessedPrompt(prompt, list(encoded["input_ids"]))
+            else:
+                side = options.truncation_side or "right"
+                item = tokenize_prompt(
+                    prompt,
+                    self.tokenizer,
+                    index,
+                    dataclasses.replace(options, truncation_side=side),
+                )
+            check_prompt(item, index, self.max_model_len, self.vocab_size)
+            return item
         truncate = params.truncate_prompt_tokens if truncate is None else truncate
         if truncate == -1:
             truncate = self.max_model_len
@@ -213,7 +259,11 @@ class PoolingMixin:
         return item
 
     def _run_pooling(
-        self, items: list[ProcessedPrompt], params: list[PoolingParams], use_tqdm: bool
+        self,
+        items: list[ProcessedPrompt],
+        params: list[PoolingParams],
+        use_tqdm: bool,
+        loras: list[LoRARequest | None] | None = None,
     ) -> list[PoolingRequestOutput[PoolingOutput]]:
         """Send the requests (longest first, so that a step's prompts are of like length and
         an encoder pads little), gather one pooled tensor each; results in input order."""
@@ -227,7 +277,12 @@ class PoolingMixin:
         now = time.time()
         requests = [
             EngineCoreRequest(
-                request_ids[i], items[i].prompt_token_ids, None, now, pooling_params=params[i]
+                request_ids[i],
+                items[i].prompt_token_ids,
+                None,
+                now,
+                pooling_params=params[i],
+                lora_request=None if loras is None else loras[i],
             )
             for i in order
         ]
@@ -270,7 +325,7 @@ class PoolingMixin:
             progress.close()
         return results
 
-    def _cross_encoder_score(self, texts_1, texts_2, params, truncate, use_tqdm):
+    def _cross_encoder_score(self, texts_1, texts_2, params, truncate, use_tqdm, lora_request):
         info = self.engine.ready_info
         if info.num_labels != 1:
             raise ValueError(
@@ -280,6 +335,7 @@ class PoolingMixin:
         if self.tokenizer is None:
             raise ValueError("score() needs a tokenizer (skip_tokenizer_init=True was given)")
         params = (params or PoolingParams()).with_task("score")
+        loras = lora_requests_per_prompt(lora_request, len(texts_1), info)
         truncate = params.truncate_prompt_tokens if truncate is None else truncate
         if truncate == -1:
             truncate = self.max_model_len
@@ -302,7 +358,7 @@ class PoolingMixin:
                     segment_start=segment_start,
                 )
             )
-        outputs = self._run_pooling(items, request_params, use_tqdm)
+        outputs = self._run_pooling(items, request_params, use_tqdm, loras)
         return [
             ScoringRequestOutput(
                 o.request_id,
@@ -313,16 +369,34 @@ class PoolingMixin:
             for o in outputs
         ]
 
-    def _embedding_score(self, texts_1, texts_2, params, use_tqdm):
+    def _embedding_score(
+        self, texts_1, texts_2, params, use_tqdm, lora_request=None, tokenization_kwargs=None
+    ):
         params = params or PoolingParams()
-        unique = list(dict.fromkeys(texts_1 + texts_2))
-        embeddings = self.embed(unique, pooling_params=params, use_tqdm=use_tqdm)
-        by_text = dict(zip(unique, embeddings))
+        if isinstance(lora_request, (list, tuple)):  # one adapter per pair: no sharing
+            embeddings = self.embed(
+                texts_1 + texts_2,
+                pooling_params=params,
+                use_tqdm=use_tqdm,
+                lora_request=list(lora_request) * 2,
+                tokenization_kwargs=tokenization_kwargs,
+            )
+            pairs = list(zip(embeddings[: len(texts_1)], embeddings[len(texts_1) :]))
+        else:
+            unique = list(dict.fromkeys(texts_1 + texts_2))
+            embeddings = self.embed(
+                unique,
+                pooling_params=params,
+                use_tqdm=use_tqdm,
+                lora_request=lora_request,
+                tokenization_kwargs=tokenization_kwargs,
+            )
+            by_text = dict(zip(unique, embeddings))
+            pairs = [(by_text[text_1], by_text[text_2]) for text_1, text_2 in zip(texts_1, texts_2)]
         import torch
 
         results = []
-        for text_1, text_2 in zip(texts_1, texts_2):
-            first, second = by_text[text_1], by_text[text_2]
+        for first, second in pairs:
             cosine = torch.nn.functional.cosine_similarity(
                 first.outputs.data, second.outputs.data, dim=0
             )
@@ -335,6 +409,15 @@ class PoolingMixin:
                 )
             )
         return results
+
+
+def _pooling_options(
+    tokenization_kwargs: dict[str, Any] | None, max_model_len: int
+) -> TokenizeOptions | None:
+    """`tokenization_kwargs` checked as `generate` checks them (None when not given)."""
+    if tokenization_kwargs is None:
+        return None
+    return tokenize_options(tokenization_kwargs, max_model_len)
 
 
 def _as_texts(data: Any, name: str) -> list[str]:

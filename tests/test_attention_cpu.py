@@ -211,11 +211,40 @@ def test_without_a_compiler_the_c_kernel_declines_and_the_reference_serves(monke
         cpu_library.clear_caches()
 
 
+_GOMP_CHECK = """
+import json
+
+import torch
+
+from ember.kernels import attention_cpu
+
+def runtimes():
+    with open("/proc/self/maps") as maps:
+        return {line.split()[-1] for line in maps if "libgomp" in line}
+
+before = runtimes()
+assert attention_cpu._library() is not None
+print(json.dumps([sorted(before), sorted(runtimes())]))
+"""
+
+
 @needs_c_kernel
 def test_openmp_kernels_share_torchs_runtime():
-    """The OpenMP kernels link `libgomp.so.1`, and the loader gives them torch's: one thread pool
-    in the process, not two competing for the cores."""
-    assert attention_cpu._library() is not None
-    with open("/proc/self/maps") as maps:
-        runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
-    assert len(runtimes) == 1, runtimes
+    """The OpenMP kernels link `libgomp.so.1`, and the loader gives them torch's: loading them
+    into a process that has torch maps no OpenMP runtime of their own (one thread pool, not two
+    competing for the cores). Checked in a fresh process, where the kernels are not loaded yet
+    and no other package (sentencepiece bundles its own libgomp) has been imported."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _GOMP_CHECK],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    before, after = json.loads(result.stdout.strip().splitlines()[-1])
+    assert after == before and len(after) == 1, (before, after)

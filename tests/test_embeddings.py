@@ -176,6 +176,39 @@ def test_truncate_prompt_tokens_keeps_the_first_tokens_of_text(llm, hf_bert):
     assert torch.allclose(output.outputs.data, expected, atol=1e-4)
 
 
+def test_tokenization_kwargs_truncate_on_the_right_keeping_special_tokens(
+    llm, hf_bert, sentence_transformer
+):
+    """vLLM's `tokenization_kwargs` on pooling calls: {"truncation": True, "max_length": 8}
+    tokenizes as the model's tokenizer does with those arguments ([CLS] ... [SEP] kept);
+    an explicit side slices; score and classify-style calls take them too."""
+    text = " ".join(_WORDS)
+    kwargs = {"truncation": True, "max_length": 8}
+    (output,) = llm.embed(text, tokenization_kwargs=kwargs, use_tqdm=False)
+    ids = llm.tokenizer(text, truncation=True, max_length=8, return_tensors="pt")
+    assert output.prompt_token_ids == ids["input_ids"][0].tolist()
+    with torch.no_grad():
+        states = hf_bert(**ids).last_hidden_state[0]
+    expected = torch.nn.functional.normalize(states.mean(0), dim=0)
+    assert torch.allclose(output.outputs.data, expected, atol=1e-4)
+    full = llm.tokenizer(text)["input_ids"]
+    (sliced,) = llm.encode(
+        [full],
+        tokenization_kwargs={"truncate_prompt_tokens": 5, "truncation_side": "left"},
+        use_tqdm=False,
+    )
+    assert sliced.prompt_token_ids == full[-5:]
+    (first,) = llm.encode([full], tokenization_kwargs={"truncate_prompt_tokens": 5})
+    assert first.prompt_token_ids == full[:5]  # token prompts keep their first tokens
+    (score,) = llm.score(text, "A short one.", tokenization_kwargs=kwargs, use_tqdm=False)
+    truncated = sentence_transformer.tokenizer.decode(ids["input_ids"][0][1:-1])
+    reference = sentence_transformer.encode([truncated, "A short one."], convert_to_tensor=True)
+    cosine = torch.nn.functional.cosine_similarity(reference[0], reference[1], dim=0)
+    assert score.outputs.score == pytest.approx(float(cosine), abs=1e-3)
+    with pytest.raises(TypeError, match="tokenization_kwargs"):
+        llm.embed(text, tokenization_kwargs=["truncation"])
+
+
 def test_pooling_model_refuses_generate_and_other_tasks(llm):
     with pytest.raises(ValueError, match="pooling model"):
         llm.generate("Hello")

@@ -158,3 +158,40 @@ def test_cache_salt_keeps_prefix_cache_blocks_apart(tiny):
     assert cached("alice") == 0
     assert cached("bob") == 0  # same tokens, other salt: no hit
     assert cached("alice") == 40  # ten full blocks of 4; the last prompt token is computed
+
+
+def test_enqueue_then_wait_for_completion_equals_generate(smollm2):
+    """vLLM's enqueue / enqueue_chat / wait_for_completion: the same outputs as generate and
+    chat, in enqueue order; a generate call in between keeps the enqueued outputs."""
+    from ember import RequestOutput
+
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    prompts = ["The capital of France is", "Water boils at", "One, two,"]
+    conversation = [{"role": "user", "content": "Name a colour."}]
+    expected = [o.outputs[0].token_ids for o in smollm2.generate(prompts, params, use_tqdm=False)]
+    expected_chat = smollm2.chat(conversation, params, use_tqdm=False)[0].outputs[0].token_ids
+
+    ids = smollm2.enqueue(prompts[:2], params)
+    ids += smollm2.enqueue_chat(conversation, params)
+    assert len(ids) == len(set(ids)) == 3
+    between = smollm2.generate(prompts[2:], params, use_tqdm=False)  # served meanwhile
+    assert between[0].outputs[0].token_ids == expected[2]
+    outputs = smollm2.wait_for_completion(RequestOutput, use_tqdm=False)
+    assert [o.request_id for o in outputs] == ids
+    assert [o.outputs[0].token_ids for o in outputs] == [*expected[:2], expected_chat]
+    assert smollm2.wait_for_completion() == []  # nothing left
+    with pytest.raises(NotImplementedError, match="mm_processor_kwargs"):
+        smollm2.enqueue(prompts, params, mm_processor_kwargs={"size": 1})
+    smollm2.reset_mm_cache()  # no multimodal cache: accepted
+
+
+def test_from_engine_args_builds_the_same_engine(tiny_dir):
+    from ember import EngineArgs
+
+    args = EngineArgs(model=tiny_dir, dtype="float32", skip_tokenizer_init=True, max_model_len=64)
+    with LLM.from_engine_args(args) as llm:
+        assert llm.max_model_len == 64
+        output = llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=4))[0]
+        assert len(output.outputs[0].token_ids) == 4
+    with pytest.raises(TypeError, match="engine_args"):
+        LLM.from_engine_args({"model": tiny_dir})

@@ -179,18 +179,30 @@ def test_default_model_greedy_equal_with_caching_on_off_and_budgets_16_64_2048(d
                 # The system prompt's full blocks are shared within the call ...
                 assert outputs[0].num_cached_tokens == 0
                 assert all(o.num_cached_tokens >= 16 for o in outputs[1:3])
+                # Each request wrote the full blocks of its prompt that it did not find.
+                for output in outputs:
+                    num_full = len(output.prompt_token_ids) // 16 * 16
+                    assert output.num_cache_creation_tokens == num_full - output.num_cached_tokens
+                assert outputs[0].num_cache_creation_tokens >= 16
                 again = llm.generate(prompts, params, use_tqdm=False)  # ... and across calls
                 assert [o.outputs[0].token_ids for o in again] == results[caching, budget]
                 for output in again:
                     num_prompt_tokens = len(output.prompt_token_ids)
                     assert output.num_cached_tokens == (num_prompt_tokens - 1) // 16 * 16
+                    assert output.num_cache_creation_tokens == (
+                        num_prompt_tokens // 16 * 16 - output.num_cached_tokens
+                    )
                 stats = llm.engine.call_utility("get_stats")
                 assert stats["prefix_cache_hits"] > 0
                 assert llm.reset_prefix_cache() is True
                 fresh = llm.generate(prompts[:1], params, use_tqdm=False)
                 assert fresh[0].num_cached_tokens == 0
+                assert (
+                    fresh[0].num_cache_creation_tokens == len(fresh[0].prompt_token_ids) // 16 * 16
+                )
             elif not caching:
                 assert all(o.num_cached_tokens == 0 for o in outputs)
+                assert all(o.num_cache_creation_tokens == 0 for o in outputs)
     reference = results[False, 2048]
     for key, tokens in results.items():
         assert tokens == reference, key

@@ -197,7 +197,9 @@ def test_llm_chat_template_is_the_default_of_chat(llm, tmp_path):
 
 def test_tokenizer_modes(model_dir):
     assert EngineArgs(model=model_dir, tokenizer_mode="hf").create_engine_config()
-    with pytest.raises(NotImplementedError, match="mistral"):
+    with pytest.raises(NotImplementedError, match="deepseek_v32"):
+        LLM(model_dir, tokenizer_mode="deepseek_v32")
+    with pytest.raises(ValueError, match="tokenizer_mode='mistral'"):  # no mistral files here
         LLM(model_dir, tokenizer_mode="mistral")
     with pytest.raises(ValueError, match="tokenizer_mode"):
         EngineArgs(model=model_dir, tokenizer_mode="fast").create_engine_config()

@@ -308,12 +308,23 @@ BEAM_PROMPTS = [
 
 
 def _vllm_beam_search_reference(
-    model, prompt: list[int], beam_width: int, max_tokens: int, eos: int, length_penalty: float
+    model,
+    prompt: list[int],
+    beam_width: int,
+    max_tokens: int,
+    eos: int,
+    length_penalty: float,
+    allowed_after=None,
 ) -> list[tuple[list[int], float]]:
     """vLLM's beam search (its documented rules) over Hugging Face's next-token logprobs:
     each beam's top 2 x beam_width tokens are candidates, every EOS candidate is finished, the
     best beam_width others by cum_logprob / len(tokens) ** length_penalty run on (a final EOS
-    not counted in the length), and after max_tokens steps the best of all are returned."""
+    not counted in the length), and after max_tokens steps the best of all are returned.
+
+    With a grammar (`allowed_after(generated) -> set of ids, or None once it has ended`),
+    vLLM 0.32's rules: a beam whose grammar ended is finished; candidates are the top tokens
+    that the grammar allows, plus, when at most 1024 tokens are allowed (then the sampler is
+    masked to them), the best allowed token, which the logprobs always include."""
 
     def score(tokens: list[int], cum: float) -> float:
         length = len(tokens) - (tokens[-1] == eos)
@@ -321,14 +332,32 @@ def _vllm_beam_search_reference(
 
     beams, finished = [(list(prompt), 0.0)], []
     for _ in range(max_tokens):
+        if allowed_after is not None:
+            kept = []
+            for tokens, cum in beams:
+                if allowed_after(tokens[len(prompt) :]) is not None:
+                    kept.append((tokens, cum))
+                elif len(tokens) > len(prompt):
+                    finished.append((tokens, cum))
+            beams = kept
         if not beams:
             break
         candidates = []
         for tokens, cum in beams:
             with torch.no_grad():
                 logits = model(torch.tensor([tokens])).logits[0, -1].float()
-            top = logits.log_softmax(-1).topk(2 * beam_width)
-            for logprob, token in zip(top.values.tolist(), top.indices.tolist()):
+            logprobs = logits.log_softmax(-1)
+            top = logprobs.topk(2 * beam_width)
+            chosen = top.indices.tolist()
+            allowed = None if allowed_after is None else allowed_after(tokens[len(prompt) :])
+            if allowed is not None:
+                if len(allowed) <= 1024:
+                    ids = sorted(allowed)
+                    best = ids[int(logprobs[ids].argmax())]
+                    chosen = chosen + [best] if best not in chosen else chosen
+                chosen = [token for token in chosen if token in allowed]
+            for token in chosen:
+                logprob = float(logprobs[token])
                 (finished if token == eos else candidates).append((tokens + [token], cum + logprob))
         candidates.sort(key=lambda c: score(*c), reverse=True)
         beams = candidates[:beam_width]
@@ -357,7 +386,62 @@ def test_beam_search_follows_vllm_rules_on_hf_logprobs(smollm2, hf_smollm2, leng
     assert eos_seen, "no beam ended in EOS: the prompts no longer test that rule"
 
 
+def _regex_allowed_after(regex: str, tokenizer, vocab_size: int):
+    """The tokens a regex allows after generated ids, from xgrammar's matcher used directly."""
+    import numpy as np
+    import xgrammar as xgr
+
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+    compiled = xgr.GrammarCompiler(info).compile_regex(regex)
+
+    def allowed_after(generated: list[int]) -> set[int] | None:
+        matcher = xgr.GrammarMatcher(compiled)
+        for token in generated:
+            assert matcher.accept_token(token)
+        if matcher.is_terminated():
+            return None
+        bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        matcher.fill_next_token_bitmask(bitmask)
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:vocab_size]
+        return set(np.flatnonzero(bits).tolist()) or None
+
+    return allowed_after
+
+
+@pytest.mark.parametrize(
+    ("prompt", "regex"),
+    [
+        ("Is the sky blue? Answer yes or no:", "(yes|no|maybe not)"),
+        ("The year the first moon landing happened was", "[0-9]{4}"),
+    ],
+)
+def test_beam_search_with_structured_outputs_follows_vllm_rules(smollm2, hf_smollm2, prompt, regex):
+    """Grammar-constrained beams (checked once by hand against vLLM 0.32 on the same weights,
+    with structured_outputs_config={"backend": "xgrammar"}: all beams equal)."""
+    import re
+
+    from ember.sampling_params import StructuredOutputsParams
+
+    tokenizer = smollm2.get_tokenizer()
+    params = BeamSearchParams(
+        beam_width=3, max_tokens=8, structured_outputs=StructuredOutputsParams(regex=regex)
+    )
+    output = smollm2.beam_search([{"prompt": prompt}], params)[0]
+    ids = tokenizer(prompt).input_ids
+    allowed_after = _regex_allowed_after(regex, tokenizer, hf_smollm2.config.vocab_size)
+    expected = _vllm_beam_search_reference(
+        hf_smollm2, ids, 3, 8, tokenizer.eos_token_id, 1.0, allowed_after
+    )
+    assert [s.tokens for s in output.sequences] == [tokens for tokens, _ in expected]
+    for sequence, (_, cum) in zip(output.sequences, expected):
+        assert sequence.cum_logprob == pytest.approx(cum, abs=1e-3)
+        generated = tokenizer.decode(sequence.tokens[len(ids) :], skip_special_tokens=True)
+        assert re.fullmatch(regex, generated), generated
+
+
 def test_beam_search_params_are_checked():
+    with pytest.raises(TypeError, match="structured_outputs"):
+        BeamSearchParams(beam_width=2, max_tokens=2, structured_outputs={"regex": "a"})
     with pytest.raises(ValueError, match="beam_width"):
         BeamSearchParams(beam_width=0, max_tokens=4)
     with pytest.raises(TypeError, match="max_tokens"):

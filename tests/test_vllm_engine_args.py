@@ -205,7 +205,6 @@ def test_none_is_ember_s_default_where_vllm_s_default_is_none():
         ("pipeline_parallel_size", 2),
         ("enable_chunked_prefill", False),
         ("kv_cache_dtype", "fp8"),
-        ("enable_lora", True),
         ("data_parallel_size", 2),
         ("profiler_config", {"profiler": "torch", "torch_profiler_dir": "/tmp/trace"}),
     ],
@@ -217,10 +216,11 @@ def test_value_ember_cannot_honour_raises_before_any_process_starts(
         LLM(llama_dir, **{name: value})
 
 
-def test_cpu_offload_is_refused_on_cuda_and_no_effect_on_cpu(fresh_log, llama_dir):
-    with pytest.raises(NotImplementedError, match="cpu_offload_gb=2"):
-        EngineArgs(model=llama_dir, device="cuda", cpu_offload_gb=2).create_engine_config()
-    EngineArgs(model=llama_dir, device="cpu", cpu_offload_gb=2).create_engine_config()
+def test_cpu_offload_is_honoured_on_cuda_and_no_effect_on_cpu(fresh_log, llama_dir):
+    cuda = EngineArgs(model=llama_dir, device="cuda", cpu_offload_gb=2).create_engine_config()
+    assert cuda.device.cpu_offload_bytes == 2 * 2**30
+    cpu = EngineArgs(model=llama_dir, device="cpu", cpu_offload_gb=2).create_engine_config()
+    assert cpu.device.cpu_offload_bytes == 0
     assert [r.getMessage().split(" ")[0] for r in fresh_log.records] == ["cpu_offload_gb=2"]
 
 

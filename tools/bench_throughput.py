@@ -278,16 +278,62 @@ def setup_ember(
     from ember import LLM, SamplingParams
 
     kwargs = {**ember_model_kwargs(args), **json.loads(args.ember_kwargs or "{}")}
+    if args.lora:
+        kwargs.update(enable_lora=True, max_loras=args.lora, max_lora_rank=args.lora_rank)
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     info["load_s"] = time.perf_counter() - t0
+    adapters = write_random_adapters(llm, args.lora, args.lora_rank) if args.lora else []
 
     def generate_all(prompts: list[list[int]], output_len: int) -> int:
         params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
-        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
+        loras = [adapters[i % len(adapters)] for i in range(len(prompts))] if adapters else None
+        outputs = llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompts], params, lora_request=loras
+        )
         return sum(len(o.outputs[0].token_ids) for o in outputs)
 
     return generate_all
+
+
+def write_random_adapters(llm: Any, count: int, rank: int) -> list[Any]:
+    """`count` random PEFT adapters of `rank` on all seven supported modules of every layer of
+    `llm`'s model (shapes from the engine's handshake), in a temporary directory; prompts use
+    them in turn (--lora)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ember import LoRARequest
+    from ember.workers.hf_config import HFConfig
+
+    shapes = llm.engine.ready_info.lora_module_shapes
+    num_layers = HFConfig(llm.config.model.hf_config).num_hidden_layers
+    attention = ("q_proj", "k_proj", "v_proj", "o_proj")
+    generator = torch.Generator().manual_seed(0)
+    adapters = []
+    for index in range(count):
+        path = tempfile.mkdtemp(prefix=f"bench_lora{index}_")
+        tensors = {}
+        for layer in range(num_layers):
+            for module, (size_in, size_out) in shapes.items():
+                prefix = f"base_model.model.model.layers.{layer}."
+                prefix += "self_attn." if module in attention else "mlp."
+                tensors[prefix + module + ".lora_A.weight"] = (
+                    torch.randn(rank, size_in, generator=generator) * 0.01
+                )
+                tensors[prefix + module + ".lora_B.weight"] = (
+                    torch.randn(size_out, rank, generator=generator) * 0.01
+                )
+        save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+        config = {
+            "peft_type": "LORA",
+            "r": rank,
+            "lora_alpha": rank,
+            "target_modules": list(shapes),
+        }
+        Path(path, "adapter_config.json").write_text(json.dumps(config))
+        adapters.append(LoRARequest(f"bench{index}", index + 1, path))
+    return adapters
 
 
 def setup_ember_inproc(
@@ -586,6 +632,8 @@ def check_available(engine: str, args: argparse.Namespace) -> str | None:
         return "ember's benchmark runs llama.cpp on the GGUF file on CPU only"
     if engine == "vllm" and (args.model_shape or args.device != "cpu"):
         return "ember's benchmark runs llama.cpp on the GGUF file on CPU only"
+    if args.lora and engine != "ember":
+        return "--lora runs ember only"
     try:
         for mod in modules:
             __import__(mod)
@@ -776,6 +824,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="extra JSON keyword arguments for ember.LLM, e.g. '{\"max_num_seqs\": 64}'",
     )
+    p.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        help="ember with enable_lora and this many random adapters (max_loras), used by the "
+        "prompts in turn (0: no LoRA)",
+    )
+    p.add_argument("--lora-rank", type=int, default=16, help="the --lora adapters' rank")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per engine")
     p.add_argument(
         "--json", metavar="PATH", default="", help="also append the results as JSON lines to PATH"

@@ -44,6 +44,7 @@ class ModelConfig:
     # `ember.workers.layers.packed_int4`); None: weights dequantised to `dtype`
     quantization: str | None = None
     tokenizer: str | None = None  # tokenizer directory (defaults to model_dir)
+    tokenizer_mode: str = "auto"  # "auto" | "hf" | "slow" | "mistral" (vLLM's)
     revision: str | None = None
     seed: int = 0
     trust_remote_code: bool = False
@@ -109,6 +110,9 @@ class DeviceConfig:
     device: str = "cpu"  # "cpu" | "cuda"
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
     enforce_eager: bool = False
+    # vLLM's cpu_offload_gb in bytes, on CUDA only: that much of the decoder layers' weights
+    # stays in host memory and is copied in for each forward (`ember.workers.cpu_offload`)
+    cpu_offload_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +129,21 @@ class StructuredOutputsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LoRAConfig:
+    """LoRA serving (`LLM(enable_lora=True)`, vLLM's limits and defaults): `max_loras`
+    adapters in one step (the device slots of stacked weights, padded to `max_lora_rank`),
+    and an LRU of `max_cpu_loras` adapters read from disk (None: max_loras, as vLLM)."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    @property
+    def num_cpu_loras(self) -> int:
+        return self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -132,3 +151,4 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    lora: LoRAConfig | None = None  # set with enable_lora=True

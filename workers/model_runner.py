@@ -11,6 +11,7 @@ import math
 import mmap
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 import torch
 
@@ -18,12 +19,15 @@ from ember.kernels.attention import AttentionMetadata
 from ember.kernels.token_bitmask import apply_token_bitmask_
 from ember.workers.config import EngineConfig
 from ember.workers.cpu_decode.llama_runner import LlamaCPUDecodeRunner
+from ember.workers.cpu_offload import offload_decoder_layers
 from ember.workers.cuda_graphs import CudaGraphRunner
 from ember.workers.distributed import SINGLE_RANK, ParallelContext
 from ember.workers.host_to_device import to_device
 from ember.workers.layers.attention import Attention
 from ember.workers.logits_processor import LogitsProcessors, OutputTokenIds
 from ember.workers.logprobs import LogprobsLists
+from ember.workers.lora_manager import LoRAManager
+from ember.workers.lora_request import LoRARequest
 from ember.workers.model_loader.loader import DTYPES, get_model
 from ember.workers.nonfinite import scrub_nonfinite_blocks
 from ember.workers.pooling_params import PoolingParams
@@ -60,6 +64,7 @@ class CachedRequestState:
     # [V] bool, True where allowed_token_ids forbids the token; made on first use.
     disallowed_mask: torch.Tensor | None = None
     pooling_params: PoolingParams | None = None  # a pooling request (sampling_params is None)
+    lora_request: LoRARequest | None = None  # its LoRA adapter (enable_lora)
 
     @property
     def num_output_tokens(self) -> int:
@@ -116,9 +121,14 @@ class ModelRunner:
         choice). An allocated KV cache is bound to the new attention layers."""
         config = self.config
         self.model = get_model(config.model, self.device, self.parallel)
+        if config.device.cpu_offload_bytes:
+            offload_decoder_layers(self.model, config.device.cpu_offload_bytes, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for layer, cache in zip(self.attention_layers, self.kv_caches):
             layer.kv_cache = cache
+        self.lora = None
+        if config.lora is not None:  # before the fast paths: they check for it
+            self.lora = LoRAManager(self.model, config.lora, self.dtype, self.device)
         self.pooling = PoolingRunner(self) if config.model.runner == "pooling" else None
         self.cpu_decode = LlamaCPUDecodeRunner.select(self.model, config, self.device)
 
@@ -129,6 +139,7 @@ class ModelRunner:
         self.pooling = None
         self.cpu_decode = None
         self.cuda_graphs = None
+        self.lora = None
 
     def move_weights(self, device: torch.device) -> None:
         """Move every parameter and buffer of the model to `device` (host memory while a GPU
@@ -202,6 +213,7 @@ class ModelRunner:
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
                 pooling_params=new.pooling_params,
+                lora_request=new.lora_request,
             )
             if resumed is not None:
                 state.num_prompt_logprobs_done = resumed.num_prompt_logprobs_done
@@ -210,6 +222,34 @@ class ModelRunner:
             state = self.requests[cached.req_id]
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+
+    def _activate_loras(
+        self, scheduler_output: SchedulerOutput
+    ) -> tuple[SchedulerOutput, list[str]]:
+        """Put the step's adapters into the LoRA slots. A request whose adapter cannot be
+        loaded (e.g. made for another base model) leaves the step and fails alone: the step
+        without it, and its id."""
+        scheduled = scheduler_output.num_scheduled_tokens
+        if self.lora is None:
+            return scheduler_output, []
+        lora_requests = [
+            state.lora_request
+            for state in map(self.requests.get, scheduled)
+            if state is not None and state.lora_request is not None
+        ]
+        _, errors = self.lora.activate(lora_requests)
+        if not errors:
+            return scheduler_output, []
+        errored = [
+            req_id
+            for req_id in scheduled
+            if (lora := self.requests[req_id].lora_request) is not None
+            and lora.lora_int_id in errors
+        ]
+        for req_id in errored:
+            self.requests.pop(req_id)
+        kept = {r: n for r, n in scheduled.items() if r not in errored}
+        return msgspec.structs.replace(scheduler_output, num_scheduled_tokens=kept), errored
 
     def _prepare_inputs(
         self, scheduler_output: SchedulerOutput
@@ -253,6 +293,8 @@ class ModelRunner:
                 sample_rows.append(int(end) - 1)
                 sampled_states.append(state)
         req_index = np.repeat(np.arange(len(states)), num_tokens)
+        if self.lora is not None:
+            self.lora.set_token_slots(self._token_lora_slots(states, req_index))
         slot_mapping = (
             block_table[req_index, positions // self.block_size] * self.block_size
             + positions % self.block_size
@@ -278,6 +320,19 @@ class ModelRunner:
             sample_rows,
             prompt_jobs,
         )
+
+    def _token_lora_slots(
+        self, states: list[CachedRequestState], req_index: np.ndarray
+    ) -> np.ndarray | None:
+        """The LoRA slot of each token of the step (-1: the base model); None: no adapter."""
+        if all(state.lora_request is None for state in states):
+            return None
+        slot_of = self.lora.slot_of
+        request_slots = np.array(
+            [-1 if s.lora_request is None else slot_of[s.lora_request.lora_int_id] for s in states],
+            dtype=np.int64,
+        )
+        return request_slots[req_index]
 
     @staticmethod
     def _prompt_logprobs_job(
@@ -496,13 +551,19 @@ class ModelRunner:
         if self.pooling is not None:
             return self.pooling.execute_model(scheduler_output)
         self._update_states(scheduler_output)
+        scheduler_output, lora_errored = self._activate_loras(scheduler_output)
         if not scheduler_output.num_scheduled_tokens:
-            return ModelRunnerOutput()
+            return ModelRunnerOutput(errored_req_ids=lora_errored)
         states, input_ids, positions, metadata, sample_rows, prompt_jobs = self._prepare_inputs(
             scheduler_output
         )
         hidden_states = None
-        if self.cuda_graphs is not None and self.cuda_graphs.can_replay(len(input_ids), metadata):
+        lora_step = self.lora is not None and bool(self.lora.step.groups)
+        if (
+            self.cuda_graphs is not None
+            and not lora_step  # graphs are captured without adapters
+            and self.cuda_graphs.can_replay(len(input_ids), metadata)
+        ):
             hidden_states = self.cuda_graphs.replay(input_ids, positions, metadata)
         elif self.cpu_decode is not None and self.cpu_decode.can_run(
             input_ids, positions, metadata
@@ -511,7 +572,7 @@ class ModelRunner:
             hidden_states = self.cpu_decode.run(input_ids, positions, metadata)
         if hidden_states is None:
             hidden_states = self.model(input_ids, positions, metadata)
-        output = ModelRunnerOutput()
+        output = ModelRunnerOutput(errored_req_ids=lora_errored)
         if prompt_jobs:
             output.prompt_logprobs = self._prompt_logprobs(hidden_states, prompt_jobs)
         if not states:
@@ -526,7 +587,7 @@ class ModelRunner:
         if not all(finite):
             errored_states = [state for state, ok in zip(states, finite) if not ok]
             scrub_nonfinite_blocks(self.kv_caches, [s.block_ids for s in errored_states])
-            output.errored_req_ids = [s.req_id for s in errored_states]
+            output.errored_req_ids = lora_errored + [s.req_id for s in errored_states]
             keep = [row for row, ok in enumerate(finite) if ok]
             states = [states[row] for row in keep]
             sampled = [sampled[row] for row in keep]

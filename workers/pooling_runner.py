@@ -34,8 +34,9 @@ class PoolingRunner:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         runner = self.runner
         runner._update_states(scheduler_output)
+        scheduler_output, lora_errored = runner._activate_loras(scheduler_output)
         if not scheduler_output.num_scheduled_tokens:
-            return ModelRunnerOutput()
+            return ModelRunnerOutput(errored_req_ids=lora_errored)
         states, input_ids, positions, metadata, last_rows, _ = runner._prepare_inputs(
             scheduler_output
         )
@@ -49,6 +50,7 @@ class PoolingRunner:
         for state in states:  # done: the scheduler frees it after this step
             runner.requests.pop(state.req_id, None)
         return ModelRunnerOutput(
+            errored_req_ids=lora_errored,
             pooled_req_ids=[s.req_id for s in states],
             pooled_outputs=[to_pooled_tensor(t) for t in outputs],
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from ember.workers.logprobs import LogprobsLists
+from ember.workers.lora_request import LoRARequest
 from ember.workers.pooled_tensor import PooledTensor
 from ember.workers.pooling_params import PoolingParams
 from ember.workers.sampling_params import SamplingParams
@@ -25,6 +26,7 @@ class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     num_computed_tokens: int = 0
     output_token_ids: list[int] = []  # tokens generated before a preemption
     pooling_params: PoolingParams | None = None  # set for a pooling request
+    lora_request: LoRARequest | None = None  # its LoRA adapter; the worker loads it
 
 
 class CachedRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -27,9 +27,20 @@ _CACHE_FORMAT = 1
 
 
 def load_tokenizer(
-    name: str, *, use_fast: bool = True, trust_remote_code: bool = False, revision: str | None
+    name: str,
+    *,
+    tokenizer_mode: str = "auto",
+    trust_remote_code: bool = False,
+    revision: str | None,
 ) -> Any:
-    """`AutoTokenizer.from_pretrained(name, ...)`, from ember's cache when it holds it."""
+    """`AutoTokenizer.from_pretrained(name, ...)`, from ember's cache when it holds it;
+    tokenizer_mode "slow" asks for the slow class, "mistral" loads mistral_common's tokenizer
+    (`ember.workers.mistral_tokenizer`)."""
+    if tokenizer_mode == "mistral":
+        from ember.workers.mistral_tokenizer import load_mistral_tokenizer
+
+        return load_mistral_tokenizer(name, revision=revision)
+    use_fast = tokenizer_mode != "slow"
     cache_file = _cache_file(name, use_fast, trust_remote_code, revision)
     if cache_file is not None:
         tokenizer = _read_cached(cache_file)

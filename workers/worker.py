@@ -67,7 +67,9 @@ class Worker:
             free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
             self.memory_baseline = MemoryBaseline(total_bytes=total_bytes, free_bytes=free_bytes)
             check_requested_memory(self.memory_baseline, config.cache.gpu_memory_utilization)
-            if not config.device.enforce_eager:
+            # Offloaded layers copy their weights in each forward: not captured (vLLM's UVA
+            # views would be; ember has no UVA).
+            if not config.device.enforce_eager and not config.device.cpu_offload_bytes:
                 self.cuda_graph_sizes = capture_batch_sizes(
                     config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens
                 )

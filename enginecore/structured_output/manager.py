@@ -93,6 +93,7 @@ class StructuredOutputManager:
                 model = self.model_config
                 self._tokenizer = load_tokenizer(
                     model.tokenizer or model.model_dir,
+                    tokenizer_mode=model.tokenizer_mode,
                     trust_remote_code=model.trust_remote_code,
                     revision=model.revision,
                 )
@@ -156,6 +157,36 @@ class StructuredOutputManager:
             except (ValueError, TypeError, NotImplementedError) as exc:
                 results.append([None, str(exc)])
         return results
+
+    def allowed_tokens_after(
+        self, params: StructuredOutputsParams, token_seqs: list[list[int]]
+    ) -> Future:
+        """For beam search (vLLM's grammar-constrained beams): per token sequence, the ids
+        the grammar allows after it, or None when it ended the grammar (or broke it, or
+        allows nothing). On the pool; the compile is the cached one."""
+        return self._submit(self._allowed_tokens_now, params, token_seqs)
+
+    def _allowed_tokens_now(
+        self, params: StructuredOutputsParams, token_seqs: list[list[int]]
+    ) -> list[list[int] | None]:
+        name = params._backend
+        if name is None or name == "auto":
+            name = "xgrammar" if self.config.backend == "auto" else self.config.backend
+        compiled = self._compile(name, params, here=True).result()
+        backend = self.backend(name)
+        bitmask = np.zeros((1, self.num_words), dtype=np.int32)
+        allowed = []
+        for tokens in token_seqs:
+            matcher = backend.matcher(compiled)
+            if not all(matcher.accept_token(int(t)) for t in tokens) or matcher.is_terminated():
+                allowed.append(None)
+                continue
+            bitmask.fill(0)
+            matcher.fill_bitmask(bitmask, 0)
+            bits = np.unpackbits(bitmask.view(np.uint8), bitorder="little")
+            ids = np.flatnonzero(bits[: self.model_config.vocab_size]).tolist()
+            allowed.append(ids or None)
+        return allowed
 
     # ---- requests (busy loop) ----------------------------------------------------------
 

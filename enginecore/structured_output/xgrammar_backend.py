@@ -20,6 +20,7 @@ from ember.enginecore.structured_output.grammar import (
     grammar_is_likely_lark,
     resolve_stop_token_ids,
 )
+from ember.workers.mistral_tokenizer import is_mistral_tokenizer, xgrammar_tokenizer_info
 
 if TYPE_CHECKING:
     import xgrammar
@@ -137,9 +138,12 @@ class XgrammarBackend:
         self.vocab_size = vocab_size
         self.stop_token_ids = resolve_stop_token_ids(tokenizer, stop_token_ids)
         self.disable_any_whitespace = disable_any_whitespace
-        info = xgrammar.TokenizerInfo.from_huggingface(
-            tokenizer, vocab_size=vocab_size, stop_token_ids=list(self.stop_token_ids)
-        )
+        if is_mistral_tokenizer(tokenizer):
+            info = xgrammar_tokenizer_info(tokenizer, vocab_size, list(self.stop_token_ids))
+        else:
+            info = xgrammar.TokenizerInfo.from_huggingface(
+                tokenizer, vocab_size=vocab_size, stop_token_ids=list(self.stop_token_ids)
+            )
         self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=True)
 
     def compile(self, params: StructuredOutputsParams) -> xgrammar.CompiledGrammar:

@@ -91,6 +91,8 @@ def unsupported_reason(model: nn.Module, config: EngineConfig, device: torch.dev
         return f"tensor_parallel_size {config.parallel.tensor_parallel_size}, not 1"
     if config.model.runner != "generate":
         return f"runner {config.model.runner!r}, not 'generate'"
+    if config.lora is not None:
+        return "enable_lora (the LoRA delta is added in the layers' forward)"
     decoder = getattr(model, "model", None)
     if (
         not isinstance(model, LlamaForCausalLM)

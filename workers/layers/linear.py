@@ -58,6 +58,8 @@ class LinearBase(nn.Module):
         super().__init__()
         self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
         self.parallel = ctx.parallel
+        self.input_size_per_partition = input_size_per_partition  # this rank's [out, in]
+        self.output_size_per_partition = output_size_per_partition
         self.quant_method = ctx.quant_config.get_quant_method(self)
         self.quant_method.create_weights(
             self,

@@ -1,0 +1,78 @@
+"""What LoRA costs ember, on one workload (W1 by default), in one run: the four configurations
+of issue #21, each through `bench_throughput.py` (same prompts, greedy, EOS ignored), side by
+side:
+
+- base: `enable_lora=False`;
+- enable_lora, no adapter: `enable_lora=True`, every request on the base model;
+- 1 adapter: one random rank-16 adapter on all seven targets, used by every request;
+- 4 adapters: four random rank-16 adapters (`max_loras=4`), the prompts using them in turn.
+
+    python tools/bench_lora.py                       # W1: 32 prompts of 32-256 tokens, 64 out
+    python tools/bench_lora.py --single              # batch-1 decode instead
+    python tools/bench_lora.py --repeat 3 --rank 16
+
+The ISA is the CPU's (set EMBER_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+to time the AVX2 path); figures name it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _configs(rank: int) -> list[tuple[str, list[str]]]:
+    return [
+        ("base", []),
+        ("enable_lora, no adapter", ["--ember-kwargs", '{"enable_lora": true}']),
+        (f"1 adapter (rank {rank})", ["--lora", "1", "--lora-rank", str(rank)]),
+        (f"4 adapters (rank {rank})", ["--lora", "4", "--lora-rank", str(rank)]),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--single", action="store_true", help="batch-1 decode workload")
+    args = parser.parse_args(argv)
+    from ember.kernels.cpu_features import cpu_isa
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in _configs(args.rank):
+            path = os.path.join(tmp, "result.jsonl")
+            command = [
+                sys.executable,
+                os.path.join(_HERE, "bench_throughput.py"),
+                "--engines",
+                "ember",
+                "--repeat",
+                str(args.repeat),
+                "--json",
+                path,
+                *(["--single"] if args.single else []),
+                *extra,
+            ]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            with open(path) as f:
+                record = json.loads(f.readlines()[-1])
+            os.unlink(path)
+            results.append((name, record))
+    base = results[0][1]["output_tok_s"]
+    workload = "batch-1 decode" if args.single else "W1"
+    print(f"ember, {workload}, CPU ISA {cpu_isa()}, best of {args.repeat} passes")
+    print("configuration            , output tok/s, vs base")
+    for name, record in results:
+        tok_s = record["output_tok_s"]
+        print(f"{name:<25}, {tok_s:12.1f}, {tok_s / base - 1:+8.1%}")
+
+
+if __name__ == "__main__":
+    main()

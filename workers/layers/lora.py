@@ -1,0 +1,205 @@
+"""LoRA on the linear layers: with `LLM(enable_lora=True)` the model runner wraps the
+`quant_method` of every linear layer a PEFT adapter may target (q/k/v/o/gate/up/down_proj)
+in a `LoRALinearMethod`, which adds each token's adapter delta to the base output.
+
+A layer's LoRA weights are stacked by device slot and padded to `max_lora_rank` (R):
+
+    lora_a [max_loras, n * R, in]      slice i's A in rows i*R .. i*R + r
+    lora_b [max_loras, out, R]         slice i's B in its own output rows
+    scales [max_loras, n]              alpha / r (alpha / sqrt(r) under use_rslora)
+
+with n the layer's output slices: q | k | v (QKVParallelLinear), gate | up
+(MergedColumnParallelLinear), or one. Under tensor parallelism B shards like the layer's
+output (column-parallel) and A like its input (row-parallel), so a row-parallel layer adds its
+partial delta before the all-reduce.
+
+Which tokens use which slot is a `LoRAStep` shared by all wrapped layers of one model, set by
+the model runner before each forward (vLLM's punica wrapper). A step with no adapter costs one
+check per layer: the LoRA math is skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ember.kernels.lora import SlotGroups, lora_expand_, lora_shrink, slot_groups
+from ember.workers.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from ember.workers.layers.quantization.base import LinearMethodBase
+from ember.workers.lora_request import SUPPORTED_TARGETS
+
+
+@dataclass(slots=True)
+class LoRAStep:
+    """The adapter slot of each token of this step, and the tokens grouped by slot: `groups`
+    is empty when no token has an adapter."""
+
+    token_slots: torch.Tensor | None = None
+    groups: SlotGroups = field(default_factory=list)
+
+    def set_token_slots(self, token_slots: torch.Tensor | None) -> None:
+        """`token_slots` [T] int64, -1 for the base model; None: no adapter this step."""
+        self.token_slots = token_slots
+        self.groups = [] if token_slots is None else slot_groups(token_slots)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSlice:
+    """One checkpoint module's rows of a (fused) layer's output on this rank."""
+
+    shard_id: str | int | None
+    offset: int
+    size: int
+
+
+class LoRALinearMethod(LinearMethodBase):
+    """The layer's own method, plus the LoRA delta of each token's adapter."""
+
+    def __init__(
+        self,
+        base: LinearMethodBase,
+        slices: list[OutputSlice],
+        input_size: int,
+        output_size: int,
+        max_loras: int,
+        max_rank: int,
+        step: LoRAStep,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.base = base
+        self.slices = slices
+        self.max_rank = max_rank
+        self.step = step
+        self.lora_a = torch.zeros(
+            max_loras, len(slices) * max_rank, input_size, dtype=dtype, device=device
+        )
+        self.lora_b = torch.zeros(max_loras, output_size, max_rank, dtype=dtype, device=device)
+        self.scales = torch.zeros(max_loras, len(slices), dtype=torch.float32, device=device)
+
+    def create_weights(self, layer, *args, **kwargs) -> None:
+        self.base.create_weights(layer, *args, **kwargs)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        self.base.process_weights_after_loading(layer)
+
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        out = self.base.apply(layer, x, bias)
+        groups = self.step.groups
+        if not groups:
+            return out
+        token_slots = self.step.token_slots
+        buffer = lora_shrink(x, self.lora_a, token_slots, groups)
+        rank = self.max_rank
+        for index, part in enumerate(self.slices):
+            lora_expand_(
+                out[:, part.offset : part.offset + part.size],
+                buffer[:, index * rank : (index + 1) * rank],
+                self.lora_b[:, part.offset : part.offset + part.size],
+                self.scales[:, index],
+                token_slots,
+                groups,
+            )
+        return out
+
+    def set_slot(
+        self,
+        slot: int,
+        weights: dict[str | int | None, tuple[torch.Tensor, torch.Tensor, float]],
+    ) -> None:
+        """Put one adapter in `slot`: per shard id, this rank's A [r, in] and B [rows, r]
+        and the scale; a slice the adapter does not target stays zero."""
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.scales[slot].zero_()
+        rank = self.max_rank
+        for index, part in enumerate(self.slices):
+            if part.shard_id not in weights:
+                continue
+            lora_a, lora_b, scale = weights[part.shard_id]
+            r = lora_a.shape[0]
+            self.lora_a[slot, index * rank : index * rank + r].copy_(lora_a)
+            self.lora_b[slot, part.offset : part.offset + part.size, :r].copy_(lora_b)
+            self.scales[slot, index] = scale
+
+
+def output_slices(layer: LinearBase) -> list[OutputSlice]:
+    """The checkpoint modules in a layer's output rows on this rank."""
+    if isinstance(layer, QKVParallelLinear):
+        q_rows = layer.num_heads * layer.head_size
+        kv_rows = layer.num_kv_heads * layer.head_size
+        return [
+            OutputSlice("q", 0, q_rows),
+            OutputSlice("k", q_rows, kv_rows),
+            OutputSlice("v", q_rows + kv_rows, kv_rows),
+        ]
+    if isinstance(layer, MergedColumnParallelLinear):
+        slices, offset = [], 0
+        for index, size in enumerate(layer.output_sizes):
+            rows = size // layer.tp_size
+            slices.append(OutputSlice(index, offset, rows))
+            offset += rows
+        return slices
+    return [OutputSlice(None, 0, layer.output_size_per_partition)]
+
+
+@dataclass(frozen=True, slots=True)
+class LoRATarget:
+    """Where a checkpoint module of an adapter goes: its layer and its slice of the output."""
+
+    layer: LinearBase
+    method: LoRALinearMethod
+    shard_id: str | int | None
+
+    @property
+    def row_parallel(self) -> bool:
+        return isinstance(self.layer, RowParallelLinear)
+
+
+def add_lora_layers(
+    model: nn.Module,
+    max_loras: int,
+    max_rank: int,
+    step: LoRAStep,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, LoRATarget]:
+    """Wrap every linear layer an adapter may target; the targets by checkpoint module name
+    (`model.layers.0.self_attn.q_proj` -> the layer `...qkv_proj`, shard "q")."""
+    unpacked: dict[str, list[tuple[str, str | int]]] = {}
+    for checkpoint_name, (fused, shard_id) in getattr(model, "packed_modules_mapping", {}).items():
+        unpacked.setdefault(fused, []).append((checkpoint_name, shard_id))
+    targets = {}  # in the model's dtype (the activations'), whatever the layer's format
+    for name, layer in model.named_modules():
+        if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        names = unpacked.get(leaf, [(leaf, None)])
+        if not all(checkpoint_name in SUPPORTED_TARGETS for checkpoint_name, _ in names):
+            continue
+        method = LoRALinearMethod(
+            layer.quant_method,
+            output_slices(layer),
+            layer.input_size_per_partition,
+            layer.output_size_per_partition,
+            max_loras,
+            max_rank,
+            step,
+            dtype,
+            device,
+        )
+        layer.quant_method = method
+        for checkpoint_name, shard_id in names:
+            key = f"{prefix}.{checkpoint_name}" if prefix else checkpoint_name
+            targets[key] = LoRATarget(layer, method, shard_id)
+    return targets
