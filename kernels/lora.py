@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import torch
 
-SlotGroups = list[tuple[int, torch.Tensor]]  # (slot, rows of the tokens using it)
+# (slot, rows of the tokens using it; None when every token of the step uses it)
+SlotGroups = list[tuple[int, torch.Tensor | None]]
 
 
 def slot_groups(token_slots: torch.Tensor) -> SlotGroups:
-    """The rows of each slot used in `token_slots` [T] (int64; -1 = no adapter), by slot."""
+    """The rows of each slot used in `token_slots` [T] (int64; -1 = no adapter), by slot. A
+    step whose tokens all use one adapter gives `[(slot, None)]`: its layers then multiply
+    whole activations, with no gather or scatter."""
+    slots = torch.unique(token_slots).tolist()
+    if len(slots) == 1 and slots[0] >= 0:
+        return [(slots[0], None)]
     groups = []
-    for slot in torch.unique(token_slots).tolist():
+    for slot in slots:
         if slot >= 0:
             groups.append((slot, (token_slots == slot).nonzero().squeeze(1)))
     return groups
@@ -38,6 +44,8 @@ def lora_shrink(
         from ember.kernels.lora_triton import lora_shrink_triton
 
         return lora_shrink_triton(x, lora_a, token_slots)
+    if len(groups) == 1 and groups[0][1] is None:
+        return x.to(lora_a.dtype) @ lora_a[groups[0][0]].T
     buffer = x.new_zeros(x.shape[0], lora_a.shape[1], dtype=lora_a.dtype)
     for slot, rows in groups:
         buffer.index_copy_(0, rows, x.index_select(0, rows).to(lora_a.dtype) @ lora_a[slot].T)
@@ -60,6 +68,9 @@ def lora_expand_(
         lora_expand_triton_(y, buffer, lora_b, scales, token_slots)
         return
     for slot, rows in groups:
+        if rows is None:  # every token: no gather, no scatter
+            y.add_(((buffer @ lora_b[slot].T) * scales[slot]).to(y.dtype))
+            continue
         delta = (buffer.index_select(0, rows) @ lora_b[slot].T) * scales[slot]
         y.index_add_(0, rows, delta.to(y.dtype))
 

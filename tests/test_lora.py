@@ -358,3 +358,64 @@ def test_embed_and_score_with_an_adapter_match_peft_hidden_states(base_dir, adap
         expected = torch.nn.functional.normalize(hidden[0, -1], dim=0)
         assert torch.allclose(output.outputs.data, expected, atol=1e-4)
     assert not torch.allclose(plain[0].outputs.data, outputs[0].outputs.data, atol=1e-3)
+
+
+def _uses_fused_decode_step(worker) -> bool:
+    return worker.model_runner.cpu_decode is not None
+
+
+def _drop_fused_decode_step(worker) -> None:
+    worker.model_runner.cpu_decode = None
+
+
+def _write_attention_adapter(
+    path, num_layers: int, shapes: dict[str, tuple[int, int]], rank: int
+) -> str:
+    """A random PEFT adapter on attention modules, written as peft writes one (safetensors and adapter_config.json)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(5)
+    tensors = {}
+    for layer in range(num_layers):
+        for module, (size_in, size_out) in shapes.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, size_in, generator=generator)
+            tensors[f"{prefix}.lora_B.weight"] = (
+                torch.randn(size_out, rank, generator=generator) * 0.05
+            )
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(shapes)}
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_gguf_fused_decode_step_serves_the_steps_without_an_adapter(default_gguf, tmp_path):
+    """On the packed GGUF path, enable_lora keeps the fused C decode step for steps with no
+    adapter (they cost what they cost without LoRA: the same tokens as an engine without
+    enable_lora), and steps with an adapter take the layers' forward, which adds its delta."""
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    prompts = ["The capital of France is", "Water boils at", "My favourite colour is"]
+    with LLM(default_gguf) as plain:
+        expected = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    path = _write_attention_adapter(
+        tmp_path / "smollm2_qv", 30, {"q_proj": (576, 576), "v_proj": (576, 192)}, 8
+    )
+    adapter = LoRARequest("qv", 1, path)
+    with LLM(default_gguf, enable_lora=True, max_lora_rank=8) as llm:
+        assert llm.collective_rpc(_uses_fused_decode_step) == [True]
+        base = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        alone = llm.generate(prompts, params, lora_request=adapter)
+        mixed = llm.generate(prompts * 2, params, lora_request=[None] * 3 + [adapter] * 3)
+        llm.collective_rpc(_drop_fused_decode_step)  # now every step takes the forward
+        by_forward = llm.generate(prompts, params, lora_request=adapter)
+    assert base == expected
+    adapted = [o.outputs[0].token_ids for o in alone]
+    assert adapted != base  # the delta is applied
+    assert [o.outputs[0].token_ids for o in mixed[3:]] == adapted
+    # The decode loop adds each adapter's delta as the layers' forward does.
+    assert [o.outputs[0].token_ids for o in by_forward] == adapted

@@ -28,8 +28,11 @@ from ember.workers.sampling_params import SamplingParams
 from ember.workers.scheduler_output import ModelRunnerOutput
 
 
+@pytest.mark.parametrize("one_adapter", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_shrink_expand_equals_a_per_token_loop(dtype):
+def test_shrink_expand_equals_a_per_token_loop(dtype, one_adapter):
+    """Mixed slots (tokens gathered per slot), and one adapter for every token (whole
+    activations multiplied, `slot_groups` gives rows None)."""
     torch.manual_seed(0)
     num_tokens, num_slots, rank, in_size, out_size = 23, 3, 8, 32, 48
     x = torch.randn(num_tokens, in_size, dtype=dtype)
@@ -39,6 +42,9 @@ def test_shrink_expand_equals_a_per_token_loop(dtype):
     scales = torch.tensor([0.5, 2.0, 1.25])
     token_slots = torch.randint(-1, num_slots, (num_tokens,))
     token_slots[:3] = torch.tensor([-1, 0, 2])
+    if one_adapter:
+        token_slots.fill_(1)
+        assert slot_groups(token_slots) == [(1, None)]
     expected = add_lora_reference(y, x, lora_a, lora_b, scales, token_slots)
     groups = slot_groups(token_slots)
     out = y.clone()

@@ -9,7 +9,11 @@ side:
 
     python tools/bench_lora.py                       # W1: 32 prompts of 32-256 tokens, 64 out
     python tools/bench_lora.py --single              # batch-1 decode instead
-    python tools/bench_lora.py --repeat 3 --rank 16
+    python tools/bench_lora.py --repeat 3 --rank 16 --rounds 2
+
+Each round runs the four configurations in turn (a fresh engine each); a configuration's
+figure is its best pass over all rounds, so that a slow moment of a shared machine does not
+land on one configuration only.
 
 The ISA is the CPU's (set EMBER_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 to time the AVX2 path); figures name it.
@@ -41,12 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--single", action="store_true", help="batch-1 decode workload")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of all four, interleaved")
     args = parser.parse_args(argv)
     from ember.kernels.cpu_features import cpu_isa
 
-    results = []
+    best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, extra in _configs(args.rank):
+        for name, extra in [c for _ in range(args.rounds) for c in _configs(args.rank)]:
             path = os.path.join(tmp, "result.jsonl")
             command = [
                 sys.executable,
@@ -64,10 +69,15 @@ def main(argv: list[str] | None = None) -> None:
             with open(path) as f:
                 record = json.loads(f.readlines()[-1])
             os.unlink(path)
-            results.append((name, record))
+            if name not in best or record["output_tok_s"] > best[name]["output_tok_s"]:
+                best[name] = record
+    results = list(best.items())
     base = results[0][1]["output_tok_s"]
     workload = "batch-1 decode" if args.single else "W1"
-    print(f"ember, {workload}, CPU ISA {cpu_isa()}, best of {args.repeat} passes")
+    passes = args.repeat * args.rounds
+    print(
+        f"ember, {workload}, CPU ISA {cpu_isa()}, best of {passes} passes in {args.rounds} rounds"
+    )
     print("configuration            , output tok/s, vs base")
     for name, record in results:
         tok_s = record["output_tok_s"]

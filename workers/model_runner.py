@@ -568,8 +568,9 @@ class ModelRunner:
         elif self.cpu_decode is not None and self.cpu_decode.can_run(
             input_ids, positions, metadata
         ):
-            # None when a kernel refused the step: the forward below makes its KV writes again
-            hidden_states = self.cpu_decode.run(input_ids, positions, metadata)
+            # None when a kernel refused the step: the forward below makes its KV writes again.
+            # With an adapter in the step the layers run one by one, adding its deltas.
+            hidden_states = self.cpu_decode.run(input_ids, positions, metadata, lora=lora_step)
         if hidden_states is None:
             hidden_states = self.model(input_ids, positions, metadata)
         output = ModelRunnerOutput(errored_req_ids=lora_errored)

@@ -61,12 +61,16 @@ logger = logging.getLogger(__name__)
 MAX_DECODES = 256
 
 
-def _matmul(x: torch.Tensor, linear: nn.Module, packed: bool) -> torch.Tensor:
+def _matmul(x: torch.Tensor, linear: nn.Module, packed: bool, lora: bool = False) -> torch.Tensor:
     """x [T, K] bfloat16 @ the layer's weight -> [T, N] bfloat16: its packed 4-bit groups, or
-    its dense bfloat16 weight."""
-    if packed:
-        return linear.packed_weight.matmul_bfloat16(x)
-    return F.linear(x, dense_weight(linear))
+    its dense bfloat16 weight; with `lora`, plus the step's adapter deltas (a layer that
+    LoRA wraps has a `quant_method` with `add_delta`)."""
+    out = linear.packed_weight.matmul_bfloat16(x) if packed else F.linear(x, dense_weight(linear))
+    if lora:
+        add_delta = getattr(linear.quant_method, "add_delta", None)
+        if add_delta is not None:
+            add_delta(x, out)
+    return out
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -91,8 +95,6 @@ def unsupported_reason(model: nn.Module, config: EngineConfig, device: torch.dev
         return f"tensor_parallel_size {config.parallel.tensor_parallel_size}, not 1"
     if config.model.runner != "generate":
         return f"runner {config.model.runner!r}, not 'generate'"
-    if config.lora is not None:
-        return "enable_lora (the LoRA delta is added in the layers' forward)"
     decoder = getattr(model, "model", None)
     if (
         not isinstance(model, LlamaForCausalLM)
@@ -256,10 +258,16 @@ class LlamaCPUDecodeRunner:
         )
 
     def run(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        metadata: AttentionMetadata,
+        lora: bool = False,
     ) -> torch.Tensor | None:
         """The final hidden states [T, H] of a step that `can_run` accepted; None when a kernel
-        refused it (the model's forward then serves it, making the same KV writes again)."""
+        refused it (the model's forward then serves it, making the same KV writes again).
+        With `lora` (some token of the step has an adapter) the layers run one C call each,
+        with each adapter's delta added after its matmul, instead of all in one call."""
         num_tokens = input_ids.shape[0]
         block_table, seq_lens = metadata.block_table, metadata.seq_lens
         slot_mapping = metadata.slot_mapping
@@ -268,7 +276,7 @@ class LlamaCPUDecodeRunner:
         residual = self.model.embed_tokens(input_ids).contiguous()  # float32 [T, H]
         positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
         packed = num_tokens <= self.packed_max_tokens
-        if packed and self.step_model is not None:
+        if packed and self.step_model is not None and not lora:
             return self.step_model.run(
                 residual, positions, slot_mapping, block_table.contiguous(), seq_lens.contiguous()
             )
@@ -288,7 +296,7 @@ class LlamaCPUDecodeRunner:
         ) in self.layers:
             if self._norm(x, residual, norm_in, normed) != 0:
                 return None
-            qkv = _matmul(normed, qkv_proj, packed)
+            qkv = _matmul(normed, qkv_proj, packed, lora)
             status = decode_cpu.rope_write_kv(
                 qkv,
                 positions,
@@ -310,9 +318,10 @@ class LlamaCPUDecodeRunner:
                 # the ones it writes again.
                 return None
             attn_bf16.copy_(out.view(num_tokens, attn_size))
-            x = _matmul(attn_bf16, o_proj, packed)
+            x = _matmul(attn_bf16, o_proj, packed, lora)
             self._norm(x, residual, norm_post, normed)
-            x = _matmul(_silu_mul(_matmul(normed, gate_up_proj, packed)), down_proj, packed)
+            gate_up = _matmul(normed, gate_up_proj, packed, lora)
+            x = _matmul(_silu_mul(gate_up), down_proj, packed, lora)
         hidden = torch.empty_like(residual)
         self._norm(x, residual, self.model.norm, hidden)
         return hidden

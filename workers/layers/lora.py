@@ -84,6 +84,15 @@ class LoRALinearMethod(LinearMethodBase):
         )
         self.lora_b = torch.zeros(max_loras, output_size, max_rank, dtype=dtype, device=device)
         self.scales = torch.zeros(max_loras, len(slices), dtype=torch.float32, device=device)
+        # On CPU every slice's B, scaled, in one block-diagonal matrix [out, n * R]: a fused
+        # layer's delta is then one matmul per adapter, not one per slice.
+        self.lora_b_blocks = None
+        self.unit_scales = None
+        if device.type == "cpu":
+            self.lora_b_blocks = torch.zeros(
+                max_loras, output_size, len(slices) * max_rank, dtype=dtype, device=device
+            )
+            self.unit_scales = torch.ones(max_loras, dtype=torch.float32, device=device)
 
     def create_weights(self, layer, *args, **kwargs) -> None:
         self.base.create_weights(layer, *args, **kwargs)
@@ -94,12 +103,19 @@ class LoRALinearMethod(LinearMethodBase):
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        out = self.base.apply(layer, x, bias)
+        return self.add_delta(x, self.base.apply(layer, x, bias))
+
+    def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (the base output of x) plus each token's adapter delta, in place; also used by
+        the fused CPU decode loop, which computes the base outputs itself."""
         groups = self.step.groups
         if not groups:
             return out
         token_slots = self.step.token_slots
         buffer = lora_shrink(x, self.lora_a, token_slots, groups)
+        if self.lora_b_blocks is not None and not out.is_cuda:
+            lora_expand_(out, buffer, self.lora_b_blocks, self.unit_scales, token_slots, groups)
+            return out
         rank = self.max_rank
         for index, part in enumerate(self.slices):
             lora_expand_(
@@ -131,6 +147,15 @@ class LoRALinearMethod(LinearMethodBase):
             self.lora_a[slot, index * rank : index * rank + r].copy_(lora_a)
             self.lora_b[slot, part.offset : part.offset + part.size, :r].copy_(lora_b)
             self.scales[slot, index] = scale
+        if self.lora_b_blocks is not None:
+            blocks = self.lora_b_blocks[slot]
+            blocks.zero_()
+            for index, part in enumerate(self.slices):
+                rows, columns = (
+                    slice(part.offset, part.offset + part.size),
+                    slice(index * rank, (index + 1) * rank),
+                )
+                blocks[rows, columns] = self.lora_b[slot, rows] * self.scales[slot, index]
 
 
 def output_slices(layer: LinearBase) -> list[OutputSlice]:
