@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from ember.enginecore.checkpoint_quantization import (
+    QUANTIZATION_VALUES,
+    resolve_checkpoint_quantization,
+)
 from ember.enginecore.generation_config import (
     diff_sampling_params,
     generation_config_source,
@@ -141,10 +145,10 @@ class EngineArgs:
         return add_engine_cli_args(parser, ember_field_annotations(cls))
 
     def _validate(self) -> None:
-        if self.quantization not in (None, "gguf"):
+        if self.quantization is not None and self.quantization not in QUANTIZATION_VALUES:
             raise NotImplementedError(
-                f"quantization={self.quantization!r} is not supported; ember keeps the "
-                "quantized groups of GGUF files (quantization='gguf', on CPU)"
+                f"quantization={self.quantization!r} is not supported; ember reads "
+                f"{', '.join(QUANTIZATION_VALUES)}"
             )
         if (
             not isinstance(self.tensor_parallel_size, int)
@@ -286,9 +290,10 @@ class EngineArgs:
             ),
             load_format=self.load_format,
             gguf_file=gguf_file,
-            quantization=_resolve_quantization(
-                self.quantization, self.dtype, dtype, gguf_file, device
-            ),
+            quantization=resolve_checkpoint_quantization(
+                self.quantization, hf_config, self.tensor_parallel_size
+            )
+            or _resolve_quantization(self.quantization, self.dtype, dtype, gguf_file, device),
             tokenizer=resolve_tokenizer(
                 self.tokenizer,
                 self.model,

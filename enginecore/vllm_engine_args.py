@@ -516,7 +516,11 @@ _POLICIES: dict[str, ArgPolicy] = {
     ),
     "model_class_overrides": _only("ember's model classes are fixed"),
     "tokenizer_revision": _ember("honoured; None: the model's revision"),
-    "quantization": _ember("None or 'gguf'; another raises NotImplementedError"),
+    "quantization": _ember(
+        "None (the checkpoint's own quantization_config, if any), 'gguf', 'gptq', 'awq' (and "
+        "vLLM's 'gptq_marlin', 'awq_marlin' for the same checkpoints); one that contradicts "
+        "the checkpoint raises ValueError, another NotImplementedError"
+    ),
     "quantization_config": _only("quantization settings are not supported"),
     "allow_deprecated_quantization": _no_effect(
         "ember has no deprecated quantization methods to allow"

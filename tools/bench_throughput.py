@@ -266,7 +266,7 @@ def ember_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "max_model_len": args.input_len_max + args.output_len,
             **parallel,
         }
-    return {"model": args.model, "device": args.device, **parallel}
+    return {"model": args.ember_model or args.model, "device": args.device, **parallel}
 
 
 Setup = Callable[[argparse.Namespace, dict[str, Any], dict[str, Any]], GenerateAll]
@@ -818,6 +818,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--llama-flash-attn", action="store_true", help="pass flash_attn=True to llama_cpp.Llama"
+    )
+    p.add_argument(
+        "--ember-model",
+        default="",
+        help="a model directory ember loads instead of --model (the same weights in another "
+        "format, e.g. a GPTQ/AWQ checkpoint: `bench_quantized.py`); prompts still come from "
+        "--model's vocabulary",
     )
     p.add_argument(
         "--ember-kwargs",

@@ -130,7 +130,10 @@ def _layers_unsupported_reason(model: LlamaModel) -> str | None:
             return "an attention soft cap"
         for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj):
             if getattr(linear, "packed_weight", None) is None:
-                return "linear layers without packed weights (quantization='gguf' packs them)"
+                return (
+                    "linear layers without packed tiles of their own (GGUF's groups, GPTQ/AWQ "
+                    "codes without act-order or 8-bit zero points)"
+                )
             if getattr(linear, "bias", None) is not None:
                 return "linear layers with biases"
         shapes.add((attention.num_heads, attention.num_kv_heads, attention.head_dim))

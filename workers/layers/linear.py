@@ -44,6 +44,61 @@ def check_shape(loaded_weight: torch.Tensor, expected: tuple[int, ...]) -> None:
         )
 
 
+def output_dim(param: torch.Tensor) -> int | None:
+    """The dimension of `param` that runs over the layer's outputs (0 for a dense [out, in]
+    weight or a bias; a quantized format's tensors say otherwise with an `output_dim`
+    attribute, None for one every output shares, such as GPTQ's `g_idx`)."""
+    return getattr(param, "output_dim", 0)
+
+
+def input_dim(param: torch.Tensor) -> int | None:
+    """The dimension of `param` that runs over the layer's inputs (1 for a dense weight; a
+    format's `input_dim` attribute otherwise, None for one every input shares)."""
+    return getattr(param, "input_dim", 1 if param.dim() > 1 else None)
+
+
+def scaled_shape(
+    param: torch.Tensor, dim: int, factor: int = 1, size: int | None = None
+) -> tuple[int, ...]:
+    """`param`'s shape with dimension `dim` times `factor` (the whole of a sharded tensor), or
+    set to `size`."""
+    shape = list(param.shape)
+    shape[dim] = shape[dim] * factor if size is None else size
+    return tuple(shape)
+
+
+def rows_per_element(layer: LinearBase, param: torch.Tensor, dim: int) -> int:
+    """Output rows per element of `param` along `dim`: 1 for a dense weight, the packing
+    factor for codes packed along the outputs (AWQ's `qweight`, GPTQ's `qzeros`)."""
+    return layer.output_size_per_partition // param.shape[dim]
+
+
+def packed_size(rows: int, ratio: int, layer: LinearBase) -> int:
+    """`rows` output rows as elements of a tensor packed `ratio` to one; a shard that splits
+    an element is refused, naming the layer."""
+    if rows % ratio:
+        raise ValueError(
+            f"{type(layer).__name__}: {rows} output rows do not split into elements of {ratio} "
+            "packed values; the checkpoint's format does not fit this shape or "
+            "tensor_parallel_size"
+        )
+    return rows // ratio
+
+
+def load_replicated(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
+    """Copy a tensor every rank and every fused shard holds whole (GPTQ's `g_idx`); a fused
+    layer whose shards bring different values is refused, since one tensor serves them all."""
+    if getattr(param, "loaded_once", False) and not torch.equal(
+        param.data, loaded_weight.to(param.dtype)
+    ):
+        raise ValueError(
+            "the fused shards of this layer bring different values for a tensor they share "
+            f"(shape {tuple(param.shape)}, e.g. GPTQ's g_idx)"
+        )
+    default_weight_loader(param, loaded_weight)
+    param.loaded_once = True
+
+
 class LinearBase(nn.Module):
     """A linear layer whose weight format is its `quant_method`'s (see `quantization.base`)."""
 
@@ -60,15 +115,23 @@ class LinearBase(nn.Module):
         self.parallel = ctx.parallel
         self.input_size_per_partition = input_size_per_partition  # this rank's [out, in]
         self.output_size_per_partition = output_size_per_partition
-        self.quant_method = ctx.quant_config.get_quant_method(self)
-        self.quant_method.create_weights(
-            self,
+        self._weight_shape = (
             input_size_per_partition,
             output_size_per_partition,
             input_size,
             output_size,
-            self.weight_loader,
         )
+        self.quant_method = ctx.quant_config.get_quant_method(self)
+        self.quant_method.create_weights(self, *self._weight_shape, self.weight_loader)
+
+    def replace_quant_method(self, method) -> None:
+        """Hold the weight in `method`'s format instead (before loading): the parameters of
+        the old method go, the new one creates its own (a layer a checkpoint keeps dense)."""
+        for name, _ in list(self.named_parameters(recurse=False)):
+            if name != "bias":
+                delattr(self, name)
+        self.quant_method = method
+        method.create_weights(self, *self._weight_shape, self.weight_loader)
 
 
 class ReplicatedLinear(LinearBase):
@@ -100,9 +163,13 @@ class ColumnParallelLinear(LinearBase):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None
     ) -> None:
-        rows = param.shape[0]
-        check_shape(loaded_weight, (rows * self.tp_size, *param.shape[1:]))
-        default_weight_loader(param, loaded_weight.narrow(0, self.tp_rank * rows, rows))
+        dim = output_dim(param)
+        if dim is None:
+            load_replicated(param, loaded_weight)
+            return
+        rows = param.shape[dim]
+        check_shape(loaded_weight, scaled_shape(param, dim, self.tp_size))
+        default_weight_loader(param, loaded_weight.narrow(dim, self.tp_rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
@@ -120,17 +187,23 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias, ctx=ctx)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None):
+        dim = output_dim(param)
+        if dim is None:
+            load_replicated(param, loaded_weight)
+            return
+        ratio = rows_per_element(self, param, dim)
+        sizes = [packed_size(size, ratio, self) for size in self.output_sizes]
         if shard_id is None:  # the fused tensor: [ shard 0 | shard 1 | ... ] whole
-            check_shape(loaded_weight, (sum(self.output_sizes), *param.shape[1:]))
-            for index, part in enumerate(loaded_weight.split(self.output_sizes)):
+            check_shape(loaded_weight, scaled_shape(param, dim, size=sum(sizes)))
+            for index, part in enumerate(loaded_weight.split(sizes, dim)):
                 self.weight_loader(param, part, index)
             return
-        shard_rows = self.output_sizes[shard_id] // self.tp_size
-        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        check_shape(loaded_weight, (self.output_sizes[shard_id], *param.shape[1:]))
-        target = param.data.narrow(0, offset, shard_rows)
+        shard_rows = packed_size(self.output_sizes[shard_id] // self.tp_size, ratio, self)
+        offset = packed_size(sum(self.output_sizes[:shard_id]) // self.tp_size, ratio, self)
+        check_shape(loaded_weight, scaled_shape(param, dim, size=sizes[shard_id]))
+        target = param.data.narrow(dim, offset, shard_rows)
         default_weight_loader(
-            target, loaded_weight.narrow(0, self.tp_rank * shard_rows, shard_rows)
+            target, loaded_weight.narrow(dim, self.tp_rank * shard_rows, shard_rows)
         )
 
 
@@ -166,18 +239,24 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, output_size, bias, ctx=ctx)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None):
+        dim = output_dim(param)
+        if dim is None:
+            load_replicated(param, loaded_weight)
+            return
+        ratio = rows_per_element(self, param, dim)
         if shard_id is None:  # the fused tensor [ q | k | v ] of all heads
             sizes = [
                 self.total_num_heads * self.head_size,
                 self.total_num_kv_heads * self.head_size,
                 self.total_num_kv_heads * self.head_size,
             ]
-            check_shape(loaded_weight, (sum(sizes), *param.shape[1:]))
-            for part, name in zip(loaded_weight.split(sizes), ("q", "k", "v")):
+            sizes = [packed_size(size, ratio, self) for size in sizes]
+            check_shape(loaded_weight, scaled_shape(param, dim, size=sum(sizes)))
+            for part, name in zip(loaded_weight.split(sizes, dim), ("q", "k", "v")):
                 self.weight_loader(param, part, name)
             return
-        q_rows = self.num_heads * self.head_size
-        kv_rows = self.num_kv_heads * self.head_size
+        q_rows = packed_size(self.num_heads * self.head_size, ratio, self)
+        kv_rows = packed_size(self.num_kv_heads * self.head_size, ratio, self)
         if shard_id == "q":
             offset, rows, rank_index = 0, q_rows, self.tp_rank
         elif shard_id in ("k", "v"):
@@ -186,9 +265,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             raise ValueError(f"QKVParallelLinear takes shard_id 'q', 'k' or 'v', got {shard_id!r}")
         num_ranks = self.tp_size if shard_id == "q" else self.tp_size // self.kv_head_replicas
-        check_shape(loaded_weight, (rows * num_ranks, *param.shape[1:]))
-        target = param.data.narrow(0, offset, rows)
-        default_weight_loader(target, loaded_weight.narrow(0, rank_index * rows, rows))
+        check_shape(loaded_weight, scaled_shape(param, dim, size=rows * num_ranks))
+        target = param.data.narrow(dim, offset, rows)
+        default_weight_loader(target, loaded_weight.narrow(dim, rank_index * rows, rows))
 
 
 class RowParallelLinear(LinearBase):
@@ -201,9 +280,13 @@ class RowParallelLinear(LinearBase):
         self.bias = make_parameter(output_size, weight_loader=self.bias_loader) if bias else None
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        cols = param.shape[1]
-        check_shape(loaded_weight, (param.shape[0], cols * self.tp_size))
-        default_weight_loader(param, loaded_weight.narrow(1, self.tp_rank * cols, cols))
+        dim = input_dim(param)
+        if dim is None:
+            load_replicated(param, loaded_weight)
+            return
+        cols = param.shape[dim]
+        check_shape(loaded_weight, scaled_shape(param, dim, self.tp_size))
+        default_weight_loader(param, loaded_weight.narrow(dim, self.tp_rank * cols, cols))
 
     def bias_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         default_weight_loader(param, loaded_weight)

@@ -25,6 +25,7 @@ from ember.workers.layers.packed_int4 import packed_cache_key
 from ember.workers.layers.quantization import (
     get_quantization_config,
     process_weights_after_loading,
+    skip_dense_layers,
 )
 from ember.workers.layers.quantization.gguf_packed import (
     attach_packed_tensors,
@@ -99,9 +100,13 @@ def get_model(
         get_model_class(model_config.architecture), model_config.convert
     )
     dtype = DTYPES[model_config.dtype]
-    ctx = ModelContext(parallel, get_quantization_config(model_config.quantization))
+    quant_config = get_quantization_config(
+        model_config.quantization, getattr(hf_config, "quantization_config", None)
+    )
+    ctx = ModelContext(parallel, quant_config)
     with _default_dtype(dtype), device:
         model = model_class(hf_config, max_position=model_config.max_model_len, ctx=ctx)
+        skip_dense_layers(model, quant_config, getattr(model, "packed_modules_mapping", {}))
     model.eval()
     load_format = model_config.load_format
     with _one_torch_thread():

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+from ember.workers.layers.quantization.awq import AWQConfig
 from ember.workers.layers.quantization.base import (
     EmbeddingMethodBase,
     LinearMethodBase,
     QuantizationConfig,
     process_weights_after_loading,
+    skip_dense_layers,
 )
 from ember.workers.layers.quantization.gguf_packed import GGUFPackedConfig
+from ember.workers.layers.quantization.gptq import GPTQConfig
 from ember.workers.layers.quantization.unquantized import UnquantizedConfig
 
-_CONFIGS: dict[str, type[QuantizationConfig]] = {"gguf": GGUFPackedConfig}
+# Formats read from a checkpoint's `quantization_config`, built from its settings.
+_CHECKPOINT_CONFIGS: dict[str, type[QuantizationConfig]] = {"gptq": GPTQConfig, "awq": AWQConfig}
 
 
-def get_quantization_config(name: str | None) -> QuantizationConfig:
-    """A new config for one model (None: dense weights)."""
+def get_quantization_config(
+    name: str | None, checkpoint_settings: dict | None = None
+) -> QuantizationConfig:
+    """A new config for one model (None: dense weights); a checkpoint's format takes the
+    `quantization_config` of its config.json."""
     if name is None:
         return UnquantizedConfig()
-    if name not in _CONFIGS:
-        raise ValueError(f"quantization must be one of {sorted(_CONFIGS)} or None, got {name!r}")
-    return _CONFIGS[name]()
+    if name == "gguf":
+        return GGUFPackedConfig()
+    if name not in _CHECKPOINT_CONFIGS:
+        known = sorted(["gguf", *_CHECKPOINT_CONFIGS])
+        raise ValueError(f"quantization must be one of {known} or None, got {name!r}")
+    return _CHECKPOINT_CONFIGS[name](dict(checkpoint_settings or {}))
 
 
 __all__ = [
@@ -29,4 +39,5 @@ __all__ = [
     "QuantizationConfig",
     "get_quantization_config",
     "process_weights_after_loading",
+    "skip_dense_layers",
 ]

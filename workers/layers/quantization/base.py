@@ -82,6 +82,40 @@ class QuantizationConfig(ABC):
     def get_quant_method(self, layer: nn.Module) -> LinearMethodBase | EmbeddingMethodBase:
         """The method of `layer` (a linear layer, embedding or LM head)."""
 
+    def is_layer_skipped(self, checkpoint_name: str) -> bool:
+        """True for a linear layer the checkpoint keeps dense (FP8's `ignored_layers`, AWQ's
+        `modules_to_not_convert`), by its checkpoint module name, e.g.
+        "model.layers.0.self_attn.q_proj" (`skip_dense_layers` asks for each part of a fused
+        layer)."""
+        return False
+
+
+def skip_dense_layers(
+    model: nn.Module, config: QuantizationConfig, packed_modules_mapping: dict
+) -> None:
+    """Give the linear layers the checkpoint keeps dense an unquantized method, before any
+    weight loads. A fused layer (qkv_proj) is asked for by its parts (q_proj, k_proj, v_proj),
+    which must agree."""
+    from ember.workers.layers.linear import LinearBase
+    from ember.workers.layers.quantization.unquantized import UnquantizedLinearMethod
+
+    parts_of: dict[str, list[str]] = {}
+    for part, (fused, _) in packed_modules_mapping.items():
+        parts_of.setdefault(fused, []).append(part)
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearBase):
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        names = [f"{prefix}.{part}" if prefix else part for part in parts_of.get(leaf, [leaf])]
+        skipped = {config.is_layer_skipped(checkpoint_name) for checkpoint_name in names}
+        if len(skipped) > 1:
+            raise ValueError(
+                f"the checkpoint quantizes some of {', '.join(names)} and not the others; "
+                f"they are one fused layer ({name}) here"
+            )
+        if skipped == {True}:
+            module.replace_quant_method(UnquantizedLinearMethod())
+
 
 def process_weights_after_loading(model: nn.Module) -> None:
     """Call every layer's `process_weights_after_loading` once its checkpoint is loaded."""

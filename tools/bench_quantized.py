@@ -1,0 +1,114 @@
+"""What a GPTQ or AWQ checkpoint costs or gains ember on CPU against the same weights as a GGUF
+file and as float32, on one workload (W1 by default), in one run.
+
+The checkpoints are written once from the embedded SmolLM2's weights (a float32 Hugging Face
+copy of the GGUF, `bench_throughput.hf_copy_of_gguf`) by the test packer that matches
+AutoGPTQ's, GPTQModel's and AutoAWQ's own (`tests/quantized_checkpoints.py`), into
+.cache/bench/. SmolLM2's 576-wide layers take groups of 64 (576 is not a multiple of 128).
+Each goes through `bench_throughput.py --ember-model` (same prompts, greedy, EOS ignored):
+
+    python tools/bench_quantized.py                  # W1: 32 prompts of 32-256 tokens, 64 out
+    python tools/bench_quantized.py --single         # batch-1 decode instead
+    python tools/bench_quantized.py --rounds 2 --repeat 2 --hf
+
+Each round runs every configuration in turn (a fresh engine each); a configuration's figure
+is its best pass over all rounds. `--hf` adds HF transformers on the float32 weights.
+The ISA is the CPU's (EMBER_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+times the AVX2 path); figures name it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE.parent.parent))  # `ember` when run from a checkout
+sys.path.insert(0, str(_HERE.parent))  # `tests` (the packer)
+
+FORMATS = {
+    "gptq-4bit-g64": ("gptq", {"bits": 4, "group_size": 64, "sym": True}),
+    "gptq-4bit-g64-act-order": (
+        "gptq",
+        {"bits": 4, "group_size": 64, "sym": False, "desc_act": True},
+    ),
+    "gptq-8bit-g64": ("gptq", {"bits": 8, "group_size": 64, "sym": True}),
+    "awq-4bit-g64": ("awq", {"group_size": 64}),
+}
+
+
+def quantized_checkpoints(hf_dir: str) -> dict[str, str]:
+    """The directory of each of `FORMATS`, written once next to `hf_dir`."""
+    from tests.quantized_checkpoints import write_awq_checkpoint, write_gptq_checkpoint
+
+    directories = {}
+    for name, (kind, options) in FORMATS.items():
+        target = Path(hf_dir).parent / f"{Path(hf_dir).name}-{name}"
+        if not (target / "config.json").exists():
+            writer = write_gptq_checkpoint if kind == "gptq" else write_awq_checkpoint
+            writer(hf_dir, str(target), **options)
+        directories[name] = str(target)
+    return directories
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--single", action="store_true", help="batch-1 decode workload")
+    parser.add_argument("--hf", action="store_true", help="also HF transformers (float32)")
+    args = parser.parse_args(argv)
+    from bench_throughput import hf_copy_of_gguf
+
+    from ember.kernels.cpu_features import cpu_isa
+    from ember.workers.model_loader.resolve import default_model_path
+
+    hf_dir = hf_copy_of_gguf(default_model_path())
+    configs = [
+        ("GGUF Q4_1 (default)", "ember", []),
+        ("float32", "ember", ["--ember-model", hf_dir]),
+    ]
+    configs += [
+        (name, "ember", ["--ember-model", path])
+        for name, path in quantized_checkpoints(hf_dir).items()
+    ]
+    if args.hf:
+        configs.append(("HF transformers, float32", "hf", []))
+    best: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, engine, extra in [c for _ in range(args.rounds) for c in configs]:
+            path = os.path.join(tmp, "result.jsonl")
+            command = [
+                sys.executable,
+                str(_HERE / "bench_throughput.py"),
+                "--engines",
+                engine,
+                "--repeat",
+                str(args.repeat),
+                "--json",
+                path,
+                *(["--single"] if args.single else []),
+                *extra,
+            ]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            with open(path) as f:
+                record = json.loads(f.readlines()[-1])
+            os.unlink(path)
+            if name not in best or record["output_tok_s"] > best[name]["output_tok_s"]:
+                best[name] = record
+    workload = "batch-1 decode" if args.single else "W1"
+    passes = args.repeat * args.rounds
+    print(f"SmolLM2-135M, {workload}, CPU ISA {cpu_isa()}, best of {passes} passes")
+    print("weights                   , output tok/s, peak RSS MiB")
+    for name, record in best.items():
+        rss = record["peak_rss_bytes"] / 2**20
+        print(f"{name:<26}, {record['output_tok_s']:12.1f}, {rss:12.0f}")
+
+
+if __name__ == "__main__":
+    main()

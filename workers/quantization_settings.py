@@ -1,0 +1,112 @@
+"""The `quantization_config` of a GPTQ or AWQ checkpoint, read and checked without torch: the
+user's process checks it before any process starts (`enginecore/checkpoint_quantization.py`),
+and the workers' formats (`layers/quantization/gptq.py`, `awq.py`) are built from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+
+
+@dataclass(frozen=True)
+class GroupQuantSettings:
+    """bits, group_size (-1: one group a row), act-order, and how zeros are stored."""
+
+    method: str
+    bits: int
+    group_size: int
+    desc_act: bool = False
+    zero_offset: int = 0  # added to each stored zero point (GPTQ v1 stores zero - 1)
+    modules_to_not_convert: tuple[str, ...] = ()
+
+
+def group_quant_settings(method: str, settings: dict[str, Any]) -> GroupQuantSettings:
+    """The settings of a "gptq" or "awq" checkpoint; `ValueError` / `NotImplementedError`
+    naming the field ember does not take."""
+    if method == "gptq":
+        return _gptq(settings)
+    if method == "awq":
+        return _awq(settings)
+    raise ValueError(f"not a GPTQ or AWQ quant_method: {method!r}")
+
+
+def _group_size(value: Any, method: str) -> int:
+    size = int(value)
+    if size != -1 and size <= 0:
+        raise ValueError(f"{method} checkpoint: group_size must be -1 or positive, got {value!r}")
+    return size
+
+
+def _gptq(settings: dict[str, Any]) -> GroupQuantSettings:
+    bits = settings.get("bits", 4)
+    if bits not in (4, 8):
+        raise ValueError(f"GPTQ checkpoint: bits must be 4 or 8, got {bits!r}")
+    checkpoint_format = settings.get("checkpoint_format") or settings.get("format") or "gptq"
+    if checkpoint_format not in GPTQ_CHECKPOINT_FORMATS:
+        raise ValueError(
+            f"GPTQ checkpoint: checkpoint_format must be one of {GPTQ_CHECKPOINT_FORMATS}, got "
+            f"{checkpoint_format!r}"
+        )
+    if settings.get("lm_head"):
+        raise NotImplementedError("GPTQ checkpoint: a quantized lm_head is not supported yet")
+    if settings.get("dynamic"):
+        raise NotImplementedError(
+            "GPTQ checkpoint: per-module settings ('dynamic') are not supported yet"
+        )
+    return GroupQuantSettings(
+        method="gptq",
+        bits=bits,
+        group_size=_group_size(settings.get("group_size", 128), "GPTQ"),
+        desc_act=bool(settings.get("desc_act", False)),
+        zero_offset=1 if checkpoint_format == "gptq" else 0,
+    )
+
+
+def _awq(settings: dict[str, Any]) -> GroupQuantSettings:
+    bits = settings.get("bits", settings.get("w_bit", 4))
+    if bits != 4:
+        raise ValueError(f"AWQ checkpoint: bits must be 4, got {bits!r}")
+    version = str(settings.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise NotImplementedError(f"AWQ checkpoint: version {version!r} is not supported ('gemm')")
+    if not settings.get("zero_point", True):
+        raise NotImplementedError("AWQ checkpoint: zero_point=False is not supported")
+    return GroupQuantSettings(
+        method="awq",
+        bits=4,
+        group_size=_group_size(
+            settings.get("group_size", settings.get("q_group_size", 128)), "AWQ"
+        ),
+        modules_to_not_convert=tuple(settings.get("modules_to_not_convert") or ()),
+    )
+
+
+def check_tensor_parallel_groups(
+    settings: GroupQuantSettings, hf_config: Any, tp_size: int
+) -> None:
+    """Refuse, before any process starts, a tensor-parallel size that cuts the groups of a
+    row-parallel layer (attention's output and the MLP's down projection of a Llama-shaped
+    config); the layers check every layer again when they are built."""
+    if (
+        tp_size == 1
+        or settings.group_size == -1
+        or (settings.desc_act and settings.method == "gptq")
+    ):
+        return
+    heads = getattr(hf_config, "num_attention_heads", None)
+    head_dim = getattr(hf_config, "head_dim", None) or (
+        getattr(hf_config, "hidden_size", 0) // heads if heads else None
+    )
+    inputs = {
+        "o_proj": heads * head_dim if heads and head_dim else None,
+        "down_proj": getattr(hf_config, "intermediate_size", None),
+    }
+    for layer, size in inputs.items():
+        if size and size % tp_size == 0 and (size // tp_size) % settings.group_size:
+            raise ValueError(
+                f"{layer}: input size per rank {size // tp_size} (of {size}, "
+                f"tensor_parallel_size={tp_size}) is not aligned with the checkpoint's "
+                f"group_size {settings.group_size}; use another tensor_parallel_size"
+            )
