@@ -13,11 +13,12 @@ from typing import Any
 
 from ember.workers.quantization_settings import (
     check_tensor_parallel_groups,
+    compressed_tensors_settings,
     group_quant_settings,
 )
 
 # quant_method values of config.json that ember reads, and vLLM's aliases for them.
-CHECKPOINT_FORMATS = ("awq", "gptq")
+CHECKPOINT_FORMATS = ("awq", "compressed-tensors", "gptq")
 ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 # Every `quantization=` value ember takes ("gguf": a GGUF file's groups, see arg_utils).
 QUANTIZATION_VALUES = ("gguf", *CHECKPOINT_FORMATS, *ALIASES)
@@ -39,7 +40,7 @@ def checkpoint_quant_method(hf_config: Any) -> str | None:
 def resolve_checkpoint_quantization(
     quantization: str | None, hf_config: Any, tensor_parallel_size: int = 1
 ) -> str | None:
-    """The checkpoint format the model loads in ("awq", "gptq"), or None for a checkpoint that
+    """The checkpoint format the model loads in (one of `CHECKPOINT_FORMATS`), or None for a checkpoint that
     declares none (`quantization` then is None or "gguf", which the caller checks). Its
     settings are checked here, and its groups against `tensor_parallel_size`."""
     method = checkpoint_quant_method(hf_config)
@@ -61,6 +62,9 @@ def resolve_checkpoint_quantization(
             f"quantization={quantization!r} contradicts the checkpoint, whose "
             f"quantization_config has quant_method={method!r}"
         )
-    settings = group_quant_settings(method, hf_config.quantization_config)
+    if method == "compressed-tensors":
+        settings = compressed_tensors_settings(hf_config.quantization_config)
+    else:
+        settings = group_quant_settings(method, hf_config.quantization_config)
     check_tensor_parallel_groups(settings, hf_config, tensor_parallel_size)
     return method

@@ -29,7 +29,11 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Llama's projections, and Mixtral's expert names (w1 gate, w3 up, w2 down)
+QUANTIZED_LINEARS = (
+    *("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    *("w1", "w2", "w3"),
+)
 
 # nibble i of an AWQ word holds column 8c + AWQ_ORDER[i]; column 8c + j sits in nibble
 # AWQ_REVERSE_ORDER[j] (the inverse permutation, which readers apply after unpacking).
@@ -145,7 +149,7 @@ def _quantized_module(name: str) -> str | None:
 
 def _input_key(module: str) -> str:
     """The linears of one decoder layer that read the same input share a key."""
-    for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+    for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3")):
         for part in group:
             if module.endswith("." + part):
                 return module[: -len(part)] + "+".join(group)

@@ -6,15 +6,20 @@ The checkpoints are written by `tests/quantized_checkpoints.py` (checked bit for
 AutoGPTQ's, GPTQModel's and AutoAWQ's own packers). The oracle is HF `transformers` on the
 dequantized weights (it does not load GPTQ/AWQ on a CPU without those packages).
 
-Tolerance: ember runs these layers in its CPU fast path, whose activations are 15-bit groups in
-the tiles, bfloat16 in the fused decode step and in the dense copies prefill chunks over 64
-tokens multiply by. On the random test model (wide weights, logits of tens) that moves a
-log-probability by up to ~0.1 (measured 0.03-0.11 over the cases below), so the check is: each
-token ember picks is HF's argmax, or within `NEAR_TIE` of it in HF's log-probabilities, and its
-log-probability is within `LOGPROB_TOLERANCE` of HF's for the same sequence.
+Tolerance: ember runs these layers in its CPU fast path: activations in 15-bit groups in the
+tiles, bfloat16 in the fused decode step and in the dense copies that prefill chunks over 64
+tokens multiply by, keys and values in a bfloat16 cache. On the random test model (wide
+weights, logits of tens) that moves a log-probability by up to 0.2 (measured 0.06-0.20 over
+the cases below); HF's own bfloat16 run of the same dequantized weights is 0.25-0.36 off its
+float32 run. So the check is: each token ember picks is HF's argmax, or within `NEAR_TIE` of it
+in HF's log-probabilities, and its log-probability is within `LOGPROB_TOLERANCE` of HF's for the
+same sequence.
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import pytest
 import torch
@@ -37,8 +42,8 @@ from tests.quantized_checkpoints import (
     write_gptq_checkpoint,
 )
 
-LOGPROB_TOLERANCE = 0.25
-NEAR_TIE = 0.25
+LOGPROB_TOLERANCE = 0.3
+NEAR_TIE = 0.3
 MAX_TOKENS = 16
 
 CASES = {
@@ -182,7 +187,9 @@ def test_unknown_quant_method_lists_the_supported_ones(checkpoints, tmp_path):
     target = _edited_checkpoint(
         checkpoints["awq-g32"][0], tmp_path / "unknown", lambda c: c.update(quant_method="hqq")
     )
-    with pytest.raises(ValueError, match="quant_method='hqq'.*supported: awq, gptq"):
+    with pytest.raises(
+        ValueError, match="quant_method='hqq'.*supported: awq, compressed-tensors, gptq"
+    ):
         LLM(target, skip_tokenizer_init=True)
 
 
@@ -350,3 +357,87 @@ def test_lora_adapter_on_a_gptq_base_matches_peft_on_the_dequantized_base(
     adapter = LoRARequest("adapter", 1, str(tmp_path / "adapter"))
     with LLM(quantized, enable_lora=True, max_lora_rank=8, skip_tokenizer_init=True) as llm:
         check_against_hf(llm, reference.eval(), prompts, lora_request=adapter)
+
+
+# ---- MoE experts --------------------------------------------------------------------------------
+
+MOE_CASES = {
+    "MixtralForCausalLM": ("gptq", {"bits": 4, "group_size": 32, "sym": False, "desc_act": True}),
+    "Qwen3MoeForCausalLM": ("awq", {"group_size": 32}),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoints(tmp_path_factory) -> dict[str, tuple[str, str]]:
+    from tests.helpers import write_random_model
+
+    written = {}
+    for architecture, (kind, options) in MOE_CASES.items():
+        root = tmp_path_factory.mktemp(architecture)
+        dense = write_random_model(
+            root / "dense-source",
+            architecture,
+            hidden_size=128,
+            intermediate_size=256,
+            **({"moe_intermediate_size": 128} if architecture.startswith("Qwen") else {}),
+        )
+        writer = write_gptq_checkpoint if kind == "gptq" else write_awq_checkpoint
+        quantized = writer(dense, str(root / "quantized"), **options)
+        written[architecture] = (
+            quantized,
+            write_dequantized_checkpoint(quantized, str(root / "dense")),
+        )
+    return written
+
+
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("architecture", list(MOE_CASES))
+def test_moe_experts_of_a_quantized_checkpoint(architecture, tp, moe_checkpoints, prompts):
+    """Every expert's gate, up and down projections are quantized (Mixtral's w1/w3/w2), and
+    run as the format's linear layers. The short prompts only: routing makes the random MoE
+    model sensitive (weights moved by 1e-3 of themselves move HF's log-probabilities by up to
+    0.26 on the 80-token prompt), and that prompt's prefill runs on bfloat16 dense copies."""
+    quantized, dequantized = moe_checkpoints[architecture]
+    with LLM(quantized, tensor_parallel_size=tp, skip_tokenizer_init=True) as llm:
+        forms = llm.apply_model(packed_forms)[0]
+        check_against_hf(llm, dequantized, prompts[:2])
+    # attention's qkv and o, then each of 4 experts' gate|up and down, in 2 layers
+    assert len(forms) == 2 * (2 + 4 * 2)
+
+
+# ---- checkpoints the real tools wrote -----------------------------------------------------------
+
+TOOL_CHECKPOINTS = os.path.join(os.path.dirname(__file__), "data", "quantized")
+
+
+@pytest.mark.parametrize(
+    "name", ["gptq-4bit-g32-act-order", "gptq-8bit-g64", "awq-4bit-g32", "ct-w4a16"]
+)
+def test_checkpoints_the_tools_wrote(name, tmp_path):
+    """GPTQModel 7.7, AutoAWQ 0.2.9 and llm-compressor 0.14 wrote these
+    (`tests/data/quantized/README.md`). ember's next-token log-probabilities after each prompt
+    match the tool's own float32 run (GPTQModel's `dequantize_weight`, AutoAWQ's
+    `dequantize_gemm`, transformers decompressing compressed-tensors), and its greedy
+    continuations match HF on the test packer's dequantization (GPTQ, AWQ)."""
+    directory = os.path.join(TOOL_CHECKPOINTS, name)
+    with open(os.path.join(directory, "reference.json")) as f:
+        reference = json.load(f)
+    tool_logits = reference.get("fp32_dequant_prompt_last_logits", reference["prompt_last_logits"])
+    prompts = reference["prompts"]
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
+    with LLM(directory, skip_tokenizer_init=True) as llm:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        for output, logits in zip(outputs, tool_logits):
+            expected = torch.log_softmax(torch.tensor(logits, dtype=torch.float32), dim=-1)
+            top = output.outputs[0].logprobs[0]
+            assert len(top) >= 20
+            for token, logprob in top.items():
+                assert abs(logprob.logprob - expected[token].item()) <= LOGPROB_TOLERANCE
+        if not name.startswith("ct-"):
+            dense = write_dequantized_checkpoint(directory, str(tmp_path / "dense"))
+            check_against_hf(llm, dense, prompts)
+
+
+def test_compressed_tensors_schemes_not_read_yet_are_refused_naming_them():
+    with pytest.raises(NotImplementedError, match="format='float-quantized'"):
+        LLM(os.path.join(TOOL_CHECKPOINTS, "ct-fp8-dynamic"), skip_tokenizer_init=True)

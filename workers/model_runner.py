@@ -95,10 +95,13 @@ class ModelRunner:
         self.parallel = parallel
         self.block_size = config.cache.block_size
         self.dtype = DTYPES[config.model.dtype]
-        # quantization="gguf" keeps float32 activations but stores keys and values in bfloat16:
-        # half the cache memory and half the bytes attention reads, and its greedy tokens still
-        # agree with float32 (tests/test_packed_int4.py).
-        self.kv_cache_dtype = torch.bfloat16 if config.model.quantization == "gguf" else self.dtype
+        # The CPU fast path of quantized weights (GGUF's groups, GPTQ/AWQ/compressed-tensors
+        # codes in the same tiles) keeps float32 activations but stores keys and values in
+        # bfloat16: half the cache memory and half the bytes attention reads (the fused decode
+        # step reads that cache), and its greedy tokens still agree with float32
+        # (tests/test_packed_int4.py, tests/test_gptq_awq.py).
+        packed = config.model.quantization is not None and device.type == "cpu"
+        self.kv_cache_dtype = torch.bfloat16 if packed else self.dtype
         self.requests: dict[str, CachedRequestState] = {}
         generator = torch.Generator(device=device).manual_seed(config.model.seed)
         self.sampler = Sampler(generator, config.model.logprobs_mode)

@@ -1,6 +1,7 @@
-"""The `quantization_config` of a GPTQ or AWQ checkpoint, read and checked without torch: the
-user's process checks it before any process starts (`enginecore/checkpoint_quantization.py`),
-and the workers' formats (`layers/quantization/gptq.py`, `awq.py`) are built from it."""
+"""The `quantization_config` of a GPTQ, AWQ or compressed-tensors checkpoint, read and checked
+without torch: the user's process checks it before any process starts
+(`enginecore/checkpoint_quantization.py`), and the workers' formats (`layers/quantization/`)
+are built from it."""
 
 from __future__ import annotations
 
@@ -83,8 +84,59 @@ def _awq(settings: dict[str, Any]) -> GroupQuantSettings:
     )
 
 
+@dataclass(frozen=True)
+class CompressedTensorsSettings:
+    """A weight-only integer scheme of compressed-tensors: one config group for all targets."""
+
+    method: str
+    bits: int
+    group_size: int
+    targets: tuple[str, ...]
+    ignore: tuple[str, ...]
+    desc_act: bool = False
+
+
+def compressed_tensors_settings(settings: dict[str, Any]) -> CompressedTensorsSettings:
+    """The settings of a "compressed-tensors" checkpoint; `NotImplementedError` naming what
+    ember does not read yet (activation quantization, FP8, sparsity, several groups, ...)."""
+    name = "compressed-tensors checkpoint"
+    groups = settings.get("config_groups") or {}
+    if len(groups) != 1:
+        raise NotImplementedError(f"{name}: {len(groups)} config_groups (ember reads one)")
+    group = next(iter(groups.values()))
+    weights = group.get("weights") or {}
+    fmt = group.get("format") or settings.get("format")
+    unsupported = {
+        "format": (fmt, ("pack-quantized",)),
+        "weights.type": (weights.get("type"), ("int",)),
+        "weights.num_bits": (weights.get("num_bits"), (4, 8)),
+        "weights.strategy": (weights.get("strategy"), ("group", "channel")),
+        "weights.symmetric": (weights.get("symmetric"), (True,)),
+        "weights.actorder": (weights.get("actorder"), (None,)),
+        "input_activations": (group.get("input_activations"), (None,)),
+    }
+    for field, (value, supported) in unsupported.items():
+        if value not in supported:
+            raise NotImplementedError(
+                f"{name}: {field}={value!r} is not supported yet (ember reads: "
+                f"{', '.join(map(repr, supported))})"
+            )
+    if settings.get("sparsity_config"):
+        raise NotImplementedError(f"{name}: sparsity_config is not supported")
+    group_size = -1 if weights["strategy"] == "channel" else int(weights.get("group_size") or 0)
+    if weights["strategy"] == "group" and group_size <= 0:
+        raise ValueError(f"{name}: strategy 'group' without a positive group_size")
+    return CompressedTensorsSettings(
+        method="compressed-tensors",
+        bits=weights["num_bits"],
+        group_size=group_size,
+        targets=tuple(group.get("targets") or ("Linear",)),
+        ignore=tuple(settings.get("ignore") or ()),
+    )
+
+
 def check_tensor_parallel_groups(
-    settings: GroupQuantSettings, hf_config: Any, tp_size: int
+    settings: GroupQuantSettings | CompressedTensorsSettings, hf_config: Any, tp_size: int
 ) -> None:
     """Refuse, before any process starts, a tensor-parallel size that cuts the groups of a
     row-parallel layer (attention's output and the MLP's down projection of a Llama-shaped

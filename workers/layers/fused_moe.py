@@ -10,6 +10,11 @@ Mixtral's `experts.3.w1.weight`) or all experts at once (GraniteMoE's `input_lin
 [E, 2I, H]); `make_expert_params_mapping` tells the generic loader how names map, and
 `weight_loader` copies each into its place. The forward pass is the plain-torch reference: each
 expert runs on the tokens routed to it.
+
+Experts of a quantized checkpoint (GPTQ, AWQ: `QuantizationConfig.quantizes_experts`) are
+instead one `MergedColumnParallelLinear` (gate | up) and one `RowParallelLinear` (down) per
+expert, `experts.w13.<e>` and `experts.w2.<e>`, each holding the format's tensors through its
+method; their down projections' partial sums are all-reduced once, with the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from torch import nn
 from ember.workers.distributed import divide
 from ember.workers.layers.activation import get_gated_activation
 from ember.workers.layers.context import ModelContext
-from ember.workers.layers.linear import ReplicatedLinear, check_shape, default_weight_loader
+from ember.workers.layers.linear import (
+    MergedColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    check_shape,
+    default_weight_loader,
+)
 
 
 def select_experts(
@@ -57,6 +68,18 @@ class FusedMoE(nn.Module):
         self.intermediate_size = intermediate_size
         self.rows_per_rank = divide(intermediate_size, self.tp_size, "MoE intermediate size")
         rows = self.rows_per_rank
+        self.act_fn = get_gated_activation(hidden_act)
+        self.quantized = ctx.quant_config.quantizes_experts
+        if self.quantized:  # one linear layer per expert and projection, in the format's method
+            self.w13 = nn.ModuleList(
+                MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, ctx=ctx)
+                for _ in range(num_experts)
+            )
+            self.w2 = nn.ModuleList(
+                RowParallelLinear(intermediate_size, hidden_size, ctx=ctx)
+                for _ in range(num_experts)
+            )
+            return
         self.w13_weight = nn.Parameter(
             torch.empty(num_experts, 2 * rows, hidden_size), requires_grad=False
         )
@@ -65,17 +88,23 @@ class FusedMoE(nn.Module):
         )
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
-        self.act_fn = get_gated_activation(hidden_act)
 
     @staticmethod
     def make_expert_params_mapping(
-        gate_name: str, down_name: str, up_name: str, num_experts: int
-    ) -> list[tuple[str, str, tuple[int, str]]]:
-        """(checkpoint name fragment, parameter name fragment, (expert id, shard)) for every
-        expert, e.g. ("experts.3.gate_proj.", "experts.w13_", (3, "w1"))."""
+        gate_name: str, down_name: str, up_name: str, num_experts: int, quantized: bool = False
+    ) -> list[tuple[str, str, object]]:
+        """(checkpoint name fragment, parameter name fragment, shard) for every expert, e.g.
+        ("experts.3.gate_proj.", "experts.w13_", (3, "w1")); for `quantized` experts (a
+        checkpoint format's, one linear layer each) ("experts.3.gate_proj.", "experts.w13.3.",
+        0), whose layers' own loaders take every tensor of the format."""
         mapping = []
         for expert_id in range(num_experts):
             for name, shard in ((gate_name, "w1"), (up_name, "w3"), (down_name, "w2")):
+                if quantized:
+                    param = f"experts.{'w2' if shard == 'w2' else 'w13'}.{expert_id}."
+                    merged_shard = {"w1": 0, "w3": 1, "w2": None}[shard]
+                    mapping.append((f"experts.{expert_id}.{name}.", param, merged_shard))
+                    continue
                 param = "experts.w2_" if shard == "w2" else "experts.w13_"
                 mapping.append((f"experts.{expert_id}.{name}.", param, (expert_id, shard)))
         return mapping
@@ -119,8 +148,12 @@ class FusedMoE(nn.Module):
         for expert_id in topk_ids.unique().tolist():
             token_index, slot = torch.where(topk_ids == expert_id)
             x = hidden_states.index_select(0, token_index)
-            x = self.act_fn(F.linear(x, self.w13_weight[expert_id]))
-            x = F.linear(x, self.w2_weight[expert_id])
+            if self.quantized:  # the row-parallel down projection without its all-reduce
+                w13, w2 = self.w13[expert_id], self.w2[expert_id]
+                x = w2.quant_method.apply(w2, self.act_fn(w13.quant_method.apply(w13, x)))
+            else:
+                x = self.act_fn(F.linear(x, self.w13_weight[expert_id]))
+                x = F.linear(x, self.w2_weight[expert_id])
             x = x * topk_weights[token_index, slot, None].to(x.dtype)
             output.index_add_(0, token_index, x)
         return self.parallel.all_reduce(output)
@@ -144,13 +177,15 @@ class SparseMoeBlock(nn.Module):
         ctx: ModelContext,
     ):
         super().__init__()
-        self.gate = ReplicatedLinear(hidden_size, num_experts, ctx=ctx)
+        self.gate = ReplicatedLinear(hidden_size, num_experts, ctx=ctx, dense=True)
         self.experts = FusedMoE(
             num_experts, top_k, hidden_size, intermediate_size, renormalize, hidden_act, ctx=ctx
         )
         self.shared_expert = shared_expert
         self.shared_expert_gate = (
-            ReplicatedLinear(hidden_size, 1, ctx=ctx) if shared_expert is not None else None
+            ReplicatedLinear(hidden_size, 1, ctx=ctx, dense=True)
+            if shared_expert is not None
+            else None
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

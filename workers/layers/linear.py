@@ -22,7 +22,10 @@ from torch import nn
 
 from ember.workers.distributed import divide
 from ember.workers.layers.context import ModelContext
-from ember.workers.layers.quantization.unquantized import make_parameter
+from ember.workers.layers.quantization.unquantized import (
+    UnquantizedLinearMethod,
+    make_parameter,
+)
 
 
 def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
@@ -109,6 +112,7 @@ class LinearBase(nn.Module):
         input_size_per_partition: int,
         output_size_per_partition: int,
         ctx: ModelContext,
+        dense: bool = False,
     ):
         super().__init__()
         self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
@@ -121,7 +125,10 @@ class LinearBase(nn.Module):
             input_size,
             output_size,
         )
-        self.quant_method = ctx.quant_config.get_quant_method(self)
+        # `dense`: a layer checkpoints never quantize (a MoE router), whatever the format
+        self.quant_method = (
+            UnquantizedLinearMethod() if dense else ctx.quant_config.get_quant_method(self)
+        )
         self.quant_method.create_weights(self, *self._weight_shape, self.weight_loader)
 
     def replace_quant_method(self, method) -> None:
@@ -135,10 +142,19 @@ class LinearBase(nn.Module):
 
 
 class ReplicatedLinear(LinearBase):
-    """A linear layer every rank holds whole."""
+    """A linear layer every rank holds whole (`dense`: in the model's dtype whatever the
+    checkpoint's format, as routers are)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, *, ctx: ModelContext):
-        super().__init__(input_size, output_size, input_size, output_size, ctx)
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        *,
+        ctx: ModelContext,
+        dense: bool = False,
+    ):
+        super().__init__(input_size, output_size, input_size, output_size, ctx, dense)
         self.bias = make_parameter(output_size, weight_loader=self.weight_loader) if bias else None
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:

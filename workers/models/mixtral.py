@@ -15,7 +15,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
     def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
         super().__init__(config, max_position, ctx)
         self.name_mapping = FusedMoE.make_expert_params_mapping(
-            "w1", "w2", "w3", config.num_local_experts
+            "w1", "w2", "w3", config.num_local_experts, ctx.quant_config.quantizes_experts
         )
 
     def make_layer(

@@ -38,7 +38,11 @@ class Qwen2MoeForCausalLM(LlamaForCausalLM):
     def __init__(self, config: HFConfig, max_position: int, ctx: ModelContext):
         super().__init__(config, max_position, ctx)
         self.name_mapping = FusedMoE.make_expert_params_mapping(
-            "gate_proj", "down_proj", "up_proj", config.num_experts
+            "gate_proj",
+            "down_proj",
+            "up_proj",
+            config.num_experts,
+            ctx.quant_config.quantizes_experts,
         )
 
     def make_layer(

@@ -10,12 +10,17 @@ from ember.workers.layers.quantization.base import (
     process_weights_after_loading,
     skip_dense_layers,
 )
+from ember.workers.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from ember.workers.layers.quantization.gguf_packed import GGUFPackedConfig
 from ember.workers.layers.quantization.gptq import GPTQConfig
 from ember.workers.layers.quantization.unquantized import UnquantizedConfig
 
 # Formats read from a checkpoint's `quantization_config`, built from its settings.
-_CHECKPOINT_CONFIGS: dict[str, type[QuantizationConfig]] = {"gptq": GPTQConfig, "awq": AWQConfig}
+_CHECKPOINT_CONFIGS: dict[str, type[QuantizationConfig]] = {
+    "gptq": GPTQConfig,
+    "awq": AWQConfig,
+    "compressed-tensors": CompressedTensorsConfig,
+}
 
 
 def get_quantization_config(

@@ -91,6 +91,8 @@ class AWQLinearMethod(GroupQuantLinearMethod):
 class AWQConfig(QuantizationConfig):
     """The `quantization_config` of an AutoAWQ GEMM checkpoint (`quantization_settings`)."""
 
+    quantizes_experts = True
+
     def __init__(self, settings: dict):
         self.settings = group_quant_settings("awq", settings)
 

@@ -73,6 +73,10 @@ class EmbeddingMethodBase(ABC):
 class QuantizationConfig(ABC):
     """One weight format for a whole model; `get_quant_method` picks each layer's method."""
 
+    # True where a MoE block's experts are quantized too, as linear layers of this format
+    # (`fused_moe.FusedMoE`); otherwise they stay dense.
+    quantizes_experts = False
+
     @classmethod
     @abstractmethod
     def get_name(cls) -> str:

@@ -101,6 +101,8 @@ class GPTQLinearMethod(GroupQuantLinearMethod):
 class GPTQConfig(QuantizationConfig):
     """The `quantization_config` of a GPTQ checkpoint (`quantization_settings`)."""
 
+    quantizes_experts = True
+
     def __init__(self, settings: dict):
         self.settings = group_quant_settings("gptq", settings)
 

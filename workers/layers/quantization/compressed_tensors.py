@@ -1,0 +1,119 @@
+"""quantization="compressed-tensors": checkpoints llm-compressor writes, so far the weight-only
+integer schemes (W4A16, W8A16: `format: "pack-quantized"`, symmetric, group or channel
+strategy, no activation quantization).
+
+Each quantized linear layer stores, with pack = 32 / bits codes to an int32 (lowest bits first,
+compressed-tensors' `pack_to_int32` along the inputs):
+
+    weight_packed  int32    [out, in / pack]   q + 2**(bits - 1), q the signed code
+    weight_scale   float16  [out, groups]      (one group a row for the channel strategy)
+    weight_shape   int64    [2]                (out, in)
+
+w[n, k] = weight_scale[n, k // group_size] * q[n, k]: the shared group machinery
+(`group_quant.py`) with the unsigned code and a zero point of 2**(bits - 1). Layers named in
+`ignore` (names, or "re:" patterns) stay dense.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ember.workers.layers.quantization.base import QuantizationConfig, WeightLoader
+from ember.workers.layers.quantization.group_quant import (
+    GroupQuantLinearMethod,
+    quantized_parameter,
+    unpack_int32,
+)
+from ember.workers.quantization_settings import compressed_tensors_settings
+
+
+def _ignore_shape(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+    """`weight_shape` says what the layer's shape already says; fused shards differ in it."""
+
+
+class CompressedTensorsWNA16Method(GroupQuantLinearMethod):
+    checkpoint_tensors = ("weight_packed", "weight_scale", "weight_shape")
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_size_per_partition: int,
+        input_size: int,
+        output_size: int,
+        weight_loader: WeightLoader,
+    ) -> None:
+        pack = 32 // self.bits
+        if input_size_per_partition % pack:
+            raise ValueError(
+                f"{type(layer).__name__}: input size per rank {input_size_per_partition} is not "
+                f"a multiple of {pack} ({self.bits}-bit codes packed {pack} to an int32)"
+            )
+        groups, sharded = self.groups_of(layer, input_size_per_partition, input_size)
+        layer.model_dtype = torch.get_default_dtype()
+        layer.weight_packed = quantized_parameter(
+            (output_size_per_partition, input_size_per_partition // pack),
+            torch.int32,
+            weight_loader,
+            input_dim=1,
+            output_dim=0,
+        )
+        layer.weight_scale = quantized_parameter(
+            (output_size_per_partition, groups),
+            torch.float32,
+            weight_loader,
+            input_dim=1 if sharded else None,
+            output_dim=0,
+        )
+        layer.weight_shape = quantized_parameter(
+            (2,), torch.int64, _ignore_shape, input_dim=None, output_dim=None
+        )
+
+    def unpacked(self, layer: nn.Module) -> tuple[torch.Tensor, ...]:
+        codes = unpack_int32(layer.weight_packed.data, self.bits, 1)  # [N, K] unsigned
+        scales = layer.weight_scale.data
+        zeros = torch.full_like(scales, 2 ** (self.bits - 1))
+        inputs = codes.shape[1]
+        if self.group_size == -1:
+            group_of_input = torch.zeros(inputs, dtype=torch.long)
+        else:
+            group_of_input = torch.arange(inputs) // self.group_size
+        return codes, scales, zeros, group_of_input
+
+
+def _matches(name: str, target: str) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return name == target or name.endswith("." + target)
+
+
+class CompressedTensorsConfig(QuantizationConfig):
+    """The `quantization_config` of an llm-compressor checkpoint (`quantization_settings`)."""
+
+    quantizes_experts = True
+
+    def __init__(self, settings: dict):
+        self.settings = compressed_tensors_settings(settings)
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "compressed-tensors"
+
+    def is_layer_skipped(self, checkpoint_name: str) -> bool:
+        s = self.settings
+        if any(_matches(checkpoint_name, entry) for entry in s.ignore):
+            return True
+        return not any(
+            target == "Linear" or _matches(checkpoint_name, target) for target in s.targets
+        )
+
+    def get_quant_method(self, layer: nn.Module):
+        from ember.workers.layers.embedding import VocabParallelEmbedding
+        from ember.workers.layers.quantization.unquantized import UnquantizedEmbeddingMethod
+
+        if isinstance(layer, VocabParallelEmbedding):
+            return UnquantizedEmbeddingMethod()
+        return CompressedTensorsWNA16Method(self.settings.bits, self.settings.group_size)
