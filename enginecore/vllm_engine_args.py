@@ -517,7 +517,8 @@ _POLICIES: dict[str, ArgPolicy] = {
     "model_class_overrides": _only("ember's model classes are fixed"),
     "tokenizer_revision": _ember("honoured; None: the model's revision"),
     "quantization": _ember(
-        "None (the checkpoint's own quantization_config, if any), 'gguf', 'gptq', 'awq' (and "
+        "None (the checkpoint's own quantization_config, if any), 'gguf', 'gptq', 'awq', "
+        "'compressed-tensors' (and "
         "vLLM's 'gptq_marlin', 'awq_marlin' for the same checkpoints); one that contradicts "
         "the checkpoint raises ValueError, another NotImplementedError"
     ),

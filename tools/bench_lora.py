@@ -22,13 +22,6 @@ to time the AVX2 path); figures name it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import tempfile
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _configs(rank: int) -> list[tuple[str, list[str]]]:
@@ -47,30 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--single", action="store_true", help="batch-1 decode workload")
     parser.add_argument("--rounds", type=int, default=2, help="runs of all four, interleaved")
     args = parser.parse_args(argv)
+    from bench_throughput import best_of_rounds
+
     from ember.kernels.cpu_features import cpu_isa
 
-    best: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, extra in [c for _ in range(args.rounds) for c in _configs(args.rank)]:
-            path = os.path.join(tmp, "result.jsonl")
-            command = [
-                sys.executable,
-                os.path.join(_HERE, "bench_throughput.py"),
-                "--engines",
-                "ember",
-                "--repeat",
-                str(args.repeat),
-                "--json",
-                path,
-                *(["--single"] if args.single else []),
-                *extra,
-            ]
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-            with open(path) as f:
-                record = json.loads(f.readlines()[-1])
-            os.unlink(path)
-            if name not in best or record["output_tok_s"] > best[name]["output_tok_s"]:
-                best[name] = record
+    configs = [(name, ["--engines", "ember", *extra]) for name, extra in _configs(args.rank)]
+    best = best_of_rounds(configs, args.rounds, args.repeat, args.single)
     results = list(best.items())
     base = results[0][1]["output_tok_s"]
     workload = "batch-1 decode" if args.single else "W1"

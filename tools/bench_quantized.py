@@ -20,11 +20,7 @@ times the AVX2 path); figures name it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -63,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--single", action="store_true", help="batch-1 decode workload")
     parser.add_argument("--hf", action="store_true", help="also HF transformers (float32)")
     args = parser.parse_args(argv)
-    from bench_throughput import hf_copy_of_gguf
+    from bench_throughput import best_of_rounds, hf_copy_of_gguf
 
     from ember.kernels.cpu_features import cpu_isa
     from ember.workers.model_loader.resolve import default_model_path
@@ -79,28 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if args.hf:
         configs.append(("HF transformers, float32", "hf", []))
-    best: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, engine, extra in [c for _ in range(args.rounds) for c in configs]:
-            path = os.path.join(tmp, "result.jsonl")
-            command = [
-                sys.executable,
-                str(_HERE / "bench_throughput.py"),
-                "--engines",
-                engine,
-                "--repeat",
-                str(args.repeat),
-                "--json",
-                path,
-                *(["--single"] if args.single else []),
-                *extra,
-            ]
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-            with open(path) as f:
-                record = json.loads(f.readlines()[-1])
-            os.unlink(path)
-            if name not in best or record["output_tok_s"] > best[name]["output_tok_s"]:
-                best[name] = record
+    best = best_of_rounds(
+        [(name, ["--engines", engine, *extra]) for name, engine, extra in configs],
+        args.rounds,
+        args.repeat,
+        args.single,
+    )
     workload = "batch-1 decode" if args.single else "W1"
     passes = args.repeat * args.rounds
     print(f"SmolLM2-135M, {workload}, CPU ISA {cpu_isa()}, best of {passes} passes")

@@ -550,6 +550,33 @@ def setup_llama_cpp_batched(
     return generate_all
 
 
+def best_of_rounds(
+    configs: list[tuple[str, list[str]]], rounds: int, repeat: int, single: bool
+) -> dict[str, dict[str, Any]]:
+    """Each configuration (a name and this script's extra arguments) run `rounds` times in
+    turn, each run a fresh process of `repeat` passes; its best record over all rounds, so
+    that a slow moment of a shared machine does not land on one configuration only
+    (`bench_lora.py`, `bench_quantized.py`)."""
+    best: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in [c for _ in range(rounds) for c in configs]:
+            path = os.path.join(tmp, "result.jsonl")
+            command = [
+                sys.executable,
+                os.path.abspath(__file__),
+                *("--repeat", str(repeat), "--json", path),
+                *(["--single"] if single else []),
+                *extra,
+            ]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            with open(path) as f:
+                record = json.loads(f.readlines()[-1])
+            os.unlink(path)
+            if name not in best or record["output_tok_s"] > best[name]["output_tok_s"]:
+                best[name] = record
+    return best
+
+
 def hf_copy_of_gguf(gguf_path: str) -> str:
     """A Hugging Face directory (float32 safetensors, config, tokenizer) written once from the
     GGUF file, for engines that do not read GGUF (vLLM); kept in .cache/bench/ of the

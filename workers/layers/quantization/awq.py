@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ember.workers.layers.quantization.base import QuantizationConfig, WeightLoader
+from ember.workers.layers.quantization.base import WeightLoader
 from ember.workers.layers.quantization.group_quant import (
+    GroupQuantConfig,
     GroupQuantLinearMethod,
     quantized_parameter,
     unpack_int32,
@@ -80,18 +81,12 @@ class AWQLinearMethod(GroupQuantLinearMethod):
     def unpacked(self, layer: nn.Module) -> tuple[torch.Tensor, ...]:
         codes = unpack_awq(layer.qweight.data).T  # [N, K]
         zeros = unpack_awq(layer.qzeros.data)  # [G, N]
-        inputs = codes.shape[1]
-        if self.group_size == -1:
-            group_of_input = torch.zeros(inputs, dtype=torch.long)
-        else:
-            group_of_input = torch.arange(inputs) // self.group_size
+        group_of_input = self.positional_groups(codes.shape[1])
         return codes, layer.scales.data.T, zeros.T, group_of_input
 
 
-class AWQConfig(QuantizationConfig):
+class AWQConfig(GroupQuantConfig):
     """The `quantization_config` of an AutoAWQ GEMM checkpoint (`quantization_settings`)."""
-
-    quantizes_experts = True
 
     def __init__(self, settings: dict):
         self.settings = group_quant_settings("awq", settings)
@@ -104,10 +99,5 @@ class AWQConfig(QuantizationConfig):
         """AutoAWQ's (and vLLM's) rule: a module whose name contains a listed one stays dense."""
         return any(module in checkpoint_name for module in self.settings.modules_to_not_convert)
 
-    def get_quant_method(self, layer: nn.Module):
-        from ember.workers.layers.embedding import VocabParallelEmbedding
-        from ember.workers.layers.quantization.unquantized import UnquantizedEmbeddingMethod
-
-        if isinstance(layer, VocabParallelEmbedding):
-            return UnquantizedEmbeddingMethod()
+    def linear_method(self) -> GroupQuantLinearMethod:
         return AWQLinearMethod(4, self.settings.group_size)

@@ -21,8 +21,9 @@ import re
 import torch
 from torch import nn
 
-from ember.workers.layers.quantization.base import QuantizationConfig, WeightLoader
+from ember.workers.layers.quantization.base import WeightLoader
 from ember.workers.layers.quantization.group_quant import (
+    GroupQuantConfig,
     GroupQuantLinearMethod,
     quantized_parameter,
     unpack_int32,
@@ -76,11 +77,7 @@ class CompressedTensorsWNA16Method(GroupQuantLinearMethod):
         codes = unpack_int32(layer.weight_packed.data, self.bits, 1)  # [N, K] unsigned
         scales = layer.weight_scale.data
         zeros = torch.full_like(scales, 2 ** (self.bits - 1))
-        inputs = codes.shape[1]
-        if self.group_size == -1:
-            group_of_input = torch.zeros(inputs, dtype=torch.long)
-        else:
-            group_of_input = torch.arange(inputs) // self.group_size
+        group_of_input = self.positional_groups(codes.shape[1])
         return codes, scales, zeros, group_of_input
 
 
@@ -90,10 +87,8 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-class CompressedTensorsConfig(QuantizationConfig):
+class CompressedTensorsConfig(GroupQuantConfig):
     """The `quantization_config` of an llm-compressor checkpoint (`quantization_settings`)."""
-
-    quantizes_experts = True
 
     def __init__(self, settings: dict):
         self.settings = compressed_tensors_settings(settings)
@@ -110,10 +105,5 @@ class CompressedTensorsConfig(QuantizationConfig):
             target == "Linear" or _matches(checkpoint_name, target) for target in s.targets
         )
 
-    def get_quant_method(self, layer: nn.Module):
-        from ember.workers.layers.embedding import VocabParallelEmbedding
-        from ember.workers.layers.quantization.unquantized import UnquantizedEmbeddingMethod
-
-        if isinstance(layer, VocabParallelEmbedding):
-            return UnquantizedEmbeddingMethod()
+    def linear_method(self) -> GroupQuantLinearMethod:
         return CompressedTensorsWNA16Method(self.settings.bits, self.settings.group_size)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ember.workers.layers.quantization.base import QuantizationConfig, WeightLoader
+from ember.workers.layers.quantization.base import WeightLoader
 from ember.workers.layers.quantization.group_quant import (
+    GroupQuantConfig,
     GroupQuantLinearMethod,
     quantized_parameter,
     unpack_int32,
@@ -91,17 +92,13 @@ class GPTQLinearMethod(GroupQuantLinearMethod):
         if self.desc_act and self.group_size != -1:
             # global group numbers: this rank's scales are then the whole checkpoint's
             group_of_input = layer.g_idx.data.long()
-        elif self.group_size == -1:
-            group_of_input = torch.zeros(inputs, dtype=torch.long)
         else:
-            group_of_input = torch.arange(inputs) // self.group_size
+            group_of_input = self.positional_groups(inputs)
         return codes, layer.scales.data.T, zeros.T, group_of_input
 
 
-class GPTQConfig(QuantizationConfig):
+class GPTQConfig(GroupQuantConfig):
     """The `quantization_config` of a GPTQ checkpoint (`quantization_settings`)."""
-
-    quantizes_experts = True
 
     def __init__(self, settings: dict):
         self.settings = group_quant_settings("gptq", settings)
@@ -110,11 +107,6 @@ class GPTQConfig(QuantizationConfig):
     def get_name(cls) -> str:
         return "gptq"
 
-    def get_quant_method(self, layer: nn.Module):
-        from ember.workers.layers.embedding import VocabParallelEmbedding
-        from ember.workers.layers.quantization.unquantized import UnquantizedEmbeddingMethod
-
-        if isinstance(layer, VocabParallelEmbedding):
-            return UnquantizedEmbeddingMethod()
+    def linear_method(self) -> GroupQuantLinearMethod:
         s = self.settings
         return GPTQLinearMethod(s.bits, s.group_size, s.desc_act, s.zero_offset)

@@ -31,7 +31,11 @@ from torch import nn
 
 from ember.kernels import block_matmul, tile_matmul
 from ember.workers.layers.packed_int4 import QuantizedWeight
-from ember.workers.layers.quantization.base import LinearMethodBase, WeightLoader
+from ember.workers.layers.quantization.base import (
+    LinearMethodBase,
+    QuantizationConfig,
+    WeightLoader,
+)
 from ember.workers.layers.tiled_weight import TILED_MAX_TOKENS, TiledWeight, dense_dtype
 
 TILE_GROUP = 32
@@ -247,6 +251,12 @@ class GroupQuantLinearMethod(LinearMethodBase):
         """(codes [N, K], scales [N, G], zeros [N, G], group of each input [K]) of this rank."""
         raise NotImplementedError
 
+    def positional_groups(self, inputs: int) -> torch.Tensor:
+        """The group of each of this rank's `inputs` when groups follow positions."""
+        if self.group_size == -1:
+            return torch.zeros(inputs, dtype=torch.long)
+        return torch.arange(inputs) // self.group_size
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         codes, scales, zeros, group_of_input = self.unpacked(layer)
         for name in self.checkpoint_tensors:
@@ -279,3 +289,21 @@ class GroupQuantLinearMethod(LinearMethodBase):
         else:
             out = layer.quantized_weight.matmul(x)
         return out if bias is None else out + bias
+
+
+class GroupQuantConfig(QuantizationConfig):
+    """A checkpoint format of `GroupQuantLinearMethod`s: embeddings and heads stay dense, and
+    the experts of MoE blocks are quantized too."""
+
+    quantizes_experts = True
+
+    def linear_method(self) -> GroupQuantLinearMethod:
+        raise NotImplementedError
+
+    def get_quant_method(self, layer: nn.Module):
+        from ember.workers.layers.embedding import VocabParallelEmbedding
+        from ember.workers.layers.quantization.unquantized import UnquantizedEmbeddingMethod
+
+        if isinstance(layer, VocabParallelEmbedding):
+            return UnquantizedEmbeddingMethod()
+        return self.linear_method()
