@@ -228,4 +228,4 @@ def test_the_runner_is_not_selected_where_the_capability_check_fails(
     assert LlamaCPUDecodeRunner.select(not_llama, engine_config, CPU) is None
     qkv_proj = packed_model.model.layers[3].self_attn.qkv_proj
     monkeypatch.setattr(qkv_proj, "packed_weight", None)  # a layer left dense
-    assert "packed weights" in unsupported_reason(packed_model, engine_config, CPU)
+    assert "without packed tiles" in unsupported_reason(packed_model, engine_config, CPU)
