@@ -255,6 +255,11 @@ class EngineArgs:
         _check_cpu_offload(self.cpu_offload_gb, device)
         hub = {"download_dir": self.download_dir, "hf_token": self.hf_token}
         model_dir, gguf_file = resolve_model(self.model, self.revision, **hub)
+        if gguf_file is not None and self.quantization not in (None, "gguf"):
+            raise ValueError(
+                f"quantization={self.quantization!r} reads a safetensors checkpoint; the model "
+                "is a GGUF file (use quantization='gguf' or None)"
+            )
         hf_config = load_hf_config(model_dir, self.trust_remote_code, self.hf_overrides)
         architecture = resolve_architecture(hf_config)
         _check_tensor_parallel(hf_config, self.tensor_parallel_size)

@@ -12,13 +12,17 @@ from __future__ import annotations
 from typing import Any
 
 from ember.workers.quantization_settings import (
+    check_tensor_parallel_blocks,
     check_tensor_parallel_groups,
     compressed_tensors_settings,
+    fp8_settings,
     group_quant_settings,
 )
 
 # quant_method values of config.json that ember reads, and vLLM's aliases for them.
-CHECKPOINT_FORMATS = ("awq", "compressed-tensors", "gptq")
+CHECKPOINT_FORMATS = ("awq", "compressed-tensors", "fp8", "gptq")
+# Formats that also quantize a dense checkpoint at load (vLLM's online FP8).
+ONLINE_FORMATS = ("fp8",)
 ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 # Every `quantization=` value ember takes ("gguf": a GGUF file's groups, see arg_utils).
 QUANTIZATION_VALUES = ("gguf", *CHECKPOINT_FORMATS, *ALIASES)
@@ -40,12 +44,15 @@ def checkpoint_quant_method(hf_config: Any) -> str | None:
 def resolve_checkpoint_quantization(
     quantization: str | None, hf_config: Any, tensor_parallel_size: int = 1
 ) -> str | None:
-    """The checkpoint format the model loads in (one of `CHECKPOINT_FORMATS`), or None for a checkpoint that
-    declares none (`quantization` then is None or "gguf", which the caller checks). Its
+    """The checkpoint format the model loads in (one of `CHECKPOINT_FORMATS`), or None for a
+    checkpoint that declares none (`quantization` then is None or "gguf", which the caller
+    checks; "fp8" quantizes such a checkpoint at load). Its
     settings are checked here, and its groups against `tensor_parallel_size`."""
     method = checkpoint_quant_method(hf_config)
     requested = ALIASES.get(quantization, quantization)
     if method is None:
+        if requested in ONLINE_FORMATS:
+            return requested
         if requested in CHECKPOINT_FORMATS:
             raise ValueError(
                 f"quantization={quantization!r} needs a checkpoint quantized in that format; "
@@ -62,6 +69,10 @@ def resolve_checkpoint_quantization(
             f"quantization={quantization!r} contradicts the checkpoint, whose "
             f"quantization_config has quant_method={method!r}"
         )
+    if method == "fp8":
+        settings = fp8_settings(hf_config.quantization_config)
+        check_tensor_parallel_blocks(settings, hf_config, tensor_parallel_size)
+        return method
     if method == "compressed-tensors":
         settings = compressed_tensors_settings(hf_config.quantization_config)
     else:

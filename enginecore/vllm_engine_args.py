@@ -518,7 +518,7 @@ _POLICIES: dict[str, ArgPolicy] = {
     "tokenizer_revision": _ember("honoured; None: the model's revision"),
     "quantization": _ember(
         "None (the checkpoint's own quantization_config, if any), 'gguf', 'gptq', 'awq', "
-        "'compressed-tensors' (and "
+        "'compressed-tensors', 'fp8' (a checkpoint's, or FP8 at load of a dense one) (and "
         "vLLM's 'gptq_marlin', 'awq_marlin' for the same checkpoints); one that contradicts "
         "the checkpoint raises ValueError, another NotImplementedError"
     ),

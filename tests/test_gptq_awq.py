@@ -192,7 +192,7 @@ def test_unknown_quant_method_lists_the_supported_ones(checkpoints, tmp_path):
         checkpoints["awq-g32"][0], tmp_path / "unknown", lambda c: c.update(quant_method="hqq")
     )
     with pytest.raises(
-        ValueError, match="quant_method='hqq'.*supported: awq, compressed-tensors, gptq"
+        ValueError, match="quant_method='hqq'.*supported: awq, compressed-tensors, fp8, gptq"
     ):
         LLM(target, skip_tokenizer_init=True)
 

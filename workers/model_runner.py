@@ -100,7 +100,7 @@ class ModelRunner:
         # bfloat16: half the cache memory and half the bytes attention reads (the fused decode
         # step reads that cache), and its greedy tokens still agree with float32
         # (tests/test_packed_int4.py, tests/test_gptq_awq.py).
-        packed = config.model.quantization is not None and device.type == "cpu"
+        packed = config.model.quantization not in (None, "fp8") and device.type == "cpu"
         self.kv_cache_dtype = torch.bfloat16 if packed else self.dtype
         self.requests: dict[str, CachedRequestState] = {}
         generator = torch.Generator(device=device).manual_seed(config.model.seed)

@@ -1,4 +1,4 @@
-"""The `quantization_config` of a GPTQ, AWQ or compressed-tensors checkpoint, read and checked
+"""The `quantization_config` of a GPTQ, AWQ, compressed-tensors or FP8 checkpoint, read and checked
 without torch: the user's process checks it before any process starts
 (`enginecore/checkpoint_quantization.py`), and the workers' formats (`layers/quantization/`)
 are built from it."""
@@ -161,4 +161,92 @@ def check_tensor_parallel_groups(
                 f"{layer}: input size per rank {size // tp_size} (of {size}, "
                 f"tensor_parallel_size={tp_size}) is not aligned with the checkpoint's "
                 f"group_size {settings.group_size}; use another tensor_parallel_size"
+            )
+
+
+# ---- FP8 (vLLM's Fp8Config) ----
+
+ACTIVATION_SCHEMES = ("dynamic", "static")
+
+
+@dataclass(frozen=True)
+class FP8Settings:
+    """What a `quant_method: "fp8"` config says; `serialized=False` is online FP8."""
+
+    activation_scheme: str = "dynamic"
+    weight_block_size: tuple[int, int] | None = None  # (block_n outputs, block_k inputs)
+    ignored_layers: tuple[str, ...] = ()
+    serialized: bool = True
+
+
+def fp8_settings(settings: dict[str, Any], serialized: bool = True) -> FP8Settings:
+    """The settings of an FP8 `quantization_config` (vLLM's `Fp8Config.from_config`), or a
+    `ValueError` / `NotImplementedError` naming the field ember does not take."""
+    scheme = settings.get("activation_scheme")
+    if scheme is None:
+        raise ValueError(
+            "FP8 checkpoint: quantization_config has no activation_scheme (vLLM requires it); "
+            f"one of {ACTIVATION_SCHEMES}"
+        )
+    if scheme not in ACTIVATION_SCHEMES:
+        raise ValueError(
+            f"FP8 checkpoint: activation_scheme must be one of {ACTIVATION_SCHEMES}, got {scheme!r}"
+        )
+    block = settings.get("weight_block_size")
+    if block is not None:
+        if not serialized:
+            raise ValueError(
+                "online FP8 quantizes per tensor; weight_block_size needs a checkpoint"
+            )
+        valid = isinstance(block, list | tuple) and len(block) == 2
+        valid = valid and all(isinstance(b, int) and not isinstance(b, bool) for b in block)
+        if not valid or min(block) <= 0:
+            raise ValueError(
+                "FP8 checkpoint: weight_block_size must be two positive integers "
+                f"[block_n, block_k], got {block!r}"
+            )
+        if scheme != "dynamic":
+            raise ValueError(
+                "FP8 checkpoint: block-wise weights (weight_block_size) take activation_scheme "
+                f"'dynamic' only (as vLLM), got {scheme!r}"
+            )
+        block = (block[0], block[1])
+    if settings.get("kv_cache_scheme"):
+        raise NotImplementedError(
+            f"FP8 checkpoint: an FP8 KV cache (kv_cache_scheme={settings['kv_cache_scheme']!r}) "
+            "is not supported yet"
+        )
+    # vLLM: "ignored_layers", else "modules_to_not_convert" (transformers' key, Qwen3-FP8)
+    ignored = settings.get("ignored_layers") or settings.get("modules_to_not_convert") or ()
+    return FP8Settings(scheme, block, tuple(ignored), serialized)
+
+
+def check_tensor_parallel_blocks(settings: FP8Settings, hf_config: Any, tp_size: int) -> None:
+    """Refuse, before any process starts, a tensor-parallel size whose shards cut the weight
+    blocks of a Llama-shaped config's layers (the layers check every layer again when built)."""
+    if settings.weight_block_size is None or tp_size == 1:
+        return
+    block_n, block_k = settings.weight_block_size
+    heads = getattr(hf_config, "num_attention_heads", None)
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(hf_config, "head_dim", None) or (
+        getattr(hf_config, "hidden_size", 0) // heads if heads else None
+    )
+    intermediate = getattr(hf_config, "intermediate_size", None)
+    sizes = []  # (layer, what, whole size, per-rank size, block)
+    if heads and head_dim and heads % tp_size == 0:
+        sizes.append(("q_proj", "output", heads * head_dim, heads * head_dim // tp_size, block_n))
+        sizes.append(("o_proj", "input", heads * head_dim, heads * head_dim // tp_size, block_k))
+        if kv_heads:
+            per_rank = max(kv_heads // tp_size, 1) * head_dim
+            sizes.append(("k_proj", "output", kv_heads * head_dim, per_rank, block_n))
+    if intermediate and intermediate % tp_size == 0:
+        sizes.append(("gate_proj", "output", intermediate, intermediate // tp_size, block_n))
+        sizes.append(("down_proj", "input", intermediate, intermediate // tp_size, block_k))
+    for layer, what, whole, per_rank, block in sizes:
+        if per_rank % block:
+            raise ValueError(
+                f"{layer}: {what} size per rank {per_rank} (of {whole}, tensor_parallel_size="
+                f"{tp_size}) is not divisible by the checkpoint's weight block size {block}; "
+                "use another tensor_parallel_size"
             )

@@ -11,6 +11,7 @@ from ember.workers.layers.quantization.base import (
     skip_dense_layers,
 )
 from ember.workers.layers.quantization.compressed_tensors import CompressedTensorsConfig
+from ember.workers.layers.quantization.fp8 import FP8Config
 from ember.workers.layers.quantization.gguf_packed import GGUFPackedConfig
 from ember.workers.layers.quantization.gptq import GPTQConfig
 from ember.workers.layers.quantization.unquantized import UnquantizedConfig
@@ -20,6 +21,7 @@ _CHECKPOINT_CONFIGS: dict[str, type[QuantizationConfig]] = {
     "gptq": GPTQConfig,
     "awq": AWQConfig,
     "compressed-tensors": CompressedTensorsConfig,
+    "fp8": FP8Config,
 }
 
 
@@ -27,7 +29,7 @@ def get_quantization_config(
     name: str | None, checkpoint_settings: dict | None = None
 ) -> QuantizationConfig:
     """A new config for one model (None: dense weights); a checkpoint's format takes the
-    `quantization_config` of its config.json."""
+    `quantization_config` of its config.json; "fp8" without one is FP8 at load."""
     if name is None:
         return UnquantizedConfig()
     if name == "gguf":
@@ -35,6 +37,8 @@ def get_quantization_config(
     if name not in _CHECKPOINT_CONFIGS:
         known = sorted(["gguf", *_CHECKPOINT_CONFIGS])
         raise ValueError(f"quantization must be one of {known} or None, got {name!r}")
+    if name == "fp8" and not checkpoint_settings:
+        return FP8Config.online()
     return _CHECKPOINT_CONFIGS[name](dict(checkpoint_settings or {}))
 
 
