@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -415,7 +416,8 @@ TOOL_CHECKPOINTS = os.path.join(os.path.dirname(__file__), "data", "quantized")
 
 
 @pytest.mark.parametrize(
-    "name", ["gptq-4bit-g32-act-order", "gptq-8bit-g64", "awq-4bit-g32", "ct-w4a16"]
+    "name",
+    ["gptq-4bit-g32-act-order", "gptq-8bit-g64", "awq-4bit-g32", "ct-w4a16", "ct-fp8-dynamic"],
 )
 def test_checkpoints_the_tools_wrote(name, tmp_path):
     """GPTQModel 7.7, AutoAWQ 0.2.9 and llm-compressor 0.14 wrote these
@@ -442,6 +444,40 @@ def test_checkpoints_the_tools_wrote(name, tmp_path):
             check_against_hf(llm, dense, prompts)
 
 
-def test_compressed_tensors_schemes_not_read_yet_are_refused_naming_them():
-    with pytest.raises(NotImplementedError, match="format='float-quantized'"):
-        LLM(os.path.join(TOOL_CHECKPOINTS, "ct-fp8-dynamic"), skip_tokenizer_init=True)
+def test_compressed_tensors_fp8_rounds_activations_per_token_as_llm_compressor():
+    """ct-fp8-dynamic (FP8_DYNAMIC) is checked against llm-compressor's own run above; the
+    same weights without the per-token activation rounding are further from ember than that
+    run is, so the check sees the activations' rounding, not only the weights'."""
+    directory = os.path.join(TOOL_CHECKPOINTS, "ct-fp8-dynamic")
+    with open(os.path.join(directory, "reference.json")) as f:
+        reference = json.load(f)
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
+    with LLM(directory, skip_tokenizer_init=True, dtype="float32") as llm:
+        assert llm.apply_model(qkv_method_name) == ["FP8LinearMethod"]
+        prompts = [{"prompt_token_ids": p} for p in reference["prompts"]]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    distances = {}
+    for key in ("prompt_last_logits", "weight_only_prompt_last_logits"):
+        distances[key] = max(
+            abs(logprob.logprob - expected[token].item())
+            for output, logits in zip(outputs, reference[key], strict=True)
+            for expected in [torch.log_softmax(torch.tensor(logits), dim=-1)]
+            for token, logprob in output.outputs[0].logprobs[0].items()
+        )
+    assert distances["prompt_last_logits"] < 0.02, distances
+    assert distances["weight_only_prompt_last_logits"] > 5 * distances["prompt_last_logits"]
+
+
+def qkv_method_name(model: torch.nn.Module) -> str:
+    """The linear method of the first layer's qkv_proj (run in a worker by `apply_model`)."""
+    return type(model.model.layers[0].self_attn.qkv_proj.quant_method).__name__
+
+
+def test_compressed_tensors_schemes_not_read_yet_are_refused_naming_them(tmp_path):
+    directory = tmp_path / "ct-fp8-block"
+    shutil.copytree(os.path.join(TOOL_CHECKPOINTS, "ct-fp8-dynamic"), directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] = "block"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NotImplementedError, match="weights.strategy='block'"):
+        LLM(str(directory), skip_tokenizer_init=True)

@@ -10,6 +10,11 @@ Each goes through `bench_throughput.py --ember-model` (same prompts, greedy, EOS
     python tools/bench_quantized.py                  # W1: 32 prompts of 32-256 tokens, 64 out
     python tools/bench_quantized.py --single         # batch-1 decode instead
     python tools/bench_quantized.py --rounds 2 --repeat 2 --hf
+    python tools/bench_quantized.py --model-shape qwen3-0.6b --single   # 0.6B random weights
+
+`--model-shape qwen3-0.6b` writes random weights of Qwen3-0.6B's shape once (bfloat16, 1.2 GB
+in .cache/bench/) and compares bfloat16, float32, GPTQ / AWQ 4-bit (groups of 128), GPTQ 8-bit
+and FP8 at load (`quantization="fp8"`) on them.
 
 Each round runs every configuration in turn (a fresh engine each); a configuration's figure
 is its best pass over all rounds. `--hf` adds HF transformers on the float32 weights.
@@ -52,13 +57,36 @@ def quantized_checkpoints(hf_dir: str) -> dict[str, str]:
     return directories
 
 
+def random_weights_of_shape(shape: str) -> str:
+    """A Hugging Face directory of random weights (bfloat16) of a `bench_throughput` model
+    shape, written once into .cache/bench/ of the checkout."""
+    import torch
+    import transformers
+    from bench_throughput import MODEL_SHAPES
+
+    target = _HERE.parent / ".cache" / "bench" / f"{shape}-random"
+    if not (target / "config.json").exists():
+        class_name, settings = MODEL_SHAPES[shape]
+        config = getattr(transformers, class_name)(**settings, dtype="bfloat16")
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(str(target))
+    return str(target)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--single", action="store_true", help="batch-1 decode workload")
     parser.add_argument("--hf", action="store_true", help="also HF transformers (float32)")
+    parser.add_argument(
+        "--model-shape", default="", help="random weights of this shape instead of SmolLM2"
+    )
     args = parser.parse_args(argv)
+    if args.model_shape:
+        shape_main(args)
+        return
     from bench_throughput import best_of_rounds, hf_copy_of_gguf
 
     from ember.kernels.cpu_features import cpu_isa
@@ -84,6 +112,55 @@ def main(argv: list[str] | None = None) -> None:
     workload = "batch-1 decode" if args.single else "W1"
     passes = args.repeat * args.rounds
     print(f"SmolLM2-135M, {workload}, CPU ISA {cpu_isa()}, best of {passes} passes")
+    print("weights                   , output tok/s, peak RSS MiB")
+    for name, record in best.items():
+        rss = record["peak_rss_bytes"] / 2**20
+        print(f"{name:<26}, {record['output_tok_s']:12.1f}, {rss:12.0f}")
+
+
+SHAPE_FORMATS = {
+    "gptq-4bit-g128": ("gptq", {"bits": 4, "group_size": 128, "sym": True}),
+    "awq-4bit-g128": ("awq", {"group_size": 128}),
+    "gptq-8bit-g128": ("gptq", {"bits": 8, "group_size": 128, "sym": True}),
+}
+
+
+def shape_main(args: argparse.Namespace) -> None:
+    """bfloat16, float32, the 4- and 8-bit formats and FP8 at load on random weights of
+    `args.model_shape`, through `bench_throughput.py --model-shape ... --ember-model`."""
+    from bench_throughput import best_of_rounds
+
+    from ember.kernels.cpu_features import cpu_isa
+    from tests.quantized_checkpoints import write_awq_checkpoint, write_gptq_checkpoint
+
+    dense = random_weights_of_shape(args.model_shape)
+    shape = ["--model-shape", args.model_shape, "--engines", "ember"]
+    configs = [
+        ("bfloat16", [*shape, "--ember-model", dense, "--ember-kwargs", '{"dtype": "bfloat16"}']),
+        ("float32", [*shape, "--ember-model", dense, "--ember-kwargs", '{"dtype": "float32"}']),
+        (
+            "fp8 at load (float32)",
+            [
+                *shape,
+                "--ember-model",
+                dense,
+                "--ember-kwargs",
+                '{"dtype": "float32", "quantization": "fp8"}',
+            ],
+        ),
+    ]
+    for name, (kind, options) in SHAPE_FORMATS.items():
+        target = Path(dense).parent / f"{Path(dense).name}-{name}"
+        if not (target / "config.json").exists():
+            writer = write_gptq_checkpoint if kind == "gptq" else write_awq_checkpoint
+            writer(dense, str(target), **options)
+        configs.append((name, [*shape, "--ember-model", str(target)]))
+    best = best_of_rounds(configs, args.rounds, args.repeat, args.single)
+    workload = "batch-1 decode" if args.single else "W1"
+    print(
+        f"{args.model_shape} random weights, {workload}, CPU ISA {cpu_isa()}, "
+        f"best of {args.repeat * args.rounds} passes"
+    )
     print("weights                   , output tok/s, peak RSS MiB")
     for name, record in best.items():
         rss = record["peak_rss_bytes"] / 2**20

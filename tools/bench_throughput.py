@@ -257,10 +257,10 @@ def ember_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "tensor_parallel_size": args.tensor_parallel_size,
             "num_threads": max(1, args.threads // args.tensor_parallel_size),
         }
-    if args.model_shape:
+    if args.model_shape:  # --ember-model: real weights of that shape (bench_quantized.py)
         return {
-            "model": args._shape_dir,
-            "load_format": "dummy",
+            "model": args.ember_model or args._shape_dir,
+            "load_format": "auto" if args.ember_model else "dummy",
             "skip_tokenizer_init": True,
             "device": args.device,
             "max_model_len": args.input_len_max + args.output_len,

@@ -24,6 +24,7 @@ from ember.workers.cuda_graphs import CudaGraphRunner
 from ember.workers.distributed import SINGLE_RANK, ParallelContext
 from ember.workers.host_to_device import to_device
 from ember.workers.layers.attention import Attention
+from ember.workers.layers.quantization import has_integer_codes
 from ember.workers.logits_processor import LogitsProcessors, OutputTokenIds
 from ember.workers.logprobs import LogprobsLists
 from ember.workers.lora_manager import LoRAManager
@@ -95,13 +96,7 @@ class ModelRunner:
         self.parallel = parallel
         self.block_size = config.cache.block_size
         self.dtype = DTYPES[config.model.dtype]
-        # The CPU fast path of quantized weights (GGUF's groups, GPTQ/AWQ/compressed-tensors
-        # codes in the same tiles) keeps float32 activations but stores keys and values in
-        # bfloat16: half the cache memory and half the bytes attention reads (the fused decode
-        # step reads that cache), and its greedy tokens still agree with float32
-        # (tests/test_packed_int4.py, tests/test_gptq_awq.py).
-        packed = config.model.quantization not in (None, "fp8") and device.type == "cpu"
-        self.kv_cache_dtype = torch.bfloat16 if packed else self.dtype
+        self.kv_cache_dtype = self.dtype  # see `load_model`
         self.requests: dict[str, CachedRequestState] = {}
         generator = torch.Generator(device=device).manual_seed(config.model.seed)
         self.sampler = Sampler(generator, config.model.logprobs_mode)
@@ -124,6 +119,13 @@ class ModelRunner:
         choice). An allocated KV cache is bound to the new attention layers."""
         config = self.config
         self.model = get_model(config.model, self.device, self.parallel)
+        # The CPU fast path of integer codes (GGUF's groups, GPTQ/AWQ/compressed-tensors codes
+        # in the same tiles) keeps float32 activations but stores keys and values in bfloat16:
+        # half the cache memory and half the bytes attention reads (the fused decode step
+        # reads that cache), and its greedy tokens still agree with float32
+        # (tests/test_packed_int4.py, tests/test_gptq_awq.py). FP8 weights are dense here.
+        if self.device.type == "cpu" and has_integer_codes(self.model):
+            self.kv_cache_dtype = torch.bfloat16
         if config.device.cpu_offload_bytes:
             offload_decoder_layers(self.model, config.device.cpu_offload_bytes, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]

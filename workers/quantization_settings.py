@@ -86,7 +86,9 @@ def _awq(settings: dict[str, Any]) -> GroupQuantSettings:
 
 @dataclass(frozen=True)
 class CompressedTensorsSettings:
-    """A weight-only integer scheme of compressed-tensors: one config group for all targets."""
+    """One scheme of compressed-tensors for all targets: weight-only integers
+    ("pack-quantized"), or FP8 weights with FP8 activations ("float-quantized", `weight_type`
+    "float", `activation_scheme` "dynamic" per token or "static" per tensor)."""
 
     method: str
     bits: int
@@ -94,6 +96,8 @@ class CompressedTensorsSettings:
     targets: tuple[str, ...]
     ignore: tuple[str, ...]
     desc_act: bool = False
+    weight_type: str = "int"
+    activation_scheme: str | None = None
 
 
 def compressed_tensors_settings(settings: dict[str, Any]) -> CompressedTensorsSettings:
@@ -106,6 +110,10 @@ def compressed_tensors_settings(settings: dict[str, Any]) -> CompressedTensorsSe
     group = next(iter(groups.values()))
     weights = group.get("weights") or {}
     fmt = group.get("format") or settings.get("format")
+    if settings.get("sparsity_config"):
+        raise NotImplementedError(f"{name}: sparsity_config is not supported")
+    if fmt == "float-quantized":
+        return _compressed_tensors_fp8(settings, group)
     unsupported = {
         "format": (fmt, ("pack-quantized",)),
         "weights.type": (weights.get("type"), ("int",)),
@@ -115,14 +123,7 @@ def compressed_tensors_settings(settings: dict[str, Any]) -> CompressedTensorsSe
         "weights.actorder": (weights.get("actorder"), (None,)),
         "input_activations": (group.get("input_activations"), (None,)),
     }
-    for field, (value, supported) in unsupported.items():
-        if value not in supported:
-            raise NotImplementedError(
-                f"{name}: {field}={value!r} is not supported yet (ember reads: "
-                f"{', '.join(map(repr, supported))})"
-            )
-    if settings.get("sparsity_config"):
-        raise NotImplementedError(f"{name}: sparsity_config is not supported")
+    _refuse_unsupported(name, unsupported)
     group_size = -1 if weights["strategy"] == "channel" else int(weights.get("group_size") or 0)
     if weights["strategy"] == "group" and group_size <= 0:
         raise ValueError(f"{name}: strategy 'group' without a positive group_size")
@@ -133,6 +134,56 @@ def compressed_tensors_settings(settings: dict[str, Any]) -> CompressedTensorsSe
         targets=tuple(group.get("targets") or ("Linear",)),
         ignore=tuple(settings.get("ignore") or ()),
     )
+
+
+def _compressed_tensors_fp8(settings: dict[str, Any], group: dict) -> CompressedTensorsSettings:
+    """llm-compressor's FP8 schemes (FP8_DYNAMIC, FP8): e4m3 weights with one scale a row
+    ("channel") or a tensor, activations quantized per token on the fly or with a static
+    per-tensor `input_scale` (vLLM's `CompressedTensorsW8A8Fp8`)."""
+    name = "compressed-tensors checkpoint"
+    weights = group.get("weights") or {}
+    activations = group.get("input_activations")
+    _refuse_unsupported(
+        name,
+        {
+            "weights.type": (weights.get("type"), ("float",)),
+            "weights.num_bits": (weights.get("num_bits"), (8,)),
+            "weights.strategy": (weights.get("strategy"), ("channel", "tensor")),
+            "weights.symmetric": (weights.get("symmetric"), (True,)),
+            "weights.dynamic": (weights.get("dynamic"), (False, None)),
+            "input_activations": ("None" if activations is None else "set", ("set",)),
+        },
+    )
+    scheme = (
+        activations.get("type"),
+        activations.get("num_bits"),
+        activations.get("strategy"),
+        bool(activations.get("dynamic")),
+    )
+    schemes = {("float", 8, "token", True): "dynamic", ("float", 8, "tensor", False): "static"}
+    if scheme not in schemes:
+        raise NotImplementedError(
+            f"{name}: input_activations (type, num_bits, strategy, dynamic)={scheme!r} is not "
+            f"supported yet (ember reads: {', '.join(map(repr, schemes))})"
+        )
+    return CompressedTensorsSettings(
+        method="compressed-tensors",
+        bits=8,
+        group_size=-1,
+        targets=tuple(group.get("targets") or ("Linear",)),
+        ignore=tuple(settings.get("ignore") or ()),
+        weight_type="float",
+        activation_scheme=schemes[scheme],
+    )
+
+
+def _refuse_unsupported(name: str, fields: dict[str, tuple[Any, tuple]]) -> None:
+    for field, (value, supported) in fields.items():
+        if value not in supported:
+            raise NotImplementedError(
+                f"{name}: {field}={value!r} is not supported yet (ember reads: "
+                f"{', '.join(map(repr, supported))})"
+            )
 
 
 def check_tensor_parallel_groups(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from ember.workers.layers.quantization.awq import AWQConfig
 from ember.workers.layers.quantization.base import (
     EmbeddingMethodBase,
@@ -12,8 +14,9 @@ from ember.workers.layers.quantization.base import (
 )
 from ember.workers.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from ember.workers.layers.quantization.fp8 import FP8Config
-from ember.workers.layers.quantization.gguf_packed import GGUFPackedConfig
+from ember.workers.layers.quantization.gguf_packed import GGUFPackedConfig, GGUFPackedLinearMethod
 from ember.workers.layers.quantization.gptq import GPTQConfig
+from ember.workers.layers.quantization.group_quant import GroupQuantLinearMethod
 from ember.workers.layers.quantization.unquantized import UnquantizedConfig
 
 # Formats read from a checkpoint's `quantization_config`, built from its settings.
@@ -42,11 +45,22 @@ def get_quantization_config(
     return _CHECKPOINT_CONFIGS[name](dict(checkpoint_settings or {}))
 
 
+def has_integer_codes(model: nn.Module) -> bool:
+    """Whether linear layers of `model` hold integer codes (GGUF's groups, GPTQ / AWQ /
+    compressed-tensors integer schemes) rather than dense or FP8-dequantized weights."""
+    integer_methods = (GGUFPackedLinearMethod, GroupQuantLinearMethod)
+    return any(
+        isinstance(getattr(module, "quant_method", None), integer_methods)
+        for module in model.modules()
+    )
+
+
 __all__ = [
     "EmbeddingMethodBase",
     "LinearMethodBase",
     "QuantizationConfig",
     "get_quantization_config",
+    "has_integer_codes",
     "process_weights_after_loading",
     "skip_dense_layers",
 ]

@@ -1,6 +1,8 @@
-"""quantization="compressed-tensors": checkpoints llm-compressor writes, so far the weight-only
+"""quantization="compressed-tensors": checkpoints llm-compressor writes: the weight-only
 integer schemes (W4A16, W8A16: `format: "pack-quantized"`, symmetric, group or channel
-strategy, no activation quantization).
+strategy, no activation quantization) and FP8 (`format: "float-quantized"`, FP8_DYNAMIC and
+static FP8: e4m3 `weight` with `weight_scale` per row or tensor, and `input_scale` for static
+activations), which is the layout of vLLM's "fp8" and runs as `fp8.FP8LinearMethod`.
 
 Each quantized linear layer stores, with pack = 32 / bits codes to an int32 (lowest bits first,
 compressed-tensors' `pack_to_int32` along the inputs):
@@ -21,14 +23,14 @@ import re
 import torch
 from torch import nn
 
-from ember.workers.layers.quantization.base import WeightLoader
+from ember.workers.layers.quantization.base import LinearMethodBase, WeightLoader
 from ember.workers.layers.quantization.group_quant import (
     GroupQuantConfig,
     GroupQuantLinearMethod,
     quantized_parameter,
     unpack_int32,
 )
-from ember.workers.quantization_settings import compressed_tensors_settings
+from ember.workers.quantization_settings import FP8Settings, compressed_tensors_settings
 
 
 def _ignore_shape(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
@@ -105,5 +107,10 @@ class CompressedTensorsConfig(GroupQuantConfig):
             target == "Linear" or _matches(checkpoint_name, target) for target in s.targets
         )
 
-    def linear_method(self) -> GroupQuantLinearMethod:
-        return CompressedTensorsWNA16Method(self.settings.bits, self.settings.group_size)
+    def linear_method(self) -> LinearMethodBase:
+        s = self.settings
+        if s.weight_type == "float":
+            from ember.workers.layers.quantization.fp8 import FP8LinearMethod
+
+            return FP8LinearMethod(FP8Settings(activation_scheme=s.activation_scheme))
+        return CompressedTensorsWNA16Method(s.bits, s.group_size)
