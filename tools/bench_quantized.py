@@ -57,6 +57,15 @@ def quantized_checkpoints(hf_dir: str) -> dict[str, str]:
     return directories
 
 
+def print_records(best: dict[str, dict]) -> None:
+    for name, record in best.items():
+        if "output_tok_s" not in record:
+            print(f"{name:<26}, failed: {record.get('reason', record)}")
+            continue
+        rss = record["peak_rss_bytes"] / 2**20
+        print(f"{name:<26}, {record['output_tok_s']:12.1f}, {rss:12.0f}")
+
+
 def random_weights_of_shape(shape: str) -> str:
     """A Hugging Face directory of random weights (bfloat16) of a `bench_throughput` model
     shape, written once into .cache/bench/ of the checkout."""
@@ -113,9 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     passes = args.repeat * args.rounds
     print(f"SmolLM2-135M, {workload}, CPU ISA {cpu_isa()}, best of {passes} passes")
     print("weights                   , output tok/s, peak RSS MiB")
-    for name, record in best.items():
-        rss = record["peak_rss_bytes"] / 2**20
-        print(f"{name:<26}, {record['output_tok_s']:12.1f}, {rss:12.0f}")
+    print_records(best)
 
 
 SHAPE_FORMATS = {
@@ -162,9 +169,7 @@ def shape_main(args: argparse.Namespace) -> None:
         f"best of {args.repeat * args.rounds} passes"
     )
     print("weights                   , output tok/s, peak RSS MiB")
-    for name, record in best.items():
-        rss = record["peak_rss_bytes"] / 2**20
-        print(f"{name:<26}, {record['output_tok_s']:12.1f}, {rss:12.0f}")
+    print_records(best)
 
 
 if __name__ == "__main__":

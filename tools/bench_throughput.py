@@ -572,7 +572,8 @@ def best_of_rounds(
             with open(path) as f:
                 record = json.loads(f.readlines()[-1])
             os.unlink(path)
-            if name not in best or record["output_tok_s"] > best[name]["output_tok_s"]:
+            speed = record.get("output_tok_s", -1.0)  # a failed run has none (its reason)
+            if name not in best or speed > best[name].get("output_tok_s", -1.0):
                 best[name] = record
     return best
 
