@@ -27,6 +27,7 @@ from ember.enginecore.pooling_config import (
 from ember.enginecore.vllm_engine_args import log_no_effect
 from ember.kernels.cpu_features import packed_kernels
 from ember.workers.config import (
+    EXPERT_PLACEMENT_STRATEGIES,
     CacheConfig,
     DeviceConfig,
     EngineConfig,
@@ -84,6 +85,10 @@ class EngineArgs:
     distributed_executor_backend: str | None = None
     disable_custom_all_reduce: bool = False  # accepted: ember's all-reduce is torch's
     execute_model_timeout_s: float = 300.0
+    # vLLM's: MoE layers place whole experts over the tensor-parallel ranks ("linear" |
+    # "round_robin"); no effect on a model without experts or at tensor_parallel_size=1
+    enable_expert_parallel: bool = False
+    expert_placement_strategy: str = "linear"
     dtype: str = "auto"
     quantization: str | None = None
     revision: str | None = None
@@ -108,6 +113,11 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
+    # "auto" (the model's dtype) or "fp8" / "fp8_e4m3" (see `_check_kv_cache_dtype`)
+    kv_cache_dtype: str = "auto"
+    # earlier vLLM releases' (0.32 has none): the first step's keys and values set each layer's
+    # k_scale / v_scale of an FP8 cache (largest magnitude / 200 and / 100), instead of 1.0
+    calculate_kv_scales: bool = False
     load_format: str = "auto"
     device: str = "auto"
     num_threads: int | None = None
@@ -170,6 +180,15 @@ class EngineArgs:
             )
         if self.distributed_executor_backend == "uni" and self.tensor_parallel_size != 1:
             raise ValueError("distributed_executor_backend='uni' runs tensor_parallel_size=1 only")
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise TypeError(
+                f"enable_expert_parallel must be True or False, got {self.enable_expert_parallel!r}"
+            )
+        if self.expert_placement_strategy not in EXPERT_PLACEMENT_STRATEGIES:
+            raise ValueError(
+                "expert_placement_strategy must be 'linear' or 'round_robin', got "
+                f"{self.expert_placement_strategy!r}"
+            )
         if not isinstance(self.execute_model_timeout_s, (int, float)) or not (
             self.execute_model_timeout_s > 0
         ):
@@ -237,6 +256,11 @@ class EngineArgs:
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(
                 f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}"
+            )
+        _check_kv_cache_dtype(self.kv_cache_dtype)
+        if not isinstance(self.calculate_kv_scales, bool):
+            raise TypeError(
+                "calculate_kv_scales must be a bool, got " + type(self.calculate_kv_scales).__name__
             )
 
         _structured_outputs_config(self.structured_outputs_config)
@@ -338,6 +362,8 @@ class EngineArgs:
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 enable_prefix_caching=enable_prefix_caching,
                 swap_space_gib=self.swap_space,
+                cache_dtype=self.kv_cache_dtype,
+                calculate_kv_scales=self.calculate_kv_scales,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=256 if self.max_num_seqs is None else self.max_num_seqs,
@@ -349,6 +375,8 @@ class EngineArgs:
             parallel=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size,
                 execute_model_timeout_s=float(self.execute_model_timeout_s),
+                enable_expert_parallel=_expert_parallel(self, hf_config),
+                expert_placement_strategy=self.expert_placement_strategy,
             ),
             device=DeviceConfig(
                 device=device,
@@ -359,6 +387,42 @@ class EngineArgs:
             structured_outputs=_structured_outputs_config(self.structured_outputs_config),
             lora=_lora_config(self),
         )
+
+
+# kv_cache_dtype values ember stores, and vLLM's others (its `CacheDType`), which it refuses.
+KV_CACHE_DTYPE_VALUES = ("auto", "fp8", "fp8_e4m3")
+_VLLM_ONLY_KV_CACHE_DTYPES = (
+    "float16",
+    "bfloat16",
+    "fp8_e5m2",
+    "fp8_inc",
+    "fp8_ds_mla",
+    "nvfp4_ds_mla",
+    "turboquant_k8v4",
+    "turboquant_4bit_nc",
+    "turboquant_k3v4_nc",
+    "turboquant_3bit_nc",
+    "int4_per_token_head",
+    "int8_per_token_head",
+    "fp8_per_token_head",
+    "nvfp4",
+    "nvfp4_4over6",
+)
+
+
+def _check_kv_cache_dtype(value: Any) -> None:
+    """kv_cache_dtype: "auto", or "fp8" = "fp8_e4m3" (OCP e4m3, torch.float8_e4m3fn, with a
+    per-tensor k_scale / v_scale per layer, as vLLM's default "fp8"). vLLM's other formats
+    (e5m2, Gaudi's, DeepSeek's MLA layouts, per-token-head and 4-bit caches) raise
+    NotImplementedError; anything else is a ValueError."""
+    if value in KV_CACHE_DTYPE_VALUES:
+        return
+    if value in _VLLM_ONLY_KV_CACHE_DTYPES:
+        raise NotImplementedError(
+            f"kv_cache_dtype={value!r} is not supported; ember stores the KV cache in the "
+            "model's dtype ('auto') or in e4m3 ('fp8' = 'fp8_e4m3')"
+        )
+    raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPE_VALUES}, got {value!r}")
 
 
 def _lora_config(args: EngineArgs) -> LoRAConfig | None:
@@ -443,6 +507,20 @@ def _check_cpu_offload(cpu_offload_gb: float, device: str) -> None:
     if not cpu_offload_gb or device != "cpu":
         return
     log_no_effect("cpu_offload_gb", cpu_offload_gb, "on CPU the weights are in host memory")
+
+
+def _expert_parallel(args: EngineArgs, hf_config: HFConfig) -> bool:
+    """enable_expert_parallel as the workers get it: on a model without experts it does
+    nothing (vLLM's MoE layers are the only ones that read it), which is logged."""
+    if not args.enable_expert_parallel:
+        return False
+    num_experts = getattr(hf_config, "num_local_experts", None) or getattr(
+        hf_config, "num_experts", None
+    )
+    if not num_experts:
+        log_no_effect("enable_expert_parallel", True, "the model has no experts")
+        return False
+    return True
 
 
 def _check_tensor_parallel(hf_config: HFConfig, tp_size: int) -> None:

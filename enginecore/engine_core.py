@@ -47,8 +47,9 @@ class EngineCore:
             self.executor.shutdown()
             raise
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens; maximum concurrency at "
+            "KV cache%s: %d blocks of %d tokens = %d tokens; maximum concurrency at "
             "max_model_len=%d: %.1fx; prefix caching %s",
+            "" if config.cache.cache_dtype == "auto" else f" ({config.cache.cache_dtype}, e4m3)",
             num_blocks - 1,
             block_size,
             (num_blocks - 1) * block_size,

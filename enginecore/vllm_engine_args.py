@@ -350,10 +350,14 @@ _LORA = _no_effect(
     "a LoRA option ember lacks (it honours enable_lora, max_loras, max_lora_rank, max_cpu_loras)"
 )
 _MAMBA = _no_effect("Mamba state caches; ember has no Mamba models")
-_DATA_PARALLEL = _no_effect("configures data parallelism, which ember runs at size 1")
+_DATA_PARALLEL = _no_effect(
+    "configures vLLM's data-parallel coordination; ember's replicas (data_parallel_size, or "
+    "the VLLM_DP_* environment) need none of it"
+)
 _CONTEXT_PARALLEL = _no_effect("configures context parallelism, which ember runs at size 1")
 _EXPERTS = _no_effect(
-    "expert placement; ember splits every expert across the tensor-parallel ranks"
+    "expert load balancing and all-to-all kernels; ember's expert parallelism (enable_expert_"
+    "parallel) places each expert on one rank and sums the ranks' outputs with one all-reduce"
 )
 _DUAL_BATCH = _no_effect("dual-batch overlap, an expert- and data-parallel optimisation")
 _KERNELS = _no_effect("chooses vLLM's kernels; ember has one kernel per operation and device")
@@ -394,7 +398,13 @@ _POLICIES: dict[str, ArgPolicy] = {
     "load_format": _ember("'auto', 'safetensors', 'gguf' or 'dummy'; another raises ValueError"),
     "config_format": _only("ember reads the Hugging Face config.json", "hf"),
     "dtype": _ember("honoured; 'auto' is float32 on CPU"),
-    "kv_cache_dtype": _only("the KV cache is kept in the model's dtype"),
+    "kv_cache_dtype": _ember(
+        "'auto' (the model's dtype) or 'fp8' = 'fp8_e4m3': keys and values stored as e4m3 "
+        "(one byte: twice the tokens of bfloat16 in the same memory) over a per-layer "
+        "k_scale / v_scale, 1.0 unless calculate_kv_scales=True (an ember option, an engine "
+        "argument of earlier vLLM releases) sets them from the first step, and read in place by attention (CPU and CUDA). "
+        "vLLM's other formats (fp8_e5m2, fp8_inc, ...) raise NotImplementedError"
+    ),
     "seed": _ember("honoured"),
     "max_model_len": _ember("honoured"),
     "cudagraph_capture_sizes": _no_effect(
@@ -431,7 +441,14 @@ _POLICIES: dict[str, ArgPolicy] = {
     "dcp_q_replicate": _CONTEXT_PARALLEL,
     "dcp_kv_cache_interleave_size": _CONTEXT_PARALLEL,
     "cp_kv_cache_interleave_size": _CONTEXT_PARALLEL,
-    "data_parallel_size": _only("start one LLM per replica (vLLM's LLM refuses it too)"),
+    "data_parallel_size": _ember(
+        "N engine-core replicas (each with tensor_parallel_size worker ranks, on CUDA its own "
+        "slice of CUDA_VISIBLE_DEVICES) behind one LLM; each request goes to the replica with "
+        "the fewest pending tokens and outputs come back in input order. VLLM_DP_RANK / "
+        "VLLM_DP_SIZE / VLLM_DP_MASTER_IP / VLLM_DP_MASTER_PORT in the environment instead make "
+        "the process one rank of a group that meets at start and shutdown (README: Data "
+        "parallelism)"
+    ),
     "data_parallel_rank": _DATA_PARALLEL,
     "data_parallel_start_rank": _DATA_PARALLEL,
     "data_parallel_size_local": _DATA_PARALLEL,
@@ -442,7 +459,14 @@ _POLICIES: dict[str, ArgPolicy] = {
     "data_parallel_multi_port_external_lb": _DATA_PARALLEL,
     "data_parallel_backend": _DATA_PARALLEL,
     "enable_hc_sp": _no_effect("HyperConnection sequence parallelism; ember has no such model"),
-    "enable_expert_parallel": _EXPERTS,
+    "enable_expert_parallel": _ember(
+        "MoE layers (Mixtral, Qwen2-MoE, Qwen3-MoE, GraniteMoE) hold whole experts, placed over "
+        "the tensor-parallel ranks by expert_placement_strategy, instead of a slice of every "
+        "expert; each rank runs its experts on the tokens routed to them and the all-reduce "
+        "sums the ranks. No effect on a model without experts (logged) or at "
+        "tensor_parallel_size=1. Experts of GPTQ / AWQ / compressed-tensors checkpoints too "
+        "(each rank holds its experts' quantized layers whole)"
+    ),
     "enable_batch_sharded_sampling": _no_effect("rank 0 samples the whole batch"),
     "enable_ep_weight_filter": _EXPERTS,
     "moe_backend": _KERNELS,
@@ -459,7 +483,12 @@ _POLICIES: dict[str, ArgPolicy] = {
     "disable_nccl_for_dp_synchronization": _DATA_PARALLEL,
     "eplb_config": _EXPERTS,
     "enable_eplb": _EXPERTS,
-    "expert_placement_strategy": _EXPERTS,
+    "expert_placement_strategy": _ember(
+        "'linear' (contiguous blocks, the remainder on the first ranks) or 'round_robin' "
+        "(expert e on rank e % tensor_parallel_size), with enable_expert_parallel; another "
+        "value raises ValueError. vLLM falls back from 'round_robin' to 'linear' for models "
+        "without expert groups (all four of ember's); ember places as asked"
+    ),
     "_api_process_count": _no_effect("vLLM's API-server processes"),
     "_api_process_rank": _no_effect("vLLM's API-server processes"),
     "max_parallel_loading_workers": _LOADING,
@@ -664,7 +693,9 @@ _POLICIES: dict[str, ArgPolicy] = {
     "override_generation_config": _ember("fields that win over generation_config's"),
     "model_impl": _only("ember runs its own model implementations", "vllm"),
     "attention_backend": _KERNELS,
-    "kv_cache_dtype_skip_layers": _no_effect("kv_cache_dtype is 'auto'"),
+    "kv_cache_dtype_skip_layers": _only(
+        "kv_cache_dtype='fp8' stores every layer's keys and values in e4m3"
+    ),
     "mamba_cache_dtype": _MAMBA,
     "mamba_ssm_cache_dtype": _MAMBA,
     "mamba_block_size": _MAMBA,

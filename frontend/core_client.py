@@ -123,7 +123,9 @@ class EngineCoreClient:
         *,
         address: str | None = None,
         token: str | None = None,
+        env: dict[str, str] | None = None,
     ):
+        """`env`: the spawned engine core's environment (None: this process's)."""
         self._resources = _Resources()
         self._finalizer = weakref.finalize(self, self._resources.close)
         self.dead_reason: str | None = None
@@ -137,7 +139,7 @@ class EngineCoreClient:
         self._last_sent = self._last_heard = time.monotonic()
         try:
             if address is None:
-                self._start(config)
+                self._start(config, env)
             else:
                 self._attach(address)
             self.ready_info = self._handshake(token)
@@ -145,7 +147,7 @@ class EngineCoreClient:
             self.shutdown()
             raise
 
-    def _start(self, config: EngineConfig) -> None:
+    def _start(self, config: EngineConfig, env: dict[str, str] | None = None) -> None:
         resources = self._resources
         resources.private_dir = tempfile.mkdtemp(prefix="ember-")  # mode 0700
         config_path = os.path.join(resources.private_dir, "config.json")
@@ -166,6 +168,7 @@ class EngineCoreClient:
                 output_address,
             ],
             stdin=subprocess.PIPE,
+            env=env,
             start_new_session=True,  # the terminal's Ctrl-C reaches only the user's process
         )
         self._connect(input_address, output_address)

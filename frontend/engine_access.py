@@ -147,6 +147,8 @@ class CacheConfigView:
     gpu_memory_utilization: float
     swap_space: float
     kv_cache_memory_bytes: int | None
+    cache_dtype: str = "auto"  # kv_cache_dtype
+    calculate_kv_scales: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -196,7 +198,9 @@ class VllmConfig:
     device_config: DeviceConfigView
 
 
-def vllm_config(config: EngineConfig, model_config: ModelConfig) -> VllmConfig:
+def vllm_config(
+    config: EngineConfig, model_config: ModelConfig, data_parallel_size: int = 1
+) -> VllmConfig:
     cache, scheduler = config.cache, config.scheduler
     return VllmConfig(
         model_config=model_config,
@@ -208,8 +212,12 @@ def vllm_config(config: EngineConfig, model_config: ModelConfig) -> VllmConfig:
             gpu_memory_utilization=cache.gpu_memory_utilization,
             swap_space=cache.swap_space_gib,
             kv_cache_memory_bytes=cache.kv_cache_memory_bytes,
+            cache_dtype=cache.cache_dtype,
+            calculate_kv_scales=cache.calculate_kv_scales,
         ),
-        parallel_config=ParallelConfigView(config.parallel.tensor_parallel_size),
+        parallel_config=ParallelConfigView(
+            config.parallel.tensor_parallel_size, data_parallel_size=data_parallel_size
+        ),
         scheduler_config=SchedulerConfigView(
             max_num_seqs=scheduler.max_num_seqs,
             max_num_batched_tokens=scheduler.max_num_batched_tokens,
@@ -330,7 +338,15 @@ class EngineAccessMixin:
         return cached
 
     def _vllm_config(self) -> VllmConfig:
-        return vllm_config(self._engine_config(), self.model_config)
+        return vllm_config(self._engine_config(), self.model_config, self._data_parallel_size())
+
+    def _data_parallel_size(self) -> int:
+        """The replicas behind this LLM (data_parallel_size), or VLLM_DP_SIZE for one rank of
+        a group the environment joins; 1 otherwise."""
+        dp_rank = getattr(self, "_dp_rank", None)
+        if dp_rank is not None:
+            return dp_rank.env.size
+        return getattr(self.engine, "data_parallel_size", 1)
 
     @property
     def supported_tasks(self) -> tuple[str, ...]:
@@ -341,9 +357,10 @@ class EngineAccessMixin:
         return self.engine.ready_info.runner
 
     def get_world_size(self, include_dp: bool = True) -> int:
-        """The number of worker ranks (tensor parallelism; ember has no pipeline or data
-        parallel ranks inside one engine)."""
-        return self._vllm_config().parallel_config.world_size
+        """The number of worker ranks: tensor_parallel_size, times the data-parallel size
+        when `include_dp` (vLLM's; ember has no pipeline parallelism)."""
+        parallel = self._vllm_config().parallel_config
+        return parallel.world_size_across_dp if include_dp else parallel.world_size
 
     # ---- collective_rpc / apply_model --------------------------------------------------
 

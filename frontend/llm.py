@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,14 @@ from ember.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_searc
 from ember.chat_content import load_chat_template
 from ember.chat_utils import ChatMixin
 from ember.core_client import EngineCoreClient
+from ember.data_parallel import (
+    DataParallelRank,
+    check_data_parallel,
+    leave_at_exit,
+    leave_quietly,
+    start_engine,
+    warn_moe_runs_independently,
+)
 from ember.engine_access import EngineAccessMixin
 from ember.enginecore.arg_utils import EngineArgs
 from ember.enginecore.generation_config import log_sampling_defaults
@@ -57,6 +66,10 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
     default model (SmolLM2-135M-Instruct). Extra engine options (`max_num_batched_tokens`,
     `block_size`, `kv_cache_memory_bytes`, `num_threads`, `device`, `load_format`, ...) are
     keyword arguments; an unknown one raises TypeError.
+
+    `data_parallel_size=N` runs N engine replicas behind this LLM (`ember.dp_client`); with
+    VLLM_DP_RANK / VLLM_DP_SIZE / VLLM_DP_MASTER_IP / VLLM_DP_MASTER_PORT set, this LLM is one
+    rank of a data-parallel group of processes (`ember.data_parallel`).
     """
 
     def __init__(
@@ -87,9 +100,12 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
         engine_token = kwargs.pop("engine_token", None)
         self.profile_dir = kwargs.pop("profile_dir", None)
         disable_log_stats = kwargs.pop("disable_log_stats", True)
+        data_parallel_size = kwargs.pop("data_parallel_size", 1)
+        self._dp_rank: DataParallelRank | None = None
         # vLLM's other engine arguments: checked (no effect, or NotImplementedError), then
         # dropped; a name vLLM does not have either raises TypeError.
         kwargs = ember_engine_kwargs(kwargs, EngineArgs.field_names())
+        dp_env = check_data_parallel(data_parallel_size, engine_address)
         if engine_address is not None:
             self._attach(
                 engine_address,
@@ -123,6 +139,12 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
         )
         self.config = self.engine_args.create_engine_config()
         self.tokenizer = None
+        if dp_env is not None:
+            # One rank of a group the VLLM_DP_* environment joins: check in before loading.
+            warn_moe_runs_independently(self.config)
+            self._dp_rank = DataParallelRank(dp_env)
+            weakref.finalize(self, leave_quietly, self._dp_rank)
+            leave_at_exit(self._dp_rank)
         # The tokenizer loads on a thread while the engine starts (the wait for the engine
         # releases the GIL): cold start is the longer of the two, not their sum.
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -135,7 +157,12 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
                     trust_remote_code=trust_remote_code,
                     revision=revision,
                 )
-            self.engine = EngineCoreClient(self.config)
+            try:
+                self.engine = start_engine(self.config, data_parallel_size, dp_env)
+            except BaseException:
+                if self._dp_rank is not None:
+                    self._dp_rank.abandon()
+                raise
             try:
                 self.tokenizer = None if tokenizer is None else tokenizer.result()
             except BaseException:
@@ -190,9 +217,13 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
     # ---- lifecycle ---------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Stop the engine-core and worker processes and release their resources."""
+        """Stop the engine-core and worker processes and release their resources. As one
+        rank of a VLLM_DP_* group, then wait for the other ranks (DataParallelError if one
+        died)."""
         self.engine.shutdown()
         self._metrics.close()
+        if self._dp_rank is not None:
+            self._dp_rank.leave()
 
     def __enter__(self) -> Self:
         return self

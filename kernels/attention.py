@@ -11,10 +11,17 @@ New keys and values are written through `slot_mapping` (one slot per scheduled t
 padding token that must not be written). Requests with a single scheduled token (decodes) come
 first in the batch and are computed together; each longer chunk (prefill) is computed on its own.
 
+An FP8 cache (`kv_cache_dtype="fp8"`, torch.float8_e4m3fn, one byte a value) stores each key as
+key / k_scale and each value as value / v_scale, clamped to +-448 and rounded to nearest e4m3,
+as vLLM's `reshape_and_cache_flash` does; attention reads the e4m3 values where they lie and
+multiplies them by the scale as it computes (`k_scale`, `v_scale`: float32 0-dim tensors on the
+cache's device, read there, so a CUDA graph sees a scale set after its capture).
+
 `paged_attention` is the one place that picks a kernel: CUDA tensors go to the Triton kernels of
-`attention_triton.py` (imported only then); on CPU the decodes of a bfloat16 cache under float32
-queries go to the C kernel of `attention_cpu.py`; everything else goes to the references here
-(`*_torch`), which use torch operators only, for every cache dtype, and are the tests' oracles.
+`attention_triton.py` (imported only then); on CPU the decodes of a bfloat16 or e4m3 cache under
+float32 queries go to the C kernel of `attention_cpu.py`; everything else goes to the
+references here (`*_torch`), which use torch operators only, for every cache dtype, and are
+the tests' oracles.
 """
 
 from __future__ import annotations
@@ -25,6 +32,18 @@ import torch
 import torch.nn.functional as F
 
 from ember.kernels.attention_cpu import paged_decode_attention_cpu
+
+FP8_E4M3 = torch.float8_e4m3fn
+FP8_E4M3_MAX = 448.0  # the largest finite e4m3fn value
+
+
+def to_fp8_e4m3(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x / scale in e4m3: divided in float32, clamped to +-448 (a NaN stays NaN), rounded to
+    nearest even. What an FP8 cache stores of a key or value (vLLM's scaled conversion)."""
+    x = x.float()
+    if scale is not None:
+        x = x / scale
+    return x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_E4M3)
 
 
 @dataclass(slots=True)
@@ -62,15 +81,22 @@ def write_kv_cache(
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     all_slots_valid: bool = False,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Store `key`/`value` [T, Hkv, D] into the slots of `kv_cache` named by `slot_mapping` [T]
-    (-1: skip; `all_slots_valid` says there is none)."""
+    (-1: skip; `all_slots_valid` says there is none). An e4m3 cache stores `to_fp8_e4m3` of
+    them by `k_scale` / `v_scale` (None: 1.0); other caches ignore the scales."""
     if kv_cache.device.type == "cuda":
         from ember.kernels.attention_triton import write_kv_cache_triton
 
-        write_kv_cache_triton(key, value, kv_cache, slot_mapping, all_slots_valid)
+        write_kv_cache_triton(
+            key, value, kv_cache, slot_mapping, all_slots_valid, k_scale=k_scale, v_scale=v_scale
+        )
         return
-    write_kv_cache_torch(key, value, kv_cache, slot_mapping, all_slots_valid)
+    write_kv_cache_torch(
+        key, value, kv_cache, slot_mapping, all_slots_valid, k_scale=k_scale, v_scale=v_scale
+    )
 
 
 def write_kv_cache_torch(
@@ -79,6 +105,8 @@ def write_kv_cache_torch(
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     all_slots_valid: bool = False,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     if not all_slots_valid:
@@ -86,8 +114,13 @@ def write_kv_cache_torch(
         if not bool(valid.all()):
             key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
     flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    if kv_cache.dtype == FP8_E4M3:
+        # torch has no index_copy_ for float8 on CPU: the same bytes through a uint8 view
+        flat = flat.view(torch.uint8)
+        key = to_fp8_e4m3(key, k_scale).view(torch.uint8)
+        value = to_fp8_e4m3(value, v_scale).view(torch.uint8)
+    flat[0].index_copy_(0, slot_mapping, key.to(flat.dtype))
+    flat[1].index_copy_(0, slot_mapping, value.to(flat.dtype))
 
 
 def paged_attention(
@@ -97,28 +130,41 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of `query` [T, Hq, D] over the cached keys/values of each request.
 
     The keys and values of this step must already be in `kv_cache` (see `write_kv_cache`).
     Query token j of a chunk of length q_len sits at position seq_len - q_len + j and sees the
     cached positions p with p <= its position (and p > position - sliding_window if set).
+    An e4m3 cache's keys count as stored * k_scale and its values as stored * v_scale (None:
+    1.0); other caches ignore the scales.
 
     Dispatch: CUDA tensors -> `paged_attention_triton`, the whole batch in one launch. On CPU, a
-    bfloat16 cache under float32 queries without a soft cap -> `paged_decode_attention_cpu` for
-    the decode rows (where it declines: no compiler, a shape beyond it, the reference serves);
-    everything else, and the prefill chunks beside C-computed decodes -> the torch reference.
+    bfloat16 or e4m3 cache under float32 queries without a soft cap ->
+    `paged_decode_attention_cpu` for the decode rows (where it declines: no compiler, a shape
+    beyond it, the reference serves); everything else, and the prefill chunks beside
+    C-computed decodes -> the torch reference.
     """
     if query.device.type == "cuda":
         from ember.kernels.attention_triton import paged_attention_triton
 
         return paged_attention_triton(
-            query, kv_cache, metadata, scale, sliding_window, logits_soft_cap
+            query,
+            kv_cache,
+            metadata,
+            scale,
+            sliding_window,
+            logits_soft_cap,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
     num_decodes = metadata.num_decodes
+    kv_scales = _kv_scales(kv_cache, k_scale, v_scale)
     if (
         num_decodes > 0
-        and kv_cache.dtype == torch.bfloat16
+        and kv_cache.dtype in (torch.bfloat16, FP8_E4M3)
         and query.dtype == torch.float32
         and not logits_soft_cap  # the C kernel has no soft cap
     ):
@@ -129,12 +175,30 @@ def paged_attention(
             metadata.seq_lens[:num_decodes],
             scale,
             sliding_window,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
         if decodes is not None:  # else: no compiler, or a shape beyond the kernel
             return _beside_chunks(
-                decodes, query, kv_cache, metadata, scale, sliding_window, logits_soft_cap
+                decodes,
+                query,
+                kv_cache,
+                metadata,
+                scale,
+                sliding_window,
+                logits_soft_cap,
+                kv_scales,
             )
-    return paged_attention_torch(query, kv_cache, metadata, scale, sliding_window, logits_soft_cap)
+    return paged_attention_torch(
+        query,
+        kv_cache,
+        metadata,
+        scale,
+        sliding_window,
+        logits_soft_cap,
+        k_scale=k_scale,
+        v_scale=v_scale,
+    )
 
 
 def paged_attention_torch(
@@ -144,19 +208,39 @@ def paged_attention_torch(
     scale: float,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reference of `paged_attention`, in torch operators only. A cache of another dtype than
-    `query` (bfloat16 under float32 queries) is converted to the query's dtype as it is read,
-    so the math runs in the query's dtype."""
+    `query` (bfloat16 or e4m3 under float32 queries) is converted to the query's dtype as it is
+    read (only the blocks of the step's requests, gathered; an e4m3 cache's then multiplied by
+    its scales), so the math runs in the query's dtype."""
+    kv_scales = _kv_scales(kv_cache, k_scale, v_scale)
     decodes = None
     num_decodes = metadata.num_decodes
     if num_decodes > 0:
         decodes = _decode_attention(
-            query[:num_decodes], kv_cache, metadata, scale, sliding_window, logits_soft_cap
+            query[:num_decodes],
+            kv_cache,
+            metadata,
+            scale,
+            sliding_window,
+            logits_soft_cap,
+            kv_scales,
         )
     return _beside_chunks(
-        decodes, query, kv_cache, metadata, scale, sliding_window, logits_soft_cap
+        decodes, query, kv_cache, metadata, scale, sliding_window, logits_soft_cap, kv_scales
     )
+
+
+def _kv_scales(
+    kv_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """The scales an e4m3 cache's values are multiplied by as they are read; None for other
+    caches, whose values are what they hold."""
+    if kv_cache.dtype != FP8_E4M3:
+        return None
+    return k_scale, v_scale
 
 
 def _beside_chunks(
@@ -167,6 +251,7 @@ def _beside_chunks(
     scale: float,
     sliding_window: int | None,
     logits_soft_cap: float | None,
+    kv_scales: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """The batch's output: `decodes` (the rows of the decodes, None if there is none) followed
     by the torch reference's attention of each prefill chunk."""
@@ -187,19 +272,30 @@ def _beside_chunks(
             scale,
             sliding_window,
             logits_soft_cap,
+            kv_scales,
         )
     return output
 
 
 def _gather_kv(
-    kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int
+    kv_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    num_tokens: int,
+    dtype: torch.dtype,
+    kv_scales: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values [..., num_tokens, Hkv, D] of the blocks `block_ids` [..., n]."""
+    """Keys and values [..., num_tokens, Hkv, D] of the blocks `block_ids` [..., n], in
+    `dtype`; with `kv_scales` (an e4m3 cache) times their scales."""
     # index_select, not kv_cache[:, block_ids]: the same copy with a quarter of the overhead
     blocks = kv_cache.index_select(1, block_ids.reshape(-1))
     blocks = blocks.view(2, *block_ids.shape, *kv_cache.shape[2:])  # [2, ..., n, bs, Hkv, D]
     blocks = blocks.flatten(-4, -3)[..., :num_tokens, :, :]
-    return blocks[0], blocks[1]
+    key, value = blocks[0], blocks[1]
+    if kv_scales is not None:  # dequantized in float32, then rounded once to `dtype`
+        k_scale, v_scale = kv_scales
+        key = key.float() if k_scale is None else key.float() * k_scale
+        value = value.float() if v_scale is None else value.float() * v_scale
+    return key.to(dtype), value.to(dtype)
 
 
 def _attend(
@@ -236,14 +332,16 @@ def _decode_attention(
     scale: float,
     sliding_window: int | None,
     logits_soft_cap: float | None,
+    kv_scales: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """All single-token requests at once: keys padded to the longest context and masked."""
     block_ids, max_len, mask = _decode_context(metadata, kv_cache.shape[2], sliding_window)
-    key, value = _gather_kv(kv_cache, block_ids, max_len)  # [B, L, Hkv, D]
+    # [B, L, Hkv, D]
+    key, value = _gather_kv(kv_cache, block_ids, max_len, query.dtype, kv_scales)
     out = _attend(
         query.unsqueeze(2),  # [B, Hq, 1, D]
-        key.transpose(1, 2).to(query.dtype),
-        value.transpose(1, 2).to(query.dtype),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
         mask,
         scale,
         logits_soft_cap,
@@ -283,12 +381,15 @@ def _chunk_attention(
     scale: float,
     sliding_window: int | None,
     logits_soft_cap: float | None,
+    kv_scales: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """One request's chunk of q_len tokens, the last q_len of its seq_len cached tokens."""
     q_len = query.shape[0]
     block_size = kv_cache.shape[2]
     num_blocks = -(-seq_len // block_size)
-    key, value = _gather_kv(kv_cache, block_ids[:num_blocks], seq_len)  # [L, Hkv, D]
+    key, value = _gather_kv(
+        kv_cache, block_ids[:num_blocks], seq_len, query.dtype, kv_scales
+    )  # [L, Hkv, D]
     mask = None
     is_causal = sliding_window is None and q_len == seq_len
     if not is_causal:
@@ -300,8 +401,8 @@ def _chunk_attention(
         mask = mask[None, None]
     out = _attend(
         query.transpose(0, 1).unsqueeze(0),  # [1, Hq, Q, D]
-        key.transpose(0, 1).unsqueeze(0).to(query.dtype),
-        value.transpose(0, 1).unsqueeze(0).to(query.dtype),
+        key.transpose(0, 1).unsqueeze(0),
+        value.transpose(0, 1).unsqueeze(0),
         mask,
         scale,
         logits_soft_cap,

@@ -1,9 +1,12 @@
-"""Decode attention over a bfloat16 paged KV cache on CPU, in C (`csrc/paged_decode_attention.c`).
+"""Decode attention over a bfloat16 or e4m3 paged KV cache on CPU, in C
+(`csrc/paged_decode_attention.c`).
 
 Called by `attention.paged_attention` for the decodes of a CPU batch, and by the fused decode
 step; its reference is `attention.paged_attention_torch`, which gathers a padded float32 copy of
 the blocks (about 50 MB per layer per step for 32 requests of a few hundred tokens) where this
-kernel reads each cached key and value once, in place (about 7 MB), with float32 math.
+kernel reads each cached key and value once, in place (about 7 MB), with float32 math. An e4m3
+cache (`kv_cache_dtype="fp8"`) is read a byte a value, widened to float32 in registers, its
+scales applied to the query and the output.
 
 Compiled on first use (`cpu_library`); where that fails, `paged_decode_attention_cpu` returns
 None and the caller falls back. Its tasks run on torch's own OpenMP threads (`libgomp.so.1`,
@@ -29,9 +32,25 @@ def _library() -> ctypes.CDLL | None:
     function = library.ember_paged_decode_attention
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     function.argtypes = [ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64]
-    function.argtypes += [ctypes.c_float, i64, ptr]
+    function.argtypes += [ctypes.c_float, i64, ptr, i64, ptr, ptr]
     function.restype = ctypes.c_int
     return library
+
+
+# The cache dtypes the kernel reads, by its `cache_format` code.
+_CACHE_FORMATS = {torch.bfloat16: 0, torch.float8_e4m3fn: 1}
+
+
+def _is_scalar(scale: torch.Tensor | None) -> bool:
+    """Whether the kernel can read `scale`: None, or one float32 in host memory."""
+    return scale is None or (
+        scale.dtype == torch.float32 and scale.numel() == 1 and scale.device.type == "cpu"
+    )
+
+
+def _scale_pointer(scale: torch.Tensor | None) -> int | None:
+    """The address of a float32 scalar for the kernel to read (None: NULL, a scale of 1)."""
+    return None if scale is None else scale.data_ptr()
 
 
 def available() -> bool:
@@ -46,17 +65,23 @@ def paged_decode_attention_cpu(
     seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Attention of `query` [B, Hq, D] (float32, one token per request) over the bfloat16
-    `kv_cache` [2, num_blocks, block_size, Hkv, D] of each request's `block_table` row and
-    `seq_lens` entry; None when the kernel cannot serve these inputs (the caller falls back)."""
+    """Attention of `query` [B, Hq, D] (float32, one token per request) over the bfloat16 or
+    e4m3 `kv_cache` [2, num_blocks, block_size, Hkv, D] of each request's `block_table` row and
+    `seq_lens` entry (an e4m3 cache's keys times `k_scale`, values times `v_scale`: float32
+    scalars, None: 1); None when the kernel cannot serve these inputs (the caller falls back)."""
+    cache_format = _CACHE_FORMATS.get(kv_cache.dtype)
     if (
         query.dtype != torch.float32
-        or kv_cache.dtype != torch.bfloat16
+        or cache_format is None
         or not kv_cache.is_contiguous()
         or block_table.dtype != torch.int64
         or seq_lens.dtype != torch.int32
     ):
+        return None
+    if cache_format == 1 and not (_is_scalar(k_scale) and _is_scalar(v_scale)):
         return None
     library = _library()
     if library is None:
@@ -83,5 +108,8 @@ def paged_decode_attention_cpu(
         scale,
         sliding_window or 0,
         out.data_ptr(),
+        cache_format,
+        _scale_pointer(k_scale if cache_format == 1 else None),
+        _scale_pointer(v_scale if cache_format == 1 else None),
     )
     return out if status == 0 else None

@@ -14,6 +14,12 @@ so a program finds its request by a binary search over `query_start_loc` on the 
 grid size (num_tokens // BLOCK_Q + num_reqs) needs nothing from the host; spare tiles exit.
 Each program walks the request's keys TILE_N at a time (any block size), with an online
 softmax, causal and sliding-window masks and optional logit soft-capping.
+
+An e4m3 cache (CACHE_FP8) is passed as its uint8 view and coded by hand (`_to_e4m3`,
+`_from_e4m3`), bit for bit torch's conversions, rather than by Triton's float8 casts: the
+interpreter's float32 -> float8 cast truncates wrongly (1.98 -> 1.0), and integer code runs on
+every GPU. The keys and values are widened in registers, one tile at a time; k_scale joins the
+scores' scale and v_scale the output's, read from device scalars (CUDA graphs replay them).
 """
 
 from __future__ import annotations
@@ -28,11 +34,45 @@ _TILE_N = 32  # keys per inner step; a multiple of 16 for tl.dot
 
 
 @triton.jit
+def _to_e4m3(x):
+    """float32 -> e4m3 codes (int32 0..255): clamped to +-448, rounded to nearest even, NaN
+    to 0x7f with its sign (torch's `x.clamp(-448, 448).to(torch.float8_e4m3fn)`)."""
+    bits = x.to(tl.int32, bitcast=True)
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    sign = (bits >> 24) & 0x80
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    # At least 2^-6 (an e4m3 normal): the float32 mantissa rounded to 3 bits, the exponent
+    # rebiased from 127 to 7; a carry out of the mantissa moves into the exponent.
+    rounded = magnitude + 0x7FFFF + ((magnitude >> 20) & 1)
+    normal = (rounded >> 20) - (120 << 3)
+    # Below: multiples of 2^-9, rounded to nearest even by adding and taking away 2^23.
+    absolute = magnitude.to(tl.float32, bitcast=True)
+    subnormal = ((absolute * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
+    code = tl.where(is_nan, 0x7F, tl.where(absolute < 0.015625, subnormal, normal))
+    return code | sign
+
+
+@triton.jit
+def _from_e4m3(code):
+    """e4m3 codes (uint8) -> float32, exactly (see `csrc/float8.h`)."""
+    code = code.to(tl.int32)
+    magnitude = code & 0x7F
+    value = ((magnitude << 20) + (120 << 23)).to(tl.float32, bitcast=True)
+    value = tl.where(magnitude < 8, magnitude.to(tl.float32) * 0.001953125, value)
+    value = tl.where(magnitude == 0x7F, float("nan"), value)
+    sign = (code & 0x80) << 24
+    return (value.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _write_kv_cache_kernel(
     key_ptr,
     value_ptr,
     kv_cache_ptr,
     slot_mapping_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     num_kv_heads,
     stride_key_token,
     stride_key_head,
@@ -44,6 +84,7 @@ def _write_kv_cache_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
+    CACHE_FP8: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -57,6 +98,9 @@ def _write_kv_cache_kernel(
     value = tl.load(
         value_ptr + token * stride_value_token + heads * stride_value_head + dims, mask=mask
     )
+    if CACHE_FP8:  # the cache is its uint8 view; divided correctly rounded, as torch does
+        key = _to_e4m3(tl.div_rn(key.to(tl.float32), tl.load(k_scale_ptr)))
+        value = _to_e4m3(tl.div_rn(value.to(tl.float32), tl.load(v_scale_ptr)))
     tl.store(target, key.to(kv_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(target + stride_cache_side, value.to(kv_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -67,6 +111,8 @@ def write_kv_cache_triton(
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     all_slots_valid: bool = False,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Same contract as `ember.kernels.attention.write_kv_cache_torch`, without a host sync (the
     kernel skips -1 slots itself, so `all_slots_valid` changes nothing)."""
@@ -77,11 +123,14 @@ def write_kv_cache_triton(
         key = key.contiguous()
     if value.stride(-1) != 1:
         value = value.contiguous()
+    cache, k_scale, v_scale, fp8 = _cache_and_scales(kv_cache, k_scale, v_scale)
     _write_kv_cache_kernel[(num_tokens,)](
         key,
         value,
-        kv_cache,
+        cache,
         slot_mapping,
+        k_scale,
+        v_scale,
         num_kv_heads,
         key.stride(0),
         key.stride(1),
@@ -93,7 +142,23 @@ def write_kv_cache_triton(
         HEAD_DIM=head_dim,
         BLOCK_HEADS=triton.next_power_of_2(num_kv_heads),
         BLOCK_DIM=triton.next_power_of_2(head_dim),
+        CACHE_FP8=fp8,
     )
+
+
+def _cache_and_scales(
+    kv_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(the cache as the kernels take it, k_scale, v_scale, whether it is e4m3): an e4m3
+    cache as its uint8 view with its scales (None: a 1.0 made here); any other cache as it is,
+    with itself in place of the scales the kernels then never read."""
+    if kv_cache.dtype != torch.float8_e4m3fn:
+        return kv_cache, kv_cache, kv_cache, False
+    if k_scale is None or v_scale is None:
+        one = torch.ones((), dtype=torch.float32, device=kv_cache.device)
+        k_scale = one if k_scale is None else k_scale
+        v_scale = one if v_scale is None else v_scale
+    return kv_cache.view(torch.uint8), k_scale, v_scale, True
 
 
 @triton.jit
@@ -119,6 +184,8 @@ def _paged_attention_kernel(
     block_table_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     num_reqs,
     scale,
     soft_cap,
@@ -142,6 +209,7 @@ def _paged_attention_kernel(
     USE_SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FLOAT32: tl.constexpr,
+    CACHE_FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -170,6 +238,9 @@ def _paged_attention_kernel(
     if DOT_IN_FLOAT32:
         query = query.to(tl.float32)
     query_pos = context_len + query_index  # absolute position of each row's token
+    scores_scale = scale
+    if CACHE_FP8:  # keys count as stored * k_scale
+        scores_scale = scale * tl.load(k_scale_ptr)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -191,17 +262,20 @@ def _paged_attention_kernel(
         key_t = tl.load(
             kv_cache_ptr + slot_offset[None, :] + dims[:, None],
             mask=dim_valid[:, None] & key_valid[None, :],
-            other=0.0,
+            other=0,
         )  # [BLOCK_DIM, TILE_N]
         value = tl.load(
             kv_cache_ptr + stride_cache_side + slot_offset[:, None] + dims[None, :],
             mask=key_valid[:, None] & dim_valid[None, :],
-            other=0.0,
+            other=0,
         )  # [TILE_N, BLOCK_DIM]
+        if CACHE_FP8:  # e4m3 codes, exact in the query's dtype (bfloat16, float16, float32)
+            key_t = _from_e4m3(key_t).to(query.dtype)
+            value = _from_e4m3(value).to(query.dtype)
         if DOT_IN_FLOAT32:
             key_t = key_t.to(tl.float32)
             value = value.to(tl.float32)
-        scores = tl.dot(query, key_t, input_precision=DOT_PRECISION) * scale
+        scores = tl.dot(query, key_t, input_precision=DOT_PRECISION) * scores_scale
         if USE_SOFT_CAP:
             capped = scores / soft_cap
             scores = soft_cap * (2.0 / (1.0 + tl.exp(-2.0 * capped)) - 1.0)  # cap * tanh
@@ -219,6 +293,8 @@ def _paged_attention_kernel(
         )
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if CACHE_FP8:  # values count as stored * v_scale
+        out = out * tl.load(v_scale_ptr)
     tl.store(
         out_ptr
         + token[:, None] * stride_out_token
@@ -243,6 +319,8 @@ def paged_attention_triton(
     scale: float,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as `ember.kernels.attention.paged_attention_torch`, in one launch, reading
     only device tensors of `metadata` (and `max_query_len`, a host int)."""
@@ -257,6 +335,7 @@ def paged_attention_triton(
         return output
     if query.stride(-1) != 1:
         query = query.contiguous()
+    cache, k_scale, v_scale, fp8 = _cache_and_scales(kv_cache, k_scale, v_scale)
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)
     # Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) stores bfloat16 as uint16 and
     # its tl.dot multiplies those integers: there the dot operands are widened to float32.
@@ -264,10 +343,12 @@ def paged_attention_triton(
     _paged_attention_kernel[grid](
         output,
         query,
-        kv_cache,
+        cache,
         metadata.block_table,
         metadata.seq_lens,
         metadata.query_start_loc,
+        k_scale,
+        v_scale,
         num_reqs,
         scale,
         logits_soft_cap or 1.0,
@@ -291,5 +372,6 @@ def paged_attention_triton(
         USE_SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 or interpreted else "tf32",
         DOT_IN_FLOAT32=interpreted,
+        CACHE_FP8=fp8,
     )
     return output

@@ -1,6 +1,6 @@
 """The elementwise parts of a CPU decode step in C (`csrc/decode_layer.c`): rotary embedding
-with the KV-cache write, and SiLU-and-mul, each one call over the step's tokens reading the
-packed matmuls' bfloat16 outputs directly. `ember.workers.cpu_decode.llama_runner` strings them
+with the KV-cache write (bfloat16 or e4m3), and SiLU-and-mul, each one call over the step's
+tokens reading the packed matmuls' bfloat16 outputs directly. `ember.workers.cpu_decode.llama_runner` strings them
 between torch's packed 4-bit matmuls; their references are `rotary.apply_rotary_emb_torch` with
 `attention.write_kv_cache_torch`, and `activation.silu_and_mul_torch`.
 
@@ -26,11 +26,15 @@ def _library() -> ctypes.CDLL | None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.ember_rope_write_kv.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64]
-    library.ember_rope_write_kv.argtypes += [ptr, ptr]
+    library.ember_rope_write_kv.argtypes += [ptr, ptr, i64, ptr, ptr]
     library.ember_rope_write_kv.restype = ctypes.c_int
     library.ember_silu_mul.argtypes = [ptr, i64, i64, ptr]
     library.ember_silu_mul.restype = None
     return library
+
+
+# The cache dtypes `rope_write_kv` writes, by its `cache_format` code.
+_CACHE_FORMATS = {torch.bfloat16: 0, torch.float8_e4m3fn: 1}
 
 
 def available() -> bool:
@@ -47,13 +51,20 @@ def rope_write_kv(
     num_kv_heads: int,
     head_dim: int,
     q_out: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> int:
     """qkv [T, (Hq + 2 Hkv) D] bfloat16 -> q_out [T, Hq, D] float32 rotated (neox style over
     `cos_sin_cache`'s rotary_dim channels), keys rotated and values copied into the bfloat16
-    `kv_cache` [2, num_blocks, block_size, Hkv, D] at `slot_mapping` [T] int64 (no -1)."""
+    `kv_cache` [2, num_blocks, block_size, Hkv, D] at `slot_mapping` [T] int64 (no -1); into
+    an e4m3 cache, key / k_scale and value / v_scale (float32 scalars in host memory, None:
+    1) rounded as `attention.to_fp8_e4m3` rounds them."""
     library = _library()
-    if library is None:
+    cache_format = _CACHE_FORMATS.get(kv_cache.dtype)
+    if library is None or cache_format is None:
         return -1
+    if cache_format == 0:
+        k_scale = v_scale = None  # a bfloat16 cache stores the values as they are
     _, num_blocks, block_size = kv_cache.shape[:3]
     return library.ember_rope_write_kv(
         qkv.data_ptr(),
@@ -68,6 +79,9 @@ def rope_write_kv(
         num_blocks * block_size,
         slot_mapping.data_ptr(),
         q_out.data_ptr(),
+        cache_format,
+        None if k_scale is None else k_scale.data_ptr(),
+        None if v_scale is None else v_scale.data_ptr(),
     )
 
 

@@ -124,7 +124,7 @@ def test_paged_attention_on_cpu_sends_bf16_decodes_to_the_c_kernel_and_the_rest_
     """Checked through the results: a stand-in for the C kernel marks the rows it computed."""
     calls = []
 
-    def c_kernel(query, kv_cache, block_table, seq_lens, scale, sliding_window):
+    def c_kernel(query, kv_cache, block_table, seq_lens, scale, sliding_window, **kv_scales):
         calls.append((tuple(query.shape), block_table.shape[0], seq_lens.tolist()))
         return torch.full_like(query, 7.0)
 

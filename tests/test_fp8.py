@@ -23,12 +23,15 @@ a layer left unquantized moves most positions by more than that.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
+from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ember.workers.config import ModelConfig
@@ -61,6 +64,7 @@ from tests.fp8_checkpoints import (
 from tests.helpers import forward_prompts, random_prompts, write_random_llama
 
 CPU = torch.device("cpu")
+DTYPES_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FLOAT32_LOGPROB = 1e-4
 MIN_EXACT_SHARE = 0.5
 STEP_LOGPROB = 2.0
@@ -411,9 +415,12 @@ class _ThreadRank(ParallelContext):
         return x.copy_(self._exchange(x)[0])
 
 
-def forward_at_tp2(quant_dir: str, prompts) -> list[torch.Tensor]:
+def forward_at_tp2(
+    quant_dir: str, prompts, config: ModelConfig | None = None
+) -> list[torch.Tensor]:
     hub = {"parts": [None, None], "barrier": threading.Barrier(2, timeout=120)}
-    models = [load(quant_dir, _ThreadRank(rank, 2, hub)) for rank in range(2)]
+    config = config or model_config(quant_dir)
+    models = [loader.get_model(config, CPU, _ThreadRank(rank, 2, hub)) for rank in range(2)]
     results: dict[int, object] = {}
 
     def run(rank):
@@ -468,6 +475,268 @@ def test_activation_quantization_is_vllms(options):
         torch.testing.assert_close(steps.to(FP8_DTYPE).float(), steps, rtol=1e-6, atol=1e-6)
     if scale is not None:
         assert ours.abs().max().item() == pytest.approx(448 * scale)
+
+
+# ---- the FP8 GEMM (kernels/fp8_matmul.py, kernels/fp8_matmul_triton.py) -----------------------
+
+# Without a GPU the Triton kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set by
+# tests/conftest.py), which cannot load float8 tensors: the kernel takes the codes as uint8
+# and bitcasts them. N = 48 and K = 80 are not multiples of the tiles; 16 x 32 blocks make a
+# last partial group of inputs. Both sides add exact e4m3 products in float32 and scale them
+# in another order, so they agree to float32 rounding (~3e-7 of the largest output
+# measured); on a GPU, FP8 tensor cores (`fp8_dot`) add less exactly (~2e-4 on an H200).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_SHAPE = (48, 80)  # (N, K)
+KERNEL_BLOCK = (16, 32)
+EXACT = 1e-5  # of the largest output
+# on a GPU: fp16 tensor cores add the exact products in float32, not necessarily rounding each
+# sum as IEEE does; FP8 ones keep fewer bits (2.2e-4 measured: torch._scaled_mm, per tensor,
+# H200)
+CUDA_EXACT = 1e-4
+FP8_TENSOR_CORES = 1e-3
+
+
+@pytest.fixture(scope="module")
+def fp8_triton():
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.fail("triton is not installed (make setup installs it)")
+    if KERNEL_DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("without a GPU the kernel needs TRITON_INTERPRET=1 (set in tests/conftest.py)")
+    from ember.kernels import fp8_matmul_triton
+
+    return fp8_matmul_triton
+
+
+def kernel_case(layout: str, tokens: int, seed: int = 0):
+    """(x [tokens, K], FP8Weight) on KERNEL_DEVICE: random, a few outliers in x."""
+    from ember.kernels.fp8_matmul import quantize_weight
+
+    generator = torch.Generator().manual_seed(seed)
+    outputs, inputs = KERNEL_SHAPE
+    weight = torch.randn(outputs, inputs, generator=generator) * 0.05
+    weight[:, 7] *= 20  # a column of large weights: other rows' and blocks' scales differ
+    x = torch.randn(tokens, inputs, generator=generator) * 2
+    x[0, 3] = 40.0
+    fp8_weight = quantize_weight(weight.to(KERNEL_DEVICE), layout, KERNEL_BLOCK)
+    return x.to(KERNEL_DEVICE), fp8_weight
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("fp8_dot", [False, True], ids=["fp16-widened", "fp8-dot"])
+@pytest.mark.parametrize("tokens", [1, 5, 33])
+@pytest.mark.parametrize(  # block-wise checkpoints are dynamic only
+    "layout, activations",
+    [("tensor", "static"), ("tensor", "dynamic"), ("row", "static"), ("row", "dynamic"),
+     ("block", "dynamic")],
+)  # fmt: skip
+def test_fp8_triton_kernel_matches_the_emulation(fp8_triton, layout, tokens, activations, fp8_dot):
+    from ember.kernels.fp8_matmul import (
+        fp8_linear_torch,
+        has_fp8_tensor_cores,
+        quantize_activations,
+    )
+
+    if fp8_dot and KERNEL_DEVICE == "cuda" and not has_fp8_tensor_cores(torch.device("cuda")):
+        pytest.skip("FP8 tensor cores need sm_89+")
+    x, weight = kernel_case(layout, tokens)
+    input_scale = torch.tensor(0.02, device=x.device) if activations == "static" else None
+    expected = fp8_linear_torch(x, weight, input_scale)
+    codes, scales = quantize_activations(x, input_scale, weight.group_k)
+    tolerance = EXACT
+    if KERNEL_DEVICE == "cuda":
+        tolerance = FP8_TENSOR_CORES if fp8_dot else CUDA_EXACT
+    configs = [None, fp8_triton.BlockConfig(16, 16, 32, split_k=2)]  # default; small, split K
+    for config in configs:
+        out = fp8_triton.fp8_matmul_triton(
+            codes, scales, weight, torch.float32, fp8_dot=fp8_dot, config=config
+        )
+        assert out.shape == (tokens, KERNEL_SHAPE[0]) and out.dtype == torch.float32
+        assert relative_error(out, expected) < tolerance, (config, relative_error(out, expected))
+
+
+def test_fp8_triton_kernel_writes_bfloat16(fp8_triton):
+    from ember.kernels.fp8_matmul import fp8_linear_torch, quantize_activations
+
+    x, weight = kernel_case("block", 5)
+    expected = fp8_linear_torch(x, weight)
+    codes, scales = quantize_activations(x, None, weight.group_k)
+    out = fp8_triton.fp8_matmul_triton(codes, scales, weight, torch.bfloat16, fp8_dot=False)
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, expected) < 1e-2  # bfloat16's rounding (truncation, interpreted)
+
+
+def test_fp8_triton_kernel_widens_every_e4m3_code_exactly(fp8_triton):
+    """`_e4m3_bits_to_fp16` moves the bits: every finite code, subnormals included, exactly
+    (times 2^16, the two operands' 2^8)."""
+    from ember.kernels.fp8_matmul import FP8Weight
+
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE)
+    finite = codes[~codes.float().isnan()].to(KERNEL_DEVICE)  # 0x7f, 0xff: NaN, never quantized
+    ones = torch.ones(finite.numel(), 1, device=KERNEL_DEVICE)
+    one = torch.ones(1, 1, device=KERNEL_DEVICE).to(FP8_DTYPE)
+    weight = FP8Weight(finite.view(-1, 1), ones, one_scale=True)  # each code its own row
+    unit = torch.tensor(1.0, device=KERNEL_DEVICE)
+    out = fp8_triton.fp8_matmul_triton(one, unit, weight, torch.float32, fp8_dot=False)
+    assert torch.equal(out.view(-1).cpu(), finite.float().cpu())
+
+
+def test_fp8_triton_kernel_is_wrong_when_a_scale_is():
+    """The comparison has teeth: one row's scale doubled moves its outputs far past EXACT."""
+    from ember.kernels.fp8_matmul import FP8Weight, fp8_linear_torch
+
+    x, weight = kernel_case("row", 5)
+    scales = weight.scales.clone()
+    scales[3] *= 2
+    broken = FP8Weight(weight.codes, scales)
+    assert relative_error(fp8_linear_torch(x, broken), fp8_linear_torch(x, weight)) > 100 * EXACT
+
+
+def test_activation_codes_and_scales_are_the_emulations():
+    from ember.kernels.fp8_matmul import dequantize_activations, quantize_activations
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 80, generator=generator) * 3
+    x[1] = 0
+    for input_scale, group_size, shape in [
+        (torch.tensor(0.02), None, ()),
+        (None, None, (6, 1)),
+        (None, 32, (6, 3)),  # 80 inputs: groups of 32, 32 and 16
+    ]:
+        codes, scales = quantize_activations(x, input_scale, group_size)
+        assert codes.dtype == FP8_DTYPE and codes.shape == x.shape and scales.shape == shape
+        expected = quantize_dequantize_activations(x, input_scale, group_size)
+        assert torch.equal(dequantize_activations(codes, scales, group_size), expected)
+
+
+@pytest.mark.parametrize("layout", ["tensor", "row", "block"])
+def test_quantized_weights_of_each_layout_dequantize_within_an_e4m3_step(layout):
+    from ember.kernels.fp8_matmul import quantize_weight
+
+    generator = torch.Generator().manual_seed(2)
+    dense = torch.randn(40, 72, generator=generator)
+    weight = quantize_weight(dense, layout, (16, 32))
+    groups = {"tensor": 1, "row": 1, "block": 3}[layout]
+    assert weight.codes.dtype == FP8_DTYPE and weight.scales.shape == (40, groups)
+    assert weight.one_scale == (layout == "tensor")
+    # half an e4m3 step (2^-4 of a value) of the largest value a scale covers
+    bound = weight.scales.repeat_interleave(weight.group_k or 72, dim=1)[:, :72] * 448 / 16
+    assert ((weight.dequantize() - dense).abs() <= bound).all()
+
+
+def test_fp8_matmul_of_cpu_tensors_is_the_reference():
+    from ember.kernels.fp8_matmul import fp8_linear, fp8_linear_torch, quantize_weight
+
+    generator = torch.Generator().manual_seed(3)
+    weight = quantize_weight(torch.randn(48, 80, generator=generator), "block", (16, 32))
+    x = torch.randn(2, 3, 80, generator=generator)
+    out = fp8_linear(x, weight)
+    assert out.shape == (2, 3, 48)
+    assert torch.equal(out, fp8_linear_torch(x, weight))
+
+
+def _keep_float8_on_cpu(monkeypatch) -> None:
+    """Layers processed as on CUDA (e4m3 weight, per-row scales, `fp8_linear`), on the CPU."""
+
+    def keep(self, layer):
+        self._keep_float8(layer)
+
+    monkeypatch.setattr(FP8LinearMethod, "process_weights_after_loading", keep)
+
+
+@pytest.mark.parametrize("case", [*CASES, "online"])
+def test_layers_in_the_cuda_form_compute_as_the_cpu_form(case, checkpoints, dense_dir, monkeypatch):
+    """The CUDA form, e4m3 codes and per-row scales read by `fp8_linear` (whose CPU path is the
+    reference), on the CPU: the same outputs as the dense CPU layers, fused shards by their
+    own scales."""
+    quant_dir = dense_dir if case == "online" else checkpoints[case][0]
+    scheme = "per-tensor" if case == "online" else CASES[case][0]
+    dense = load(quant_dir)
+    _keep_float8_on_cpu(monkeypatch)
+    kept = load(quant_dir)
+    generator = torch.Generator().manual_seed(4)
+    for parent, fused, _ in LAYER_LINEARS:
+        ours = getattr(getattr(kept.model.layers[0], parent), fused)
+        reference = getattr(getattr(dense.model.layers[0], parent), fused)
+        assert ours.weight.dtype == FP8_DTYPE
+        groups = ours.input_size_per_partition // 128 if scheme == "block" else 1
+        assert ours.weight_scale.shape == (ours.output_size_per_partition, groups)
+        torch.testing.assert_close(ours.quant_method.dequantized_weight(ours), reference.weight)
+        x = torch.randn(7, ours.input_size_per_partition, generator=generator)
+        with torch.no_grad():
+            expected = reference(x)
+            got = ours(x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+    attention = kept.model.layers[0].self_attn
+    # the checkpoint's q, k and v scales differ (online: one scale for the fused q|k|v)
+    assert attention.qkv_proj.fp8_one_scale == (case == "online")
+    assert attention.o_proj.fp8_one_scale == (scheme == "per-tensor")
+
+
+def test_a_layer_in_the_cuda_form_computes_through_the_triton_kernel(
+    checkpoints, monkeypatch, fp8_triton
+):
+    from ember.kernels.fp8_matmul import FP8Weight, fp8_linear_torch, quantize_activations
+
+    _keep_float8_on_cpu(monkeypatch)
+    model = load(checkpoints["per-tensor-static"][0])
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    weight = qkv.quant_method.fp8_weight(qkv)
+    x = torch.randn(5, qkv.input_size_per_partition, generator=torch.Generator().manual_seed(5))
+    expected = fp8_linear_torch(x, weight, qkv.input_scale)
+    codes, scales = quantize_activations(x, qkv.input_scale)
+    device = torch.device(KERNEL_DEVICE)
+    on_device = FP8Weight(weight.codes.to(device), weight.scales.to(device))
+    out = fp8_triton.fp8_matmul_triton(
+        codes.to(device), scales.to(device), on_device, torch.float32, fp8_dot=False
+    )
+    assert relative_error(out.cpu(), expected) < (EXACT if KERNEL_DEVICE == "cpu" else CUDA_EXACT)
+
+
+def test_fp8_triton_kernel_compiles_for_h100_and_a100():
+    """Triton's compiler (no GPU needed: its MLIR passes and ptxas) takes the kernel where the
+    interpreter does not look: fp8 tl.dot for sm_90 and sm_89, the fp16 widening for sm_80."""
+    import os
+    import subprocess
+    import sys
+
+    program = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ember.kernels.fp8_matmul_triton import _fp8_matmul_kernel as kernel
+for arch, fp8_dot, group_k, out in [(90, True, 0, "*bf16"), (90, True, 128, "*fp32"),
+                                    (89, True, 128, "*bf16"), (80, False, 0, "*fp32")]:
+    constexprs = {"GROUP_K": group_k, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
+                  "FP8_DOT": fp8_dot}
+    pointers = {"out_ptr": out, "x_ptr": "*u8", "w_ptr": "*u8", "x_scales_ptr": "*fp32",
+                "w_scales_ptr": "*fp32"}
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
+                 for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs),
+                              target=GPUTarget("cuda", arch, 32))
+    assert compiled.asm["cubin"], arch
+    print("compiled", arch)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("compiled") == 4
 
 
 # ---- errors --------------------------------------------------------------------------------------
@@ -666,7 +935,8 @@ def test_cuda_model_computes_as_the_cpu_model(case, checkpoints, prompts):
     ours = forward_whole(loader.get_model(model_config(quant_dir), gpu), prompts, gpu)
     cpu = forward_whole(load(quant_dir), prompts, CPU)
     errors = position_errors(ours, [logits.log_softmax(-1) for logits in cpu])
-    # TF32 is off by default: float32 on both, so the same e4m3 steps at most positions
+    # float32 on both (a float32 model's FP8 GEMM on CUDA adds the exact products in float32;
+    # TF32 is off by default), so the same e4m3 steps at most positions
     assert (errors <= 1e-3).float().mean().item() >= MIN_EXACT_SHARE, errors
     assert errors.max().item() <= STEP_LOGPROB
     # bfloat16, as vLLM runs: as close to the float32 oracle as HF in bfloat16 on the GPU
@@ -682,6 +952,81 @@ def test_cuda_model_computes_as_the_cpu_model(case, checkpoints, prompts):
     ours_error = position_errors(half, oracle).max().item()
     hf_error = position_errors(theirs, oracle).max().item()
     assert ours_error <= max(2 * hf_error, 0.05), (ours_error, hf_error)
+
+
+@cuda
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_layers_hold_float8_weights_and_compute_as_the_emulation(case, checkpoints):
+    """On CUDA the weights stay e4m3 and each layer computes the CPU's emulation: a float32
+    model through the exact kernel (`CUDA_EXACT`), a bfloat16 one through torch._scaled_mm or
+    the FP8 Triton kernel, its bfloat16 output rounded (1e-2 of the largest output)."""
+    from ember.kernels.fp8_matmul import FP8Weight, fp8_linear_torch
+
+    quant_dir = checkpoints[case][0]
+    gpu = torch.device("cuda")
+    generator = torch.Generator().manual_seed(6)
+    for dtype, tolerance in (("float32", CUDA_EXACT), ("bfloat16", 1e-2)):
+        model = loader.get_model(model_config(quant_dir, dtype), gpu)
+        for parent, fused, _ in LAYER_LINEARS:
+            layer = getattr(getattr(model.model.layers[0], parent), fused)
+            assert layer.weight.dtype == FP8_DTYPE and layer.weight.is_cuda
+            assert layer.weight_scale.dtype == torch.float32
+            x = (torch.randn(33, layer.input_size_per_partition, generator=generator) * 2).to(
+                DTYPES_BY_NAME[dtype]
+            )
+            with torch.no_grad():
+                out = layer(x.to(gpu))
+            assert out.dtype == x.dtype
+            weight = layer.quant_method.fp8_weight(layer)
+            on_cpu = FP8Weight(weight.codes.cpu(), weight.scales.cpu(), weight.group_k)
+            input_scale = layer.input_scale.cpu() if CASES[case][1] == "static" else None
+            expected = fp8_linear_torch(x.float(), on_cpu, input_scale)
+            error = relative_error(out.cpu(), expected)
+            print(f"{case} {dtype} {fused}: {error:.1e} of the largest output")
+            assert error < tolerance, (fused, dtype, error)
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["tensor", "row", "block"])
+def test_cuda_fp8_tensor_cores_compute_as_the_emulation(layout, monkeypatch):
+    """The fast path forced with float32 output (Hopper's FP8 sums, `FP8_TENSOR_CORES`), and
+    in bfloat16 as a bfloat16 model runs it: per tensor and per row through torch._scaled_mm
+    (rowwise where this build takes it), blocks through the Triton kernel."""
+    from ember.kernels import fp8_matmul
+
+    gpu = torch.device("cuda")
+    if not fp8_matmul.has_fp8_tensor_cores(gpu):
+        pytest.skip("FP8 tensor cores need sm_89+")
+    generator = torch.Generator().manual_seed(7)
+    weight = fp8_matmul.quantize_weight(
+        (torch.randn(384, 512, generator=generator) * 0.05).to(gpu), layout
+    )
+    rowwise = layout == "row" and fp8_matmul.rowwise_scaled_mm_works(weight.codes.device)
+    calls = []
+    scaled_mm = torch._scaled_mm
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["scale_a"].numel())
+        return scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counted)  # after the rowwise probe (cached)
+    for tokens in (1, 64):
+        x = (torch.randn(tokens, 512, generator=generator) * 2).to(gpu)
+        static = torch.tensor(0.02, device=gpu) if layout == "tensor" else None
+        expected = fp8_matmul.fp8_linear_torch(x, weight, static)
+        calls.clear()
+        out = fp8_matmul.fp8_linear(x, weight, static, fp8_tensor_cores=True)
+        error = relative_error(out, expected)
+        print(f"{layout}, {tokens} tokens, float32 out: {error:.1e} ({len(calls)} _scaled_mm)")
+        assert error < FP8_TENSOR_CORES
+        assert len(calls) == (1 if layout == "tensor" else 0)  # tensorwise: one scale a side
+        calls.clear()
+        out = fp8_matmul.fp8_linear(x.bfloat16(), weight, static)
+        expected = fp8_matmul.fp8_linear_torch(x.bfloat16().float(), weight, static)
+        error = relative_error(out, expected)  # bfloat16's rounding, once
+        print(f"{layout}, {tokens} tokens, bfloat16: {error:.1e} ({len(calls)} _scaled_mm)")
+        assert out.dtype == torch.bfloat16 and error < 1e-2
+        assert len(calls) == (1 if layout == "tensor" or rowwise else 0)
 
 
 # ---- through the engine ------------------------------------------------------------------------
@@ -752,3 +1097,67 @@ def test_quantization_fp8_of_a_gguf_file_is_refused_before_any_process(default_g
 
     with pytest.raises(ValueError, match="quantization='fp8' reads a safetensors checkpoint"):
         LLM(default_gguf, quantization="fp8")
+
+
+# ---- MoE experts ---------------------------------------------------------------------------------
+
+
+def experts_with_fp8_activations(experts, hidden_states, top_k_index, top_k_weights, splits=1):
+    """transformers' `MixtralExperts.forward` with each expert's inputs rounded as vLLM's FP8
+    layers round them (per token; the down projection's inputs in `splits` rank slices)."""
+    output = torch.zeros_like(hidden_states)
+    for expert in range(experts.num_experts):
+        token, slot = torch.where(top_k_index == expert)
+        if token.numel() == 0:
+            continue
+        x = reference_activation_quantization(hidden_states[token])
+        gate, up = F.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        x = reference_activation_quantization(experts.act_fn(gate) * up, splits=splits)
+        x = F.linear(x, experts.down_proj[expert]) * top_k_weights[token, slot, None]
+        output.index_add_(0, token, x.to(output.dtype))
+    return output
+
+
+def fp8_moe_oracle(quant_dir, dequantized_dir, prompts, tp_size=1):
+    model = hf_model(dequantized_dir)
+    weights_only = hf_logprobs(model, prompts)
+    options = activation_quantization(quant_dir, tp_size)
+    quantize_activations_in(model, {m: o for m, o in options.items() if ".experts." not in m})
+    for module in model.modules():
+        if type(module).__name__ == "MixtralExperts":
+            module.forward = partial(experts_with_fp8_activations, module, splits=tp_size)
+    return hf_logprobs(model, prompts), weights_only
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory) -> tuple[str, str]:
+    from tests.helpers import write_random_model
+
+    root = tmp_path_factory.mktemp("fp8-moe")
+    dense = write_random_model(
+        root / "source", "MixtralForCausalLM", hidden_size=128, intermediate_size=256
+    )
+    quant_dir = write_fp8_checkpoint(
+        dense, str(root / "fp8"), scheme="per-channel", activation_scheme="dynamic"
+    )
+    return quant_dir, write_dequantized_checkpoint(quant_dir, str(root / "dense"))
+
+
+@pytest.mark.parametrize("tp_size", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_moe_experts_of_an_fp8_checkpoint_match_hf_with_vllm_activation_quantization(
+    tp_size, moe_checkpoint, prompts
+):
+    """Every expert's w1, w3 and w2 is an FP8 linear layer (its own scales, its inputs rounded
+    per token as vLLM's); the oracle patches transformers' fused experts to do the same."""
+    quant_dir, dequantized_dir = moe_checkpoint
+    config = dataclasses.replace(model_config(quant_dir), architecture="MixtralForCausalLM")
+    if tp_size == 1:
+        model = loader.get_model(config, CPU, SINGLE_RANK)
+        experts = model.model.layers[0].block_sparse_moe.experts
+        assert isinstance(experts.w13["0"].quant_method, FP8LinearMethod)
+        ours = forward_prompts(model, prompts[:2])
+    else:
+        ours = forward_at_tp2(quant_dir, prompts[:2], config)
+    assert_matches_oracle(
+        ours, *fp8_moe_oracle(quant_dir, dequantized_dir, prompts[:2], tp_size=tp_size)
+    )

@@ -1,6 +1,7 @@
 """The fused CPU decode runner (`workers/cpu_decode/llama_runner.py`) and its C kernels
 (`kernels/csrc/decode_layer.c`, the bfloat16 forms of `rms_norm.c`) against the layer-by-layer
-forward and the plain-torch references, and its capability check."""
+forward and the plain-torch references, on a bfloat16 and an e4m3 KV cache, and its capability
+check."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from ember.kernels import decode_cpu, layernorm, tile_matmul
 from ember.kernels.activation import silu_and_mul_torch
-from ember.kernels.attention import AttentionMetadata, write_kv_cache_torch
+from ember.kernels.attention import FP8_E4M3, AttentionMetadata, write_kv_cache_torch
 from ember.kernels.rotary import apply_rotary_emb_torch
 from ember.workers.config import EngineConfig, ParallelConfig
 from ember.workers.cpu_decode.llama_runner import (
@@ -70,6 +71,45 @@ def test_rope_and_kv_write_match_the_torch_references(
     )
 
 
+def test_rope_and_kv_write_into_an_fp8_cache_match_the_torch_references():
+    """Keys rotated then divided by k_scale, values divided by v_scale, rounded to e4m3 as the
+    layers' write (`write_kv_cache_torch`) rounds them."""
+    torch.manual_seed(0)
+    num_heads, num_kv_heads, head_dim, tokens = 9, 3, 64, 5
+    qkv = (torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim) * 4).bfloat16()
+    qkv[0, -8:] = torch.tensor([1000.0, -1000.0, 1e-3, -1e-3, 0.0, 0.01, 300.0, -0.2])
+    positions = torch.tensor([0, 3, 17, 100, 255])
+    angles = torch.rand(256, 32) * 6
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    slots = torch.tensor([3, 40, 17, 0, 127])
+    kv_cache = torch.zeros(2, 8, 16, num_kv_heads, head_dim, dtype=FP8_E4M3)
+    expected_cache = kv_cache.clone()
+    k_scale, v_scale = torch.tensor(0.37), torch.tensor(1.9)
+    query = torch.empty(tokens, num_heads, head_dim)
+    status = decode_cpu.rope_write_kv(
+        qkv, positions, cos_sin, kv_cache, slots, num_heads, num_kv_heads, head_dim, query,
+        k_scale=k_scale, v_scale=v_scale,
+    )  # fmt: skip
+    assert status == 0
+    q, k, v = qkv.float().split(
+        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1
+    )
+    _, k_ref = apply_rotary_emb_torch(
+        positions,
+        q.reshape(tokens, num_heads, head_dim),
+        k.reshape(tokens, num_kv_heads, head_dim),
+        cos_sin,
+    )
+    write_kv_cache_torch(
+        k_ref, v.reshape(tokens, num_kv_heads, head_dim), expected_cache, slots,
+        k_scale=k_scale, v_scale=v_scale,
+    )  # fmt: skip
+    codes, expected_codes = kv_cache.view(torch.uint8), expected_cache.view(torch.uint8)
+    assert torch.equal(codes[1], expected_codes[1])  # values: bit for bit
+    # keys: the rotation rounds as torch's does (no fused multiply-adds), so bit for bit too
+    assert torch.equal(codes[0], expected_codes[0])
+
+
 def test_silu_mul_and_bf16_norms_match_the_torch_references():
     torch.manual_seed(0)
     for size in (96, 100):  # vectors of 16 only; and a scalar tail
@@ -111,7 +151,7 @@ def runner(packed_model, engine_config) -> LlamaCPUDecodeRunner:
     return runner
 
 
-def _decode_step(model, seq_lens: list[int], seed: int):
+def _decode_step(model, seq_lens: list[int], seed: int, cache_dtype=torch.bfloat16):
     """Caches filled with random keys and values, and one decode token per request."""
     torch.manual_seed(seed)
     block_size, num_blocks = 16, max(128, 8 * len(seq_lens))
@@ -119,7 +159,7 @@ def _decode_step(model, seq_lens: list[int], seed: int):
     for layer in model.model.layers:
         attn = layer.self_attn.attn
         cache = torch.randn(2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim) * 0.5
-        attn.kv_cache = cache.bfloat16()
+        attn.kv_cache = cache.to(cache_dtype)
         caches.append(attn.kv_cache)
     blocks = torch.randperm(num_blocks)[: len(seq_lens) * 8].reshape(len(seq_lens), 8)
     positions = torch.tensor([n - 1 for n in seq_lens])
@@ -196,6 +236,42 @@ def test_fused_decode_step_equals_the_layer_by_layer_forward(
     assert torch.equal(fused_logits.argmax(-1), reference_logits.argmax(-1))
     for fused_cache, cache in zip(fused_caches, caches):
         torch.testing.assert_close(fused_cache.float(), cache.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("path", ["one_call", "loop"])
+def test_fused_decode_step_on_an_fp8_cache_equals_the_layer_by_layer_forward(
+    packed_model, runner, path, monkeypatch, module_cpu_isa
+):
+    """kv_cache_dtype="fp8": both paths write e4m3 keys and values over the layers' scales and
+    read them back; the fused step's hidden states and cache are the forward's."""
+    model = packed_model
+    if path == "one_call" and runner.step_model is None:
+        pytest.skip(f"the {module_cpu_isa} build has no tiles: no one-call step (the loop serves)")
+    if path != "one_call":
+        monkeypatch.setattr(runner, "step_model", None)
+    attns = [layer.self_attn.attn for layer in model.model.layers]
+    try:
+        for index, attn in enumerate(attns):  # scales other than 1, per layer
+            attn.k_scale.fill_(0.05 * (index % 5 + 1))
+            attn.v_scale.fill_(0.02 * (index % 3 + 1))
+        input_ids, positions, metadata, caches = _decode_step(model, [5, 77, 16, 120], 4, FP8_E4M3)
+        before = [cache.clone() for cache in caches]
+        with torch.inference_mode():
+            assert runner.can_run(input_ids, positions, metadata)
+            fused = runner.run(input_ids, positions, metadata)
+            assert fused is not None
+            fused_caches = [cache.clone() for cache in caches]
+            for cache, saved in zip(caches, before):
+                cache.copy_(saved)
+            reference = model(input_ids, positions, metadata)
+    finally:  # the module's model is shared by the other tests
+        for attn in attns:
+            attn.k_scale.fill_(1.0)
+            attn.v_scale.fill_(1.0)
+    torch.testing.assert_close(fused, reference, rtol=2e-3, atol=2e-3)
+    for fused_cache, cache in zip(fused_caches, caches):
+        assert torch.equal(fused_cache.view(torch.uint8), cache.view(torch.uint8))
+    assert not torch.equal(caches[0].view(torch.uint8), before[0].view(torch.uint8))
 
 
 def test_steps_the_fused_path_does_not_serve_fall_back(packed_model, runner):

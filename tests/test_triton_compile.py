@@ -40,5 +40,6 @@ def test_every_kernel_compiles_for_h100():
         "_top_k_top_p_kernel",
         "_apply_token_bitmask_kernel",
     }
-    assert len(compiled) == 2 * 9 + 3 + 2
+    # per dtype: 7, plus an e4m3 cache's write and 2 attentions
+    assert len(compiled) == 2 * (9 + 3) + 3 + 2
     assert all(entry["cubin_bytes"] > 0 for entry in compiled)

@@ -178,8 +178,10 @@ def test_every_vllm_argument_at_its_default_builds_an_engine_config(fresh_log, l
         for name, default in VLLM_ENGINE_ARGS
     }
     given.update(model=llama_dir, disable_log_stats=True)
-    kwargs = ember_engine_kwargs(given, EngineArgs.field_names() | {"disable_log_stats"})
+    llm_options = {"disable_log_stats", "data_parallel_size"}  # LLM takes these itself
+    kwargs = ember_engine_kwargs(given, EngineArgs.field_names() | llm_options)
     kwargs.pop("disable_log_stats")
+    assert kwargs.pop("data_parallel_size") == 1
     config = EngineArgs(**kwargs).create_engine_config()
     assert (config.cache.block_size, config.scheduler.max_num_seqs) == (16, 256)
     assert config.cache.enable_prefix_caching
@@ -204,8 +206,7 @@ def test_none_is_ember_s_default_where_vllm_s_default_is_none():
     [
         ("pipeline_parallel_size", 2),
         ("enable_chunked_prefill", False),
-        ("kv_cache_dtype", "fp8"),
-        ("data_parallel_size", 2),
+        ("kv_cache_dtype_skip_layers", ["0"]),
         ("profiler_config", {"profiler": "torch", "torch_profiler_dir": "/tmp/trace"}),
     ],
 )

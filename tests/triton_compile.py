@@ -68,29 +68,36 @@ def main() -> None:
                  "BLOCK_Q_HEADS": 32, "BLOCK_K_HEADS": 8, "BLOCK_HALF": rotary_dim // 2,
                  "BLOCK_DIM": 128},
             ))  # fmt: skip
-        results.append(compile_for_h100(
-            attention_triton._write_kv_cache_kernel,
-            {"key_ptr": dtype, "value_ptr": dtype, "kv_cache_ptr": dtype, "slot_mapping_ptr": "*i64"},
-            (), {"HEAD_DIM": 128, "BLOCK_HEADS": 8, "BLOCK_DIM": 128},
-        ))  # fmt: skip
-        attention_pointers = {
-            "out_ptr": dtype, "query_ptr": dtype, "kv_cache_ptr": dtype,
-            "block_table_ptr": "*i64", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32",
-        }  # fmt: skip
-        # (queries per KV head, rows per tile, head dim, sliding window, soft-capping)
-        for queries_per_kv, block_m, head_dim, window, soft_cap in (
-            (1, 16, 64, 0, False), (4, 16, 128, 0, False), (8, 64, 128, 4096, True),
-            (1, 64, 128, 0, False),
-        ):  # fmt: skip
+        # the cache in the model's dtype, and an e4m3 one (its uint8 view) with its scales
+        for cache, fp8 in ((dtype, False), ("*u8", True)):
+            scales = {"k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
             results.append(compile_for_h100(
-                attention_triton._paged_attention_kernel, attention_pointers,
-                ("scale", "soft_cap"),
-                {"QUERIES_PER_KV": queries_per_kv, "BLOCK_Q": block_m // queries_per_kv,
-                 "BLOCK_M": block_m, "HEAD_DIM": head_dim, "BLOCK_DIM": head_dim,
-                 "BLOCK_SIZE": 16, "TILE_N": 32, "SLIDING_WINDOW": window,
-                 "USE_SOFT_CAP": soft_cap, "DOT_PRECISION": "ieee" if dtype == "*fp32" else "tf32",
-                 "DOT_IN_FLOAT32": False},
+                attention_triton._write_kv_cache_kernel,
+                {"key_ptr": dtype, "value_ptr": dtype, "kv_cache_ptr": cache,
+                 "slot_mapping_ptr": "*i64", **scales},
+                (), {"HEAD_DIM": 128, "BLOCK_HEADS": 8, "BLOCK_DIM": 128, "CACHE_FP8": fp8},
             ))  # fmt: skip
+            attention_pointers = {
+                "out_ptr": dtype, "query_ptr": dtype, "kv_cache_ptr": cache,
+                "block_table_ptr": "*i64", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32",
+                **scales,
+            }  # fmt: skip
+            # (queries per KV head, rows per tile, head dim, sliding window, soft-capping)
+            shapes = (
+                (1, 16, 64, 0, False), (4, 16, 128, 0, False), (8, 64, 128, 4096, True),
+                (1, 64, 128, 0, False),
+            )  # fmt: skip
+            for queries_per_kv, block_m, head_dim, window, soft_cap in shapes[: 2 if fp8 else 4]:
+                results.append(compile_for_h100(
+                    attention_triton._paged_attention_kernel, attention_pointers,
+                    ("scale", "soft_cap"),
+                    {"QUERIES_PER_KV": queries_per_kv, "BLOCK_Q": block_m // queries_per_kv,
+                     "BLOCK_M": block_m, "HEAD_DIM": head_dim, "BLOCK_DIM": head_dim,
+                     "BLOCK_SIZE": 16, "TILE_N": 32, "SLIDING_WINDOW": window,
+                     "USE_SOFT_CAP": soft_cap,
+                     "DOT_PRECISION": "ieee" if dtype == "*fp32" else "tf32",
+                     "DOT_IN_FLOAT32": False, "CACHE_FP8": fp8},
+                ))  # fmt: skip
     for has_top_k, has_top_p in ((True, False), (False, True), (True, True)):
         results.append(compile_for_h100(
             sampling_triton._top_k_top_p_kernel,

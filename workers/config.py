@@ -70,6 +70,12 @@ class ModelConfig:
     logits_processors: tuple[tuple[str, str, str | None], ...] = ()
 
 
+# The CPU KV budget when kv_cache_memory_bytes is None: this share of the free memory, at
+# most this many bytes (split over the ranks; `LLM(data_parallel_size=N)` splits it over N).
+DEFAULT_CPU_KV_FRACTION = 0.2
+DEFAULT_CPU_KV_MAX_BYTES = 4 << 30
+
+
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     """The paged KV cache: block geometry and how much memory it may take."""
@@ -80,6 +86,11 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     swap_space_gib: float = 4.0
+    # vLLM's kv_cache_dtype: "auto" (the model's dtype; bfloat16 for integer-coded weights
+    # on CPU) or "fp8" / "fp8_e4m3" (float8_e4m3fn with per-layer k_scale and v_scale)
+    cache_dtype: str = "auto"
+    # set each layer's k_scale / v_scale from the first step's keys and values (vLLM's)
+    calculate_kv_scales: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +106,9 @@ class SchedulerConfig:
     policy: str = "fcfs"
 
 
+EXPERT_PLACEMENT_STRATEGIES = ("linear", "round_robin")  # vLLM's ExpertPlacementStrategy
+
+
 @dataclass(frozen=True, slots=True)
 class ParallelConfig:
     """The worker ranks. execute_model_timeout_s: how long the engine core waits for every
@@ -103,6 +117,10 @@ class ParallelConfig:
 
     tensor_parallel_size: int = 1
     execute_model_timeout_s: float = 300.0
+    # MoE layers place whole experts over the ranks ("linear": contiguous blocks, the
+    # remainder on the first ranks; "round_robin": expert e on rank e % size), vLLM's options
+    enable_expert_parallel: bool = False
+    expert_placement_strategy: str = "linear"
 
 
 @dataclass(frozen=True, slots=True)

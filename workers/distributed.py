@@ -29,6 +29,12 @@ class ParallelContext:
     rank: int = 0
     world_size: int = 1
     group: dist.ProcessGroup | None = None
+    # vLLM's enable_expert_parallel / expert_placement_strategy: the MoE layers place whole
+    # experts over these ranks (`fused_moe.expert_placement`) instead of cutting every expert's
+    # intermediate size; the rest of the model stays tensor-parallel. Data parallelism is 1, so
+    # the expert-parallel group is this group.
+    enable_expert_parallel: bool = False
+    expert_placement_strategy: str = "linear"
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of `x` over the ranks, in place."""
@@ -64,10 +70,18 @@ SINGLE_RANK = ParallelContext()
 
 
 def init_rank_group(
-    rank: int, world_size: int, init_method: str, device: torch.device, timeout_s: float = 600.0
+    rank: int,
+    world_size: int,
+    init_method: str,
+    device: torch.device,
+    timeout_s: float = 600.0,
+    *,
+    enable_expert_parallel: bool = False,
+    expert_placement_strategy: str = "linear",
 ) -> ParallelContext:
     """Join the engine's rank group through `init_method` (a `file://` store private to the
-    engine): gloo on CPU, NCCL on CUDA. Returns after every rank has joined."""
+    engine): gloo on CPU, NCCL on CUDA. Returns after every rank has joined. The expert
+    options go into the context (one rank holds every expert whatever they say)."""
     if world_size == 1:
         return SINGLE_RANK
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -92,7 +106,13 @@ def init_rank_group(
         world_size,
         time.perf_counter() - start,
     )
-    return ParallelContext(rank=rank, world_size=world_size, group=group)
+    return ParallelContext(
+        rank=rank,
+        world_size=world_size,
+        group=group,
+        enable_expert_parallel=enable_expert_parallel,
+        expert_placement_strategy=expert_placement_strategy,
+    )
 
 
 def destroy_rank_group(parallel: ParallelContext) -> None:

@@ -46,6 +46,8 @@ from ember.workers.sampling_params import SamplingParams
 from ember.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 _GREEDY_TEMPERATURE = 1e-5
+# kv_cache_dtype values other than "auto" (checked by `EngineArgs`): the cache's torch dtype.
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclass(slots=True)
@@ -126,6 +128,11 @@ class ModelRunner:
         # (tests/test_packed_int4.py, tests/test_gptq_awq.py). FP8 weights are dense here.
         if self.device.type == "cpu" and has_integer_codes(self.model):
             self.kv_cache_dtype = torch.bfloat16
+        # kv_cache_dtype="fp8": e4m3, a byte a value, whatever the weights (vLLM's rule); each
+        # attention layer's k_scale / v_scale (1.0, or set by the first step below with
+        # calculate_kv_scales) scale what it stores.
+        self.kv_cache_dtype = KV_CACHE_DTYPES.get(config.cache.cache_dtype, self.kv_cache_dtype)
+        self.kv_scales_pending = config.cache.calculate_kv_scales
         if config.device.cpu_offload_bytes:
             offload_decoder_layers(self.model, config.device.cpu_offload_bytes, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -564,7 +571,14 @@ class ModelRunner:
         )
         hidden_states = None
         lora_step = self.lora is not None and bool(self.lora.step.groups)
-        if (
+        if self.kv_scales_pending:
+            # calculate_kv_scales: this first step's keys and values set each layer's scales,
+            # in the model's own forward (vLLM's rule too)
+            self.kv_scales_pending = False
+            for layer in self.attention_layers:
+                layer.calculate_kv_scales = True
+            hidden_states = self.model(input_ids, positions, metadata)
+        elif (
             self.cuda_graphs is not None
             and not lora_step  # graphs are captured without adapters
             and self.cuda_graphs.can_replay(len(input_ids), metadata)

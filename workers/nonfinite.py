@@ -19,4 +19,9 @@ def scrub_nonfinite_blocks(kv_caches: list[torch.Tensor], block_ids: list[list[i
     index = torch.tensor(ids, device=kv_caches[0].device if kv_caches else None)
     for cache in kv_caches:
         blocks = cache.index_select(1, index)
+        if cache.dtype == torch.float8_e4m3fn:  # no infinities; NaN is 0x7f / 0xff
+            codes = blocks.view(torch.uint8)
+            codes = codes.masked_fill((codes & 0x7F) == 0x7F, 0)
+            cache.view(torch.uint8).index_copy_(1, index, codes)
+            continue
         cache.index_copy_(1, index, torch.nan_to_num(blocks, nan=0.0, posinf=0.0, neginf=0.0))

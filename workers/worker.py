@@ -18,7 +18,7 @@ import psutil
 import torch
 
 from ember.kernels.cpu_library import build_in_background
-from ember.workers.config import EngineConfig
+from ember.workers.config import DEFAULT_CPU_KV_FRACTION, DEFAULT_CPU_KV_MAX_BYTES, EngineConfig
 from ember.workers.cuda_graphs import CudaGraphRunner, capture_batch_sizes
 from ember.workers.distributed import destroy_rank_group, init_rank_group
 from ember.workers.gpu_memory import (
@@ -32,9 +32,6 @@ from ember.workers.rpc import FunctionRef, resolve_reference
 from ember.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-_DEFAULT_CPU_KV_FRACTION = 0.2
-_DEFAULT_CPU_KV_MAX_BYTES = 4 << 30
 
 
 class Worker:
@@ -73,7 +70,14 @@ class Worker:
                 self.cuda_graph_sizes = capture_batch_sizes(
                     config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens
                 )
-        self.parallel = init_rank_group(rank, world_size, rendezvous, self.device)
+        self.parallel = init_rank_group(
+            rank,
+            world_size,
+            rendezvous,
+            self.device,
+            enable_expert_parallel=config.parallel.enable_expert_parallel,
+            expert_placement_strategy=config.parallel.expert_placement_strategy,
+        )
         self.model_runner = ModelRunner(config, self.device, self.parallel)
         self.profiler: torch.profiler.profile | None = None
         self.profile_dir: str | None = None
@@ -95,7 +99,7 @@ class Worker:
             budget = self.config.cache.kv_cache_memory_bytes
             if budget is None:
                 available = psutil.virtual_memory().available
-                budget = min(int(available * _DEFAULT_CPU_KV_FRACTION), _DEFAULT_CPU_KV_MAX_BYTES)
+                budget = min(int(available * DEFAULT_CPU_KV_FRACTION), DEFAULT_CPU_KV_MAX_BYTES)
             return budget // self.parallel.world_size
         utilization = self.config.cache.gpu_memory_utilization
         graph_batch_size = self.cuda_graph_sizes[-1] if self.cuda_graph_sizes else None

@@ -3,7 +3,9 @@
 
    ember_rope_write_kv: the fused qkv projection's output [T, (Hq + 2 Hkv) D] (bfloat16) ->
        query rotated (neox style, the first R channels of each head) into q_out [T, Hq, D]
-       float32; key rotated and value copied into the bfloat16 paged KV cache at `slots`.
+       float32; key rotated and value copied into the bfloat16 paged KV cache at `slots`
+       (cache_format 0), or stored in an e4m3 one (1) as key / k_scale and value / v_scale
+       (`float_to_e4m3`, torch's rounding).
    ember_silu_mul: [T, 2I] bfloat16 (gate | up) -> silu(gate) * up, [T, I] bfloat16.
 
    Math is float32; bfloat16 results are rounded to nearest even, as torch's casts do. Built by
@@ -14,6 +16,7 @@
 #include <string.h>
 
 #include "bfloat16.h"
+#include "float8.h"
 #include "vector_math.h"
 
 /* Rotate one head (neox: channel i pairs with i + R/2) from bfloat16 bits into float32. */
@@ -30,13 +33,18 @@ static void rotate_head(const uint16_t *src, const float *cos, const float *sin,
 
 int ember_rope_write_kv(const uint16_t *qkv, const int64_t *positions, const float *cos_sin,
                         int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
-                        int64_t head_dim, int64_t rotary_dim, uint16_t *kv_cache,
-                        int64_t cache_slots, const int64_t *slots, float *q_out) {
+                        int64_t head_dim, int64_t rotary_dim, void *kv_cache,
+                        int64_t cache_slots, const int64_t *slots, float *q_out,
+                        int64_t cache_format, const float *k_scale, const float *v_scale) {
     float key[1024];
     if (head_dim > 1024 || rotary_dim > head_dim || rotary_dim % 2) return 1;
+    if (cache_format != 0 && cache_format != 1) return 1;
     const int64_t width = (num_heads + 2 * num_kv_heads) * head_dim;
     const int64_t token_stride = num_kv_heads * head_dim;
-    uint16_t *value_plane = kv_cache + cache_slots * token_stride;
+    const int64_t value_plane = cache_slots * token_stride; /* in elements */
+    uint16_t *cache_bf16 = kv_cache;
+    uint8_t *cache_e4m3 = kv_cache;
+    const float k_divisor = k_scale ? *k_scale : 1.0f, v_divisor = v_scale ? *v_scale : 1.0f;
     for (int64_t t = 0; t < num_tokens; ++t) {
         const uint16_t *row = qkv + t * width;
         const float *cos = cos_sin + positions[t] * rotary_dim;
@@ -49,11 +57,18 @@ int ember_rope_write_kv(const uint16_t *qkv, const int64_t *positions, const flo
         for (int64_t h = 0; h < num_kv_heads; ++h) {
             const uint16_t *k = row + (num_heads + h) * head_dim;
             rotate_head(k, cos, sin, head_dim, rotary_dim, key);
-            uint16_t *k_dst = kv_cache + slot * token_stride + h * head_dim;
-            for (int64_t i = 0; i < head_dim; ++i) k_dst[i] = float_to_bf16(key[i]);
+            const int64_t at = slot * token_stride + h * head_dim;
             const uint16_t *v = row + (num_heads + num_kv_heads + h) * head_dim;
-            memcpy(value_plane + slot * token_stride + h * head_dim, v,
-                   sizeof(uint16_t) * head_dim);
+            if (cache_format == 1) {
+                for (int64_t i = 0; i < head_dim; ++i)
+                    cache_e4m3[at + i] = float_to_e4m3(key[i] / k_divisor);
+                for (int64_t i = 0; i < head_dim; ++i)
+                    cache_e4m3[value_plane + at + i] =
+                        float_to_e4m3(bf16_to_float(v[i]) / v_divisor);
+                continue;
+            }
+            for (int64_t i = 0; i < head_dim; ++i) cache_bf16[at + i] = float_to_bf16(key[i]);
+            memcpy(cache_bf16 + value_plane + at, v, sizeof(uint16_t) * head_dim);
         }
     }
     return 0;

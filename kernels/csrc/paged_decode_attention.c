@@ -1,4 +1,5 @@
-/* Decode attention over a paged bfloat16 KV cache, reading each request's blocks in place.
+/* Decode attention over a paged bfloat16 or e4m3 KV cache, reading each request's blocks in
+ * place.
  *
  * The torch reference (ember/kernels/attention.py, _decode_attention) gathers every request's
  * blocks into a padded batch, converts them to float32 and runs SDPA: three passes over the
@@ -12,10 +13,15 @@
  * and their exponentials a vectorised exp (`exp_ps`, within 2 ulp of expf); elsewhere the same
  * steps run as scalar loops.
  *
+ * An e4m3 cache (cache_format 1: keys stored as key / k_scale, values as value / v_scale) is
+ * read a byte a value and widened to float32 in registers (`float8.h`); k_scale joins the
+ * query's scale and v_scale the softmax's normalisation, so the loops are the bfloat16 ones.
+ *
  *   query       [B, Hq, D]                   float32, contiguous
- *   kv_cache    [2, num_blocks, bs, Hkv, D]  bfloat16 (uint16 bits), contiguous
+ *   kv_cache    [2, num_blocks, bs, Hkv, D]  bfloat16 (uint16 bits) or e4m3 (bytes), contiguous
  *   block_table [B, table_stride]            int64 (row b lists request b's blocks)
  *   seq_lens    [B]                          int32 (tokens in the cache, this step's included)
+ *   k_scale, v_scale                         float32 scalars (NULL: 1), e4m3 caches only
  *   out         [B, Hq, D]                   float32
  */
 #include <math.h>
@@ -23,6 +29,7 @@
 #include <string.h>
 
 #include "bfloat16.h"
+#include "float8.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -37,14 +44,36 @@ static int omp_get_max_threads(void) { return 1; }
 
 #include "vector_math.h"
 
+/* Cache elements by format (0: bfloat16, 1: e4m3), `index` counted in elements. `attend` is
+   inlined into one function per format, so these choices are made at compile time. */
+static inline float load_one(const void *cache, int64_t index, int fp8) {
+    return fp8 ? e4m3_to_float(((const uint8_t *)cache)[index])
+               : bf16_to_float(((const uint16_t *)cache)[index]);
+}
+#if defined(__AVX512F__)
+static inline __m512 load_16(const void *cache, int64_t index, int fp8) {
+    return fp8 ? load_e4m3((const uint8_t *)cache + index)
+               : load_bf16((const uint16_t *)cache + index);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline __m256 load_8(const void *cache, int64_t index, int fp8) {
+    return fp8 ? load_e4m3_8((const uint8_t *)cache + index)
+               : load_bf16_8((const uint16_t *)cache + index);
+}
+#endif
+
 /* The attention of one request's query heads of KV heads [0, kv_heads) (q: scaled,
-   [kv_heads * group][head_dim], `keys` pointing at the first of those KV heads) over tokens
-   [start, len) of its blocks; acc gets the normalised outputs. A block's keys of all those
-   heads are read together, then its values: both are contiguous in the cache. */
-static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int64_t head_dim,
-                   const uint16_t *keys, int64_t value_offset, int64_t token_stride,
-                   const int64_t *blocks, int64_t block_size, int64_t start, int64_t len,
-                   float acc[][MAX_HEAD_DIM]) {
+   [kv_heads * group][head_dim], `keys` the cache and `first_key` the element offset of the
+   first of those KV heads) over tokens [start, len) of its blocks; acc gets the outputs,
+   normalised and times `v_scale`. A block's keys of all those heads are read together, then
+   its values: both are contiguous in the cache. Offsets count elements of the cache's
+   format (`fp8`: e4m3 bytes, else bfloat16). */
+static inline __attribute__((always_inline)) void attend(
+    float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int64_t head_dim,
+    const void *keys, int64_t first_key, int64_t value_offset, int64_t token_stride,
+    const int64_t *blocks, int64_t block_size, int64_t start, int64_t len, float v_scale,
+    float acc[][MAX_HEAD_DIM], const int fp8) {
+    const int64_t element_bytes = fp8 ? 1 : 2;
     const int64_t heads = kv_heads * group;
     float running_max[MAX_HEADS], running_sum[MAX_HEADS];
     float scores[MAX_HEADS][MAX_BLOCK];
@@ -65,17 +94,17 @@ static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int
         int64_t last = (first / block_size + 1) * block_size;
         if (last > len) last = len;
         int64_t count = last - first;
-        const uint16_t *k_bits =
-            keys + (blocks[first / block_size] * block_size + first % block_size) * token_stride;
-        const uint16_t *v_bits = k_bits + value_offset;
+        const int64_t k_first =
+            first_key + (blocks[first / block_size] * block_size + first % block_size) * token_stride;
+        const int64_t v_first = k_first + value_offset;
         if (last < len) { /* the next block's keys and values, while this one computes */
-            const char *k_next = (const char *)(keys + blocks[last / block_size] * block_size *
-                                                            token_stride);
+            const char *k_next = (const char *)keys +
+                (first_key + blocks[last / block_size] * block_size * token_stride) * element_bytes;
             int64_t tokens = len - last < block_size ? len - last : block_size;
-            int64_t row_bytes = kv_heads * head_dim * (int64_t)sizeof(uint16_t);
-            int64_t v_bytes = value_offset * (int64_t)sizeof(uint16_t);
+            int64_t row_bytes = kv_heads * head_dim * element_bytes;
+            int64_t v_bytes = value_offset * element_bytes;
             for (int64_t t = 0; t < tokens; t++) {
-                const char *row = k_next + t * token_stride * (int64_t)sizeof(uint16_t);
+                const char *row = k_next + t * token_stride * element_bytes;
                 for (int64_t offset = 0; offset < row_bytes; offset += 64) {
                     __builtin_prefetch(row + offset);
                     __builtin_prefetch(row + offset + v_bytes);
@@ -84,14 +113,14 @@ static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int
         }
         for (int64_t t = 0; t < count; t++) {
             for (int64_t h = 0; h < kv_heads; h++) {
-                const uint16_t *k_row = k_bits + t * token_stride + h * head_dim;
+                const int64_t k_row = k_first + t * token_stride + h * head_dim;
                 float (*qh)[MAX_HEAD_DIM] = q + h * group;
                 if (vector_path) {
 #if defined(__AVX512F__)
                     __m512 dots[MAX_GROUP];
                     for (int64_t g = 0; g < group; g++) dots[g] = _mm512_setzero_ps();
                     for (int64_t d = 0; d < head_dim; d += 16) {
-                        __m512 k = load_bf16(k_row + d);
+                        __m512 k = load_16(keys, k_row + d, fp8);
                         for (int64_t g = 0; g < group; g++)
                             dots[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qh[g] + d), k, dots[g]);
                     }
@@ -101,7 +130,7 @@ static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int
                     __m256 dots[MAX_GROUP];
                     for (int64_t g = 0; g < group; g++) dots[g] = _mm256_setzero_ps();
                     for (int64_t d = 0; d < head_dim; d += 8) {
-                        __m256 k = load_bf16_8(k_row + d);
+                        __m256 k = load_8(keys, k_row + d, fp8);
                         for (int64_t g = 0; g < group; g++)
                             dots[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qh[g] + d), k, dots[g]);
                     }
@@ -110,7 +139,7 @@ static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int
 #endif
                 } else {
                     float k[MAX_HEAD_DIM];
-                    for (int64_t d = 0; d < head_dim; d++) k[d] = bf16_to_float(k_row[d]);
+                    for (int64_t d = 0; d < head_dim; d++) k[d] = load_one(keys, k_row + d, fp8);
                     for (int64_t g = 0; g < group; g++) {
                         float score = 0.0f;
                         for (int64_t d = 0; d < head_dim; d++) score += qh[g][d] * k[d];
@@ -165,7 +194,7 @@ static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int
             running_max[j] = block_max;
         }
         for (int64_t h = 0; h < kv_heads; h++) {
-            const uint16_t *v_head = v_bits + h * head_dim;
+            const int64_t v_head = v_first + h * head_dim;
             if (vector_path) {
 #if defined(__AVX512F__)
                 for (int64_t d = 0; d < head_dim; d += 16) {
@@ -173,7 +202,7 @@ static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int
                     for (int64_t g = 0; g < group; g++)
                         sums[g] = _mm512_loadu_ps(acc[h * group + g] + d);
                     for (int64_t t = 0; t < count; t++) {
-                        __m512 v = load_bf16(v_head + t * token_stride + d);
+                        __m512 v = load_16(keys, v_head + t * token_stride + d, fp8);
                         for (int64_t g = 0; g < group; g++)
                             sums[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[h * group + g][t]),
                                                       v, sums[g]);
@@ -187,7 +216,7 @@ static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int
                     for (int64_t g = 0; g < group; g++)
                         sums[g] = _mm256_loadu_ps(acc[h * group + g] + d);
                     for (int64_t t = 0; t < count; t++) {
-                        __m256 v = load_bf16_8(v_head + t * token_stride + d);
+                        __m256 v = load_8(keys, v_head + t * token_stride + d, fp8);
                         for (int64_t g = 0; g < group; g++)
                             sums[g] = _mm256_fmadd_ps(_mm256_set1_ps(scores[h * group + g][t]),
                                                       v, sums[g]);
@@ -200,7 +229,7 @@ static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int
                 float v[MAX_HEAD_DIM];
                 for (int64_t t = 0; t < count; t++) {
                     for (int64_t d = 0; d < head_dim; d++)
-                        v[d] = bf16_to_float(v_head[t * token_stride + d]);
+                        v[d] = load_one(keys, v_head + t * token_stride + d, fp8);
                     for (int64_t g = 0; g < group; g++) {
                         float weight = scores[h * group + g][t];
                         float *a = acc[h * group + g];
@@ -211,18 +240,42 @@ static void attend(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int
         }
     }
     for (int64_t j = 0; j < heads; j++) {
-        float inv = running_sum[j] > 0.0f ? 1.0f / running_sum[j] : 0.0f;
+        float inv = running_sum[j] > 0.0f ? v_scale / running_sum[j] : 0.0f;
         for (int64_t d = 0; d < head_dim; d++) acc[j][d] *= inv;
     }
 }
 
+static void attend_bf16(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group,
+                        int64_t head_dim, const void *keys, int64_t first_key,
+                        int64_t value_offset, int64_t token_stride, const int64_t *blocks,
+                        int64_t block_size, int64_t start, int64_t len, float v_scale,
+                        float acc[][MAX_HEAD_DIM]) {
+    attend(q, kv_heads, group, head_dim, keys, first_key, value_offset, token_stride, blocks,
+           block_size, start, len, v_scale, acc, 0);
+}
+
+static void attend_e4m3(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group,
+                        int64_t head_dim, const void *keys, int64_t first_key,
+                        int64_t value_offset, int64_t token_stride, const int64_t *blocks,
+                        int64_t block_size, int64_t start, int64_t len, float v_scale,
+                        float acc[][MAX_HEAD_DIM]) {
+    attend(q, kv_heads, group, head_dim, keys, first_key, value_offset, token_stride, blocks,
+           block_size, start, len, v_scale, acc, 1);
+}
+
 int ember_paged_decode_attention(
-    const float *query, const uint16_t *kv_cache, const int64_t *block_table,
+    const float *query, const void *kv_cache, const int64_t *block_table,
     int64_t table_stride, const int32_t *seq_lens, int64_t num_reqs, int64_t num_heads,
     int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t num_blocks,
-    float scale, int64_t sliding_window, float *out) {
+    float scale, int64_t sliding_window, float *out, int64_t cache_format,
+    const float *k_scale, const float *v_scale) {
     int64_t group = num_heads / num_kv_heads;
     if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK) return 1;
+    if (cache_format != 0 && cache_format != 1) return 1;
+    const int fp8 = cache_format == 1;
+    /* The scales of an e4m3 cache: keys' into the query's scale, values' into the output's. */
+    const float query_scale = scale * (fp8 && k_scale ? *k_scale : 1.0f);
+    const float output_scale = fp8 && v_scale ? *v_scale : 1.0f;
     const int64_t token_stride = num_kv_heads * head_dim;
     const int64_t value_offset = num_blocks * block_size * token_stride;
     /* A task is a request's KV heads, all of them (each block read as one stretch) when there
@@ -242,12 +295,14 @@ int ember_paged_decode_attention(
         const int64_t first_head = h0 * group, heads = task_heads * group;
         for (int64_t j = 0; j < heads; j++) {
             const float *src = query + (r * num_heads + first_head + j) * head_dim;
-            for (int64_t d = 0; d < head_dim; d++) q[j][d] = src[d] * scale;
+            for (int64_t d = 0; d < head_dim; d++) q[j][d] = src[d] * query_scale;
         }
         int64_t len = seq_lens[r];
         int64_t start = sliding_window > 0 && len > sliding_window ? len - sliding_window : 0;
-        attend(q, task_heads, group, head_dim, kv_cache + h0 * head_dim, value_offset,
-               token_stride, block_table + r * table_stride, block_size, start, len, acc);
+        (fp8 ? attend_e4m3 : attend_bf16)(q, task_heads, group, head_dim, kv_cache,
+                                          h0 * head_dim, value_offset, token_stride,
+                                          block_table + r * table_stride, block_size, start,
+                                          len, output_scale, acc);
         for (int64_t j = 0; j < heads; j++)
             memcpy(out + (r * num_heads + first_head + j) * head_dim, acc[j],
                    sizeof(float) * head_dim);

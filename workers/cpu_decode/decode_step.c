@@ -11,7 +11,8 @@
  *
  *   normed = norm_in(x + residual)      residual += x    (the embeddings for the first layer)
  *   qkv = normed @ Wqkv                 bfloat16
- *   query, KV cache = rope(qkv)         query float32; key and value into the bfloat16 cache
+ *   query, KV cache = rope(qkv)         query float32; key and value into the cache (bfloat16,
+ *                                       or e4m3 over the layer's k_scale / v_scale)
  *   attn = attention(query)             float32, rounded to bfloat16
  *   x = attn @ Wo
  *   normed = norm_post(x + residual)    residual += x
@@ -33,13 +34,15 @@ typedef int (*matmul_fn)(const void *x, int x_bf16, int64_t m_rows, int64_t k,
                          const uint8_t *tiles, int bits, int64_t n_cols, void *out, int out_bf16);
 typedef int (*rope_fn)(const uint16_t *qkv, const int64_t *positions, const float *cos_sin,
                        int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
-                       int64_t head_dim, int64_t rotary_dim, uint16_t *kv_cache,
-                       int64_t cache_slots, const int64_t *slots, float *q_out);
-typedef int (*attention_fn)(const float *query, const uint16_t *kv_cache,
+                       int64_t head_dim, int64_t rotary_dim, void *kv_cache,
+                       int64_t cache_slots, const int64_t *slots, float *q_out,
+                       int64_t cache_format, const float *k_scale, const float *v_scale);
+typedef int (*attention_fn)(const float *query, const void *kv_cache,
                             const int64_t *block_table, int64_t table_stride,
                             const int32_t *seq_lens, int64_t num_reqs, int64_t num_heads,
                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                            int64_t num_blocks, float scale, int64_t sliding_window, float *out);
+                            int64_t num_blocks, float scale, int64_t sliding_window, float *out,
+                            int64_t cache_format, const float *k_scale, const float *v_scale);
 typedef void (*silu_fn)(const uint16_t *gate_up, int64_t num_tokens, int64_t size,
                         uint16_t *out);
 
@@ -48,7 +51,8 @@ typedef struct {
     const uint8_t *qkv, *o, *gate_up, *down;     /* VNNI tiles (kernels/tile_matmul.py) */
     int64_t qkv_bits, o_bits, gate_up_bits, down_bits;
     const float *cos_sin;                        /* [max_position, rotary_dim] */
-    uint16_t *kv_cache;                          /* [2, num_blocks, block_size, Hkv, D] */
+    void *kv_cache;                              /* [2, num_blocks, block_size, Hkv, D] */
+    const float *k_scale, *v_scale;              /* an e4m3 cache's scalars */
 } Layer;
 
 typedef struct {
@@ -57,6 +61,7 @@ typedef struct {
     const float *final_norm;
     int64_t num_layers, hidden, intermediate, num_heads, num_kv_heads, head_dim, rotary_dim;
     int64_t num_blocks, block_size, sliding_window;
+    int64_t cache_format;                          /* 0: bfloat16, 1: e4m3 */
     float eps, scale;
 } Model;
 
@@ -96,11 +101,13 @@ int ember_decode_step(const Model *model, int64_t tokens, float *residual,
                         qkv, 1);
         if (status) goto done;
         status = rope(qkv, positions, layer->cos_sin, tokens, heads, kv_heads, dim,
-                      model->rotary_dim, layer->kv_cache, cache_slots, slots, query);
+                      model->rotary_dim, layer->kv_cache, cache_slots, slots, query,
+                      model->cache_format, layer->k_scale, layer->v_scale);
         if (status) goto done;
         status = attention(query, layer->kv_cache, block_table, table_stride, seq_lens, tokens,
                            heads, kv_heads, dim, model->block_size, model->num_blocks,
-                           model->scale, model->sliding_window, attn);
+                           model->scale, model->sliding_window, attn, model->cache_format,
+                           layer->k_scale, layer->v_scale);
         if (status) goto done;
         for (int64_t i = 0; i < tokens * attn_width; i++) attn_bf16[i] = float_to_bf16(attn[i]);
         status = matmul(attn_bf16, 1, tokens, attn_width, layer->o, (int)layer->o_bits, hidden,

@@ -35,6 +35,8 @@ class _Layer(ctypes.Structure):
         ("down_bits", _i64),
         ("cos_sin", _ptr),
         ("kv_cache", _ptr),
+        ("k_scale", _ptr),
+        ("v_scale", _ptr),
     ]
 
 
@@ -57,6 +59,7 @@ class _Model(ctypes.Structure):
         ("num_blocks", _i64),
         ("block_size", _i64),
         ("sliding_window", _i64),
+        ("cache_format", _i64),
         ("eps", _f32),
         ("scale", _f32),
     ]
@@ -113,13 +116,22 @@ class DecodeStepModel:
         return None if kernels is None else cls(kernels, layers, final_norm, **shape)
 
     def _c_model(self, block_size: int, num_blocks: int) -> _Model:
-        """The struct for the current KV caches (rebuilt when they were reallocated)."""
-        caches = [entry[7].kv_cache for entry in self.layer_tensors]
-        key = (block_size, num_blocks, *(cache.data_ptr() for cache in caches))
+        """The struct for the current KV caches (rebuilt when they were reallocated) and the
+        layers' scales (an e4m3 cache's)."""
+        attns = [entry[7] for entry in self.layer_tensors]
+        caches = [attn.kv_cache for attn in attns]
+        key = (
+            block_size,
+            num_blocks,
+            caches[0].dtype,
+            *(cache.data_ptr() for cache in caches),
+            *(attn.k_scale.data_ptr() for attn in attns),
+            *(attn.v_scale.data_ptr() for attn in attns),
+        )
         if self._model is not None and key == self._cache_ptrs:
             return self._model
         entries = (_Layer * len(caches))()
-        for entry, (norm_in, norm_post, qkv, o, gate_up, down, cos_sin, _), cache in zip(
+        for entry, (norm_in, norm_post, qkv, o, gate_up, down, cos_sin, attn), cache in zip(
             entries, self.layer_tensors, caches
         ):
             entry.norm_in, entry.norm_post = norm_in.data_ptr(), norm_post.data_ptr()
@@ -128,6 +140,7 @@ class DecodeStepModel:
             entry.qkv_bits, entry.o_bits = qkv.bits, o.bits
             entry.gate_up_bits, entry.down_bits = gate_up.bits, down.bits
             entry.cos_sin, entry.kv_cache = cos_sin.data_ptr(), cache.data_ptr()
+            entry.k_scale, entry.v_scale = attn.k_scale.data_ptr(), attn.v_scale.data_ptr()
         model = _Model(
             *self.kernels,
             entries,
@@ -135,6 +148,7 @@ class DecodeStepModel:
             len(caches),
             num_blocks=num_blocks,
             block_size=block_size,
+            cache_format=int(caches[0].dtype == torch.float8_e4m3fn),  # else bfloat16
             **self.shape,
         )
         model._entries = entries  # keeps the array alive with the struct

@@ -10,7 +10,7 @@ weights for more, up to `MAX_DECODES`):
 
     C  add + RMSNorm        residual (float32) += x; bfloat16 normalised rows
     .  packed qkv matmul    bfloat16 out
-    C  rotary + KV write    query float32, key/value into the bfloat16 cache
+    C  rotary + KV write    query float32, key/value into the bfloat16 (or e4m3) cache
     C  decode attention     (`attention_cpu`), float32 out, copied to bfloat16
     .  packed o matmul
     C  add + RMSNorm
@@ -29,6 +29,8 @@ rounding (tests/test_fused_cpu_decode.py). It serves steps of decodes only, on o
 tensor-parallel rank (it calls no all-reduce after `RowParallelLinear`), for models whose
 forward is their `LlamaModel`'s and whose every layer is the plain Llama layer with packed
 weights and no biases (`unsupported_reason` checks); anything else takes the model's forward.
+The cache is bfloat16, or e4m3 (`kv_cache_dtype="fp8"`): the KV write stores key / k_scale and
+value / v_scale in e4m3 as the layers' write does, and attention reads the e4m3 cache.
 """
 
 from __future__ import annotations
@@ -252,7 +254,7 @@ class LlamaCPUDecodeRunner:
             return False
         kv_cache = self.layers[0][7].kv_cache
         return not (
-            kv_cache.dtype != torch.bfloat16
+            kv_cache.dtype not in (torch.bfloat16, torch.float8_e4m3fn)
             or not kv_cache.is_contiguous()
             or metadata.block_table.dtype != torch.int64
             or metadata.seq_lens.dtype != torch.int32
@@ -310,11 +312,20 @@ class LlamaCPUDecodeRunner:
                 num_kv_heads,
                 head_dim,
                 query,
+                k_scale=attn.k_scale,
+                v_scale=attn.v_scale,
             )
             out = None
             if status == 0:
                 out = paged_decode_attention_cpu(
-                    query, attn.kv_cache, block_table, seq_lens, attn.scale, attn.sliding_window
+                    query,
+                    attn.kv_cache,
+                    block_table,
+                    seq_lens,
+                    attn.scale,
+                    attn.sliding_window,
+                    k_scale=attn.k_scale,
+                    v_scale=attn.v_scale,
                 )
             if out is None:
                 # The model's forward serves the step; the keys and values written so far are

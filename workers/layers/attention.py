@@ -1,7 +1,9 @@
 """The attention layer: stores this step's keys and values in the paged KV cache, then attends.
 
 Its `kv_cache` tensor is bound by the model runner once the cache is allocated; the metadata
-describing the batch comes with every forward call.
+describing the batch comes with every forward call. `k_scale` and `v_scale` (vLLM's per-layer,
+per-tensor scales, 1.0 by default) are what an FP8 cache's keys and values are divided by when
+written and multiplied by when read; other caches ignore them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,12 @@ from torch import nn
 
 from ember.kernels import paged_attention, write_kv_cache
 from ember.kernels.attention import AttentionMetadata
+
+# vLLM's K_SCALE_CONSTANT and V_SCALE_CONSTANT: `calculate_kv_scales` sets a scale to the
+# largest magnitude of the first step's keys (values) over this, leaving e4m3's range (448)
+# room for later tokens larger than those of the first prompt.
+K_SCALE_RANGE = 200.0
+V_SCALE_RANGE = 100.0
 
 
 class Attention(nn.Module):
@@ -31,6 +39,13 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap
         self.kv_cache = torch.empty(0)  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        # float32 scalars on the layer's device, read there by the kernels; buffers, so that
+        # they move with the weights, but not in the state dict (checkpoints do not hold them)
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        # True: the next forward sets the scales from its keys and values, then turns this off
+        # (the model runner sets it for the first step of an engine with calculate_kv_scales)
+        self.calculate_kv_scales = False
 
     def forward(
         self,
@@ -44,8 +59,16 @@ class Attention(nn.Module):
         query = query.view(num_tokens, self.num_heads, self.head_dim)
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.calculate_kv_scales:
+            self.calc_kv_scales(key, value)
         write_kv_cache(
-            key, value, self.kv_cache, attn_metadata.slot_mapping, attn_metadata.all_slots_valid
+            key,
+            value,
+            self.kv_cache,
+            attn_metadata.slot_mapping,
+            attn_metadata.all_slots_valid,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )
         output = paged_attention(
             query,
@@ -54,5 +77,18 @@ class Attention(nn.Module):
             self.scale,
             sliding_window=self.sliding_window,
             logits_soft_cap=self.logits_soft_cap,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )
         return output.view(num_tokens, self.num_heads * self.head_dim)
+
+    def calc_kv_scales(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """vLLM's `calc_kv_scales`: each scale from this step's largest magnitude (a step of
+        all-zero keys keeps 1.0), once."""
+        for scale, x, scale_range in (
+            (self.k_scale, key, K_SCALE_RANGE),
+            (self.v_scale, value, V_SCALE_RANGE),
+        ):
+            largest = x.abs().amax().float()
+            scale.copy_(torch.where(largest > 0, largest / scale_range, 1.0))
+        self.calculate_kv_scales = False

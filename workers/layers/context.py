@@ -22,3 +22,9 @@ class ModelContext:
     @property
     def tp_size(self) -> int:
         return self.parallel.world_size
+
+    @property
+    def expert_parallel(self) -> bool:
+        """Whether MoE layers hold whole experts, each rank its own (vLLM: EP over one rank
+        is no EP)."""
+        return self.parallel.enable_expert_parallel and self.parallel.world_size > 1

@@ -138,6 +138,8 @@ def gguf_weights_cache_file(
     model_kind = f"{model_config.architecture}-{model_config.convert}"
     if parallel.world_size > 1:
         model_kind += f"-tp{parallel.world_size}-rank{parallel.rank}"
+        if parallel.enable_expert_parallel:  # whole experts, placed by the strategy
+            model_kind += f"-ep-{parallel.expert_placement_strategy}"
     label = model_config.dtype
     if model_config.quantization is not None:
         label = f"{label}-{model_config.quantization}"

@@ -234,6 +234,9 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("lm_head.",) if getattr(self.config, "tie_word_embeddings", False) else ()
+        for name, module in self.named_modules():  # MoE: other ranks' experts (`FusedMoE`)
+            if hasattr(module, "foreign_expert_prefixes"):
+                skip += module.foreign_expert_prefixes(name)
         load_weights_into(
             self,
             weights,

@@ -37,22 +37,37 @@ then the matmul takes x_q * s, with s
     dynamic             per token: max(|x_t|) / 448, at least 1 / (448 * 512)   (CUTLASS's
                         per-token choice; vLLM's per-tensor fallback is not reproduced)
     dynamic, block-wise per token and group of bk inputs, the same rule
-On an H200, torch._scaled_mm's FP8 sums differ from this float32 emulation by ~2e-4 of the
-largest output (Hopper's FP8 accumulation; tests/test_fp8.py measures it). A row-parallel rank
+On an H200, FP8 tensor cores' sums differ from this float32 emulation by ~2e-4 of the largest
+output (Hopper's FP8 accumulation; tests/test_fp8.py measures it). A row-parallel rank
 (o_proj, down_proj) quantizes its slice of the inputs, so at TP > 1 dynamic per-token scales
 are per rank, as in vLLM. (On GPUs without FP8, vLLM's Marlin kernel leaves activations
 unquantized; that is not reproduced.)
 
-Compute: the weights are dequantized once at load to the model's dtype, each shard by its own
-scales, on CPU and CUDA (`torch._scaled_mm` is a later step). Measured on a 576 x 1536 weight
+Compute, CPU: the weights are dequantized once at load to the model's dtype, each shard by its
+own scales, and the activations rounded through e4m3 in torch. Measured on a 576 x 1536 weight
 (SmolLM2's MLP), one thread of this 2-core machine, per-token activation quantization included:
 dense float32 0.09 ms a decode token, 0.77 ms for 16 tokens, 9.9 ms for 256 (the activations'
 rounding through float8 is 0.02, 0.12 and 2.4 ms of it); keeping the weight in float8 (1 byte a
 value, a quarter of float32's 3.5 MB) and converting it for each matmul in chunks of 64 rows:
 4.4, 5.1 and 13.9 ms, since torch converts float8 on the CPU at ~4.5 ns a value (a 256-entry
 table gather instead: 2.7 ms a token). Dense it is, at 4 bytes a weight in float32 (2 in
-bfloat16). Not yet: MoE experts, an FP8 KV cache (`kv_cache_scheme`), transformers' own
-per-tensor names (`weight_scale_inv` without blocks, `activation_scale`; vLLM reads neither).
+bfloat16).
+
+Compute, CUDA: the weight stays e4m3 (1 byte a value) with float32 scales per output row, and
+each matmul quantizes the activations (codes and scales, torch ops as above) for an FP8 GEMM,
+`ember.kernels.fp8_matmul`: in a bfloat16 / float16 model on sm_89+, torch._scaled_mm for per
+tensor and per channel weights (tensorwise where the layer has one scale and the activations
+one, rowwise with bfloat16 output otherwise), else the Triton kernel on the FP8 tensor cores
+(block-wise weights: DeepSeek's per-group scaling); a float32 model, and GPUs before sm_89, take
+the Triton kernel with the codes widened to fp16 (exact products, float32 sums), which agrees
+with the CPU's emulation to float32 rounding. A fused layer's shards keep their own scales
+(per-row scales, a rowwise GEMM) rather than vLLM's `requantize_with_max_scale`, which would
+round them again and make CUDA compute other weights than the CPU. `weight` is then float8 on
+CUDA: whoever needs the dense matrix asks `FP8LinearMethod.dequantized_weight` (LoRA wraps
+`apply` and reads none).
+
+Not yet: MoE experts, an FP8 KV cache (`kv_cache_scheme`), transformers' own per-tensor names
+(`weight_scale_inv` without blocks, `activation_scale`; vLLM reads neither).
 
 Online (`quantization="fp8"` on a dense checkpoint): each linear weight of this rank, fused
 shards together, gets one scale amax / 448 and is rounded to e4m3 at load (vLLM's
@@ -69,6 +84,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.kernels.fp8_matmul import (
+    DEQUANTIZE_ROWS,
+    FP8_DTYPE,
+    FP8_MAX,
+    MIN_SCALING_FACTOR,
+    FP8Weight,
+    dequantize_weight,
+    fp8_linear,
+    quantize_dequantize_activations,
+    rowwise_scaled_mm_works,
+)
 from ember.workers.layers.quantization.base import (
     LinearMethodBase,
     QuantizationConfig,
@@ -78,41 +104,7 @@ from ember.workers.layers.quantization.group_quant import quantized_parameter
 from ember.workers.layers.quantization.unquantized import make_parameter
 from ember.workers.quantization_settings import FP8Settings, fp8_settings
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-# vLLM's smallest dynamic scale (input_quant_fp8.py `_FP8_MIN_SCALING_FACTOR`)
-MIN_SCALING_FACTOR = 1.0 / (FP8_MAX * 512.0)
-DEQUANTIZE_ROWS = 1024  # rows dequantized at a time at load (bounds the float32 temporary)
-
-
-# ---- numerics: vLLM's activation quantization and weight (de)quantization, plain torch ----------
-
-
-def quantize_dequantize_activations(
-    x: torch.Tensor, input_scale: torch.Tensor | None = None, group_size: int | None = None
-) -> torch.Tensor:
-    """x [..., K] as vLLM's FP8 GEMMs see it, float32: x_q * s with x_q = e4m3(clamp(x / s)).
-
-    `input_scale` (static): one scale; else dynamic, per token (`group_size` None) or per token
-    and group of `group_size` inputs (block-wise weights). vLLM's `QuantFP8.forward_native`:
-    static and per token multiply by the scale's reciprocal, groups divide; a dynamic scale is
-    max(|x|) / 448, at least `MIN_SCALING_FACTOR`.
-    """
-    x32 = x.float()
-    if input_scale is not None:
-        scale = input_scale.float()
-        x_q = (x32 * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-        return x_q.float() * scale
-    if group_size is None:
-        scale = (x32.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALING_FACTOR)
-        x_q = (x32 * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-        return x_q.float() * scale
-    inputs = x32.shape[-1]
-    padding = -inputs % group_size  # vLLM pads a last partial group with zeros
-    groups = F.pad(x32, (0, padding)).unflatten(-1, (-1, group_size))
-    scale = (groups.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALING_FACTOR)
-    x_q = (groups / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return (x_q.float() * scale).flatten(-2)[..., :inputs]
+# ---- online FP8's weight rounding (the other numerics: ember.kernels.fp8_matmul) ----------------
 
 
 def quantize_weight_per_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,26 +117,6 @@ def quantize_weight_per_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torc
         rows = weight[start : start + DEQUANTIZE_ROWS].float()
         codes[start : start + DEQUANTIZE_ROWS] = (rows * inverse).clamp(-FP8_MAX, FP8_MAX)
     return codes, scale
-
-
-def dequantize_weight(
-    codes: torch.Tensor,
-    row_scales: torch.Tensor,
-    block_k: int | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """codes e4m3 [N, K] times their scales -> [N, K] in `dtype` (float32 products, rounded
-    once), a few rows at a time. `row_scales`: [N, 1] (per tensor or channel), [] (one), or
-    [N, ceil(K / block_k)] (each row's block row of a block-wise checkpoint)."""
-    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    inputs = codes.shape[1]
-    for start in range(0, codes.shape[0], DEQUANTIZE_ROWS):
-        rows = slice(start, start + DEQUANTIZE_ROWS)
-        scale = row_scales if row_scales.dim() == 0 else row_scales[rows].float()
-        if block_k is not None:
-            scale = scale.repeat_interleave(block_k, dim=1)[:, :inputs]
-        out[rows] = codes[rows].float() * scale
-    return out
 
 
 # ---- the linear method --------------------------------------------------------------------------
@@ -220,8 +192,10 @@ def _shard_args(shard_id: Any) -> tuple:
 
 class FP8LinearMethod(LinearMethodBase):
     """A linear layer of an FP8 checkpoint (or FP8 at load): e4m3 codes and their scales are
-    loaded, dequantized to the model's dtype once (`weight`), and each matmul takes activations
-    quantized as vLLM's (`quantize_dequantize_activations`)."""
+    loaded; on CPU dequantized to the model's dtype once (`weight`), each matmul taking
+    activations quantized as vLLM's (`quantize_dequantize_activations`); on CUDA kept in e4m3
+    (`weight` float8_e4m3fn [N, K], `weight_scale` float32 per row) for the FP8 GEMM
+    (`ember.kernels.fp8_matmul.fp8_linear`)."""
 
     def __init__(self, settings: FP8Settings):
         self.settings = settings
@@ -333,6 +307,9 @@ class FP8LinearMethod(LinearMethodBase):
         param.data.copy_(torch.maximum(param.data, value))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if layer.weight.device.type == "cuda":
+            self._keep_float8(layer)
+            return
         if not self.settings.serialized:
             codes, scale = quantize_weight_per_tensor(layer.weight.data)
             dense = dequantize_weight(codes, scale, dtype=layer.model_dtype)
@@ -349,19 +326,57 @@ class FP8LinearMethod(LinearMethodBase):
             del layer.weight_scale_inv
         layer.weight = nn.Parameter(dense, requires_grad=False)
 
+    def _keep_float8(self, layer: nn.Module) -> None:
+        """CUDA: `weight` stays e4m3 [N, K] (row-major: `weight.t()` is the column-major
+        operand torch._scaled_mm takes), `weight_scale` float32 [N, 1] or, block-wise,
+        [N, ceil(K / bk)]: each row its scales, so a fused layer's shards keep their own
+        (`fp8_one_scale`: every row the same, which torch._scaled_mm's tensorwise GEMM takes)."""
+        if not self.settings.serialized:
+            codes, scale = quantize_weight_per_tensor(layer.weight.data)
+            scales = scale.reshape(1, 1).expand(codes.shape[0], 1)
+        elif self.block_size is None:
+            codes, scales = layer.weight.data, layer.weight_scale.data
+        else:
+            codes, scales = layer.weight.data, layer.weight_scale_inv.data
+            del layer.weight_scale_inv
+        layer.weight = nn.Parameter(codes.contiguous(), requires_grad=False)
+        layer.weight_scale = nn.Parameter(scales.float().contiguous(), requires_grad=False)
+        layer.fp8_one_scale = self.block_size is None and bool(
+            (layer.weight_scale == layer.weight_scale[:1]).all()
+        )
+        rowwise_scaled_mm_works(layer.weight.device)  # probed once, before any graph capture
+
+    def fp8_weight(self, layer: nn.Module) -> FP8Weight:
+        """The CUDA layer's weight as the FP8 GEMM reads it."""
+        group_k = None if self.block_size is None else self.block_size[1]
+        return FP8Weight(layer.weight, layer.weight_scale, group_k, layer.fp8_one_scale)
+
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The layer's weight [N, K] in the model's dtype, dense whatever form it is held in
+        (made on demand on CUDA, for whoever needs the dense matrix)."""
+        if layer.weight.dtype == FP8_DTYPE:
+            return self.fp8_weight(layer).dequantize(layer.model_dtype)
+        return layer.weight
+
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         input_scale = layer.input_scale if self.static else None
-        group_size = None if self.block_size is None else self.block_size[1]
         weight = layer.weight
-        x_dq = quantize_dequantize_activations(x, input_scale, group_size)
-        out = F.linear(x_dq.to(weight.dtype), weight).to(x.dtype)
+        if weight.dtype == FP8_DTYPE:  # CUDA: the FP8 GEMM
+            out = fp8_linear(x, self.fp8_weight(layer), input_scale)
+        else:
+            group_size = None if self.block_size is None else self.block_size[1]
+            x_dq = quantize_dequantize_activations(x, input_scale, group_size)
+            out = F.linear(x_dq.to(weight.dtype), weight).to(x.dtype)
         return out if bias is None else out + bias
 
 
 class FP8Config(QuantizationConfig):
-    """The `quantization_config` of an FP8 checkpoint, or FP8 at load (`online`)."""
+    """The `quantization_config` of an FP8 checkpoint, or FP8 at load (`online`). MoE experts
+    are FP8 linear layers too, one per expert and projection (`fused_moe.FusedMoE`)."""
+
+    quantizes_experts = True
 
     def __init__(self, settings: dict[str, Any], *, serialized: bool = True):
         self.settings = fp8_settings(settings, serialized)

@@ -14,8 +14,9 @@ groups by `g_idx` instead of position: the inputs are sorted by group once at lo
 activations are gathered into that order for each matmul. 8-bit codes take the tiles' 8-bit
 form. Where the tiles do not take a layer (no kernel on this CPU, scales that are not float16,
 a group cut by a shard) the codes go into GGUF's compact groups (`QuantizedWeight`, the C
-block matmul) or, failing that, a dense copy. On CUDA the weights are dequantised once to the
-model's dtype (a Triton W4A16 GEMM is not written yet).
+block matmul) or, failing that, a dense copy. On CUDA the codes stay packed, 4 or 8 bits a
+weight (`kernels/quant_matmul.py`: GPTQ's layout, AWQ's repacked into it, act-order groups
+sorted), and a Triton GEMM dequantises them tile by tile (`layer.gpu_weight`).
 
 Sharding follows vLLM: each tensor says which of its dimensions runs over the outputs and the
 inputs (`output_dim`, `input_dim`), and the layers' loaders cut those (packed dimensions in
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.kernels import block_matmul, tile_matmul
+from ember.kernels.quant_matmul import pack_group_weight, quant_matmul
 from ember.workers.layers.packed_int4 import QuantizedWeight
 from ember.workers.layers.quantization.base import (
     LinearMethodBase,
@@ -261,10 +263,19 @@ class GroupQuantLinearMethod(LinearMethodBase):
         codes, scales, zeros, group_of_input = self.unpacked(layer)
         for name in self.checkpoint_tensors:
             delattr(layer, name)
+        layer.gpu_weight = None
+        if codes.device.type == "cuda":  # the codes stay packed for the Triton GEMM
+            layer.gpu_weight = pack_group_weight(
+                codes, scales, zeros, group_of_input, self.bits, layer.model_dtype
+            )
+            layer.dense_weight = None
+            layer.quantized_weight = None
+            layer.packed_weight = None
+            return
         quantized = None
         if codes.device.type == "cpu":
             quantized = pack_groups(codes, scales, zeros, group_of_input, self.bits)
-        if quantized is None:  # CUDA, or groups the packed forms do not take: dense, once
+        if quantized is None:  # groups the packed forms do not take: dense, once
             weight = reference_dequantize(codes, scales, zeros, group_of_input)
             layer.dense_weight = weight.to(layer.model_dtype)
             layer.quantized_weight = None
@@ -283,12 +294,23 @@ class GroupQuantLinearMethod(LinearMethodBase):
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if layer.quantized_weight is None:
+        if layer.gpu_weight is not None:
+            out = quant_matmul(x, layer.gpu_weight)
+        elif layer.quantized_weight is None:
             weight = layer.dense_weight
             out = F.linear(x.to(weight.dtype), weight).to(x.dtype)
         else:
             out = layer.quantized_weight.matmul(x)
         return out if bias is None else out + bias
+
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The layer's weight [N, K] in the model's dtype, dense whatever form it is held in
+        (made on demand from the codes; for whoever needs the dense matrix)."""
+        if layer.gpu_weight is not None:
+            return layer.gpu_weight.dequantize().to(layer.model_dtype)
+        if layer.quantized_weight is not None:
+            return layer.quantized_weight.dequantize().to(layer.model_dtype)
+        return layer.dense_weight
 
 
 class GroupQuantConfig(QuantizationConfig):
