@@ -29,15 +29,15 @@ from ember.kernels.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-_MAX_CAPTURE_SIZE = 512
+MAX_CAPTURE_SIZE = 512
 _WARMUP_RUNS = 2
 
 
 def capture_batch_sizes(max_num_seqs: int, max_num_batched_tokens: int) -> list[int]:
     """vLLM's sizes (1, 2, 4, every 8 up to 256, then every 16) up to the largest decode batch
     a step can hold (capped at 512), plus that largest batch itself."""
-    limit = min(max_num_seqs, max_num_batched_tokens, _MAX_CAPTURE_SIZE)
-    candidates = [1, 2, 4, *range(8, 256, 8), *range(256, _MAX_CAPTURE_SIZE + 1, 16)]
+    limit = min(max_num_seqs, max_num_batched_tokens, MAX_CAPTURE_SIZE)
+    candidates = [1, 2, 4, *range(8, 256, 8), *range(256, MAX_CAPTURE_SIZE + 1, 16)]
     sizes = [size for size in candidates if size <= limit]
     if sizes[-1] != limit:
         sizes.append(limit)
