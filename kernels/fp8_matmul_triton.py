@@ -20,42 +20,14 @@ split K until the grid fills the GPU, the float32 partial sums are added after.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from ember.kernels.fp8_matmul import FP8Weight
+from ember.kernels.triton_tiles import DEFAULT_LIMITS, BlockConfig, device_limits, split_k_parts
 
-_MAX_SPLIT_K = 16
-# Where no GPU says (Triton's interpreter): an H100's 132 multiprocessors, 227 KiB of shared
-# memory per program.
-_DEFAULT_LIMITS = (132, 227 * 1024)
 _MIN_BLOCK_K = 32  # the smallest K tile of an fp8 tl.dot
-
-
-@dataclass(frozen=True, slots=True)
-class BlockConfig:
-    """Tile sizes and launch options of one `fp8_matmul_triton` call."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-@functools.cache
-def device_limits(device: torch.device) -> tuple[int, int]:
-    """(multiprocessors, shared memory bytes a program may use) of a CUDA device."""
-    if device.type != "cuda":
-        return _DEFAULT_LIMITS
-    properties = torch.cuda.get_device_properties(device)
-    shared = getattr(properties, "shared_memory_per_block_optin", 48 * 1024)
-    return properties.multi_processor_count, shared
 
 
 def triton_takes(weight: FP8Weight) -> bool:
@@ -69,7 +41,7 @@ def block_config(
     outputs: int,
     inputs: int,
     group_k: int | None,
-    limits: tuple[int, int] = _DEFAULT_LIMITS,
+    limits: tuple[int, int] = DEFAULT_LIMITS,
 ) -> BlockConfig:
     """Decode batches (up to 16 tokens) take 16-row tiles, mid-sized ones 64-row tiles, prefill
     128 x 128 tiles of 8 warps, all 128 inputs deep (a block-wise group at most). K is split
@@ -85,17 +57,19 @@ def block_config(
     block_k = config.block_k
     while group_k is not None and group_k % block_k:
         block_k //= 2
-    tiles = triton.cdiv(tokens, config.block_m) * triton.cdiv(outputs, config.block_n)
-    k_blocks = triton.cdiv(inputs, block_k)
-    split_k = max(1, min(triton.cdiv(2 * multiprocessors, tiles), k_blocks, _MAX_SPLIT_K))
+    parts = split_k_parts(
+        tokens,
+        outputs,
+        inputs,
+        BlockConfig(config.block_m, config.block_n, block_k),
+        multiprocessors,
+    )
     # a stage holds a tile of each side's codes (1 byte); fp16 copies of one stage and 16 KiB
     # for the rest
     stage_bytes = block_k * (config.block_m + config.block_n)
     free_bytes = shared_bytes - 16 * 1024 - 2 * stage_bytes
     num_stages = max(1, min(config.num_stages, free_bytes // stage_bytes))
-    return BlockConfig(
-        config.block_m, config.block_n, block_k, split_k, config.num_warps, num_stages
-    )
+    return BlockConfig(config.block_m, config.block_n, block_k, parts, config.num_warps, num_stages)
 
 
 @triton.jit

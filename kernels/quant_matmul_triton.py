@@ -17,42 +17,12 @@ the float32 partial sums are added after.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from ember.kernels.quant_matmul import PackedGroupWeight
-
-# A grid of fewer output tiles than two programs a multiprocessor splits K, up to this.
-_MAX_SPLIT_K = 16
-# Where no GPU says (Triton's interpreter): an H100's 132 multiprocessors, 227 KiB of shared
-# memory per program.
-_DEFAULT_LIMITS = (132, 227 * 1024)
-
-
-@dataclass(frozen=True, slots=True)
-class BlockConfig:
-    """Tile sizes and launch options of one `quant_matmul_triton` call."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-@functools.cache
-def device_limits(device: torch.device) -> tuple[int, int]:
-    """(multiprocessors, shared memory bytes a program may use) of a CUDA device."""
-    if device.type != "cuda":
-        return _DEFAULT_LIMITS
-    properties = torch.cuda.get_device_properties(device)
-    shared = getattr(properties, "shared_memory_per_block_optin", 48 * 1024)
-    return properties.multi_processor_count, shared
+from ember.kernels.triton_tiles import DEFAULT_LIMITS, BlockConfig, device_limits, split_k_parts
 
 
 def block_config(
@@ -61,7 +31,7 @@ def block_config(
     inputs: int,
     group_size: int,
     x_bytes: int = 2,
-    limits: tuple[int, int] = _DEFAULT_LIMITS,
+    limits: tuple[int, int] = DEFAULT_LIMITS,
 ) -> BlockConfig:
     """Decode batches (up to 16 tokens) take 16-row tiles, the smallest tl.dot tile; mid-sized
     batches 64-row tiles; prefill 128 x 128 tiles of 8 warps. K is split while the output
@@ -75,15 +45,17 @@ def block_config(
     else:
         config = BlockConfig(128, 128, 64, num_warps=8)
     block_k = config.block_k if group_size <= 0 else min(config.block_k, group_size)
-    tiles = triton.cdiv(tokens, config.block_m) * triton.cdiv(outputs, config.block_n)
-    k_blocks = triton.cdiv(inputs, block_k)
-    split_k = max(1, min(triton.cdiv(2 * multiprocessors, tiles), k_blocks, _MAX_SPLIT_K))
+    parts = split_k_parts(
+        tokens,
+        outputs,
+        inputs,
+        BlockConfig(config.block_m, config.block_n, block_k),
+        multiprocessors,
+    )
     # a stage holds a tile of x and one of int32 words; 16 KiB left for the rest
     stage_bytes = block_k * (config.block_m * x_bytes + config.block_n * 4)
     num_stages = max(1, min(config.num_stages, (shared_bytes - 16 * 1024) // stage_bytes))
-    return BlockConfig(
-        config.block_m, config.block_n, block_k, split_k, config.num_warps, num_stages
-    )
+    return BlockConfig(config.block_m, config.block_n, block_k, parts, config.num_warps, num_stages)
 
 
 @triton.jit
