@@ -25,7 +25,13 @@ import triton
 import triton.language as tl
 
 from ember.kernels.fp8_matmul import FP8Weight
-from ember.kernels.triton_tiles import DEFAULT_LIMITS, BlockConfig, device_limits, split_k_parts
+from ember.kernels.triton_tiles import (
+    DEFAULT_LIMITS,
+    BlockConfig,
+    device_limits,
+    split_k_output,
+    split_k_parts,
+)
 
 _MIN_BLOCK_K = 32  # the smallest K tile of an fp8 tl.dot
 
@@ -199,13 +205,9 @@ def fp8_matmul_triton(
         raise ValueError(
             f"config: block_k {config.block_k} must divide the group size {weight.group_k}"
         )
-    k_blocks = triton.cdiv(inputs, config.block_k)
-    k_blocks_per_split = triton.cdiv(k_blocks, config.split_k)
-    split_k = triton.cdiv(k_blocks, k_blocks_per_split)  # none left empty
-    if split_k > 1:
-        partial = torch.empty(split_k, tokens, outputs, dtype=torch.float32, device=codes.device)
-    else:
-        partial = torch.empty(tokens, outputs, dtype=out_dtype, device=codes.device)
+    split_k, k_blocks_per_split, partial = split_k_output(
+        tokens, outputs, inputs, config, out_dtype, codes.device
+    )
     x_scales = scales.float()
     w_scales = weight.scales
     grid = (

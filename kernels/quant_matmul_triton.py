@@ -22,7 +22,13 @@ import triton
 import triton.language as tl
 
 from ember.kernels.quant_matmul import PackedGroupWeight
-from ember.kernels.triton_tiles import DEFAULT_LIMITS, BlockConfig, device_limits, split_k_parts
+from ember.kernels.triton_tiles import (
+    DEFAULT_LIMITS,
+    BlockConfig,
+    device_limits,
+    split_k_output,
+    split_k_parts,
+)
 
 
 def block_config(
@@ -158,13 +164,9 @@ def quant_matmul_triton(
         raise ValueError(
             f"config: block_k {config.block_k} must divide the group size {weight.group_size}"
         )
-    k_blocks = triton.cdiv(inputs, config.block_k)
-    k_blocks_per_split = triton.cdiv(k_blocks, config.split_k)
-    split_k = triton.cdiv(k_blocks, k_blocks_per_split)  # none left empty
-    if split_k > 1:
-        partial = torch.empty(split_k, tokens, outputs, dtype=torch.float32, device=x.device)
-    else:
-        partial = torch.empty(tokens, outputs, dtype=x.dtype, device=x.device)
+    split_k, k_blocks_per_split, partial = split_k_output(
+        tokens, outputs, inputs, config, x.dtype, x.device
+    )
     # Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) stores bfloat16 as uint16 and
     # its tl.dot multiplies those integers: there the dot operands are widened to float32.
     interpreted = triton.knobs.runtime.interpret

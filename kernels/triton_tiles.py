@@ -47,3 +47,24 @@ def split_k_parts(
     tiles = triton.cdiv(tokens, config.block_m) * triton.cdiv(outputs, config.block_n)
     k_blocks = triton.cdiv(inputs, config.block_k)
     return max(1, min(triton.cdiv(2 * multiprocessors, tiles), k_blocks, MAX_SPLIT_K))
+
+
+def split_k_output(
+    tokens: int,
+    outputs: int,
+    inputs: int,
+    config: BlockConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[int, int, torch.Tensor]:
+    """(K parts, K tiles a part, the kernel's output): with K split, one float32 [T, N] of
+    partial sums a part (summed after the launch); else [T, N] in `dtype`. No part is left
+    empty."""
+    k_blocks = triton.cdiv(inputs, config.block_k)
+    k_blocks_per_split = triton.cdiv(k_blocks, config.split_k)
+    parts = triton.cdiv(k_blocks, k_blocks_per_split)
+    if parts > 1:
+        partial = torch.empty(parts, tokens, outputs, dtype=torch.float32, device=device)
+    else:
+        partial = torch.empty(tokens, outputs, dtype=dtype, device=device)
+    return parts, k_blocks_per_split, partial
