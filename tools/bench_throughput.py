@@ -286,6 +286,7 @@ def setup_ember(
     adapters = write_random_adapters(llm, args.lora, args.lora_rank) if args.lora else []
 
     def generate_all(prompts: list[list[int]], output_len: int) -> int:
+        llm.reset_prefix_cache()  # a pass reuses nothing of the warm-up's or an earlier pass's
         params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
         loras = [adapters[i % len(adapters)] for i in range(len(prompts))] if adapters else None
         outputs = llm.generate(
@@ -353,6 +354,7 @@ def setup_ember_inproc(
     counter = iter(range(1 << 62))
 
     def generate_all(prompts: list[list[int]], output_len: int) -> int:
+        core.kv_cache_manager.reset_prefix_cache()  # as for ember: nothing reused across passes
         params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
         for ids in prompts:
             core.add_request(EngineCoreRequest(str(next(counter)), ids, params))
@@ -633,6 +635,7 @@ def setup_vllm(args: argparse.Namespace, work: dict[str, Any], info: dict[str, A
     info["dtype"] = str(llm.llm_engine.model_config.dtype)
 
     def generate_all(prompts: list[list[int]], output_len: int) -> int:
+        llm.reset_prefix_cache()  # as for ember: no pass reuses an earlier one's prompts
         params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
         outputs = llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False

@@ -251,45 +251,69 @@ typedef struct {
     float *sum;     /* [M, groups]: dx * sum(qx) */
 } Activations;
 
-static inline float load_row_value(const void *x, int x_bf16, int64_t index) {
+static inline __m256 load_row_values(const void *x, int x_bf16, int64_t index) {
     if (x_bf16) {
-        uint32_t bits = (uint32_t)((const uint16_t *)x)[index] << 16;
-        float value;
-        memcpy(&value, &bits, sizeof value);
-        return value;
+        __m128i bits = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + index));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
     }
-    return ((const float *)x)[index];
+    return _mm256_loadu_ps((const float *)x + index);
+}
+
+/* 32 int32 lanes (four vectors, in order) -> 32 signed bytes in order (values in [-128, 127]) */
+static inline __m256i bytes_of(const __m256i q[4]) {
+    __m256i words = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    return _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+static inline float max_lane(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+static inline int32_t sum_lanes(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_hadd_epi32(s, s);
+    return _mm_cvtsi128_si32(_mm_hadd_epi32(s, s));
 }
 
 static void quantize_activations(const void *x, int x_bf16, int64_t rows, int64_t k,
                                  Activations *a) {
     const int64_t groups = k / GROUP;
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i low7 = _mm256_set1_epi32(127);
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t g = 0; g < groups; g++) {
-            float values[GROUP];
-            float amax = 0.0f;
-            for (int i = 0; i < GROUP; i++) {
-                values[i] = load_row_value(x, x_bf16, r * k + g * GROUP + i);
-                amax = fmaxf(amax, fabsf(values[i]));
+            const int64_t first = r * k + g * GROUP;
+            __m256 v[4];
+            __m256 amax = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                v[i] = load_row_values(x, x_bf16, first + 8 * i);
+                amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], magnitude));
             }
-            float inverse = amax > 0.0f ? QX_MAX / amax : 0.0f;
+            const float top = max_lane(amax);
+            const __m256 inverse = _mm256_set1_ps(top > 0.0f ? QX_MAX / top : 0.0f);
+            __m256i q[4], high[4], low[4];
+            for (int i = 0; i < 4; i++) {
+                q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse)); /* nearest even */
+                high[i] = _mm256_srai_epi32(q[i], 7); /* h in [-127, 127] */
+                low[i] = _mm256_and_si256(q[i], low7); /* l in [0, 127] */
+            }
             int8_t *bytes = (int8_t *)(a->quads + (r * groups + g) * 16);
-            int32_t total = 0;
-            for (int i = 0; i < GROUP; i++) {
-                int32_t qx = (int32_t)nearbyintf(values[i] * inverse);
-                bytes[i] = (int8_t)(qx >> 7);         /* h in [-127, 127] */
-                bytes[GROUP + i] = (int8_t)(qx & 127); /* l in [0, 127] */
-                total += qx;
-            }
-            float dx = amax / QX_MAX;
+            _mm256_storeu_si256((__m256i *)bytes, bytes_of(high));
+            _mm256_storeu_si256((__m256i *)(bytes + GROUP), bytes_of(low));
+            const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            const float dx = top / QX_MAX;
             a->scale[r * groups + g] = dx;
-            a->sum[r * groups + g] = dx * (float)total;
+            a->sum[r * groups + g] = dx * (float)sum_lanes(total);
         }
     }
 }
 
 /* out rows [rows] of the 8 columns of one half of a row tile (`half` 0: rows 0-7 of the tile,
-   1: rows 8-15), as dot_tile of the AVX-512 build. */
+   1: rows 8-15), as dot_tile of the AVX-512 build. Each code vector is loaded and unpacked once
+   and multiplied by the quads of every row before the next (rows inner), which keeps the
+   unpacking off the rows' products. */
 static inline __attribute__((always_inline)) void dot_half_tile(
     const Activations *a, const int rows, int64_t groups, const uint8_t *tile, int bits,
     int half, __m256 *results) {
@@ -301,48 +325,58 @@ static inline __attribute__((always_inline)) void dot_half_tile(
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *codes = tile + g * tile_bytes;
-        __m256i w[8];
+        const int32_t *quads[ROW_CHUNK];
+        for (int r = 0; r < rows; r++) quads[r] = a->quads + (r * groups + g) * 16;
+        __m256i total[ROW_CHUNK];
         if (bits == 4) {
+            /* vector c holds the codes of quad c (low nibbles) and quad c + 4 (high ones) */
+            __m256i high[ROW_CHUNK], low[ROW_CHUNK];
             for (int c = 0; c < 4; c++) {
-                __m256i packed = _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * half));
-                w[c] = _mm256_and_si256(packed, nibble);
-                w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+                const __m256i packed =
+                    _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * half));
+                const __m256i w0 = _mm256_and_si256(packed, nibble);
+                const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+                for (int r = 0; r < rows; r++) {
+                    const int32_t *q = quads[r];
+                    __m256i h = _mm256_add_epi16(_mm256_maddubs_epi16(w0, _mm256_set1_epi32(q[c])),
+                                                 _mm256_maddubs_epi16(w1, _mm256_set1_epi32(q[c + 4])));
+                    __m256i l = _mm256_add_epi16(_mm256_maddubs_epi16(w0, _mm256_set1_epi32(q[8 + c])),
+                                                 _mm256_maddubs_epi16(w1, _mm256_set1_epi32(q[12 + c])));
+                    high[r] = c ? _mm256_add_epi16(high[r], h) : h;
+                    low[r] = c ? _mm256_add_epi16(low[r], l) : l;
+                }
             }
+            for (int r = 0; r < rows; r++)
+                total[r] = _mm256_add_epi32(_mm256_madd_epi16(high[r], by128),
+                                            _mm256_madd_epi16(low[r], ones));
         } else {
-            for (int c = 0; c < 8; c++)
-                w[c] = _mm256_xor_si256(
+            __m256i high[ROW_CHUNK], low[ROW_CHUNK];
+            for (int r = 0; r < rows; r++) high[r] = low[r] = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                const __m256i w = _mm256_xor_si256(
                     _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * half)), sign_bit);
+                const __m256i magnitude = _mm256_sign_epi8(w, w);
+                for (int r = 0; r < rows; r++) {
+                    const int32_t *q = quads[r];
+                    __m256i h = _mm256_sign_epi8(_mm256_set1_epi32(q[c]), w);
+                    __m256i l = _mm256_sign_epi8(_mm256_set1_epi32(q[8 + c]), w);
+                    high[r] = _mm256_add_epi32(high[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, h), ones));
+                    low[r] = _mm256_add_epi32(low[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, l), ones));
+                }
+            }
+            for (int r = 0; r < rows; r++)
+                total[r] = _mm256_add_epi32(_mm256_slli_epi32(high[r], 7), low[r]);
         }
         const uint8_t *halves = codes + 64 * vectors + 16 * half;
-        __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)halves));
-        __m256 offset = bits == 4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(halves + 32)))
-                                  : _mm256_setzero_ps();
+        const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)halves));
         for (int r = 0; r < rows; r++) {
-            const int32_t *quads = a->quads + (r * groups + g) * 16;
-            __m256i total;
-            if (bits == 4) {
-                __m256i high = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(quads[0]));
-                __m256i low = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(quads[8]));
-                for (int c = 1; c < 8; c++) {
-                    high = _mm256_add_epi16(high, _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(quads[c])));
-                    low = _mm256_add_epi16(low, _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(quads[8 + c])));
-                }
-                total = _mm256_add_epi32(_mm256_madd_epi16(high, by128), _mm256_madd_epi16(low, ones));
-            } else {
-                __m256i high = _mm256_setzero_si256(), low = _mm256_setzero_si256();
-                for (int c = 0; c < 8; c++) {
-                    __m256i magnitude = _mm256_sign_epi8(w[c], w[c]);
-                    __m256i h = _mm256_sign_epi8(_mm256_set1_epi32(quads[c]), w[c]);
-                    __m256i l = _mm256_sign_epi8(_mm256_set1_epi32(quads[8 + c]), w[c]);
-                    high = _mm256_add_epi32(high, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, h), ones));
-                    low = _mm256_add_epi32(low, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, l), ones));
-                }
-                total = _mm256_add_epi32(_mm256_slli_epi32(high, 7), low);
-            }
-            __m256 product = _mm256_mul_ps(_mm256_cvtepi32_ps(total),
-                                           _mm256_set1_ps(a->scale[r * groups + g]));
+            const __m256 product = _mm256_mul_ps(_mm256_cvtepi32_ps(total[r]),
+                                                 _mm256_set1_ps(a->scale[r * groups + g]));
             acc[r] = _mm256_fmadd_ps(product, scale, acc[r]);
-            if (bits == 4)
+        }
+        if (bits == 4) {
+            const __m256 offset = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(halves + 32)));
+            for (int r = 0; r < rows; r++)
                 acc[r] = _mm256_fmadd_ps(offset, _mm256_set1_ps(a->sum[r * groups + g]), acc[r]);
         }
     }
