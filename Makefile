@@ -28,12 +28,19 @@ demo: $(STAMP)
 
 # llama-cpp-python (a peer in the benchmark) is only an sdist: built once into .cache/wheels
 # (about 4 minutes on 2 cores), for this CPU's instruction set.
+# On a CPU with AMX, ggml's AMX matmul (which -march=native turns on) crashed on SmolLM2's Q4_1
+# prompt batches (llama-cpp-python 0.3.36, in ggml_backend_amx_mul_mat): there the AVX-512 set
+# is named instead.
 LLAMA_WHEEL_DIR := .cache/wheels
+LLAMA_NATIVE_ARGS := $(shell grep -qw amx_int8 /proc/cpuinfo 2>/dev/null && \
+  echo "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+  -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" || \
+  echo "-DGGML_NATIVE=ON")
 $(BENCH_STAMP): $(STAMP)
 	ls $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
-	  CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" MAKEFLAGS=-j2 CMAKE_BUILD_PARALLEL_LEVEL=2 \
-	  $(PY) -m pip wheel --no-deps -w $(LLAMA_WHEEL_DIR) llama-cpp-python
-	$(INSTALL) --find-links $(LLAMA_WHEEL_DIR) --only-binary llama-cpp-python llama-cpp-python
+	  CMAKE_ARGS="$(LLAMA_NATIVE_ARGS) -DLLAVA_BUILD=OFF" MAKEFLAGS=-j2 CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	  $(PY) -m pip wheel --no-deps --no-cache-dir -w $(LLAMA_WHEEL_DIR) llama-cpp-python
+	$(INSTALL) --force-reinstall --no-deps --find-links $(LLAMA_WHEEL_DIR) --only-binary llama-cpp-python llama-cpp-python
 	$(INSTALL) matplotlib
 	touch $(BENCH_STAMP)
 
