@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
 from ember import LLM, BeamSearchParams, LoRARequest, SamplingParams
-from tests.helpers import write_random_llama
+from tests.helpers import assert_diverges_only_at_near_ties, write_random_llama
 
 MAX_TOKENS = 8
 ENGINE_OPTIONS = {"dtype": "float32", "block_size": 4, "max_num_batched_tokens": 64}
@@ -398,7 +398,7 @@ def test_gguf_fused_decode_step_serves_the_steps_without_an_adapter(default_gguf
     """On the packed GGUF path, enable_lora keeps the fused C decode step for steps with no
     adapter (they cost what they cost without LoRA: the same tokens as an engine without
     enable_lora), and steps with an adapter take the layers' forward, which adds its delta."""
-    params = SamplingParams(temperature=0.0, max_tokens=12)
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=5)
     prompts = ["The capital of France is", "Water boils at", "My favourite colour is"]
     with LLM(default_gguf) as plain:
         expected = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
@@ -417,5 +417,8 @@ def test_gguf_fused_decode_step_serves_the_steps_without_an_adapter(default_gguf
     adapted = [o.outputs[0].token_ids for o in alone]
     assert adapted != base  # the delta is applied
     assert [o.outputs[0].token_ids for o in mixed[3:]] == adapted
-    # The decode loop adds each adapter's delta as the layers' forward does.
-    assert [o.outputs[0].token_ids for o in by_forward] == adapted
+    # The decode loop adds each adapter's delta as the layers' forward does, but on bfloat16
+    # activations where the forward has float32 ones, which moves a log-probability of this
+    # model by up to 0.2 (see test_gptq_awq.py): the random adapter's flat distributions have
+    # near-ties, one of which (0.12 apart) flipped on a Sapphire Rapids CPU (none on a Zen 4).
+    assert_diverges_only_at_near_ties(by_forward, alone, near_tie=0.25)

@@ -24,6 +24,7 @@ from ember.workers.layers.linear import RowParallelLinear
 from ember.workers.layers.quantization import get_quantization_config
 from tests.helpers import (
     RANDOM_MODEL_SETTINGS,
+    assert_diverges_only_at_near_ties,
     default_model_config,
     ember_prompt_logprobs,
     hf_greedy,
@@ -277,7 +278,7 @@ _SMOLLM2_TOKENS = 16
 
 def _chat(llm: LLM) -> list:
     conversations = [[{"role": "user", "content": question}] for question in _QUESTIONS]
-    params = SamplingParams(temperature=0.0, max_tokens=_SMOLLM2_TOKENS)
+    params = SamplingParams(temperature=0.0, max_tokens=_SMOLLM2_TOKENS, logprobs=5)
     return llm.chat(conversations, params, use_tqdm=False)
 
 
@@ -314,14 +315,12 @@ def test_smollm2_packed_gguf_tp3_generates_as_tp1_packed(default_gguf, smollm2_t
         assert llm.config.model.quantization == "gguf"
         parallel = _chat(llm)
     single = smollm2_tp1_chats("auto")
-    same = [
-        tp3.outputs[0].token_ids == tp1.outputs[0].token_ids for tp3, tp1 in zip(parallel, single)
-    ]
-    # Bfloat16 partial products summed over three ranks round differently from one rank's;
-    # a late near-tie may flip, so most prompts (and every first token) must agree.
-    assert sum(same) >= len(same) - 1, same
-    for tp3, tp1 in zip(parallel, single):
-        assert tp3.outputs[0].token_ids[:4] == tp1.outputs[0].token_ids[:4]
+    # Bfloat16 partial products summed over three ranks round differently from one rank's (and
+    # AMX tiles round differently again): a near-tie may flip, after which a text goes its own
+    # way. So each prompt is TP=1's tokens or leaves them at a near-tie (0.1 nats; measured:
+    # 2 of 4 prompts flip on a Sapphire Rapids CPU, 0-1 on a Zen 4), and half are identical.
+    identical = assert_diverges_only_at_near_ties(parallel, single, near_tie=0.1)
+    assert identical >= len(single) // 2
 
 
 def test_packed_gguf_refuses_a_row_parallel_shard_of_partial_groups():
