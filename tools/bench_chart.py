@@ -5,7 +5,7 @@ in one go, and draws them side by side in a PNG (matplotlib).
 
     python tools/bench_chart.py                         # runs both workloads, writes the chart
     python tools/bench_chart.py --from-json w1.jsonl single.jsonl   # chart from saved results
-    EMBER_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+    EMBER_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
         LLAMA_CPP_LIB_PATH=.cache/llama-avx2/lib \
         python tools/bench_chart.py --output tools/bench_cpu_avx2.png   # the AVX2 path
 
