@@ -100,3 +100,25 @@ def test_a_float32_checkpoint_s_tables_stay_float32(tmp_path):
     directory = write_random_llama(tmp_path / "model", seed=4)
     with LLM(directory, skip_tokenizer_init=True) as llm:
         assert llm.apply_model(tables)[0][:3] == ["torch.float32", "None", "torch.float32"]
+
+
+def test_the_loader_keeps_a_half_table_only_while_every_piece_is_that_format():
+    """`_keeping_half` swaps the float32 storage for the first half tensor it loads; a later
+    piece in another format widens the table back to float32 (nothing rounded)."""
+    from torch import nn
+
+    from ember.workers.layers.quantization.unquantized import _keeping_half
+
+    def copy_rows(param, loaded):  # stands for a layer's loader: rows 0..n of the table
+        param.data[: loaded.shape[0]].copy_(loaded)
+
+    load = _keeping_half(copy_rows)
+    param = nn.Parameter(torch.empty(6, 16), requires_grad=False)
+    first = torch.randn(4, 16).bfloat16()
+    load(param, first)
+    assert param.dtype == torch.bfloat16 and param.compute_dtype == torch.float32
+    assert torch.equal(param.data[:4], first) and not param.data[4:].any()  # padding zero
+    exact = torch.randn(2, 16)  # float32 values no half format holds
+    load(param, exact)
+    assert param.dtype == torch.float32 and not hasattr(param, "compute_dtype")
+    assert torch.equal(param.data[:2], exact) and torch.equal(param.data[2:4], first[2:].float())
