@@ -354,7 +354,7 @@ def setup_ember_inproc(
     counter = iter(range(1 << 62))
 
     def generate_all(prompts: list[list[int]], output_len: int) -> int:
-        core.kv_cache_manager.reset_prefix_cache()  # as for ember: nothing reused across passes
+        core.utility_reset_prefix_cache()  # as for ember: nothing reused across passes
         params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
         for ids in prompts:
             core.add_request(EngineCoreRequest(str(next(counter)), ids, params))

@@ -48,7 +48,7 @@
 
 #define GROUP 32
 #define TILE_ROWS 16
-#define ROW_CHUNK 4 /* activation rows that share one unpacked weight tile */
+#define ROW_CHUNK 4 /* AVX-512: activation rows that share one unpacked tile (AVX2: AVX2_ROWS) */
 /* 4-bit: 4 vectors of codes, 16 scales and 16 offsets; 8-bit: 8 vectors and 16 scales */
 #define TILE_BYTES(bits) ((bits) == 4 ? 4 * 64 + 64 : 8 * 64 + 32)
 
