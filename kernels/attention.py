@@ -319,7 +319,8 @@ def _attend(
     scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
     if is_causal:
         q_len, k_len = scores.shape[-2:]
-        mask = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device)
+        mask = mask.tril(k_len - q_len)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(dim=-1), value.float()).to(query.dtype)

@@ -324,8 +324,14 @@ def tiny_engine(tiny_llama_dir):
     from ember.enginecore.arg_utils import EngineArgs
     from ember.enginecore.engine_core import EngineCore
 
+    # on a GPU machine the kernels take CUDA tensors: the engine runs there (eagerly: the
+    # graph test below installs its own runner)
     config = EngineArgs(
-        model=tiny_llama_dir, dtype="float32", device="cpu", max_num_batched_tokens=24
+        model=tiny_llama_dir,
+        dtype="float32",
+        device=DEVICE,
+        enforce_eager=True,
+        max_num_batched_tokens=24,
     ).create_engine_config()
     return EngineCore(config)
 

@@ -1,6 +1,6 @@
 """The W4A16 / W8A16 Triton GEMM (`kernels/quant_matmul_triton.py`) on a CUDA GPU: its error
 against the torch reference, and its time against F.linear on the dequantized weight, on random
-GPTQ-like weights of Llama-7B shapes; then a few other tile sizes, for tuning. Needs only torch
+GPTQ-like weights of Llama-3.1-8B's shapes; then a few other tile sizes, for tuning. Needs only torch
 and triton (no ember install: it finds `ember.kernels` in this checkout). About 30 s on an
 H100 / H200; the exit status is the number of failed checks. Times are medians of CUDA-graph
 replays (as ember's decode steps run), per call.
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 TOKENS = (1, 16, 256, 2048) if DEVICE == "cuda" else (1, 16, 70)
-# (N, K): qkv / o, gate / up, down of Llama-7B
-SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008)) if DEVICE == "cuda" else ((72, 256),) * 3
+# (N, K) of Llama-3.1-8B: fused qkv (32 + 2 x 8 heads of 128), fused gate|up, down
+SHAPES = ((6144, 4096), (28672, 4096), (4096, 14336)) if DEVICE == "cuda" else ((72, 256),) * 3
 # (name, bits, group size, act-order, dtype, shapes)
 CASES = (
     ("4-bit g128 fp16", 4, 128, False, torch.float16, SHAPES),

@@ -2,7 +2,8 @@
 greedy tokens of ember on the GPU against Hugging Face `transformers` on the same GPU and
 weights, in float32, for a dense Llama (with and without CUDA graphs), GPTQ and AWQ checkpoints
 (against HF on their dequantized weights) and FP8 checkpoints (against ember on the CPU, since
-HF does not round activations through e4m3). Each check prints PASS or FAIL and the run goes
+HF does not round activations through e4m3), and LoRA adapters in one mixed batch (against
+`peft`'s PeftModel on the same GPU). Each check prints PASS or FAIL and the run goes
 on; the exit status is the number of failures.
 
     python tools/gpu_smoke.py            # on a machine with a GPU, from the repository root
@@ -39,6 +40,10 @@ SHAPE = {
 NEW_TOKENS = 12
 # EMBER_SMOKE_DEVICE=cpu runs the same checks on the CPU (a dry run of this script)
 DEVICE = os.environ.get("EMBER_SMOKE_DEVICE", "cuda")
+# EMBER_SMOKE_ONLY=gptq,lora runs only the checks whose names hold one of these words
+ONLY = [word for word in os.environ.get("EMBER_SMOKE_ONLY", "").split(",") if word]
+# the prompts fit one batch of 8: CUDA graphs for batch sizes up to 8 only (a faster start)
+ENGINE = {"max_num_seqs": 8}
 
 
 def hf_greedy(model_dir: str, prompts: list[list[int]]) -> list[list[int]]:
@@ -65,8 +70,78 @@ def ember_greedy(model_dir: str, prompts: list[list[int]], **kwargs) -> list[lis
     from ember import LLM, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    with LLM(model_dir, dtype="float32", skip_tokenizer_init=True, **kwargs) as llm:
+    with LLM(model_dir, dtype="float32", skip_tokenizer_init=True, **ENGINE, **kwargs) as llm:
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def write_adapter(base_dir: str, path: str, seed: int, settings: dict) -> str:
+    """A random PEFT LoRA adapter (B not zero) on `base_dir`, saved as peft saves one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **settings))
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data.normal_(0, 0.1)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def peft_greedy(base_dir: str, adapter: str | None, prompts: list[list[int]]) -> list[list[int]]:
+    """HF greedy tokens with the adapter applied by peft (None: the base model)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model = model.to(DEVICE).eval()
+    outputs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=DEVICE)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            outputs.append(out[0, len(prompt) :].tolist())
+    return outputs
+
+
+def ember_lora_greedy(
+    base_dir: str, adapters: list[str | None], prompts: list[list[int]], **kwargs
+) -> list[list[int]]:
+    """Ember's greedy tokens of one batch in which prompt i runs under adapters[i]."""
+    from ember import LLM, LoRARequest, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    ids = {path: 1 + index for index, path in enumerate(dict.fromkeys(filter(None, adapters)))}
+    requests = [
+        None if path is None else LoRARequest(os.path.basename(path), ids[path], path)
+        for path in adapters
+    ]
+    with LLM(
+        base_dir,
+        dtype="float32",
+        skip_tokenizer_init=True,
+        enable_lora=True,
+        max_loras=2,
+        **ENGINE,
+        **kwargs,
+    ) as llm:
+        outputs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            params,
+            lora_request=requests,
+            use_tqdm=False,
+        )
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
@@ -80,10 +155,11 @@ def main() -> int:
     root = tempfile.mkdtemp(prefix="ember-gpu-smoke-")
     dense = write_random_llama(os.path.join(root, "dense"), **SHAPE)
     prompts = random_prompts(6, 512, [5, 17, 40, 3, 64, 9], seed=1)
-    hf_dense = hf_greedy(dense, prompts)
 
     def check(name: str, run, reference, minimum: float = 1.0) -> None:
         nonlocal failures
+        if ONLY and not any(word in name for word in ONLY):
+            return
         start = time.perf_counter()
         try:
             share = agreement(run(), reference())
@@ -98,12 +174,12 @@ def main() -> int:
     check(
         "dense, CUDA graphs",
         lambda: ember_greedy(dense, prompts, device=DEVICE),
-        lambda: hf_dense,
+        lambda: hf_greedy(dense, prompts),
     )
     check(
         "dense, eager",
         lambda: ember_greedy(dense, prompts, device=DEVICE, enforce_eager=True),
-        lambda: hf_dense,
+        lambda: hf_greedy(dense, prompts),
     )
     for name, writer in (
         ("gptq 4-bit g128", lambda d: write_gptq_checkpoint(dense, d, bits=4, group_size=128)),
@@ -144,12 +220,41 @@ def main() -> int:
         lambda: ember_greedy(dense, prompts, device="cpu", quantization="fp8"),
         minimum=0.5,
     )
+    # the CPU engine's FP8 cache is checked against HF with k/v rounded through e4m3
+    # (tests/test_kv_cache_fp8.py); the GPU's against it
     check(
-        "kv_cache_dtype fp8 (vs HF without rounding)",
+        "kv_cache_dtype fp8 (CUDA vs CPU ember)",
         lambda: ember_greedy(dense, prompts, device=DEVICE, kv_cache_dtype="fp8"),
-        lambda: hf_dense,
+        lambda: ember_greedy(dense, prompts, device="cpu", kv_cache_dtype="fp8"),
         minimum=0.5,
     )
+    # LoRA: prompts under an attention adapter, an MLP adapter (another rank) and none, mixed
+    # in one batch; each against peft on its own adapter
+    attention = write_adapter(
+        dense,
+        os.path.join(root, "lora-attn"),
+        seed=11,
+        settings={
+            "r": 8,
+            "lora_alpha": 16,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        },
+    )
+    mlp = write_adapter(
+        dense,
+        os.path.join(root, "lora-mlp"),
+        seed=12,
+        settings={"r": 4, "lora_alpha": 8, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
+    )
+    which = [attention, mlp, None, attention, mlp, None]
+    for eager in (False, True):
+        check(
+            f"lora, two adapters and none in one batch ({'eager' if eager else 'CUDA graphs'})",
+            lambda e=eager: ember_lora_greedy(
+                dense, which, prompts, device=DEVICE, enforce_eager=e
+            ),
+            lambda: [peft_greedy(dense, path, [prompt])[0] for path, prompt in zip(which, prompts)],
+        )
     print(f"{failures} failed", flush=True)
     return failures
 

@@ -92,7 +92,7 @@ def load_replicated(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
     """Copy a tensor every rank and every fused shard holds whole (GPTQ's `g_idx`); a fused
     layer whose shards bring different values is refused, since one tensor serves them all."""
     if getattr(param, "loaded_once", False) and not torch.equal(
-        param.data, loaded_weight.to(param.dtype)
+        param.data, loaded_weight.to(param.device, param.dtype)
     ):
         raise ValueError(
             "the fused shards of this layer bring different values for a tensor they share "
