@@ -15,9 +15,9 @@ input_scale), [M, 1] (dynamic per token) or [M, G] (per token and group of group
 On CUDA (`fp8_matmul`), by output dtype and GPU:
 
     bf16 / fp16, sm_89+   one scale a side (static x, per-tensor w)  torch._scaled_mm tensorwise
-                          per token / row, bf16 out                  torch._scaled_mm rowwise
-                          otherwise (blocks, fp16 rowwise, N or K    Triton, fp8 tl.dot
-                          not multiples of 16)
+                          per token / row, bf16 out, M > 16          torch._scaled_mm rowwise
+                          otherwise (blocks, fp16 rowwise, rowwise   Triton, fp8 tl.dot
+                          at M <= 16, N or K not multiples of 16)
     float32, or < sm_89   any                                        Triton, codes widened to fp16
 
 Hopper's FP8 MMA does not add in full float32 (~2e-4 of the largest output on an H200), so a
@@ -39,6 +39,10 @@ FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 MIN_SCALING_FACTOR = 1.0 / (FP8_MAX * 512.0)
 DEQUANTIZE_ROWS = 1024  # rows dequantized at a time (bounds the float32 temporary)
 SCALED_MM_ALIGNMENT = 16  # torch._scaled_mm: K and N multiples of this
+# decode batches up to this many tokens take the Triton kernel rather than torch._scaled_mm's
+# rowwise GEMM: on an H200 (Llama-3.1-8B shapes, tools/gpu_check_fp8.py) Triton took 11-33 us
+# where rowwise took 17-46 us at M = 1 and 16; at M = 512 rowwise was 1.4-2.7x the faster
+ROWWISE_MIN_TOKENS = 17
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +268,11 @@ def _scaled_mm_or_none(
     tokens = codes.shape[0]
     if scales.numel() == 1 and weight.one_scale:
         scale_a, scale_b = scales.reshape(()), weight.scales[0, 0]
-    elif out_dtype == torch.bfloat16 and rowwise_scaled_mm_works(codes.device):
+    elif (
+        out_dtype == torch.bfloat16
+        and tokens >= ROWWISE_MIN_TOKENS
+        and rowwise_scaled_mm_works(codes.device)
+    ):
         scale_a = scales.reshape(1, 1).expand(tokens, 1) if scales.numel() == 1 else scales
         scale_a, scale_b = scale_a.contiguous(), weight.scales.view(1, outputs)
     else:
