@@ -63,7 +63,9 @@ def print_records(best: dict[str, dict]) -> None:
             print(f"{name:<26}, failed: {record.get('reason', record)}")
             continue
         rss = record["peak_rss_bytes"] / 2**20
-        print(f"{name:<26}, {record['output_tok_s']:12.1f}, {rss:12.0f}")
+        held = record.get("weight_bytes")  # ember only: what the loaded weights hold
+        held = f"{held / 2**20:10.1f}" if held is not None else f"{'':>10}"
+        print(f"{name:<26}, {record['output_tok_s']:12.1f}, {rss:12.0f}, {held}")
 
 
 def random_weights_of_shape(shape: str) -> str:
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     workload = "batch-1 decode" if args.single else "W1"
     passes = args.repeat * args.rounds
     print(f"SmolLM2-135M, {workload}, CPU ISA {cpu_isa()}, best of {passes} passes")
-    print("weights                   , output tok/s, peak RSS MiB")
+    print("weights                   , output tok/s, peak RSS MiB, weights MiB")
     print_records(best)
 
 
@@ -168,7 +170,7 @@ def shape_main(args: argparse.Namespace) -> None:
         f"{args.model_shape} random weights, {workload}, CPU ISA {cpu_isa()}, "
         f"best of {args.repeat * args.rounds} passes"
     )
-    print("weights                   , output tok/s, peak RSS MiB")
+    print("weights                   , output tok/s, peak RSS MiB, weights MiB")
     print_records(best)
 
 

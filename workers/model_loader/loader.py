@@ -51,6 +51,7 @@ from ember.workers.model_loader.weights_cache import (
 )
 from ember.workers.models.adapters import adapt_for_pooling
 from ember.workers.models.registry import get_model_class
+from ember.workers.weight_memory import weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +119,15 @@ def get_model(
         else:
             model.load_weights(iterate_checkpoint(model_config.model_dir, load_format))
             process_weights_after_loading(model)
+    held = weight_bytes(model)
     logger.info(
-        "loaded %s (%s, %s) in %.1f s",
+        "loaded %s (%s, %s) in %.1f s: weights hold %.1f MiB (vocabulary tables %.1f MiB)",
         model_config.architecture,
         model_config.dtype,
         load_format,
         time.perf_counter() - start,
+        held["total"] / 2**20,
+        held["vocabulary"] / 2**20,
     )
     return model
 
