@@ -54,3 +54,18 @@ def test_packed_4bit_layers_count_their_tiles(tmp_path):
     expected_layers = LINEAR_PARAMS * 0.625 + NORM_PARAMS * 4 + buffers
     assert abs(held["layers"] - expected_layers) <= 0.02 * expected_layers, (held, expected_layers)
     assert held["total"] > parameters + LINEAR_PARAMS * 0.5
+
+
+def test_engine_reports_the_weights_without_its_kv_cache(tmp_path):
+    """Through `LLM.apply_model`, the figure the loader took before the KV cache existed: the
+    same bytes as a fresh load, whatever the cache the attention layers hold since."""
+    from ember import LLM
+    from ember.workers.weight_memory import loaded_weight_bytes
+
+    model_dir = write_random_llama(tmp_path / "dense", **SHAPE)
+    expected = weight_bytes(load(model_dir))
+    with LLM(model_dir, dtype="float32", skip_tokenizer_init=True) as llm:
+        (held,) = llm.apply_model(loaded_weight_bytes)
+        (now,) = llm.apply_model(weight_bytes)
+    assert held == expected
+    assert now["total"] > held["total"]  # a walk now also finds the KV cache: not the figure

@@ -276,7 +276,7 @@ def setup_ember(
     args: argparse.Namespace, work: dict[str, Any], info: dict[str, Any]
 ) -> GenerateAll:
     from ember import LLM, SamplingParams
-    from ember.workers.weight_memory import weight_bytes
+    from ember.workers.weight_memory import loaded_weight_bytes
 
     kwargs = {**ember_model_kwargs(args), **json.loads(args.ember_kwargs or "{}")}
     if args.lora:
@@ -285,7 +285,7 @@ def setup_ember(
     llm = LLM(**kwargs)
     info["load_s"] = time.perf_counter() - t0
     # the bytes the weights keep resident, summed over the ranks (workers/weight_memory.py)
-    held = llm.apply_model(weight_bytes)
+    held = llm.apply_model(loaded_weight_bytes)
     info["weight_bytes"] = sum(rank["total"] for rank in held)
     info["vocabulary_weight_bytes"] = sum(rank["vocabulary"] for rank in held)
     adapters = write_random_adapters(llm, args.lora, args.lora_rank) if args.lora else []

@@ -5,8 +5,10 @@ permutations, a GPU repacking (`GroupQuantizedWeight`, `PackedGroupWeight`, ...)
 attributes and objects. `weight_bytes` walks every module's parameters, buffers and other
 attributes (into objects, dataclasses, lists and dicts, a few levels down) and counts each
 tensor storage once, so a tied LM head and its embedding count once and a view adds nothing.
-The figure is what the weights keep resident after loading; per-step temporaries (a prefill's
-dense copy of a packed weight) and the KV cache are not weights and are not counted.
+The figure is what the weights keep resident after loading: the loader takes it before the KV
+cache exists (attention layers hold their cache as an attribute later) and keeps it on the
+model (`loaded_weight_bytes`); per-step temporaries (a prefill's dense copy of a packed weight)
+are not weights.
 """
 
 from __future__ import annotations
@@ -74,3 +76,8 @@ def _tensors_in(value, depth: int, visited: set[int]):
         children = [getattr(value, slot, None) for slot in slots]
     for child in children:
         yield from _tensors_in(child, depth - 1, visited)
+
+
+def loaded_weight_bytes(model: nn.Module) -> dict[str, int]:
+    """`weight_bytes` as the loader took it, before the KV cache (for `LLM.apply_model`)."""
+    return dict(model.loaded_weight_bytes)

@@ -120,6 +120,7 @@ def get_model(
             model.load_weights(iterate_checkpoint(model_config.model_dir, load_format))
             process_weights_after_loading(model)
     held = weight_bytes(model)
+    model.loaded_weight_bytes = held  # read through `weight_memory.loaded_weight_bytes`
     logger.info(
         "loaded %s (%s, %s) in %.1f s: weights hold %.1f MiB (vocabulary tables %.1f MiB)",
         model_config.architecture,
