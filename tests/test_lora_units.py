@@ -22,7 +22,7 @@ from ember.lora.request import LoRARequest
 from ember.lora.resolve import lora_requests_per_prompt
 from ember.workers.config import SchedulerConfig
 from ember.workers.layers.context import ModelContext
-from ember.workers.layers.linear import QKVParallelLinear
+from ember.workers.layers.linear import QKVParallelLinear, RowParallelLinear
 from ember.workers.layers.lora import LoRAStep, add_lora_layers
 from ember.workers.sampling_params import SamplingParams
 from ember.workers.scheduler_output import ModelRunnerOutput
@@ -269,3 +269,58 @@ def test_triton_lora_kernels_compile_for_h100():
     compiled = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(compiled) == 4
     assert all(entry["cubin_bytes"] > 0 for entry in compiled)
+
+
+def test_the_workers_grouping_takes_whole_activations_when_one_adapter_serves_the_step():
+    """The model runner's grouping (`LoRAManager.set_token_slots`): one adapter for every
+    token is one group without rows (no gather or scatter per layer); mixed steps list rows."""
+    import numpy as np
+
+    from ember.workers.lora_manager import LoRAManager
+
+    manager = SimpleNamespace(step=LoRAStep(), device=torch.device("cpu"))
+    LoRAManager.set_token_slots(manager, np.array([1, 1, 1]))
+    assert manager.step.groups == [(1, None)]
+    LoRAManager.set_token_slots(manager, np.array([1, -1, 0, 1]))
+    assert [(slot, rows.tolist()) for slot, rows in manager.step.groups] == [(0, [2]), (1, [0, 3])]
+    LoRAManager.set_token_slots(manager, np.array([-1, -1]))
+    assert manager.step.groups == [] and manager.step.token_slots is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cpu_delta_on_the_decode_steps_activations_matches_the_definition(dtype):
+    """`add_delta` as the fused CPU decode loop calls it (activations and base output in
+    bfloat16 there; bfloat16 copies of A and B where the CPU multiplies bfloat16 natively):
+    one adapter for the whole step and a mixed step give each token its own delta, within
+    the activations' rounding of the float64 definition."""
+    torch.manual_seed(2)
+    hidden, out_rows = 64, 96
+    layer = torch.nn.Module()
+    layer.o_proj = RowParallelLinear(hidden, out_rows, ctx=ModelContext())
+    step = LoRAStep()
+    targets = add_lora_layers(layer, 2, 8, step, torch.float32, torch.device("cpu"))
+    method = targets["o_proj"].method
+    adapters = [(torch.randn(8, hidden), torch.randn(out_rows, 8), 0.5) for _ in range(2)]
+    for slot, weights in enumerate(adapters):
+        method.set_slot(slot, {None: weights})
+    x = torch.randn(6, hidden).to(dtype)
+    base = torch.randn(6, out_rows).to(dtype)
+
+    def expected(slots: list[int]) -> torch.Tensor:
+        wide = base.double().clone()
+        for row, slot in enumerate(slots):
+            if slot >= 0:
+                a, b, scale = adapters[slot]
+                wide[row] += (x[row].double() @ a.double().T) @ b.double().T * scale
+        return wide
+
+    tolerance = (
+        {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.3, "rtol": 0.02}
+    )
+    for slots in ([0] * 6, [1, -1, 0, 1, 0, -1]):
+        step.set_token_slots(torch.tensor(slots))
+        out = method.add_delta(x, base.clone())
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), expected(slots), **tolerance)
+        untouched = torch.tensor(slots) == -1
+        assert torch.equal(out[untouched], base[untouched])

@@ -108,9 +108,13 @@ class LoRAManager:
         # grouped on the host: no device sync per step
         device = self.device
         step.token_slots = torch.from_numpy(token_slots).to(device)
+        slots = np.unique(token_slots)
+        if len(slots) == 1:  # every token one adapter: whole activations, no gather or scatter
+            step.groups = [(int(slots[0]), None)]
+            return
         step.groups = [
             (int(slot), torch.from_numpy(np.flatnonzero(token_slots == slot)).to(device))
-            for slot in np.unique(token_slots)
+            for slot in slots
             if slot >= 0
         ]
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ember.kernels.cpu_features import native_bfloat16
 from ember.kernels.lora import SlotGroups, lora_expand_, lora_shrink, slot_groups
 from ember.workers.layers.linear import (
     ColumnParallelLinear,
@@ -85,14 +86,18 @@ class LoRALinearMethod(LinearMethodBase):
         self.lora_b = torch.zeros(max_loras, output_size, max_rank, dtype=dtype, device=device)
         self.scales = torch.zeros(max_loras, len(slices), dtype=torch.float32, device=device)
         # On CPU every slice's B, scaled, in one block-diagonal matrix [out, n * R]: a fused
-        # layer's delta is then one matmul per adapter, not one per slice.
+        # layer's delta is then one matmul per adapter, not one per slice. Where the CPU
+        # multiplies bfloat16 natively, bfloat16 copies of A and of the blocks serve the fused
+        # decode step's bfloat16 activations (`_add_cpu`).
         self.lora_b_blocks = None
-        self.unit_scales = None
+        self.half_a = self.half_b_blocks = None
         if device.type == "cpu":
             self.lora_b_blocks = torch.zeros(
                 max_loras, output_size, len(slices) * max_rank, dtype=dtype, device=device
             )
-            self.unit_scales = torch.ones(max_loras, dtype=torch.float32, device=device)
+            if dtype != torch.bfloat16 and native_bfloat16():
+                self.half_a = torch.zeros_like(self.lora_a, dtype=torch.bfloat16)
+                self.half_b_blocks = torch.zeros_like(self.lora_b_blocks, dtype=torch.bfloat16)
 
     def create_weights(self, layer, *args, **kwargs) -> None:
         self.base.create_weights(layer, *args, **kwargs)
@@ -111,11 +116,10 @@ class LoRALinearMethod(LinearMethodBase):
         groups = self.step.groups
         if not groups:
             return out
+        if self.lora_b_blocks is not None and not out.is_cuda:
+            return self._add_cpu(x, out, groups)
         token_slots = self.step.token_slots
         buffer = lora_shrink(x, self.lora_a, token_slots, groups)
-        if self.lora_b_blocks is not None and not out.is_cuda:
-            lora_expand_(out, buffer, self.lora_b_blocks, self.unit_scales, token_slots, groups)
-            return out
         rank = self.max_rank
         for index, part in enumerate(self.slices):
             lora_expand_(
@@ -126,6 +130,29 @@ class LoRALinearMethod(LinearMethodBase):
                 token_slots,
                 groups,
             )
+        return out
+
+    def _add_cpu(self, x: torch.Tensor, out: torch.Tensor, groups: SlotGroups) -> torch.Tensor:
+        """CPU: per adapter of the step, out[rows] += (x[rows] @ A^T) @ B_blocks^T, in the
+        fewest framework calls (each costs more than these small products), bfloat16 where the
+        activations are and the CPU multiplies it natively. A token's rows go through the same
+        calls whether or not other adapters share its step (gathered, then put back)."""
+        half = x.dtype == out.dtype == torch.bfloat16 and self.half_a is not None
+        lora_a, lora_b = (
+            (self.half_a, self.half_b_blocks) if half else (self.lora_a, self.lora_b_blocks)
+        )
+        for slot, rows in groups:
+            part = x if rows is None else x.index_select(0, rows)
+            target = out if rows is None else out.index_select(0, rows)
+            if part.dtype != lora_a.dtype:
+                part = part.to(lora_a.dtype)
+            shrunk = part @ lora_a[slot].T
+            if target.dtype == lora_b.dtype:
+                target.addmm_(shrunk, lora_b[slot].T)  # the sum rounded once
+            else:
+                target.add_(shrunk @ lora_b[slot].T)
+            if rows is not None:
+                out.index_copy_(0, rows, target)
         return out
 
     def set_slot(
@@ -156,6 +183,9 @@ class LoRALinearMethod(LinearMethodBase):
                     slice(index * rank, (index + 1) * rank),
                 )
                 blocks[rows, columns] = self.lora_b[slot, rows] * self.scales[slot, index]
+            if self.half_a is not None:
+                self.half_a[slot].copy_(self.lora_a[slot])
+                self.half_b_blocks[slot].copy_(blocks)
 
 
 def output_slices(layer: LinearBase) -> list[OutputSlice]:
