@@ -368,6 +368,23 @@ def _drop_fused_decode_step(worker) -> None:
     worker.model_runner.cpu_decode = None
 
 
+def _count_one_call_adapter_steps(worker) -> None:
+    """Count the steps the one-call C decode step runs with LoRA token slots."""
+    step_model = worker.model_runner.cpu_decode.step_model
+    run = step_model.run
+    step_model.adapter_steps = 0
+
+    def counted(*args):
+        step_model.adapter_steps += len(args) > 5 and args[5] is not None
+        return run(*args)
+
+    step_model.run = counted
+
+
+def _one_call_adapter_steps(worker) -> int:
+    return worker.model_runner.cpu_decode.step_model.adapter_steps
+
+
 def _write_attention_adapter(
     path, num_layers: int, shapes: dict[str, tuple[int, int]], rank: int
 ) -> str:
@@ -397,7 +414,8 @@ def _write_attention_adapter(
 def test_gguf_fused_decode_step_serves_the_steps_without_an_adapter(default_gguf, tmp_path):
     """On the packed GGUF path, enable_lora keeps the fused C decode step for steps with no
     adapter (they cost what they cost without LoRA: the same tokens as an engine without
-    enable_lora), and steps with an adapter take the layers' forward, which adds its delta."""
+    enable_lora), and steps with an adapter run in that one C call too, the adapters' deltas
+    added after each matmul (kernels/csrc/lora_add.c), as the layers' forward adds them."""
     params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=5)
     prompts = ["The capital of France is", "Water boils at", "My favourite colour is"]
     with LLM(default_gguf) as plain:
@@ -409,7 +427,9 @@ def test_gguf_fused_decode_step_serves_the_steps_without_an_adapter(default_gguf
     with LLM(default_gguf, enable_lora=True, max_lora_rank=8) as llm:
         assert llm.collective_rpc(_uses_fused_decode_step) == [True]
         base = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        llm.collective_rpc(_count_one_call_adapter_steps)
         alone = llm.generate(prompts, params, lora_request=adapter)
+        assert llm.collective_rpc(_one_call_adapter_steps) == [11]  # 12 tokens: 11 decodes
         mixed = llm.generate(prompts * 2, params, lora_request=[None] * 3 + [adapter] * 3)
         llm.collective_rpc(_drop_fused_decode_step)  # now every step takes the forward
         by_forward = llm.generate(prompts, params, lora_request=adapter)

@@ -5,6 +5,7 @@ checks of an adapter's config in the user's process."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -324,3 +325,80 @@ def test_cpu_delta_on_the_decode_steps_activations_matches_the_definition(dtype)
         torch.testing.assert_close(out.double(), expected(slots), **tolerance)
         untouched = torch.tensor(slots) == -1
         assert torch.equal(out[untouched], base[untouched])
+
+
+def _c_weights(sizes: list[int], rank: int, slots: int, seed: int):
+    """Random adapters of a layer with output slices `sizes` in the C kernel's form, and the
+    per-slice (A, B, scale) of each slot they came from."""
+    from ember.kernels.lora_cpu import LoRACWeights
+
+    generator = torch.Generator().manual_seed(seed)
+    hidden, n = 64, len(sizes)
+    lora_a = torch.randn(slots, n * rank, hidden, generator=generator) * 0.1
+    parts = [
+        [
+            (
+                lora_a[s, i * rank : (i + 1) * rank],
+                torch.randn(size, rank, generator=generator) * 0.1,
+                0.5 + i,
+            )
+            for i, size in enumerate(sizes)
+        ]
+        for s in range(slots)
+    ]
+    lora_bt = torch.zeros(slots, n * rank, sum(sizes))
+    for s in range(slots):
+        start = 0
+        for i, (_, b, scale) in enumerate(parts[s]):
+            lora_bt[s, i * rank : (i + 1) * rank, start : start + sizes[i]] = (b * scale).T
+            start += sizes[i]
+    ends = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int64)
+    return LoRACWeights(lora_a, lora_bt, rank, ends), parts
+
+
+@pytest.mark.parametrize("sizes", [[48], [64, 16, 16], [40, 40]], ids=["one", "qkv", "gate-up"])
+def test_c_kernel_adds_each_tokens_adapter_as_the_definition(cpu_isa, sizes):
+    """`kernels/lora_cpu.lora_add` (the fused decode step's LoRA) under each ISA: bfloat16
+    rows of a step mixing two adapters and the base model, each row within bfloat16's
+    rounding of the float64 definition, base rows untouched, and a row's result the same
+    bits whether it runs alone or among the others."""
+    from ember.kernels.lora_cpu import available, lora_add
+
+    if not available():
+        pytest.skip("no C compiler: the torch path serves")
+    weights, parts = _c_weights(sizes, rank=8, slots=2, seed=3)
+    generator = torch.Generator().manual_seed(4)
+    tokens = 11  # groups of up to four rows of one slot, and a remainder
+    x = torch.randn(tokens, 64, generator=generator).bfloat16()
+    base = torch.randn(tokens, sum(sizes), generator=generator).bfloat16()
+    slots = torch.tensor([0, 1, -1, 0, 0, 1, 0, -1, 1, 1, 0])
+    out = base.clone()
+    assert lora_add(x, out, slots, weights)
+    expected = base.double().clone()
+    for t, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        start = 0
+        for a, b, scale in parts[slot]:
+            delta = (x[t].double() @ a.double().T) @ b.double().T * scale
+            expected[t, start : start + b.shape[0]] += delta
+            start += b.shape[0]
+    torch.testing.assert_close(out.double(), expected, atol=1e-2, rtol=1e-2)
+    assert torch.equal(out[slots < 0], base[slots < 0])
+    for t in (0, 5):  # alone: the same bits
+        row = base[t : t + 1].clone()
+        assert lora_add(x[t : t + 1].clone(), row, slots[t : t + 1].clone(), weights)
+        assert torch.equal(row, out[t : t + 1])
+
+
+def test_c_kernel_refuses_what_it_cannot_take_and_leaves_the_output():
+    from ember.kernels.lora_cpu import available, lora_add
+
+    if not available():
+        pytest.skip("no C compiler: the torch path serves")
+    weights, _ = _c_weights([48], rank=8, slots=1, seed=5)
+    x, out = torch.randn(2, 64).bfloat16(), torch.zeros(2, 48).bfloat16()
+    slots = torch.zeros(2, dtype=torch.int64)
+    assert not lora_add(x.float(), out, slots, weights)  # float32 activations: torch's path
+    assert not lora_add(x, out[:, ::2], slots, weights)  # a strided output
+    assert torch.equal(out, torch.zeros(2, 48).bfloat16())

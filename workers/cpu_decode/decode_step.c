@@ -19,6 +19,10 @@
  *   x = silu_mul(normed @ Wgate_up) @ Wdown
  *   ... and after the last layer  hidden = norm(x + residual)
  *
+ * With `token_slots` (LoRA: each token's adapter slot, -1 for none), each matmul of a layer
+ * that LoRA wraps is followed by its adapters' deltas (kernels/csrc/lora_add.c), as the
+ * layer-by-layer loop adds them.
+ *
  * Returns 0, or the first kernel's non-zero status (what it computed so far is then to be
  * recomputed by the caller's other path: the KV writes are the ones it makes again).
  */
@@ -45,6 +49,15 @@ typedef int (*attention_fn)(const float *query, const void *kv_cache,
                             int64_t cache_format, const float *k_scale, const float *v_scale);
 typedef void (*silu_fn)(const uint16_t *gate_up, int64_t num_tokens, int64_t size,
                         uint16_t *out);
+typedef int (*lora_fn)(const uint16_t *x, int64_t tokens, int64_t k, const int64_t *token_slots,
+                       const float *lora_a, const float *lora_bt, int64_t n_rank, int64_t rank,
+                       const int64_t *slice_ends, int64_t slices, int64_t n, uint16_t *out);
+
+typedef struct {                                 /* one linear layer's adapters, or a == NULL */
+    const float *a, *bt;                         /* [slots, n*R, K], [slots, n*R, N] float32 */
+    const int64_t *slice_ends;
+    int64_t n_rank, rank, slices;
+} LoraWeights;
 
 typedef struct {
     const float *norm_in, *norm_post;            /* RMSNorm weights [hidden], float32 */
@@ -53,10 +66,11 @@ typedef struct {
     const float *cos_sin;                        /* [max_position, rotary_dim] */
     void *kv_cache;                              /* [2, num_blocks, block_size, Hkv, D] */
     const float *k_scale, *v_scale;              /* an e4m3 cache's scalars */
+    LoraWeights qkv_lora, o_lora, gate_up_lora, down_lora;
 } Layer;
 
 typedef struct {
-    void *norm, *matmul, *rope, *attention, *silu; /* the kernels, from their libraries */
+    void *norm, *matmul, *rope, *attention, *silu, *lora; /* the kernels, from their libraries */
     const Layer *layers;
     const float *final_norm;
     int64_t num_layers, hidden, intermediate, num_heads, num_kv_heads, head_dim, rotary_dim;
@@ -65,9 +79,21 @@ typedef struct {
     float eps, scale;
 } Model;
 
+/* out [tokens, n] += the LoRA deltas of x [tokens, k] where the layer has adapters and the
+   step has token slots; 0 otherwise */
+static int add_lora(const Model *model, const LoraWeights *weights, const int64_t *token_slots,
+                    const uint16_t *x, int64_t tokens, int64_t k, int64_t n, uint16_t *out) {
+    if (!token_slots || !weights->a) return 0;
+    if (!model->lora) return 4;
+    return ((lora_fn)model->lora)(x, tokens, k, token_slots, weights->a, weights->bt,
+                                  weights->n_rank, weights->rank, weights->slice_ends,
+                                  weights->slices, n, out);
+}
+
 int ember_decode_step(const Model *model, int64_t tokens, float *residual,
                       const int64_t *positions, const int64_t *slots, const int64_t *block_table,
-                      int64_t table_stride, const int32_t *seq_lens, float *hidden_out) {
+                      int64_t table_stride, const int32_t *seq_lens, float *hidden_out,
+                      const int64_t *token_slots) {
     norm_fn norm = (norm_fn)model->norm;
     matmul_fn matmul = (matmul_fn)model->matmul;
     rope_fn rope = (rope_fn)model->rope;
@@ -99,6 +125,9 @@ int ember_decode_step(const Model *model, int64_t tokens, float *residual,
         if (status) goto done;
         status = matmul(normed, 1, tokens, hidden, layer->qkv, (int)layer->qkv_bits, qkv_width,
                         qkv, 1);
+        if (!status)
+            status = add_lora(model, &layer->qkv_lora, token_slots, normed, tokens, hidden,
+                              qkv_width, qkv);
         if (status) goto done;
         status = rope(qkv, positions, layer->cos_sin, tokens, heads, kv_heads, dim,
                       model->rotary_dim, layer->kv_cache, cache_slots, slots, query,
@@ -112,15 +141,23 @@ int ember_decode_step(const Model *model, int64_t tokens, float *residual,
         for (int64_t i = 0; i < tokens * attn_width; i++) attn_bf16[i] = float_to_bf16(attn[i]);
         status = matmul(attn_bf16, 1, tokens, attn_width, layer->o, (int)layer->o_bits, hidden,
                         x, 1);
+        if (!status)
+            status = add_lora(model, &layer->o_lora, token_slots, attn_bf16, tokens, attn_width,
+                              hidden, x);
         if (status) goto done;
         status = norm(x, 1, residual, layer->norm_post, tokens, hidden, model->eps, normed, 1,
                       residual);
         if (status) goto done;
         status = matmul(normed, 1, tokens, hidden, layer->gate_up, (int)layer->gate_up_bits,
                         2 * inter, gate_up, 1);
+        if (!status)
+            status = add_lora(model, &layer->gate_up_lora, token_slots, normed, tokens, hidden,
+                              2 * inter, gate_up);
         if (status) goto done;
         silu(gate_up, tokens, inter, act);
         status = matmul(act, 1, tokens, inter, layer->down, (int)layer->down_bits, hidden, x, 1);
+        if (!status)
+            status = add_lora(model, &layer->down_lora, token_slots, act, tokens, inter, hidden, x);
         if (status) goto done;
     }
     status = norm(x, 1, residual, model->final_norm, tokens, hidden, model->eps, hidden_out, 0,

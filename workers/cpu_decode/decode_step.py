@@ -15,10 +15,23 @@ from pathlib import Path
 
 import torch
 
-from ember.kernels import attention_cpu, decode_cpu, layernorm, tile_matmul
+from ember.kernels import attention_cpu, decode_cpu, layernorm, lora_cpu, tile_matmul
 from ember.kernels.cpu_library import isa_cached, load_c_library
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+
+
+class _LoraWeights(ctypes.Structure):
+    """One linear layer's adapters (`kernels.lora_cpu.LoRACWeights`); a NULL: none."""
+
+    _fields_ = [
+        ("a", _ptr),
+        ("bt", _ptr),
+        ("slice_ends", _ptr),
+        ("n_rank", _i64),
+        ("rank", _i64),
+        ("slices", _i64),
+    ]
 
 
 class _Layer(ctypes.Structure):
@@ -37,6 +50,10 @@ class _Layer(ctypes.Structure):
         ("kv_cache", _ptr),
         ("k_scale", _ptr),
         ("v_scale", _ptr),
+        ("qkv_lora", _LoraWeights),
+        ("o_lora", _LoraWeights),
+        ("gate_up_lora", _LoraWeights),
+        ("down_lora", _LoraWeights),
     ]
 
 
@@ -47,6 +64,7 @@ class _Model(ctypes.Structure):
         ("rope", _ptr),
         ("attention", _ptr),
         ("silu", _ptr),
+        ("lora", _ptr),
         ("layers", ctypes.POINTER(_Layer)),
         ("final_norm", _ptr),
         ("num_layers", _i64),
@@ -71,13 +89,14 @@ def _library() -> ctypes.CDLL | None:
     if library is None:
         return None
     library.ember_decode_step.argtypes = [ctypes.POINTER(_Model), _i64, _ptr, _ptr, _ptr, _ptr]
-    library.ember_decode_step.argtypes += [_i64, _ptr, _ptr]
+    library.ember_decode_step.argtypes += [_i64, _ptr, _ptr, _ptr]
     library.ember_decode_step.restype = ctypes.c_int
     return library
 
 
-def _kernels() -> list[int] | None:
-    """The entry points of norm, matmul, rope, attention and SiLU, or None if one is missing."""
+def _kernels() -> list[int | None] | None:
+    """The entry points of norm, matmul, rope, attention and SiLU, or None if one is missing;
+    then LoRA's (None where its library is not built: steps with adapters are not taken)."""
     libraries = [
         layernorm._library(),
         tile_matmul._library(),
@@ -94,7 +113,8 @@ def _kernels() -> list[int] | None:
         attention.ember_paged_decode_attention,
         decode.ember_silu_mul,
     ]
-    return [ctypes.cast(function, ctypes.c_void_p).value for function in functions]
+    pointers = [ctypes.cast(function, ctypes.c_void_p).value for function in functions]
+    return [*pointers, lora_cpu.function_pointer()]
 
 
 class DecodeStepModel:
@@ -107,6 +127,18 @@ class DecodeStepModel:
         self.shape = shape  # hidden, intermediate, heads, kv heads, head_dim, rotary_dim, ...
         self._model: _Model | None = None
         self._cache_ptrs: tuple[int, ...] = ()
+        # per layer, the LoRA weights of qkv, o, gate_up and down (None: not wrapped)
+        self.lora: list[tuple[lora_cpu.LoRACWeights | None, ...]] | None = None
+
+    @property
+    def serves_lora(self) -> bool:
+        """Whether steps with adapters can run here (the LoRA kernel is built)."""
+        return self.kernels[-1] is not None
+
+    def set_lora(self, lora: list[tuple[lora_cpu.LoRACWeights | None, ...]]) -> None:
+        """The adapters' weights of every layer's four linears (their tensors stay in place
+        while adapters come and go: `LoRALinearMethod.set_slot` copies into them)."""
+        self.lora, self._model = lora, None
 
     @classmethod
     def build(
@@ -141,6 +173,10 @@ class DecodeStepModel:
             entry.gate_up_bits, entry.down_bits = gate_up.bits, down.bits
             entry.cos_sin, entry.kv_cache = cos_sin.data_ptr(), cache.data_ptr()
             entry.k_scale, entry.v_scale = attn.k_scale.data_ptr(), attn.v_scale.data_ptr()
+        for entry, weights in zip(entries, self.lora or []):
+            for name, lora in zip(("qkv_lora", "o_lora", "gate_up_lora", "down_lora"), weights):
+                if lora is not None:
+                    setattr(entry, name, _lora_struct(lora))
         model = _Model(
             *self.kernels,
             entries,
@@ -162,10 +198,12 @@ class DecodeStepModel:
         slot_mapping: torch.Tensor,
         block_table: torch.Tensor,
         seq_lens: torch.Tensor,
+        token_slots: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """The final normalised hidden states [T, H] float32 of a step whose embeddings are
         `residual` [T, H] float32 (overwritten); None when a kernel refused (nothing to trust
-        but the KV writes, which the caller's other path makes again)."""
+        but the KV writes, which the caller's other path makes again). `token_slots` [T]
+        int64: each token's LoRA slot (-1: none), after `set_lora`."""
         kv_cache = self.layer_tensors[0][7].kv_cache
         _, num_blocks, block_size = kv_cache.shape[:3]
         model = self._c_model(block_size, num_blocks)
@@ -180,5 +218,17 @@ class DecodeStepModel:
             block_table.stride(0),
             seq_lens.data_ptr(),
             hidden.data_ptr(),
+            None if token_slots is None else token_slots.data_ptr(),
         )
         return hidden if status == 0 else None
+
+
+def _lora_struct(weights: lora_cpu.LoRACWeights) -> _LoraWeights:
+    return _LoraWeights(
+        weights.lora_a.data_ptr(),
+        weights.lora_bt.data_ptr(),
+        weights.slice_ends.data_ptr(),
+        weights.lora_a.shape[1],
+        weights.rank,
+        weights.slice_ends.numel(),
+    )

@@ -179,6 +179,7 @@ class LlamaCPUDecodeRunner:
         self.packed_max_tokens = min(linear.packed_weight.max_tokens for linear in linears)
         self.max_decodes = MAX_DECODES if dense_bf16 else self.packed_max_tokens
         self.step_model = self._step_model(linears)
+        self.lora_step = None  # the LoRA step state the wrapped linears share (False: none)
 
     def _step_model(self, linears: list[nn.Module]) -> decode_step.DecodeStepModel | None:
         """The layers in one C call (`decode_step.py`) when every matmul has tiles and
@@ -271,8 +272,9 @@ class LlamaCPUDecodeRunner:
     ) -> torch.Tensor | None:
         """The final hidden states [T, H] of a step that `can_run` accepted; None when a kernel
         refused it (the model's forward then serves it, making the same KV writes again).
-        With `lora` (some token of the step has an adapter) the layers run one C call each,
-        with each adapter's delta added after its matmul, instead of all in one call."""
+        With `lora` (some token of the step has an adapter) each adapter's delta is added after
+        its matmul: inside the one C call where the LoRA kernel is built, else by the layers'
+        C calls one by one."""
         num_tokens = input_ids.shape[0]
         block_table, seq_lens = metadata.block_table, metadata.seq_lens
         slot_mapping = metadata.slot_mapping
@@ -281,9 +283,15 @@ class LlamaCPUDecodeRunner:
         residual = self.model.embed_tokens(input_ids).contiguous()  # float32 [T, H]
         positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
         packed = num_tokens <= self.packed_max_tokens
-        if packed and self.step_model is not None and not lora:
+        token_slots = self._lora_token_slots() if lora else None
+        if packed and self.step_model is not None and (not lora or token_slots is not None):
             return self.step_model.run(
-                residual, positions, slot_mapping, block_table.contiguous(), seq_lens.contiguous()
+                residual,
+                positions,
+                slot_mapping,
+                block_table.contiguous(),
+                seq_lens.contiguous(),
+                token_slots,
             )
         normed = torch.empty(num_tokens, residual.shape[1], dtype=torch.bfloat16)
         query = torch.empty(num_tokens, num_heads, head_dim)
@@ -339,6 +347,28 @@ class LlamaCPUDecodeRunner:
         hidden = torch.empty_like(residual)
         self._norm(x, residual, self.model.norm, hidden)
         return hidden
+
+    def _lora_token_slots(self) -> torch.Tensor | None:
+        """This step's LoRA slot of each token, for the one C call (the adapters' weights are
+        handed to the step model the first time); None where that call cannot add them."""
+        if self.step_model is None or not self.step_model.serves_lora:
+            return None
+        if self.lora_step is None:
+            weights = [
+                tuple(getattr(linear.quant_method, "c_weights", None) for linear in entry[2:6])
+                for entry in self.layers
+            ]
+            self.step_model.set_lora(weights)
+            wrapped = [
+                linear.quant_method
+                for entry in self.layers
+                for linear in entry[2:6]
+                if getattr(linear.quant_method, "c_weights", None) is not None
+            ]
+            self.lora_step = wrapped[0].step if wrapped else False
+        if not self.lora_step or self.lora_step.token_slots is None:
+            return None
+        return self.lora_step.token_slots.contiguous()
 
     @staticmethod
     def _norm(

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ember.kernels.cpu_features import native_bfloat16
 from ember.kernels.lora import SlotGroups, lora_expand_, lora_shrink, slot_groups
+from ember.kernels.lora_cpu import LoRACWeights, lora_add
 from ember.workers.layers.linear import (
     ColumnParallelLinear,
     LinearBase,
@@ -86,18 +86,22 @@ class LoRALinearMethod(LinearMethodBase):
         self.lora_b = torch.zeros(max_loras, output_size, max_rank, dtype=dtype, device=device)
         self.scales = torch.zeros(max_loras, len(slices), dtype=torch.float32, device=device)
         # On CPU every slice's B, scaled, in one block-diagonal matrix [out, n * R]: a fused
-        # layer's delta is then one matmul per adapter, not one per slice. Where the CPU
-        # multiplies bfloat16 natively, bfloat16 copies of A and of the blocks serve the fused
-        # decode step's bfloat16 activations (`_add_cpu`).
+        # layer's delta is then one matmul per adapter, not one per slice. The C kernel
+        # (`kernels/lora_cpu.py`, for bfloat16 activations: the fused decode step's) reads A and
+        # the blocks transposed, in float32 (`c_weights`).
         self.lora_b_blocks = None
-        self.half_a = self.half_b_blocks = None
+        self.c_weights = None
         if device.type == "cpu":
             self.lora_b_blocks = torch.zeros(
                 max_loras, output_size, len(slices) * max_rank, dtype=dtype, device=device
             )
-            if dtype != torch.bfloat16 and native_bfloat16():
-                self.half_a = torch.zeros_like(self.lora_a, dtype=torch.bfloat16)
-                self.half_b_blocks = torch.zeros_like(self.lora_b_blocks, dtype=torch.bfloat16)
+            c_a = self.lora_a if dtype == torch.float32 else torch.zeros_like(self.lora_a).float()
+            self.c_weights = LoRACWeights(
+                c_a,
+                torch.zeros(max_loras, len(slices) * max_rank, output_size),
+                max_rank,
+                torch.tensor([part.offset + part.size for part in slices], dtype=torch.int64),
+            )
 
     def create_weights(self, layer, *args, **kwargs) -> None:
         self.base.create_weights(layer, *args, **kwargs)
@@ -133,14 +137,14 @@ class LoRALinearMethod(LinearMethodBase):
         return out
 
     def _add_cpu(self, x: torch.Tensor, out: torch.Tensor, groups: SlotGroups) -> torch.Tensor:
-        """CPU: per adapter of the step, out[rows] += (x[rows] @ A^T) @ B_blocks^T, in the
-        fewest framework calls (each costs more than these small products), bfloat16 where the
-        activations are and the CPU multiplies it natively. A token's rows go through the same
-        calls whether or not other adapters share its step (gathered, then put back)."""
-        half = x.dtype == out.dtype == torch.bfloat16 and self.half_a is not None
-        lora_a, lora_b = (
-            (self.half_a, self.half_b_blocks) if half else (self.lora_a, self.lora_b_blocks)
-        )
+        """CPU: per adapter of the step, out[rows] += (x[rows] @ A^T) @ B_blocks^T. Bfloat16
+        activations and outputs (the fused decode loop's) take the C kernel, one call for the
+        step; otherwise the fewest framework calls (each costs more than these small
+        products). Either way a token's delta does not depend on the other adapters in its
+        step (the torch path gathers a slot's rows and puts them back)."""
+        if lora_add(x, out, self.step.token_slots, self.c_weights):
+            return out
+        lora_a, lora_b = self.lora_a, self.lora_b_blocks
         for slot, rows in groups:
             part = x if rows is None else x.index_select(0, rows)
             target = out if rows is None else out.index_select(0, rows)
@@ -183,9 +187,9 @@ class LoRALinearMethod(LinearMethodBase):
                     slice(index * rank, (index + 1) * rank),
                 )
                 blocks[rows, columns] = self.lora_b[slot, rows] * self.scales[slot, index]
-            if self.half_a is not None:
-                self.half_a[slot].copy_(self.lora_a[slot])
-                self.half_b_blocks[slot].copy_(blocks)
+            if self.c_weights.lora_a is not self.lora_a:
+                self.c_weights.lora_a[slot].copy_(self.lora_a[slot])
+            self.c_weights.lora_bt[slot].copy_(blocks.T)
 
 
 def output_slices(layer: LinearBase) -> list[OutputSlice]:
