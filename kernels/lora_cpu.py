@@ -4,8 +4,8 @@ decode step calls the same function between its matmuls (`workers/cpu_decode/dec
 the layer-by-layer path calls it through `lora_add`.
 
 The weights are the layer's, in the form the kernel reads (`LoRACWeights`): A stacked by slot
-[S, n*R, K] and B transposed and scaled [S, n*R, N], block-diagonal over the layer's n output
-slices (q | k | v, gate | up, or one), float32. `kernels/lora.py` holds the torch path and the
+[S, n*R, K] and B transposed and scaled [S, R, N], the layer's n output slices (q | k | v,
+gate | up, or one) side by side in its columns, float32. `kernels/lora.py` holds the torch path and the
 definition the tests compare with.
 """
 
@@ -24,7 +24,7 @@ class LoRACWeights:
     """One layer's adapters as `ember_lora_add` reads them."""
 
     lora_a: torch.Tensor  # float32 [S, n * R, K]
-    lora_bt: torch.Tensor  # float32 [S, n * R, N], slice i's B^T * scale in rows i*R ..
+    lora_bt: torch.Tensor  # float32 [S, R, N]: each slice's B^T * scale over its own columns
     rank: int  # R, the padded rank of a slice
     slice_ends: torch.Tensor  # int64 [n]: where each slice's outputs end
 

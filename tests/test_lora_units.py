@@ -346,11 +346,11 @@ def _c_weights(sizes: list[int], rank: int, slots: int, seed: int):
         ]
         for s in range(slots)
     ]
-    lora_bt = torch.zeros(slots, n * rank, sum(sizes))
+    lora_bt = torch.zeros(slots, rank, sum(sizes))
     for s in range(slots):
         start = 0
         for i, (_, b, scale) in enumerate(parts[s]):
-            lora_bt[s, i * rank : (i + 1) * rank, start : start + sizes[i]] = (b * scale).T
+            lora_bt[s, :, start : start + sizes[i]] = (b * scale).T
             start += sizes[i]
     ends = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int64)
     return LoRACWeights(lora_a, lora_bt, rank, ends), parts

@@ -54,7 +54,7 @@ typedef int (*lora_fn)(const uint16_t *x, int64_t tokens, int64_t k, const int64
                        const int64_t *slice_ends, int64_t slices, int64_t n, uint16_t *out);
 
 typedef struct {                                 /* one linear layer's adapters, or a == NULL */
-    const float *a, *bt;                         /* [slots, n*R, K], [slots, n*R, N] float32 */
+    const float *a, *bt;                         /* [slots, n*R, K], [slots, R, N] float32 */
     const int64_t *slice_ends;
     int64_t n_rank, rank, slices;
 } LoraWeights;

@@ -98,7 +98,7 @@ class LoRALinearMethod(LinearMethodBase):
             c_a = self.lora_a if dtype == torch.float32 else torch.zeros_like(self.lora_a).float()
             self.c_weights = LoRACWeights(
                 c_a,
-                torch.zeros(max_loras, len(slices) * max_rank, output_size),
+                torch.zeros(max_loras, max_rank, output_size),
                 max_rank,
                 torch.tensor([part.offset + part.size for part in slices], dtype=torch.int64),
             )
@@ -189,7 +189,11 @@ class LoRALinearMethod(LinearMethodBase):
                 blocks[rows, columns] = self.lora_b[slot, rows] * self.scales[slot, index]
             if self.c_weights.lora_a is not self.lora_a:
                 self.c_weights.lora_a[slot].copy_(self.lora_a[slot])
-            self.c_weights.lora_bt[slot].copy_(blocks.T)
+            for index, part in enumerate(self.slices):  # each slice's block of B, side by side
+                columns = slice(part.offset, part.offset + part.size)
+                self.c_weights.lora_bt[slot, :, columns] = blocks[
+                    columns, index * rank : (index + 1) * rank
+                ].T
 
 
 def output_slices(layer: LinearBase) -> list[OutputSlice]:
