@@ -46,16 +46,24 @@ ONLY = [word for word in os.environ.get("EMBER_SMOKE_ONLY", "").split(",") if wo
 ENGINE = {"max_num_seqs": 8}
 
 
-def hf_greedy(model_dir: str, prompts: list[list[int]]) -> list[list[int]]:
+def hf_greedy(
+    model_dir: str, prompts: list[list[int]], adapter: str | None = None
+) -> list[list[int]]:
+    """HF greedy tokens of each prompt, with a LoRA adapter applied by peft where given."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model = model.to(DEVICE).eval()
     outputs = []
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([prompt], device=DEVICE)
             out = model.generate(
-                ids,
+                input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=NEW_TOKENS,
                 min_new_tokens=NEW_TOKENS,
@@ -88,31 +96,6 @@ def write_adapter(base_dir: str, path: str, seed: int, settings: dict) -> str:
             param.data.normal_(0, 0.1)
     peft_model.save_pretrained(path)
     return path
-
-
-def peft_greedy(base_dir: str, adapter: str | None, prompts: list[list[int]]) -> list[list[int]]:
-    """HF greedy tokens with the adapter applied by peft (None: the base model)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
-    model = model.to(DEVICE).eval()
-    outputs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt], device=DEVICE)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            outputs.append(out[0, len(prompt) :].tolist())
-    return outputs
 
 
 def ember_lora_greedy(
@@ -253,7 +236,9 @@ def main() -> int:
             lambda e=eager: ember_lora_greedy(
                 dense, which, prompts, device=DEVICE, enforce_eager=e
             ),
-            lambda: [peft_greedy(dense, path, [prompt])[0] for path, prompt in zip(which, prompts)],
+            lambda: [
+                hf_greedy(dense, [prompt], adapter=path)[0] for path, prompt in zip(which, prompts)
+            ],
         )
     print(f"{failures} failed", flush=True)
     return failures
