@@ -27,7 +27,10 @@ def tiny_dir(tmp_path_factory):
 
 
 INTERRUPTED_SCRIPT = """
-import sys, time
+import signal, sys, time
+# A test run started in the background (`make test &`) ignores SIGINT, and its children
+# inherit that; Python then installs no KeyboardInterrupt handler. A user's terminal has one.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from ember import LLM, SamplingParams
 llm = LLM(sys.argv[1], dtype="float32", skip_tokenizer_init=True)
 long_run = SamplingParams(max_tokens=200, ignore_eos=True)
