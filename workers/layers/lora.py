@@ -87,8 +87,8 @@ class LoRALinearMethod(LinearMethodBase):
         self.scales = torch.zeros(max_loras, len(slices), dtype=torch.float32, device=device)
         # On CPU every slice's B, scaled, in one block-diagonal matrix [out, n * R]: a fused
         # layer's delta is then one matmul per adapter, not one per slice. The C kernel
-        # (`kernels/lora_cpu.py`, for bfloat16 activations: the fused decode step's) reads A and
-        # the blocks transposed, in float32 (`c_weights`).
+        # (`kernels/lora_cpu.py`, for bfloat16 activations: the fused decode step's) reads A
+        # and every slice's scaled B^T side by side in one [R, N] matrix, float32 (`c_weights`).
         self.lora_b_blocks = None
         self.c_weights = None
         if device.type == "cpu":
