@@ -3,8 +3,8 @@ a linear layer's bfloat16 output, in one call for all the adapters of a step. Th
 decode step calls the same function between its matmuls (`workers/cpu_decode/decode_step.c`);
 the layer-by-layer path calls it through `lora_add`.
 
-The weights are the layer's, in the form the kernel reads (`LoRACWeights`): A stacked by slot
-[S, n*R, K] and B transposed and scaled [S, R, N], the layer's n output slices (q | k | v,
+The weights are the layer's, in the form the kernel reads (`LoRACWeights`): A transposed and
+stacked by slot [S, K, n*R] and B transposed and scaled [S, R, N], the layer's n output slices (q | k | v,
 gate | up, or one) side by side in its columns, float32. `kernels/lora.py` holds the torch path and the
 definition the tests compare with.
 """
@@ -23,7 +23,7 @@ from ember.kernels.cpu_library import isa_cached, load_openmp_library
 class LoRACWeights:
     """One layer's adapters as `ember_lora_add` reads them."""
 
-    lora_a: torch.Tensor  # float32 [S, n * R, K]
+    lora_at: torch.Tensor  # float32 [S, K, n * R]: A^T, slice i in columns i*R .. i*R + R-1
     lora_bt: torch.Tensor  # float32 [S, R, N]: each slice's B^T * scale over its own columns
     rank: int  # R, the padded rank of a slice
     slice_ends: torch.Tensor  # int64 [n]: where each slice's outputs end
@@ -67,18 +67,18 @@ def lora_add(
         or not token_slots.is_contiguous()
         or x.shape[0] != out.shape[0]
         or token_slots.shape != (x.shape[0],)
-        or x.shape[1] != weights.lora_a.shape[2]
+        or x.shape[1] != weights.lora_at.shape[1]
         or out.shape[1] != weights.lora_bt.shape[2]
     ):
         return False
     tokens, k = x.shape
-    n_rank = weights.lora_a.shape[1]
+    n_rank = weights.lora_at.shape[2]
     status = library.ember_lora_add(
         x.data_ptr(),
         tokens,
         k,
         token_slots.data_ptr(),
-        weights.lora_a.data_ptr(),
+        weights.lora_at.data_ptr(),
         weights.lora_bt.data_ptr(),
         n_rank,
         weights.rank,

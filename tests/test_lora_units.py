@@ -61,8 +61,10 @@ def test_no_adapter_in_the_step_skips_the_lora_math():
     assert slot_groups(torch.full((5,), -1)) == []
 
 
-def test_fused_qkv_layer_adds_each_slice_its_own_adapter():
-    """q and v adapted (different ranks), k not: the delta lands in each slice's rows only."""
+@pytest.mark.parametrize("rows", [3, 300], ids=["decode", "prefill"])
+def test_fused_qkv_layer_adds_each_slice_its_own_adapter(rows):
+    """q and v adapted (different ranks), k not: the delta lands in each slice's rows only;
+    a prefill's rows take the slice-by-slice expand (`SLICED_EXPAND_MIN_ROWS`)."""
     torch.manual_seed(1)
     hidden, head, heads, kv_heads = 16, 4, 4, 2
     layer = QKVParallelLinear(hidden, head, heads, kv_heads, ctx=ModelContext())
@@ -78,14 +80,16 @@ def test_fused_qkv_layer_adds_each_slice_its_own_adapter():
     a_q, b_q = torch.randn(4, hidden), torch.randn(heads * head, 4)
     a_v, b_v = torch.randn(8, hidden), torch.randn(kv_heads * head, 8)
     method.set_slot(1, {"q": (a_q, b_q, 0.5), "v": (a_v, b_v, 2.0)})
-    x = torch.randn(3, hidden)
+    x = torch.randn(rows, hidden)
     base = x @ layer.weight.T
-    step.set_token_slots(torch.tensor([1, -1, 1]))
+    slots = torch.tensor([1, -1, 1] * (rows // 3))
+    step.set_token_slots(slots)
     out = layer(x)
     q_rows, kv_rows = heads * head, kv_heads * head
     expected = base.clone()
-    expected[[0, 2], :q_rows] += (x[[0, 2]] @ a_q.T @ b_q.T) * 0.5
-    expected[[0, 2], q_rows + kv_rows :] += (x[[0, 2]] @ a_v.T @ b_v.T) * 2.0
+    adapted = slots == 1
+    expected[adapted, :q_rows] += (x[adapted] @ a_q.T @ b_q.T) * 0.5
+    expected[adapted, q_rows + kv_rows :] += (x[adapted] @ a_v.T @ b_v.T) * 2.0
     torch.testing.assert_close(out, expected)
     step.set_token_slots(None)
     torch.testing.assert_close(layer(x), base)
@@ -353,25 +357,31 @@ def _c_weights(sizes: list[int], rank: int, slots: int, seed: int):
             lora_bt[s, :, start : start + sizes[i]] = (b * scale).T
             start += sizes[i]
     ends = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int64)
-    return LoRACWeights(lora_a, lora_bt, rank, ends), parts
+    return LoRACWeights(lora_a.transpose(1, 2).contiguous(), lora_bt, rank, ends), parts
 
 
-@pytest.mark.parametrize("sizes", [[48], [64, 16, 16], [40, 40]], ids=["one", "qkv", "gate-up"])
-def test_c_kernel_adds_each_tokens_adapter_as_the_definition(cpu_isa, sizes):
+@pytest.mark.parametrize(
+    "sizes, rank",
+    [([48], 8), ([64, 16, 16], 8), ([40, 40], 8), ([96, 32, 32], 16), ([200, 200], 24)],
+    ids=["one", "qkv", "gate-up", "qkv-rank16", "gate-up-rank24"],
+)
+def test_c_kernel_adds_each_tokens_adapter_as_the_definition(cpu_isa, sizes, rank):
     """`kernels/lora_cpu.lora_add` (the fused decode step's LoRA) under each ISA: bfloat16
     rows of a step mixing two adapters and the base model, each row within bfloat16's
     rounding of the float64 definition, base rows untouched, and a row's result the same
-    bits whether it runs alone or among the others."""
+    bits whether it runs alone or among the others. The sizes take every path of the
+    kernel's blocks: three vectors, one, and the columns after the last whole vector."""
     from ember.kernels.lora_cpu import available, lora_add
 
     if not available():
         pytest.skip("no C compiler: the torch path serves")
-    weights, parts = _c_weights(sizes, rank=8, slots=2, seed=3)
+    weights, parts = _c_weights(sizes, rank=rank, slots=2, seed=3)
     generator = torch.Generator().manual_seed(4)
-    tokens = 11  # groups of up to four rows of one slot, and a remainder
+    # slot 0's 13 rows fill a group of eight (four on AVX2) and leave a part-filled one
+    slots = torch.tensor([0, 1, -1, 0, 0, 1, 0, -1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, -1])
+    tokens = len(slots)
     x = torch.randn(tokens, 64, generator=generator).bfloat16()
     base = torch.randn(tokens, sum(sizes), generator=generator).bfloat16()
-    slots = torch.tensor([0, 1, -1, 0, 0, 1, 0, -1, 1, 1, 0])
     out = base.clone()
     assert lora_add(x, out, slots, weights)
     expected = base.double().clone()
@@ -385,7 +395,7 @@ def test_c_kernel_adds_each_tokens_adapter_as_the_definition(cpu_isa, sizes):
             start += b.shape[0]
     torch.testing.assert_close(out.double(), expected, atol=1e-2, rtol=1e-2)
     assert torch.equal(out[slots < 0], base[slots < 0])
-    for t in (0, 5):  # alone: the same bits
+    for t in (0, 5, 16):  # alone: the same bits
         row = base[t : t + 1].clone()
         assert lora_add(x[t : t + 1].clone(), row, slots[t : t + 1].clone(), weights)
         assert torch.equal(row, out[t : t + 1])

@@ -50,11 +50,11 @@ typedef int (*attention_fn)(const float *query, const void *kv_cache,
 typedef void (*silu_fn)(const uint16_t *gate_up, int64_t num_tokens, int64_t size,
                         uint16_t *out);
 typedef int (*lora_fn)(const uint16_t *x, int64_t tokens, int64_t k, const int64_t *token_slots,
-                       const float *lora_a, const float *lora_bt, int64_t n_rank, int64_t rank,
+                       const float *lora_at, const float *lora_bt, int64_t n_rank, int64_t rank,
                        const int64_t *slice_ends, int64_t slices, int64_t n, uint16_t *out);
 
 typedef struct {                                 /* one linear layer's adapters, or a == NULL */
-    const float *a, *bt;                         /* [slots, n*R, K], [slots, R, N] float32 */
+    const float *at, *bt;                        /* [slots, K, n*R], [slots, R, N] float32 */
     const int64_t *slice_ends;
     int64_t n_rank, rank, slices;
 } LoraWeights;
@@ -83,9 +83,9 @@ typedef struct {
    step has token slots; 0 otherwise */
 static int add_lora(const Model *model, const LoraWeights *weights, const int64_t *token_slots,
                     const uint16_t *x, int64_t tokens, int64_t k, int64_t n, uint16_t *out) {
-    if (!token_slots || !weights->a) return 0;
+    if (!token_slots || !weights->at) return 0;
     if (!model->lora) return 4;
-    return ((lora_fn)model->lora)(x, tokens, k, token_slots, weights->a, weights->bt,
+    return ((lora_fn)model->lora)(x, tokens, k, token_slots, weights->at, weights->bt,
                                   weights->n_rank, weights->rank, weights->slice_ends,
                                   weights->slices, n, out);
 }

@@ -25,7 +25,7 @@ class _LoraWeights(ctypes.Structure):
     """One linear layer's adapters (`kernels.lora_cpu.LoRACWeights`); a NULL: none."""
 
     _fields_ = [
-        ("a", _ptr),
+        ("at", _ptr),
         ("bt", _ptr),
         ("slice_ends", _ptr),
         ("n_rank", _i64),
@@ -225,10 +225,10 @@ class DecodeStepModel:
 
 def _lora_struct(weights: lora_cpu.LoRACWeights) -> _LoraWeights:
     return _LoraWeights(
-        weights.lora_a.data_ptr(),
+        weights.lora_at.data_ptr(),
         weights.lora_bt.data_ptr(),
         weights.slice_ends.data_ptr(),
-        weights.lora_a.shape[1],
+        weights.lora_at.shape[2],
         weights.rank,
         weights.slice_ends.numel(),
     )
