@@ -813,11 +813,6 @@ def test_settings_ember_does_not_take_are_refused_naming_them(settings, message)
         FP8Config({"quant_method": "fp8", **settings})
 
 
-def test_an_fp8_kv_cache_is_refused_as_not_supported_yet():
-    with pytest.raises(NotImplementedError, match="kv_cache_scheme"):
-        FP8Config({"activation_scheme": "static", "kv_cache_scheme": "static"})
-
-
 def test_a_checkpoint_of_other_tensors_than_it_declares_is_refused(checkpoints, tmp_path):
     source = checkpoints["per-tensor-dynamic"][0]
     tensors = load_file(f"{source}/model.safetensors")

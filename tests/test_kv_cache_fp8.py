@@ -29,7 +29,7 @@ from ember.kernels.attention import (
     to_fp8_e4m3,
     write_kv_cache_torch,
 )
-from ember.workers.layers.attention import K_SCALE_RANGE, V_SCALE_RANGE
+from ember.workers.layers.attention import K_SCALE_RANGE, V_SCALE_RANGE, Attention
 from tests.helpers import random_prompts, write_random_llama
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -394,25 +394,26 @@ def test_calculate_kv_scales_sets_vllms_scales_from_the_first_step(tiny_llama_di
     core.shutdown()
 
 
-def _e4m3(x: torch.Tensor) -> torch.Tensor:
-    return x.float().clamp(-448, 448).to(FP8_E4M3).to(x.dtype)
+def _e4m3(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return ((x.float() / scale).clamp(-448, 448).to(FP8_E4M3).float() * scale).to(x.dtype)
 
 
 @contextlib.contextmanager
-def keys_and_values_rounded_through_e4m3(model):
-    """Hugging Face's Llama with every key (after rotary, as ember caches it) and value rounded
-    to e4m3, the scales being 1.0: what ember's fp8 cache holds."""
+def keys_and_values_rounded_through_e4m3(model, k_scale: float = 1.0, v_scale: float = 1.0):
+    """Hugging Face's Llama with every key (after rotary, as ember caches it) divided by
+    k_scale, rounded to e4m3 and multiplied back, and every value the same with v_scale: what
+    ember's fp8 cache holds."""
     from transformers.models.llama import modeling_llama
 
     rotary = modeling_llama.apply_rotary_pos_emb
 
     def rotary_then_rounded(query, key, *args, **kwargs):
         query, key = rotary(query, key, *args, **kwargs)
-        return query, _e4m3(key)
+        return query, _e4m3(key, k_scale)
 
     modeling_llama.apply_rotary_pos_emb = rotary_then_rounded
     hooks = [
-        layer.self_attn.v_proj.register_forward_hook(lambda module, args, out: _e4m3(out))
+        layer.self_attn.v_proj.register_forward_hook(lambda module, args, out: _e4m3(out, v_scale))
         for layer in model.model.layers
     ]
     try:
@@ -490,6 +491,147 @@ def test_generate_with_fp8_cache_matches_hf_with_keys_and_values_rounded_to_e4m3
         assert logprobs[start : start + len(tokens)].argmax(-1).tolist() == tokens
     plain_generated, plain_prompt = _worst_logprob_gaps(outputs, hf_logprobs())
     assert min(plain_generated, plain_prompt) > 0.05, (plain_generated, plain_prompt)
+
+
+# ---- scales read from the checkpoint -----------------------------------------------------------
+
+
+class _AttentionBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = Attention(2, 4, 0.5, 1)
+
+
+def _model_of_two_blocks() -> torch.nn.Module:
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList()
+    for _ in range(2):
+        layer = torch.nn.Module()
+        layer.self_attn = _AttentionBlock()
+        model.model.layers.append(layer)
+    return model
+
+
+@pytest.mark.parametrize(
+    "suffixes, expected",
+    [
+        ((".k_scale", ".v_scale"), (0.25, 0.5)),  # llm-compressor, ModelOpt
+        ((".k_proj.k_scale", ".v_proj.v_scale"), (0.25, 0.5)),  # older ModelOpt
+        ((".k_proj.output_scale", ".v_proj.output_scale"), (0.25, 0.5)),  # older llm-compressor
+        ((".kv_scale",), (0.25, 0.25)),  # AutoFP8: one scale for both
+    ],
+    ids=["k_scale", "modelopt", "output_scale", "kv_scale"],
+)
+def test_checkpoint_kv_scales_under_each_tools_names_reach_the_attention_layers(suffixes, expected):
+    """vLLM's `maybe_remap_kv_scale_name` names, each layer its own values; the query and
+    softmax scales of FP8 attention kernels are skipped."""
+    from ember.workers.model_loader.weight_utils import load_weights_into
+
+    model = _model_of_two_blocks()
+    tensors = []
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.self_attn"
+        for suffix, value in zip(suffixes, (0.25, 0.5)):
+            tensors.append((prefix + suffix, torch.tensor(value * (layer + 1))))
+        tensors.append((prefix + ".q_scale", torch.tensor(3.0)))
+    load_weights_into(model, tensors, {})
+    for layer, block in enumerate(model.model.layers):
+        attention_layer = block.self_attn.attn
+        scales = (attention_layer.k_scale.item(), attention_layer.v_scale.item())
+        assert scales == tuple(value * (layer + 1) for value in expected)
+
+
+@pytest.mark.parametrize(
+    "name, tensor, message",
+    [
+        ("model.layers.0.self_attn.k_scale", torch.ones(2), r"shape \(2,\); ember reads one"),
+        ("model.layers.0.self_attn.v_scale", torch.tensor(0.0), "must be > 0, got 0.0"),
+        ("model.layers.0.self_attn.k_scale", torch.tensor(float("nan")), "must be > 0"),
+        ("model.layers.7.self_attn.k_scale", torch.tensor(1.0), "names no attention layer"),
+    ],
+    ids=["per-head", "zero", "nan", "no-layer"],
+)
+def test_a_checkpoint_kv_scale_ember_cannot_use_is_an_error_naming_the_tensor(
+    name, tensor, message
+):
+    from ember.workers.model_loader.weight_utils import load_weights_into
+
+    with pytest.raises(ValueError, match=message) as error:
+        load_weights_into(_model_of_two_blocks(), [(name, tensor)], {})
+    assert name in str(error.value)
+
+
+def test_kv_cache_schemes_of_the_tools_are_read_and_others_refused_naming_the_field():
+    from ember.workers.layers.quantization.fp8 import FP8Config
+    from ember.workers.quantization_settings import compressed_tensors_settings
+
+    FP8Config({"activation_scheme": "static", "kv_cache_scheme": "static"})  # AutoFP8
+    scheme = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}
+    scheme["symmetric"] = True  # llm-compressor's kv_cache_scheme for an FP8 cache
+    group = {
+        "format": "float-quantized",
+        "targets": ["Linear"],
+        "weights": {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True},
+        "input_activations": {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True},
+    }
+    config = {"config_groups": {"group_0": group}, "kv_cache_scheme": scheme}
+    assert compressed_tensors_settings(config).activation_scheme == "dynamic"
+    with pytest.raises(NotImplementedError, match=r"kv_cache_scheme.strategy='attn_head'"):
+        compressed_tensors_settings(
+            {**config, "kv_cache_scheme": {**scheme, "strategy": "attn_head"}}
+        )
+    with pytest.raises(NotImplementedError, match=r"kv_cache_scheme.num_bits=4"):
+        compressed_tensors_settings({**config, "kv_cache_scheme": {**scheme, "num_bits": 4}})
+    with pytest.raises(NotImplementedError, match="kv_cache_scheme='dynamic'"):
+        FP8Config({"activation_scheme": "static", "kv_cache_scheme": "dynamic"})
+
+
+@pytest.mark.slow
+def test_an_fp8_cache_uses_the_checkpoints_kv_scales_as_hf_rounded_through_them(tmp_path):
+    """A random Llama whose checkpoint carries llm-compressor's `k_scale` / `v_scale` for each
+    layer: with kv_cache_dtype="fp8" ember stores keys / k_scale and values / v_scale in e4m3,
+    so its logprobs are those of Hugging Face with its keys and values rounded through e4m3
+    on those scales (tolerance 1e-3, as the test with scales 1.0 above). Teeth: rounded on
+    scales 1.0 instead, HF differs by far more. With the default cache the scales are read
+    and ignored: the outputs are plain HF's."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model_dir = write_random_llama(tmp_path / "model")
+    weights_file = os.path.join(model_dir, "model.safetensors")
+    tensors = load_file(weights_file)
+    k_scale, v_scale = 0.0123, 0.0071  # e4m3's grid far from scale 1.0's on these values
+    for layer in range(2):
+        tensors[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor(k_scale)
+        tensors[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor(v_scale)
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    prompts = random_prompts(3, 512, [40, 95, 17], seed=2)
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=0, prompt_logprobs=0)
+    runs = {}
+    for cache in ("fp8", "auto"):
+        with LLM(
+            model_dir, dtype="float32", kv_cache_dtype=cache, skip_tokenizer_init=True,
+            kv_cache_memory_bytes=4 << 20,
+        ) as llm:  # fmt: skip
+            runs[cache] = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+            facts = llm.apply_model(cache_facts)
+        dtype = "torch.float8_e4m3fn" if cache == "fp8" else "torch.float32"
+        assert facts == [[[dtype, pytest.approx(k_scale), pytest.approx(v_scale)]] * 2]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def hf_logprobs(outputs):
+        sequences = [o.prompt_token_ids + list(o.outputs[0].token_ids) for o in outputs]
+        with torch.no_grad():
+            return [hf(torch.tensor([s])).logits[0].log_softmax(-1) for s in sequences]
+
+    with keys_and_values_rounded_through_e4m3(hf, k_scale, v_scale):
+        rounded = hf_logprobs(runs["fp8"])
+    assert max(_worst_logprob_gaps(runs["fp8"], rounded)) < 1e-3
+    with keys_and_values_rounded_through_e4m3(hf):
+        on_unit_scales = hf_logprobs(runs["fp8"])
+    assert min(_worst_logprob_gaps(runs["fp8"], on_unit_scales)) > 0.05
+    assert max(_worst_logprob_gaps(runs["auto"], hf_logprobs(runs["auto"]))) < 1e-3
 
 
 # ---- the arguments -----------------------------------------------------------------------------

@@ -112,6 +112,7 @@ def compressed_tensors_settings(settings: dict[str, Any]) -> CompressedTensorsSe
     fmt = group.get("format") or settings.get("format")
     if settings.get("sparsity_config"):
         raise NotImplementedError(f"{name}: sparsity_config is not supported")
+    check_kv_cache_scheme(name, settings.get("kv_cache_scheme"))
     if fmt == "float-quantized":
         return _compressed_tensors_fp8(settings, group)
     unsupported = {
@@ -174,6 +175,35 @@ def _compressed_tensors_fp8(settings: dict[str, Any], group: dict) -> Compressed
         ignore=tuple(settings.get("ignore") or ()),
         weight_type="float",
         activation_scheme=schemes[scheme],
+    )
+
+
+# kv_cache_scheme as llm-compressor writes it for vLLM's "fp8" cache: one e4m3 scale a layer
+# for the keys and one for the values (`<block>.k_scale`, `.v_scale`), fixed at calibration
+_KV_CACHE_SCHEME = {
+    "type": ("float",),
+    "num_bits": (8,),
+    "strategy": ("tensor",),
+    "symmetric": (True, None),
+    "dynamic": (False, None),
+}
+
+
+def check_kv_cache_scheme(name: str, scheme: Any) -> None:
+    """A checkpoint's `kv_cache_scheme`: None; AutoFP8's "static" (one `kv_scale` a layer);
+    or compressed-tensors' per-tensor FP8 scheme. The scales it names are read from the
+    checkpoint (`model_loader/kv_scales.py`) and used with `kv_cache_dtype="fp8"`; any other
+    scheme is a `NotImplementedError` naming the field."""
+    if scheme is None or scheme == "static":
+        return
+    if not isinstance(scheme, dict):
+        raise NotImplementedError(
+            f"{name}: kv_cache_scheme={scheme!r} is not supported (ember reads 'static' and "
+            "compressed-tensors' per-tensor FP8 scheme)"
+        )
+    _refuse_unsupported(
+        name,
+        {f"kv_cache_scheme.{key}": (scheme.get(key), ok) for key, ok in _KV_CACHE_SCHEME.items()},
     )
 
 
@@ -262,11 +292,7 @@ def fp8_settings(settings: dict[str, Any], serialized: bool = True) -> FP8Settin
                 f"'dynamic' only (as vLLM), got {scheme!r}"
             )
         block = (block[0], block[1])
-    if settings.get("kv_cache_scheme"):
-        raise NotImplementedError(
-            f"FP8 checkpoint: an FP8 KV cache (kv_cache_scheme={settings['kv_cache_scheme']!r}) "
-            "is not supported yet"
-        )
+    check_kv_cache_scheme("FP8 checkpoint", settings.get("kv_cache_scheme"))
     # vLLM: "ignored_layers", else "modules_to_not_convert" (transformers' key, Qwen3-FP8)
     ignored = settings.get("ignored_layers") or settings.get("modules_to_not_convert") or ()
     return FP8Settings(scheme, block, tuple(ignored), serialized)

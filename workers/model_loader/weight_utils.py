@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import mmap
 import os
 import struct
@@ -15,6 +16,15 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+from ember.workers.model_loader.kv_scales import (
+    attention_layers,
+    is_skipped_attention_scale,
+    kv_scale_target,
+    load_kv_scale,
+)
+
+logger = logging.getLogger(__name__)
 
 # Buffers some checkpoints carry that are no parameters of any model (rotary tables, GPT-2 and
 # GPT-NeoX causal masks).
@@ -203,10 +213,20 @@ def load_weights_into(
     mis-shaped tensor."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    attention = None  # the attention layers by block, built at the first KV-cache scale
+    kv_scales = 0
     for name, tensor in weights:
         if name.startswith(skip_prefixes) or name.endswith(_IGNORED_SUFFIXES):
             continue
         param_name, shard_id = _split_packed(name, packed_modules_mapping, name_mapping)
+        if param_name not in params and is_skipped_attention_scale(name):
+            continue
+        target = kv_scale_target(name) if param_name not in params else None
+        if target is not None:
+            attention = attention_layers(model) if attention is None else attention
+            load_kv_scale(attention, name, tensor, *target)
+            kv_scales += 1
+            continue
         if param_name not in params:
             raise ValueError(
                 f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}"
@@ -223,6 +243,12 @@ def load_weights_into(
         except ValueError as exc:
             raise ValueError(f"checkpoint tensor {name!r}: {exc}") from None
         loaded.add(name)
+    if kv_scales:
+        logger.info(
+            "read %d KV-cache scale tensor(s) from the checkpoint (used by an e4m3 KV cache, "
+            "kv_cache_dtype='fp8')",
+            kv_scales,
+        )
     missing = sorted(checkpoint_names(model, packed_modules_mapping, name_mapping) - loaded)
     missing = [name for name in missing if not name.startswith(skip_prefixes)]
     if missing:

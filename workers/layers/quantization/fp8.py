@@ -66,8 +66,9 @@ round them again and make CUDA compute other weights than the CPU. `weight` is t
 CUDA: whoever needs the dense matrix asks `FP8LinearMethod.dequantized_weight` (LoRA wraps
 `apply` and reads none).
 
-Not yet: MoE experts, an FP8 KV cache (`kv_cache_scheme`), transformers' own per-tensor names
-(`weight_scale_inv` without blocks, `activation_scale`; vLLM reads neither).
+A `kv_cache_scheme` ("static", compressed-tensors' per-tensor one) is read: its scales go to
+the attention layers (`model_loader/kv_scales.py`). Not yet: MoE experts, transformers' own
+per-tensor names (`weight_scale_inv` without blocks, `activation_scale`; vLLM reads neither).
 
 Online (`quantization="fp8"` on a dense checkpoint): each linear weight of this rank, fused
 shards together, gets one scale amax / 448 and is rounded to e4m3 at load (vLLM's
