@@ -32,9 +32,11 @@ from concurrent.futures import Future
 import msgspec
 import zmq
 
+from ember.enginecore import lockstep
 from ember.enginecore.addresses import is_loopback, socket_addresses
 from ember.enginecore.engine_core import EngineCore
 from ember.enginecore.exceptions import EngineDeadError
+from ember.enginecore.lockstep import LockstepWaves
 from ember.enginecore.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -108,6 +110,10 @@ class EngineCoreProc:
         self.client_last_seen: dict[bytes, float] = {}
         self.authenticated: set[bytes] = set()
         self.engine_core: EngineCore | None = None
+        # lockstep data parallelism (`enginecore/lockstep.py`); None for any other engine
+        self.lockstep: LockstepWaves | None = None
+        self._idle_waiters: list[Future] = []  # `utility_lockstep_idle` calls to answer
+        self._next_health_check = 0.0
         self.trace = StepTrace()
         self.decoders = {
             MessageType.HELLO: msgspec.msgpack.Decoder(Hello),
@@ -172,6 +178,9 @@ class EngineCoreProc:
         """Build the engine core (workers, KV cache); on failure tell the client why."""
         try:
             self.engine_core = EngineCore(self.config, MultiprocExecutor)
+            if self.config.parallel.lockstep is not None:
+                self.lockstep = LockstepWaves(self.config.parallel.lockstep)
+                self.lockstep.meet()
             return True
         except Exception as exc:  # noqa: BLE001 (reported to the client, then exit)
             logger.error("engine core failed to start: %s: %s", type(exc).__name__, exc)
@@ -218,6 +227,9 @@ class EngineCoreProc:
         next_client_check = time.monotonic() + _IDLE_POLL_S
         while not self.stop_event.is_set():
             try:
+                if self.lockstep is not None:
+                    self._lockstep_iteration()
+                    continue
                 if not core.has_unfinished_requests():
                     try:
                         item = self.input_queue.get(timeout=_IDLE_POLL_S)
@@ -247,6 +259,51 @@ class EngineCoreProc:
                     self._send(identity, MessageType.ENGINE_DEAD, dead)
                 self.request_client.clear()
                 return
+
+    def _lockstep_iteration(self) -> None:
+        """One pass of the busy loop of a lockstep data-parallel rank (`enginecore/lockstep.py`):
+        take the input; step while a wave is on (this rank's tokens, or an idle step for the
+        others'); otherwise wait a poll interval for input or another rank's wave."""
+        core, waves = self.engine_core, self.lockstep
+        while not self.input_queue.empty():
+            self._handle_input(self.input_queue.get_nowait())
+        waves.begin(core.has_unfinished_requests())
+        if not waves.active:
+            self._answer_idle_waiters()
+            try:
+                self._handle_input(self.input_queue.get(timeout=lockstep.POLL_S))
+            except queue.Empty:
+                if time.monotonic() >= self._next_health_check:
+                    core.executor.check_health()
+                    self._drop_silent_clients()
+                    self._next_health_check = time.monotonic() + _IDLE_POLL_S
+            return
+        with self.trace.span("step"):
+            ran_tokens = core.has_unfinished_requests()
+            outputs, any_busy, largest_wave = core.lockstep_step(waves.wave)
+        waves.end_step(any_busy, largest_wave, ran_tokens)
+        with self.trace.span("emit"):
+            self._emit(outputs)
+        if self.profile is not None:
+            self.profile.step_done()
+
+    def _answer_idle_waiters(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for future in waiters:
+            future.set_result(
+                {"steps": self.lockstep.steps, "idle_steps": self.lockstep.idle_steps}
+            )
+
+    def utility_lockstep_idle(self) -> Future:
+        """Lockstep data parallelism: answered once this rank is between waves (no step of
+        the ranks' collectives is left for it), with its step counts; the user's process asks
+        it before shutting the engine down."""
+        future: Future = Future()
+        if self.lockstep is None:
+            future.set_exception(RuntimeError("this engine is not a lockstep data-parallel rank"))
+        else:
+            self._idle_waiters.append(future)
+        return future
 
     def _handle_input(self, item) -> None:
         if item is _STOP:

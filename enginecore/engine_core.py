@@ -116,6 +116,28 @@ class EngineCore:
         runner_output = self.executor.execute_model(scheduler_output)
         return failed + self.scheduler.update_from_output(scheduler_output, runner_output)
 
+    def lockstep_step(self, wave: int) -> tuple[list[EngineCoreOutput], bool, int]:
+        """`step` for a lockstep data-parallel rank (`enginecore/lockstep.py`): the model runs
+        every step, on this rank's tokens or, with none, as an idle step that serves the other
+        ranks' MoE tokens. Returns the outputs and the ranks' agreement: whether any rank had
+        requests at this step's start, and the largest wave number any rank holds."""
+        if not self.scheduler.has_unfinished_requests():
+            busy, largest = self.executor.idle_step(wave)
+            return [], busy, largest
+        failed = self._finish_failed_grammars() if self.compiling else []
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.num_scheduled_tokens and not scheduler_output.finished_req_ids:
+            self.structured_output.wait_for_compiles(
+                [r.grammar for r in self.compiling], _COMPILE_WAIT_S
+            )
+            busy, largest = self.executor.idle_step(wave, busy=True)
+            return failed, busy, largest
+        if any(r.grammar is not None for r in self.scheduler.running):
+            self._add_grammar_bitmask(scheduler_output)
+        runner_output = self.executor.execute_model(scheduler_output, wave)
+        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        return failed + outputs, runner_output.lockstep_busy, runner_output.lockstep_wave
+
     def _finish_failed_grammars(self) -> list[EngineCoreOutput]:
         """Finish with "error" the requests whose grammar failed to compile (a frontend that
         validated them first never sends one); forget the compiles that are done."""

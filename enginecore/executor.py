@@ -24,7 +24,14 @@ class Executor(ABC):
     def initialize_kv_cache(self, num_blocks: int) -> None: ...
 
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, lockstep_wave: int = 0
+    ) -> ModelRunnerOutput: ...
+
+    def idle_step(self, wave: int, busy: bool = False) -> tuple[bool, int]:
+        """Lockstep data parallelism: a step without tokens of this rank (`Worker.idle_step`);
+        (any rank busy, the largest wave number)."""
+        raise NotImplementedError(f"{type(self).__name__} has no lockstep data parallelism")
 
     def check_health(self) -> None:
         """Raise if a worker is gone."""
@@ -74,8 +81,13 @@ class UniProcExecutor(Executor):
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.worker.initialize_kv_cache(num_blocks)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.execute_model(scheduler_output)
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, lockstep_wave: int = 0
+    ) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output, lockstep_wave)
+
+    def idle_step(self, wave: int, busy: bool = False) -> tuple[bool, int]:
+        return self.worker.idle_step(wave, busy)
 
     def start_profile(self, profile_dir: str, prefix: str = "") -> None:
         self.worker.start_profile(profile_dir, prefix)

@@ -37,6 +37,7 @@ from ember.workers.rpc import (
     ExecuteModel,
     FunctionRef,
     InitializeKVCache,
+    LockstepIdleStep,
     Shutdown,
     Sleep,
     StartProfile,
@@ -198,9 +199,16 @@ class MultiprocExecutor(Executor):
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._call(InitializeKVCache(num_blocks))
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        call = ExecuteModel(scheduler_output)
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, lockstep_wave: int = 0
+    ) -> ModelRunnerOutput:
+        call = ExecuteModel(scheduler_output, lockstep_wave)
         return self._call(call, self.execute_timeout_s)[0].runner_output
+
+    def idle_step(self, wave: int, busy: bool = False) -> tuple[bool, int]:
+        call = LockstepIdleStep(wave, busy)
+        any_busy, largest = self._call(call, self.execute_timeout_s)[0].result
+        return bool(any_busy), int(largest)
 
     def start_profile(self, profile_dir: str, prefix: str = "") -> None:
         self._call(StartProfile(profile_dir, prefix))

@@ -16,10 +16,12 @@ Ranks of a dense model run independently; they meet only at start and at shutdow
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -116,6 +118,9 @@ class DataParallelRank:
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._left = False
+        # called in `leave` once every rank is done, before this rank goes (lockstep: until its
+        # engine has run the ranks' last step)
+        self.before_leaving: Callable[[], object] | None = None
         try:
             self._check_in()
             heartbeat_store = self._connect(_STORE_OP_TIMEOUT_S, master=False)
@@ -242,6 +247,8 @@ class DataParallelRank:
         try:
             self._store_call("leaving", store.set, f"done/{env.rank}", "1")
             self._wait_for("done")
+            if self.before_leaving is not None:
+                self.before_leaving()
             self._store_call("leaving", store.set, f"left/{env.rank}", "1")
             if env.rank == 0:  # keep the store up until every rank has seen every done key
                 self._wait_for("left")
@@ -320,28 +327,55 @@ def check_data_parallel(
     return env
 
 
-def warn_moe_runs_independently(config: Any) -> None:
-    """Lockstep expert parallelism across data-parallel ranks is not implemented: a MoE model
-    runs on each rank as an independent replica (its experts placed over that rank's own
-    tensor-parallel ranks). The outputs are the same; vLLM would instead place the experts over
-    every rank of every DP rank."""
-    hf_config = config.model.hf_config or {}
-    text_config = hf_config.get("text_config") or hf_config
-    experts = next(
-        (
-            text_config.get(key)
-            for key in ("num_local_experts", "num_experts", "n_routed_experts")
-            if text_config.get(key)
-        ),
-        None,
-    )
-    if experts:
+def with_lockstep(config: Any, env: DataParallelEnv) -> Any:
+    """The engine config of this rank: a MoE model with `enable_expert_parallel=True` places
+    its experts over every worker of every rank, which then step in lockstep
+    (`enginecore/lockstep.py`); a dense model, or a MoE model without expert parallelism, runs
+    on each rank as an independent replica (logged for MoE, where vLLM would shard the experts
+    across the ranks)."""
+    from ember.workers.config import LockstepConfig
+    from ember.workers.hf_config import HFConfig
+
+    hf_config = HFConfig(config.model.hf_config) if config.model.hf_config else None
+    text_config = getattr(hf_config, "text_config", None) or hf_config
+    keys = ("num_local_experts", "num_experts", "n_routed_experts")
+    experts = next((getattr(text_config, k) for k in keys if getattr(text_config, k, None)), None)
+    if not experts or env.size == 1:
+        return config
+    if not config.parallel.enable_expert_parallel:
         logger.warning(
-            "VLLM_DP_* set on a MoE model (%s experts): lockstep expert parallelism across "
-            "data-parallel ranks is not implemented in ember; each rank runs the whole model "
-            "as an independent replica",
+            "VLLM_DP_* set on a MoE model (%s experts) without enable_expert_parallel: each "
+            "rank runs the whole model as an independent replica",
             experts,
         )
+        return config
+    lockstep = LockstepConfig(env.rank, env.size, env.master_ip, env.master_port, env.timeout_s)
+    logger.info(
+        "MoE model (%s experts) with expert parallelism over %d data-parallel ranks: the ranks "
+        "step in lockstep",
+        experts,
+        env.size,
+    )
+    return dataclasses.replace(
+        config, parallel=dataclasses.replace(config.parallel, lockstep=lockstep)
+    )
+
+
+def wait_until_lockstep_idle(engine: Any) -> None:
+    """Lockstep: return once this rank's engine is between waves. Called when every rank is
+    done, so the ranks' last step has run and no rank waits on this one's collectives."""
+    from ember.enginecore.exceptions import EngineDeadError
+
+    try:
+        counts = engine.call_utility("lockstep_idle", timeout_s=_STORE_OP_TIMEOUT_S * 2)
+    except EngineDeadError:  # already reported to the calls that ran on it
+        return
+    logger.info(
+        "lockstep data parallelism: this rank's engine ran %d steps, %d of them idle steps "
+        "serving the other ranks' experts",
+        counts["steps"],
+        counts["idle_steps"],
+    )
 
 
 def start_engine(config: Any, data_parallel_size: int, env: DataParallelEnv | None) -> Any:

@@ -3,6 +3,7 @@ then runs requests on an engine-core process and turns its tokens into `RequestO
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -23,7 +24,8 @@ from ember.data_parallel import (
     leave_at_exit,
     leave_quietly,
     start_engine,
-    warn_moe_runs_independently,
+    wait_until_lockstep_idle,
+    with_lockstep,
 )
 from ember.engine_access import EngineAccessMixin
 from ember.enginecore.arg_utils import EngineArgs
@@ -141,7 +143,7 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
         self.tokenizer = None
         if dp_env is not None:
             # One rank of a group the VLLM_DP_* environment joins: check in before loading.
-            warn_moe_runs_independently(self.config)
+            self.config = with_lockstep(self.config, dp_env)
             self._dp_rank = DataParallelRank(dp_env)
             weakref.finalize(self, leave_quietly, self._dp_rank)
             leave_at_exit(self._dp_rank)
@@ -168,6 +170,8 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
             except BaseException:
                 self.engine.shutdown()
                 raise
+        if self._dp_rank is not None and self.config.parallel.lockstep is not None:
+            self._dp_rank.before_leaving = functools.partial(wait_until_lockstep_idle, self.engine)
         self.max_model_len = self.engine.ready_info.max_model_len
         self.vocab_size = self.engine.ready_info.vocab_size
         self.max_logprobs = self.engine.ready_info.max_logprobs
@@ -220,6 +224,13 @@ class LLM(ChatMixin, PoolingMixin, EngineAccessMixin):
         """Stop the engine-core and worker processes and release their resources. As one
         rank of a VLLM_DP_* group, then wait for the other ranks (DataParallelError if one
         died)."""
+        if self._dp_rank is not None and self._dp_rank.before_leaving is not None:
+            try:  # lockstep: the engine serves the other ranks' steps until every rank is done
+                self._dp_rank.leave()
+            finally:
+                self.engine.shutdown()
+                self._metrics.close()
+            return
         self.engine.shutdown()
         self._metrics.close()
         if self._dp_rank is not None:

@@ -110,6 +110,21 @@ EXPERT_PLACEMENT_STRATEGIES = ("linear", "round_robin")  # vLLM's ExpertPlacemen
 
 
 @dataclass(frozen=True, slots=True)
+class LockstepConfig:
+    """This engine is data-parallel rank `rank` of `size` (the VLLM_DP_* environment) of a MoE
+    model with expert parallelism: the experts are placed over the workers of every rank, and
+    the ranks step in lockstep (`enginecore/lockstep.py`), meeting through the store rank 0's
+    user process hosts at master_ip:master_port. timeout_s: how long a rank waits for the
+    others' engines at start (EMBER_DP_TIMEOUT_S)."""
+
+    rank: int
+    size: int
+    master_ip: str
+    master_port: int
+    timeout_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class ParallelConfig:
     """The worker ranks. execute_model_timeout_s: how long the engine core waits for every
     rank to answer one step before it reports the engine dead (a rank stopped or stuck in a
@@ -121,6 +136,9 @@ class ParallelConfig:
     # remainder on the first ranks; "round_robin": expert e on rank e % size), vLLM's options
     enable_expert_parallel: bool = False
     expert_placement_strategy: str = "linear"
+    # set on the data-parallel ranks of a MoE model with expert parallelism (None: this engine
+    # is alone, or a dense model's independent replica)
+    lockstep: LockstepConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,45 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ember.workers.config import LockstepConfig
+
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LockstepGroups:
+    """Expert parallelism across data-parallel ranks (`LockstepConfig`): the world is every
+    worker of every DP rank, `ep_rank = dp_rank * tp_size + tp_rank`; the MoE layers place
+    their experts over it, gather the DP ranks' tokens through `dp_group` (this TP rank's peers
+    in the other DP ranks) and sum the experts' outputs over `ep_group` (the world)."""
+
+    dp_rank: int
+    dp_size: int
+    dp_group: dist.ProcessGroup
+    ep_rank: int
+    ep_size: int
+    ep_group: dist.ProcessGroup
+
+    def all_gather_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Every DP rank's rows of `x` [n_d, ...] (n_d may differ, and be 0) concatenated in
+        rank order, and each rank's row count."""
+        count = torch.tensor([x.shape[0]], dtype=torch.int64)
+        counts = [torch.empty_like(count) for _ in range(self.dp_size)]
+        dist.all_gather(counts, count, group=self.dp_group)
+        sizes = [int(c) for c in counts]
+        widest = max(sizes)
+        padded = x.new_zeros((widest, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.dp_size)]
+        dist.all_gather(parts, padded, group=self.dp_group)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)]), sizes
+
+    def agree(self, busy: bool, wave: int) -> tuple[bool, int]:
+        """(whether any rank was busy, the largest wave number of any rank): the ranks'
+        agreement at the end of every lockstep step."""
+        values = torch.tensor([int(busy), wave], dtype=torch.int64)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.ep_group)
+        return bool(values[0]), int(values[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +69,14 @@ class ParallelContext:
     group: dist.ProcessGroup | None = None
     # vLLM's enable_expert_parallel / expert_placement_strategy: the MoE layers place whole
     # experts over these ranks (`fused_moe.expert_placement`) instead of cutting every expert's
-    # intermediate size; the rest of the model stays tensor-parallel. Data parallelism is 1, so
-    # the expert-parallel group is this group.
+    # intermediate size; the rest of the model stays tensor-parallel. Without `lockstep` the
+    # expert-parallel group is this group.
     enable_expert_parallel: bool = False
     expert_placement_strategy: str = "linear"
+    # expert parallelism across data-parallel ranks (None: the experts stay in this group)
+    lockstep: LockstepGroups | None = None
+    # the global rank of this group's rank 0 (the lockstep world holds several groups)
+    root: int = 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of `x` over the ranks, in place."""
@@ -56,13 +98,13 @@ class ParallelContext:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == 0 else None
-        dist.gather(x, parts, dst=0, group=self.group)
+        dist.gather(x, parts, dst=self.root, group=self.group)
         return torch.cat(parts, dim=dim) if parts is not None else None
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's `x` on every rank, in place (`x` has the same shape and dtype everywhere)."""
         if self.world_size > 1:
-            dist.broadcast(x, src=0, group=self.group)
+            dist.broadcast(x, src=self.root, group=self.group)
         return x
 
 
@@ -115,8 +157,77 @@ def init_rank_group(
     )
 
 
+def init_lockstep_groups(
+    tp_rank: int,
+    tp_size: int,
+    lockstep: LockstepConfig,
+    device: torch.device,
+    timeout_s: float,
+    expert_placement_strategy: str,
+) -> ParallelContext:
+    """Join the world of every worker of every data-parallel rank, through the store rank 0's
+    user process hosts (VLLM_DP_MASTER_IP:PORT, keys under "lockstep/pg/"), and make its
+    groups: each DP rank's tensor-parallel group (the context's own, as `init_rank_group`
+    makes it) and each TP rank's group across the DP ranks. gloo on CPU, NCCL on CUDA; a
+    collective that waits longer than `timeout_s` raises."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    start = time.perf_counter()
+    client = dist.TCPStore(
+        lockstep.master_ip,
+        lockstep.master_port,
+        is_master=False,
+        timeout=timedelta(seconds=lockstep.timeout_s),
+        wait_for_workers=False,
+        use_libuv=True,
+    )
+    world_size = lockstep.size * tp_size
+    rank = lockstep.rank * tp_size + tp_rank
+    options = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore("lockstep/pg", client),
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+        **options,
+    )
+    tp_groups = [
+        dist.new_group([d * tp_size + t for t in range(tp_size)]) for d in range(lockstep.size)
+    ]
+    dp_groups = [
+        dist.new_group([d * tp_size + t for d in range(lockstep.size)]) for t in range(tp_size)
+    ]
+    world = dist.group.WORLD
+    dist.all_reduce(torch.zeros(1, device=device), group=world)
+    logger.info(
+        "joined the lockstep world of %d data-parallel ranks x %d: rank %d of %d (%.2f s)",
+        lockstep.size,
+        tp_size,
+        rank,
+        world_size,
+        time.perf_counter() - start,
+    )
+    groups = LockstepGroups(
+        dp_rank=lockstep.rank,
+        dp_size=lockstep.size,
+        dp_group=dp_groups[tp_rank],
+        ep_rank=rank,
+        ep_size=world_size,
+        ep_group=world,
+    )
+    return ParallelContext(
+        rank=tp_rank,
+        world_size=tp_size,
+        group=tp_groups[lockstep.rank],
+        root=lockstep.rank * tp_size,
+        enable_expert_parallel=True,
+        expert_placement_strategy=expert_placement_strategy,
+        lockstep=groups,
+    )
+
+
 def destroy_rank_group(parallel: ParallelContext) -> None:
-    if parallel.world_size > 1 and dist.is_initialized():
+    if (parallel.world_size > 1 or parallel.lockstep is not None) and dist.is_initialized():
         dist.destroy_process_group()
 
 

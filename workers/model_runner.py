@@ -24,6 +24,7 @@ from ember.workers.cuda_graphs import CudaGraphRunner
 from ember.workers.distributed import SINGLE_RANK, ParallelContext
 from ember.workers.host_to_device import to_device
 from ember.workers.layers.attention import Attention
+from ember.workers.layers.fused_moe import FusedMoE
 from ember.workers.layers.quantization import has_integer_codes
 from ember.workers.logits_processor import LogitsProcessors, OutputTokenIds
 from ember.workers.logprobs import LogprobsLists
@@ -150,6 +151,7 @@ class ModelRunner:
         self.attention_layers = []
         self.pooling = None
         self.cpu_decode = None
+        self.ran_model = False  # whether the last execute_model ran the model's forward
         self.cuda_graphs = None
         self.lora = None
 
@@ -559,13 +561,25 @@ class ModelRunner:
         return sampled, finite
 
     @torch.inference_mode()
+    def idle_moe_step(self) -> None:
+        """A step of a lockstep data-parallel rank with no tokens: each MoE layer, in the
+        model's order, serves the other ranks' tokens (`FusedMoE.forward_across_data_parallel`
+        with none of its own), so that every rank makes the same collectives."""
+        for module in self.model.modules():
+            if isinstance(module, FusedMoE):
+                hidden = torch.empty(0, module.hidden_size, dtype=self.dtype, device=self.device)
+                logits = torch.empty(0, module.num_experts, device=self.device)  # float32
+                module(hidden, logits)
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self.ran_model = False
         if self.pooling is not None:
             return self.pooling.execute_model(scheduler_output)
         self._update_states(scheduler_output)
         scheduler_output, lora_errored = self._activate_loras(scheduler_output)
         if not scheduler_output.num_scheduled_tokens:
             return ModelRunnerOutput(errored_req_ids=lora_errored)
+        self.ran_model = True
         states, input_ids, positions, metadata, sample_rows, prompt_jobs = self._prepare_inputs(
             scheduler_output
         )

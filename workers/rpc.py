@@ -32,6 +32,15 @@ class InitializeKVCache(_Call, tag="init_kv"):
 
 class ExecuteModel(_Call, tag="step"):
     scheduler_output: SchedulerOutput
+    lockstep_wave: int = 0  # the engine core's wave number (lockstep data parallelism only)
+
+
+class LockstepIdleStep(_Call, tag="idle_step"):
+    """A lockstep data-parallel rank's step that runs none of its own tokens
+    (`Worker.idle_step`); `busy`: it still has requests (waiting for a grammar)."""
+
+    wave: int
+    busy: bool = False
 
 
 class Shutdown(_Call, tag="shutdown"):
@@ -132,6 +141,7 @@ WorkerCall = (
     DetermineNumKVBlocks
     | InitializeKVCache
     | ExecuteModel
+    | LockstepIdleStep
     | Shutdown
     | StartProfile
     | StopProfile

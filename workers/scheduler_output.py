@@ -69,3 +69,7 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     # Pooling models: the requests whose prompt was computed this step, and their outputs.
     pooled_req_ids: list[str] = []
     pooled_outputs: list[PooledTensor] = []
+    # Lockstep data parallelism: whether any rank had work this step, and the largest wave
+    # number of any rank (`LockstepGroups.agree`)
+    lockstep_busy: bool = False
+    lockstep_wave: int = 0

@@ -20,7 +20,11 @@ import torch
 from ember.kernels.cpu_library import build_in_background
 from ember.workers.config import DEFAULT_CPU_KV_FRACTION, DEFAULT_CPU_KV_MAX_BYTES, EngineConfig
 from ember.workers.cuda_graphs import CudaGraphRunner, capture_batch_sizes
-from ember.workers.distributed import destroy_rank_group, init_rank_group
+from ember.workers.distributed import (
+    destroy_rank_group,
+    init_lockstep_groups,
+    init_rank_group,
+)
 from ember.workers.gpu_memory import (
     MemoryBaseline,
     check_requested_memory,
@@ -70,14 +74,25 @@ class Worker:
                 self.cuda_graph_sizes = capture_batch_sizes(
                     config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens
                 )
-        self.parallel = init_rank_group(
-            rank,
-            world_size,
-            rendezvous,
-            self.device,
-            enable_expert_parallel=config.parallel.enable_expert_parallel,
-            expert_placement_strategy=config.parallel.expert_placement_strategy,
-        )
+        if config.parallel.lockstep is not None:
+            self.cuda_graph_sizes = []  # the MoE layers' exchanges change shape every step
+            self.parallel = init_lockstep_groups(
+                rank,
+                world_size,
+                config.parallel.lockstep,
+                self.device,
+                config.parallel.execute_model_timeout_s,
+                config.parallel.expert_placement_strategy,
+            )
+        else:
+            self.parallel = init_rank_group(
+                rank,
+                world_size,
+                rendezvous,
+                self.device,
+                enable_expert_parallel=config.parallel.enable_expert_parallel,
+                expert_placement_strategy=config.parallel.expert_placement_strategy,
+            )
         self.model_runner = ModelRunner(config, self.device, self.parallel)
         self.profiler: torch.profiler.profile | None = None
         self.profile_dir: str | None = None
@@ -148,8 +163,26 @@ class Worker:
             return
         runner.cuda_graphs = graphs
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, lockstep_wave: int = 0
+    ) -> ModelRunnerOutput:
+        output = self.model_runner.execute_model(scheduler_output)
+        lockstep = self.parallel.lockstep
+        if lockstep is not None:  # every rank makes the same collectives, then agrees
+            if not self.model_runner.ran_model:
+                self.model_runner.idle_moe_step()
+            output.lockstep_busy, output.lockstep_wave = lockstep.agree(True, lockstep_wave)
+        return output
+
+    def idle_step(self, wave: int, busy: bool = False) -> tuple[bool, int]:
+        """Lockstep data parallelism, a step without tokens of this rank: its MoE layers serve
+        the other ranks' tokens; returns the ranks' agreement (whether any rank has requests,
+        `busy` for this one; the largest wave number)."""
+        lockstep = self.parallel.lockstep
+        if lockstep is None:
+            raise RuntimeError("idle_step is for lockstep data-parallel ranks")
+        self.model_runner.idle_moe_step()
+        return lockstep.agree(busy, wave)
 
     def start_profile(self, profile_dir: str, prefix: str = "") -> None:
         """Record every step with torch.profiler until `stop_profile`; the trace will be

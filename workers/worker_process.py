@@ -24,6 +24,7 @@ from ember.workers.rpc import (
     DetermineNumKVBlocks,
     ExecuteModel,
     InitializeKVCache,
+    LockstepIdleStep,
     Shutdown,
     Sleep,
     StartProfile,
@@ -46,8 +47,10 @@ _SPIN_S = 0.0005
 
 def _answer(worker, call: WorkerCall, rank: int) -> WorkerReply:
     if isinstance(call, ExecuteModel):
-        output = worker.execute_model(call.scheduler_output)
+        output = worker.execute_model(call.scheduler_output, call.lockstep_wave)
         return WorkerReply(rank=rank, runner_output=output if rank == 0 else None)
+    if isinstance(call, LockstepIdleStep):
+        return WorkerReply(rank=rank, result=list(worker.idle_step(call.wave, call.busy)))
     if isinstance(call, DetermineNumKVBlocks):
         return WorkerReply(rank=rank, num_blocks=worker.num_available_kv_blocks())
     if isinstance(call, InitializeKVCache):
@@ -120,11 +123,23 @@ def run_worker(
                 logger.exception("worker %d failed in %s", rank, type(call).__name__)
                 reply = _error_reply(rank, exc)
             replies.enqueue(reply_encoder.encode(reply))
+            if reply.error is not None and _ends_lockstep(worker, call):
+                # The other data-parallel ranks' workers wait in this step's collectives:
+                # leaving closes this rank's connections, so that they fail now rather than
+                # at the collectives' timeout (the engine is dead either way).
+                logger.error("worker %d leaves the lockstep world after the failed step", rank)
+                break
     finally:
         replies.close()
         broadcast.close()
         if worker is not None:
             worker.shutdown()
+
+
+def _ends_lockstep(worker, call: WorkerCall) -> bool:
+    """Whether a failure of `call` ends a lockstep data-parallel rank's worker."""
+    steps = (ExecuteModel, LockstepIdleStep)
+    return isinstance(call, steps) and worker.parallel.lockstep is not None
 
 
 def _error_reply(rank: int, exc: BaseException) -> WorkerReply:

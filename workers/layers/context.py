@@ -26,5 +26,8 @@ class ModelContext:
     @property
     def expert_parallel(self) -> bool:
         """Whether MoE layers hold whole experts, each rank its own (vLLM: EP over one rank
-        is no EP)."""
-        return self.parallel.enable_expert_parallel and self.parallel.world_size > 1
+        is no EP); always across data-parallel ranks in lockstep."""
+        parallel = self.parallel
+        return parallel.lockstep is not None or (
+            parallel.enable_expert_parallel and parallel.world_size > 1
+        )

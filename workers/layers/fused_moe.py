@@ -38,6 +38,7 @@ other experts are skipped (`foreign_expert_prefixes`).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -109,10 +110,15 @@ class FusedMoE(nn.Module):
         self.top_k = top_k
         self.renormalize = renormalize
         self.intermediate_size = intermediate_size
+        self.hidden_size = hidden_size
         self.expert_parallel = ctx.expert_parallel
+        self.lockstep = ctx.parallel.lockstep  # experts over every DP rank's workers
         if self.expert_parallel:  # whole experts, this rank's
+            ep_size, ep_rank = self.tp_size, self.tp_rank
+            if self.lockstep is not None:
+                ep_size, ep_rank = self.lockstep.ep_size, self.lockstep.ep_rank
             self.local_experts = expert_placement(
-                num_experts, self.tp_size, self.tp_rank, ctx.parallel.expert_placement_strategy
+                num_experts, ep_size, ep_rank, ctx.parallel.expert_placement_strategy
             )
             self.shard_rank, self.shard_size = 0, 1
         else:  # every expert, a slice of each
@@ -233,12 +239,32 @@ class FusedMoE(nn.Module):
         `forward_routed`, faster there at every batch size; a random Mixtral-shaped layer (H 512, I 896, 8
         experts, top 2, float32, one thread, best of 30) took 0.34 / 4.1 / 7.7 / 35 ms routed
         against 4.1 / 5.8 / 12.5 / 128 ms static at T = 1 / 4 / 32 / 512."""
+        if self.lockstep is not None:
+            return self.forward_across_data_parallel(hidden_states, router_logits)
         topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)
         if hidden_states.is_cuda and hidden_states.shape[0] <= STATIC_MAX_TOKENS:
             output = self.forward_static(hidden_states, topk_weights, topk_ids)
         else:
             output = self.forward_routed(hidden_states, topk_weights, topk_ids)
         return self.parallel.all_reduce(output)
+
+    def forward_across_data_parallel(
+        self, hidden_states: torch.Tensor, router_logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Lockstep expert parallelism: every DP rank's tokens gathered (all-gather over this TP
+        rank's peers), this rank's experts on all of them, the experts' outputs summed over
+        every worker (all-reduce), and this DP rank's rows kept. A rank with no tokens (its
+        dummy step) passes [0, H] and still serves the others' tokens."""
+        lockstep = self.lockstep
+        tokens, sizes = lockstep.all_gather_rows(hidden_states)
+        logits, _ = lockstep.all_gather_rows(router_logits.float())
+        if not tokens.shape[0]:  # every rank idle this step: the same on all of them
+            return hidden_states
+        topk_weights, topk_ids = select_experts(logits, self.top_k, self.renormalize)
+        output = self.forward_routed(tokens, topk_weights, topk_ids)
+        dist.all_reduce(output, group=lockstep.ep_group)
+        first = sum(sizes[: lockstep.dp_rank])
+        return output[first : first + hidden_states.shape[0]]
 
     def _expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Local expert `index` on the tokens `x` (this rank's share of its output)."""
