@@ -10,9 +10,10 @@ run, on a random Mixtral-shaped model written once to .cache/bench/ (8 experts, 
     python tools/bench_lockstep.py                      # 16 prompts of 16 tokens, 64 out
     python tools/bench_lockstep.py --prompts 32 --output-len 32
 
-Every configuration shares the machine's cores (`--threads` for the one engine, half each for
-the two ranks). Figures: wall time of `generate`, output tok/s over all ranks, milliseconds
-per step (the engines' step counts), and the idle steps.
+The configurations share the machine's cores: `--threads` for the one engine, half of them for
+each rank (and for the one engine again, the per-rank baseline). Figures: wall time of
+`generate`, output tok/s over all ranks, milliseconds per step (the lockstep engines' step
+count; a single engine's is taken as output_len + 1), and each rank's idle steps.
 """
 
 from __future__ import annotations
@@ -58,8 +59,11 @@ RANK_SCRIPT = textwrap.dedent(
         llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     seconds = time.perf_counter() - start
     steps = None
-    if "VLLM_DP_RANK" in os.environ:
+    if "VLLM_DP_RANK" in os.environ:  # once the ranks are between waves, after a wave ran
         steps = llm.engine.call_utility("lockstep_idle")
+        while not steps["steps"]:
+            time.sleep(0.05)
+            steps = llm.engine.call_utility("lockstep_idle")
     print("RECORD", json.dumps({"seconds": seconds, "tokens": len(prompts) * int(output_len),
                                 "steps": steps}), flush=True)
     llm.shutdown()
@@ -119,10 +123,10 @@ def agreement_us(count: int = 2000) -> float:
     return float(outputs[0].strip())
 
 
-def run(model: str, counts: list[int], args: argparse.Namespace) -> list[dict]:
-    """One engine (one count) or lockstep ranks (one count each); their records."""
+def run(model: str, counts: list[int], threads: int, args: argparse.Namespace) -> list[dict]:
+    """One engine (one count) or lockstep ranks (one count each), `threads` each; their
+    records."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    threads = max(1, args.threads // len(counts))
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp, "rank.py")
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     half = args.prompts // 2
     configs = [
         ("one engine", [args.prompts]),
+        ("one engine, half threads", [args.prompts]),
         ("2 ranks: all on rank 0", [args.prompts, 0]),
         ("2 ranks: half each", [half, args.prompts - half]),
     ]
@@ -174,18 +179,21 @@ def main(argv: list[str] | None = None) -> None:
         f"{cpu_isa()}"
     )
     print(f"agreement all-reduce (gloo, 2 processes): {agreement_us():.1f} us")
-    print("configuration          , wall s, output tok/s, ms/step, steps, idle steps by rank")
+    print(
+        "configuration            , threads, wall s, output tok/s, ms/step, steps, "
+        "idle steps by rank"
+    )
     for name, counts in configs:
-        records = run(model, counts, args)
+        threads = args.threads if name == "one engine" else max(1, args.threads // 2)
+        records = run(model, counts, threads, args)
         wall = max(record["seconds"] for record in records)
         tokens = sum(record["tokens"] for record in records)
         steps = [record["steps"] for record in records if record["steps"]]
-        step_count = steps[0]["steps"] if steps else None
-        ms_per_step = f"{wall / step_count * 1e3:7.2f}" if step_count else "      -"
+        step_count = steps[0]["steps"] if steps else args.output_len + 1
         idle = " ".join(str(s["idle_steps"]) for s in steps) if steps else "-"
         print(
-            f"{name:<23}, {wall:6.2f}, {tokens / wall:12.1f}, {ms_per_step}, "
-            f"{step_count or '-':>5}, {idle}"
+            f"{name:<25}, {threads:7d}, {wall:6.2f}, {tokens / wall:12.1f}, "
+            f"{wall / step_count * 1e3:7.2f}, {step_count:5d}, {idle}"
         )
 
 

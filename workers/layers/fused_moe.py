@@ -256,10 +256,13 @@ class FusedMoE(nn.Module):
         every worker (all-reduce), and this DP rank's rows kept. A rank with no tokens (its
         dummy step) passes [0, H] and still serves the others' tokens."""
         lockstep = self.lockstep
-        tokens, sizes = lockstep.all_gather_rows(hidden_states)
-        logits, _ = lockstep.all_gather_rows(router_logits.float())
-        if not tokens.shape[0]:  # every rank idle this step: the same on all of them
+        hidden = hidden_states.shape[1]
+        rows = torch.cat((hidden_states.float(), router_logits.float()), dim=1)  # one gather
+        gathered, sizes = lockstep.all_gather_rows(rows)
+        if not gathered.shape[0]:  # every rank idle this step: the same on all of them
             return hidden_states
+        tokens = gathered[:, :hidden].to(hidden_states.dtype)
+        logits = gathered[:, hidden:]
         topk_weights, topk_ids = select_experts(logits, self.top_k, self.renormalize)
         output = self.forward_routed(tokens, topk_weights, topk_ids)
         dist.all_reduce(output, group=lockstep.ep_group)
