@@ -251,10 +251,11 @@ class FusedMoE(nn.Module):
     def forward_across_data_parallel(
         self, hidden_states: torch.Tensor, router_logits: torch.Tensor
     ) -> torch.Tensor:
-        """Lockstep expert parallelism: every DP rank's tokens gathered (all-gather over this TP
-        rank's peers), this rank's experts on all of them, the experts' outputs summed over
-        every worker (all-reduce), and this DP rank's rows kept. A rank with no tokens (its
-        dummy step) passes [0, H] and still serves the others' tokens."""
+        """Lockstep expert parallelism, vLLM's all-gather / reduce-scatter: every DP rank's
+        tokens and router logits gathered (all-gather over this TP rank's peers), this worker's
+        experts on all of them, and the experts' outputs summed over every worker and scattered
+        back, each DP rank its own rows (reduce-scatter over the world). A rank with no tokens
+        (its idle step) passes [0, H] and still serves the others' tokens."""
         lockstep = self.lockstep
         hidden = hidden_states.shape[1]
         rows = torch.cat((hidden_states.float(), router_logits.float()), dim=1)  # one gather
@@ -265,9 +266,16 @@ class FusedMoE(nn.Module):
         logits = gathered[:, hidden:]
         topk_weights, topk_ids = select_experts(logits, self.top_k, self.renormalize)
         output = self.forward_routed(tokens, topk_weights, topk_ids)
-        dist.all_reduce(output, group=lockstep.ep_group)
-        first = sum(sizes[: lockstep.dp_rank])
-        return output[first : first + hidden_states.shape[0]]
+        # reduce-scatter over the world: worker (d, t) receives DP rank d's rows (padded to the
+        # largest count), summed over every worker's experts
+        chunks = output.new_zeros(lockstep.dp_size, max(sizes), hidden)
+        for rank, part in enumerate(output.split(sizes)):
+            chunks[rank, : part.shape[0]] = part
+        tp_size = lockstep.ep_size // lockstep.dp_size
+        inputs = [chunks[rank] for rank in range(lockstep.dp_size) for _ in range(tp_size)]
+        mine = torch.empty_like(chunks[0])
+        dist.reduce_scatter(mine, inputs, group=lockstep.ep_group)
+        return mine[: hidden_states.shape[0]]
 
     def _expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Local expert `index` on the tokens `x` (this rank's share of its output)."""
