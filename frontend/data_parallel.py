@@ -327,6 +327,16 @@ def check_data_parallel(
     return env
 
 
+def num_experts(config: Any) -> int | None:
+    """The routed experts of the model's MoE layers; None for a dense model."""
+    from ember.workers.hf_config import HFConfig
+
+    hf_config = HFConfig(config.model.hf_config) if config.model.hf_config else None
+    text_config = getattr(hf_config, "text_config", None) or hf_config
+    keys = ("num_local_experts", "num_experts", "n_routed_experts")
+    return next((getattr(text_config, k) for k in keys if getattr(text_config, k, None)), None)
+
+
 def with_lockstep(config: Any, env: DataParallelEnv) -> Any:
     """The engine config of this rank: a MoE model with `enable_expert_parallel=True` places
     its experts over every worker of every rank, which then step in lockstep
@@ -334,12 +344,8 @@ def with_lockstep(config: Any, env: DataParallelEnv) -> Any:
     on each rank as an independent replica (logged for MoE, where vLLM would shard the experts
     across the ranks)."""
     from ember.workers.config import LockstepConfig
-    from ember.workers.hf_config import HFConfig
 
-    hf_config = HFConfig(config.model.hf_config) if config.model.hf_config else None
-    text_config = getattr(hf_config, "text_config", None) or hf_config
-    keys = ("num_local_experts", "num_experts", "n_routed_experts")
-    experts = next((getattr(text_config, k) for k in keys if getattr(text_config, k, None)), None)
+    experts = num_experts(config)
     if not experts or env.size == 1:
         return config
     if not config.parallel.enable_expert_parallel:

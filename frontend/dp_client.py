@@ -19,18 +19,27 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import msgspec
 import psutil
 import zmq
 
 from ember.core_client import _POLL_MS, EngineCoreClient
+from ember.data_parallel import num_experts
 from ember.enginecore.exceptions import EngineDeadError
 from ember.enginecore.messages import EngineCoreOutputs, EngineCoreRequest
 from ember.enginecore.stats import SchedulerStats
-from ember.workers.config import DEFAULT_CPU_KV_FRACTION, DEFAULT_CPU_KV_MAX_BYTES, EngineConfig
+from ember.workers.config import (
+    DEFAULT_CPU_KV_FRACTION,
+    DEFAULT_CPU_KV_MAX_BYTES,
+    EngineConfig,
+    LockstepConfig,
+)
 
 logger = logging.getLogger(__name__)
+
+_LOCKSTEP_IDLE_S = 30.0  # how long shutdown waits for lockstep replicas to finish a wave
 
 # Utilities whose answer is the same on every replica (or only needed once): replica 0's.
 _ASK_ONE = frozenset(
@@ -96,16 +105,53 @@ def replica_env(
     return {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(mine)}
 
 
+def lockstep_replica_configs(
+    config: EngineConfig, data_parallel_size: int
+) -> tuple[list[EngineConfig], object | None]:
+    """Each replica's configuration, and the store they meet through: a MoE model with
+    `enable_expert_parallel=True` places its experts over every replica's workers, which then
+    step in lockstep (`enginecore/lockstep.py`, as the VLLM_DP_* ranks do) through a store this
+    process hosts on a free loopback port; other models run independent replicas (no store)."""
+    if not (config.parallel.enable_expert_parallel and num_experts(config)):
+        return [config] * data_parallel_size, None
+    import torch.distributed as dist
+
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        is_master=True,
+        timeout=timedelta(seconds=_LOCKSTEP_IDLE_S),
+        wait_for_workers=False,
+        use_libuv=True,
+    )
+    configs = [
+        dataclasses.replace(
+            config,
+            parallel=dataclasses.replace(
+                config.parallel,
+                lockstep=LockstepConfig(rank, data_parallel_size, "127.0.0.1", store.port),
+            ),
+        )
+        for rank in range(data_parallel_size)
+    ]
+    logger.info("%d replicas of a MoE model with expert parallelism: lockstep", data_parallel_size)
+    return configs, store
+
+
 class DPEngineCoreClient:
     """Several `EngineCoreClient`s (one per replica) with the interface of one."""
 
     def __init__(self, config: EngineConfig, data_parallel_size: int):
         config = replica_config(config, data_parallel_size)
         envs = [replica_env(config, rank) for rank in range(data_parallel_size)]
+        configs, self._lockstep_store = lockstep_replica_configs(config, data_parallel_size)
         self.replicas: list[EngineCoreClient] = []
         # Replicas start together (each start waits on its handshake, which releases the GIL).
         with ThreadPoolExecutor(max_workers=data_parallel_size) as pool:
-            futures = [pool.submit(EngineCoreClient, config, env=env) for env in envs]
+            futures = [
+                pool.submit(EngineCoreClient, replica, env=env)
+                for replica, env in zip(configs, envs)
+            ]
             errors = []
             for future in futures:
                 try:
@@ -307,7 +353,14 @@ class DPEngineCoreClient:
         return True
 
     def shutdown(self) -> None:
-        """Stop every replica: each is told to stop first, then each is waited for."""
+        """Stop every replica: each is told to stop first, then each is waited for. Lockstep
+        replicas first finish the wave they are in, so that none stops inside a collective."""
+        if self._lockstep_store is not None:
+            for replica in self.replicas:
+                try:
+                    replica.call_utility("lockstep_idle", timeout_s=_LOCKSTEP_IDLE_S)
+                except (EngineDeadError, TimeoutError, RuntimeError):
+                    break  # a replica is dead or stuck: stop them all as they are
         for replica in self.replicas:
             process = replica.process
             if process is not None and process.stdin is not None and not process.stdin.closed:

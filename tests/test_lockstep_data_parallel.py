@@ -241,3 +241,33 @@ def test_lockstep_is_chosen_for_moe_models_with_expert_parallelism_only(moe_mode
         with_lockstep(_config(model_dir, enable_expert_parallel=True), alone).parallel.lockstep
         is None
     )
+
+
+def test_data_parallel_size_2_of_a_moe_model_places_experts_over_both_replicas(moe_models):
+    """`LLM(data_parallel_size=2, enable_expert_parallel=True)` on a MoE model: the replicas
+    step in lockstep through a store the user's process hosts, each holding its experts of the
+    2-replica placement; prompts of different lengths (so one replica finishes first and
+    serves the other's last tokens in idle steps) give HF's greedy tokens, in input order."""
+    from ember import LLM, SamplingParams
+    from tests.helpers import random_prompts
+    from tests.test_expert_parallel import first_moe_layer_experts
+
+    model_dir, hf_model = moe_models("MixtralForCausalLM")
+    prompts = random_prompts(3, 512, [5, 17, 33], seed=3)
+    lengths = [4, 12, 8]
+    with LLM(
+        model_dir, data_parallel_size=2, enable_expert_parallel=True, dtype="float32",
+        skip_tokenizer_init=True,
+    ) as llm:  # fmt: skip
+        outputs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths],
+            use_tqdm=False,
+        )
+        held = [rank["experts"] for rank in llm.apply_model(first_moe_layer_experts)]
+        steps = [replica.call_utility("lockstep_idle") for replica in llm.engine.replicas]
+    assert held == [expert_placement(NUM_EXPERTS, 2, rank, "linear") for rank in (0, 1)]
+    for prompt, output, n in zip(prompts, outputs, lengths):
+        assert list(output.outputs[0].token_ids) == hf_greedy(hf_model, prompt, n)
+    assert steps[0]["steps"] == steps[1]["steps"] > 0
+    assert max(s["idle_steps"] for s in steps) > 0
