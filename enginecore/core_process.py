@@ -286,6 +286,9 @@ class EngineCoreProc:
             self._emit(outputs)
         if self.profile is not None:
             self.profile.step_done()
+        if time.monotonic() >= self._next_health_check:
+            self._drop_silent_clients()
+            self._next_health_check = time.monotonic() + _IDLE_POLL_S
 
     def _answer_idle_waiters(self) -> None:
         waiters, self._idle_waiters = self._idle_waiters, []
@@ -448,6 +451,11 @@ class EngineCoreProc:
     def utility_sleep(self, level: int = 1, mode: str = "abort") -> None:
         """vLLM's `sleep`: every request in the engine is aborted (mode "abort", telling their
         clients), then the engine sleeps at `level` (`EngineCore.sleep`)."""
+        if self.lockstep is not None:
+            raise NotImplementedError(
+                "sleep is not supported on lockstep data-parallel ranks: their experts serve "
+                "the other ranks' steps"
+            )
         if mode in ("wait", "keep"):
             raise NotImplementedError(
                 f"sleep(mode={mode!r}) is not supported: ember's LLM runs one call at a time, "
