@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
 
 from ember.workers.config import LockstepConfig
 
@@ -37,16 +36,11 @@ class LockstepWaves:
     """One engine core's part of the waves: `active` while it must step."""
 
     def __init__(self, config: LockstepConfig):
-        import torch.distributed as dist
+        from ember.workers.distributed import tcp_store
 
         self.config = config
-        self.store = dist.TCPStore(
-            config.master_ip,
-            config.master_port,
-            is_master=False,
-            timeout=timedelta(seconds=_STORE_TIMEOUT_S),
-            wait_for_workers=False,
-            use_libuv=True,
+        self.store = tcp_store(
+            config.master_ip, config.master_port, is_master=False, timeout_s=_STORE_TIMEOUT_S
         )
         self.wave = 0  # the largest wave number this rank knows
         self.active = False

@@ -142,18 +142,13 @@ class DataParallelRank:
         )
 
     def _connect(self, timeout_s: float, master: bool | None = None) -> Any:
-        import torch.distributed as dist
+        from ember.workers.distributed import tcp_store
 
         env = self.env
         is_master = env.rank == 0 if master is None else master
         try:
-            store = dist.TCPStore(
-                env.master_ip,
-                env.master_port,
-                is_master=is_master,
-                timeout=timedelta(seconds=timeout_s),
-                wait_for_workers=False,
-                use_libuv=True,
+            store = tcp_store(
+                env.master_ip, env.master_port, is_master=is_master, timeout_s=timeout_s
             )
         except (RuntimeError, OSError) as exc:  # torch.distributed.DistError is a RuntimeError
             text = str(exc)

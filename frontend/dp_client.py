@@ -19,7 +19,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 
 import msgspec
 import psutil
@@ -114,16 +113,9 @@ def lockstep_replica_configs(
     process hosts on a free loopback port; other models run independent replicas (no store)."""
     if not (config.parallel.enable_expert_parallel and num_experts(config)):
         return [config] * data_parallel_size, None
-    import torch.distributed as dist
+    from ember.workers.distributed import tcp_store
 
-    store = dist.TCPStore(
-        "127.0.0.1",
-        0,
-        is_master=True,
-        timeout=timedelta(seconds=_LOCKSTEP_IDLE_S),
-        wait_for_workers=False,
-        use_libuv=True,
-    )
+    store = tcp_store("127.0.0.1", 0, is_master=True, timeout_s=_LOCKSTEP_IDLE_S)
     configs = [
         dataclasses.replace(
             config,

@@ -283,11 +283,7 @@ def test_seed_example_two_ranks_of_tp2_through_a_second_loopback_address_match_h
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):  # each rank met the other at its exit
         assert f"data-parallel rank {rank}: all 2 ranks finished" in done.stderr
-    results = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            _, rank, payload = line.split(" ", 2)
-            results[int(rank)] = json.loads(payload)
+    results = example_results(done.stdout)
     assert sorted(results) == [0, 1]
     assert [len(results[0]), len(results[1])] == [50, 50]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -298,6 +294,17 @@ def test_seed_example_two_ranks_of_tp2_through_a_second_loopback_address_match_h
             expected[prompt] = hf_greedy(hf_model, ids, [16, 20][rank])
         for prompt, token_ids in rank_results:
             assert token_ids == expected[prompt], (rank, prompt)
+
+
+def example_results(stdout: str) -> dict[int, list]:
+    """rank -> [[prompt, token ids], ...] from the "RESULT <rank> <json>" lines of the
+    example's output."""
+    results = {}
+    for line in stdout.splitlines():
+        if line.startswith("RESULT "):
+            _, rank, payload = line.split(" ", 2)
+            results[int(rank)] = json.loads(payload)
+    return results
 
 
 def _rank_env(rank: int, size: int, port: int, **extra: str) -> dict[str, str]:

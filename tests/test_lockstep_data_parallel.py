@@ -29,6 +29,7 @@ from tests.test_data_parallel import (
     _rank_env,
     _seed_example,
     _write_word_tokenizer,
+    example_results,
 )
 from tests.test_fault_injection import _assert_all_gone, _process_tree
 
@@ -180,11 +181,7 @@ def test_seed_example_on_a_moe_model_two_ranks_of_tp2_match_hf(moe_models, tmp_p
         if "of them idle steps" in line
     ]
     assert len(idle) == 2 and max(idle) >= 4, done.stderr[-3000:]
-    results = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            _, rank, payload = line.split(" ", 2)
-            results[int(rank)] = json.loads(payload)
+    results = example_results(done.stdout)
     assert sorted(results) == [0, 1]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     for rank, rank_results in results.items():

@@ -157,6 +157,20 @@ def init_rank_group(
     )
 
 
+def tcp_store(host: str, port: int, *, is_master: bool, timeout_s: float) -> dist.TCPStore:
+    """A `torch.distributed.TCPStore` at host:port: hosted here (`is_master`; port 0 takes a
+    free one, read back as `.port`) or joined as a client; `timeout_s` bounds connecting and
+    every operation. The one form the data-parallel ranks, their engines and workers use."""
+    return dist.TCPStore(
+        host,
+        port,
+        is_master=is_master,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+        use_libuv=True,
+    )
+
+
 def init_lockstep_groups(
     tp_rank: int,
     tp_size: int,
@@ -172,13 +186,8 @@ def init_lockstep_groups(
     collective that waits longer than `timeout_s` raises."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     start = time.perf_counter()
-    client = dist.TCPStore(
-        lockstep.master_ip,
-        lockstep.master_port,
-        is_master=False,
-        timeout=timedelta(seconds=lockstep.timeout_s),
-        wait_for_workers=False,
-        use_libuv=True,
+    client = tcp_store(
+        lockstep.master_ip, lockstep.master_port, is_master=False, timeout_s=lockstep.timeout_s
     )
     world_size = lockstep.size * tp_size
     rank = lockstep.rank * tp_size + tp_rank
