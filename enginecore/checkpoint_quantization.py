@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ember.workers.quantization_settings import (
+    FP8Settings,
     check_tensor_parallel_blocks,
     check_tensor_parallel_groups,
     compressed_tensors_settings,
@@ -75,6 +76,10 @@ def resolve_checkpoint_quantization(
         return method
     if method == "compressed-tensors":
         settings = compressed_tensors_settings(hf_config.quantization_config)
+        if settings.weight_block_size is not None:
+            blocks = FP8Settings(weight_block_size=settings.weight_block_size)
+            check_tensor_parallel_blocks(blocks, hf_config, tensor_parallel_size)
+            return method
     else:
         settings = group_quant_settings(method, hf_config.quantization_config)
     check_tensor_parallel_groups(settings, hf_config, tensor_parallel_size)

@@ -133,8 +133,13 @@ def write_fp8_checkpoint(
     ignored_layers: tuple[str, ...] = (),
     weight_block_size: tuple[int, int] = (128, 128),
     calibration_prompts: list[list[int]] | None = None,
+    layout: str = "fp8",
 ) -> str:
     """Write an FP8 checkpoint of the dense directory `dense_dir` to `out_dir`.
+
+    `layout` "compressed-tensors" (block scheme only) writes llm-compressor's FP8_BLOCK form of
+    the same codes and scales: each block scale as `weight_scale`, and its config (weights
+    strategy "block" with `block_structure`, activations dynamic per group of bk).
 
     Quantizes the decoder layers' q/k/v/o/gate/up/down projections except `ignored_layers`
     (module names such as "model.layers.1.mlp.down_proj"), which stay as they are, as do the
@@ -160,7 +165,8 @@ def write_fp8_checkpoint(
         quantized.append(module)
         if scheme == "block":
             codes, scale = quantize_blocks(tensor, weight_block_size)
-            tensors[f"{module}.weight_scale_inv"] = scale
+            scale_name = "weight_scale" if layout == "compressed-tensors" else "weight_scale_inv"
+            tensors[f"{module}.{scale_name}"] = scale
         else:
             quantize = quantize_per_tensor if scheme == "per-tensor" else quantize_per_channel
             codes, scale = quantize(tensor)
@@ -175,7 +181,11 @@ def write_fp8_checkpoint(
             dense_dir, quantized, calibration_prompts
         ).items():
             tensors[f"{module}.input_scale"] = scale
-    if scheme == "block":
+    if layout == "compressed-tensors":
+        if scheme != "block" or ignored_layers:
+            raise ValueError("the compressed-tensors layout is written for plain blocks only")
+        quantization_config = _compressed_tensors_block_config(weight_block_size)
+    elif scheme == "block":
         quantization_config = {
             "quant_method": "fp8",
             "activation_scheme": "dynamic",
@@ -194,6 +204,32 @@ def write_fp8_checkpoint(
     return _write_checkpoint(dense_dir, out_dir, tensors, config)
 
 
+def _compressed_tensors_block_config(block: tuple[int, int]) -> dict:
+    """llm-compressor's quantization_config of its FP8_BLOCK preset."""
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block"}
+    weights.update(dynamic=False, block_structure=list(block))
+    activations = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group"}
+    activations.update(dynamic=True, group_size=block[1])
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": activations}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {**group, "format": "float-quantized"}},
+        "ignore": ["lm_head"],
+    }
+
+
+def fp8_layout(settings: dict) -> tuple[str, tuple[int, int] | None, str]:
+    """(activation scheme, block size or None, the block scales' name) of an FP8
+    quantization_config in either layout."""
+    if settings.get("quant_method") == "compressed-tensors":
+        weights = settings["config_groups"]["group_0"]["weights"]
+        return "dynamic", tuple(weights["block_structure"]), "weight_scale"
+    block = settings.get("weight_block_size")
+    return settings["activation_scheme"], block and tuple(block), "weight_scale_inv"
+
+
 # ---- the oracle ---------------------------------------------------------------------------------
 
 
@@ -207,8 +243,7 @@ def dequantize_fp8_checkpoint(quant_dir: str) -> dict[str, torch.Tensor]:
     """Every tensor of an FP8 checkpoint, each quantized weight float32 codes * scale
     (`weight_scale`: one, or one a row; `weight_scale_inv`: one a block), the scales and
     input scales left out."""
-    settings = _read_config(quant_dir)["quantization_config"]
-    block_size = settings.get("weight_block_size")
+    _, block_size, block_scale = fp8_layout(_read_config(quant_dir)["quantization_config"])
     tensors = read_tensors(quant_dir)
     dense: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
@@ -217,8 +252,8 @@ def dequantize_fp8_checkpoint(quant_dir: str) -> dict[str, torch.Tensor]:
         module = name[: -len(".weight")]
         if tensor.dtype != FP8:
             dense[name] = tensor
-        elif f"{module}.weight_scale_inv" in tensors:
-            scale = _expand_blocks(tensors[f"{module}.weight_scale_inv"], tensor.shape, block_size)
+        elif block_size is not None:
+            scale = _expand_blocks(tensors[f"{module}.{block_scale}"], tensor.shape, block_size)
             dense[name] = tensor.float() * scale
         else:
             scale = tensors[f"{module}.weight_scale"].float()
@@ -246,18 +281,17 @@ def activation_quantization(quant_dir: str, tp_size: int = 1) -> dict[str, dict]
     arguments of `reference_activation_quantization`: static, the input_scale (the largest of
     the modules vLLM fuses); dynamic, per token group (block-wise) or per token, each rank's
     inputs apart at `tp_size` ranks (a row-parallel layer's rank sees its slice only)."""
-    settings = _read_config(quant_dir)["quantization_config"]
+    scheme, block, _ = fp8_layout(_read_config(quant_dir)["quantization_config"])
     tensors = read_tensors(quant_dir)
     modules = [name[: -len(".weight")] for name, t in tensors.items() if t.dtype == FP8]
     result: dict[str, dict] = {}
     for module in modules:
         prefix, _, leaf = module.rpartition(".")
-        if settings["activation_scheme"] == "static":
+        if scheme == "static":
             group = next((g for g in FUSED_INPUTS if leaf in g), (leaf,))
             scale = max(float(tensors[f"{prefix}.{part}.input_scale"]) for part in group)
             result[module] = {"input_scale": scale}
         else:
-            block = settings.get("weight_block_size")
             splits = tp_size if leaf in ROW_PARALLEL else 1
             result[module] = {"group_size": None if block is None else block[1], "splits": splits}
     return result

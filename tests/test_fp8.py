@@ -76,7 +76,9 @@ CASES = {
     "per-channel-dynamic": ("per-channel", "dynamic"),
     "per-channel-static": ("per-channel", "static"),
     "block-dynamic": ("block", "dynamic"),
+    "ct-block-dynamic": ("block", "dynamic"),  # compressed-tensors' FP8_BLOCK layout
 }
+LAYOUTS = {"ct-block-dynamic": "compressed-tensors"}
 # head_dim 128: q 512 rows, k and v 256, so that 128-row blocks fit each module at TP=1 and 2
 MODEL = {
     "hidden_size": 256,
@@ -99,7 +101,11 @@ def checkpoints(dense_dir, tmp_path_factory) -> dict[str, tuple[str, str]]:
     for name, (scheme, activations) in CASES.items():
         root = tmp_path_factory.mktemp(name)
         quantized = write_fp8_checkpoint(
-            dense_dir, str(root / "fp8"), scheme=scheme, activation_scheme=activations
+            dense_dir,
+            str(root / "fp8"),
+            scheme=scheme,
+            activation_scheme=activations,
+            layout=LAYOUTS.get(name, "fp8"),
         )
         written[name] = (quantized, write_dequantized_checkpoint(quantized, str(root / "dense")))
     return written
@@ -111,6 +117,8 @@ def prompts() -> list[list[int]]:
 
 
 def model_config(model_dir: str, dtype: str = "float32") -> ModelConfig:
+    with open(f"{model_dir}/config.json") as f:
+        settings = json.load(f).get("quantization_config") or {}
     return ModelConfig(
         model=model_dir,
         model_dir=model_dir,
@@ -119,7 +127,7 @@ def model_config(model_dir: str, dtype: str = "float32") -> ModelConfig:
         max_model_len=512,
         vocab_size=VOCAB,
         eos_token_ids=(2,),
-        quantization="fp8",
+        quantization=settings.get("quant_method", "fp8"),  # a dense directory: online FP8
     )
 
 

@@ -499,11 +499,46 @@ def qkv_method_name(model: torch.nn.Module) -> str:
     return type(model.model.layers[0].self_attn.qkv_proj.quant_method).__name__
 
 
-def test_compressed_tensors_schemes_not_read_yet_are_refused_naming_them(tmp_path):
-    directory = tmp_path / "ct-fp8-block"
+def _edited_ct_fp8(tmp_path, weights: dict, activations: dict | None = None) -> str:
+    """The llm-compressor FP8_DYNAMIC checkpoint with its weights (and activations) settings
+    edited."""
+    directory = tmp_path / "ct-fp8-edited"
     shutil.copytree(os.path.join(TOOL_CHECKPOINTS, "ct-fp8-dynamic"), directory)
     config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] = "block"
+    group = config["quantization_config"]["config_groups"]["group_0"]
+    group["weights"].update(weights)
+    group["input_activations"].update(activations or {})
     (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(NotImplementedError, match="weights.strategy='block'"):
-        LLM(str(directory), skip_tokenizer_init=True)
+    return str(directory)
+
+
+def test_compressed_tensors_schemes_not_read_yet_are_refused_naming_them(tmp_path):
+    directory = _edited_ct_fp8(tmp_path, {"strategy": "group", "group_size": 128})
+    with pytest.raises(NotImplementedError, match="weights.strategy='group'"):
+        LLM(directory, skip_tokenizer_init=True)
+
+
+@pytest.mark.parametrize(
+    "weights, activations, error, message",
+    [
+        ({"strategy": "block"}, None, ValueError, "block_structure must be two positive"),
+        (
+            {"strategy": "block", "block_structure": [128, 128]},
+            {"strategy": "group", "group_size": 64},
+            NotImplementedError,
+            "group_size=64 with weight blocks of 128 inputs",
+        ),
+        (  # blocks take per-group activations, not per-token ones
+            {"strategy": "block", "block_structure": [128, 128]},
+            None,
+            NotImplementedError,
+            r"input_activations \(type, num_bits, strategy, dynamic\)=\('float', 8, 'token'",
+        ),
+    ],
+    ids=["no-block-structure", "group-not-block-width", "token-activations"],
+)
+def test_compressed_tensors_fp8_blocks_that_ember_cannot_read_are_refused(
+    tmp_path, weights, activations, error, message
+):
+    with pytest.raises(error, match=message):
+        LLM(_edited_ct_fp8(tmp_path, weights, activations), skip_tokenizer_init=True)

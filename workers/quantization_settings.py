@@ -98,6 +98,7 @@ class CompressedTensorsSettings:
     desc_act: bool = False
     weight_type: str = "int"
     activation_scheme: str | None = None
+    weight_block_size: tuple[int, int] | None = None  # FP8 "block" strategy: (bn, bk)
 
 
 def compressed_tensors_settings(settings: dict[str, Any]) -> CompressedTensorsSettings:
@@ -138,9 +139,12 @@ def compressed_tensors_settings(settings: dict[str, Any]) -> CompressedTensorsSe
 
 
 def _compressed_tensors_fp8(settings: dict[str, Any], group: dict) -> CompressedTensorsSettings:
-    """llm-compressor's FP8 schemes (FP8_DYNAMIC, FP8): e4m3 weights with one scale a row
-    ("channel") or a tensor, activations quantized per token on the fly or with a static
-    per-tensor `input_scale` (vLLM's `CompressedTensorsW8A8Fp8`)."""
+    """llm-compressor's FP8 schemes (FP8_DYNAMIC, FP8, FP8_BLOCK): e4m3 weights with one scale
+    a row ("channel"), a tensor, or a block of `block_structure` ("block": `weight_scale`
+    [ceil(N / bn), ceil(K / bk)], DeepSeek's layout under compressed-tensors' name);
+    activations quantized per token on the fly, with a static per-tensor `input_scale`, or,
+    with blocks, per token and group of bk inputs on the fly (vLLM's
+    `CompressedTensorsW8A8Fp8`)."""
     name = "compressed-tensors checkpoint"
     weights = group.get("weights") or {}
     activations = group.get("input_activations")
@@ -149,7 +153,7 @@ def _compressed_tensors_fp8(settings: dict[str, Any], group: dict) -> Compressed
         {
             "weights.type": (weights.get("type"), ("float",)),
             "weights.num_bits": (weights.get("num_bits"), (8,)),
-            "weights.strategy": (weights.get("strategy"), ("channel", "tensor")),
+            "weights.strategy": (weights.get("strategy"), ("channel", "tensor", "block")),
             "weights.symmetric": (weights.get("symmetric"), (True,)),
             "weights.dynamic": (weights.get("dynamic"), (False, None)),
             "input_activations": ("None" if activations is None else "set", ("set",)),
@@ -162,6 +166,23 @@ def _compressed_tensors_fp8(settings: dict[str, Any], group: dict) -> Compressed
         bool(activations.get("dynamic")),
     )
     schemes = {("float", 8, "token", True): "dynamic", ("float", 8, "tensor", False): "static"}
+    block = None
+    if weights["strategy"] == "block":
+        block = weights.get("block_structure")
+        valid = isinstance(block, list | tuple) and len(block) == 2
+        if not valid or not all(isinstance(b, int) and b > 0 for b in block):
+            raise ValueError(
+                f"{name}: weights.block_structure must be two positive integers [bn, bk], "
+                f"got {block!r}"
+            )
+        block = (block[0], block[1])
+        # vLLM's FP8 block scheme: activations per token and group of bk inputs, dynamic
+        schemes = {("float", 8, "group", True): "dynamic"}
+        if scheme in schemes and activations.get("group_size") != block[1]:
+            raise NotImplementedError(
+                f"{name}: input_activations.group_size={activations.get('group_size')!r} with "
+                f"weight blocks of {block[1]} inputs (ember reads groups of the block's width)"
+            )
     if scheme not in schemes:
         raise NotImplementedError(
             f"{name}: input_activations (type, num_bits, strategy, dynamic)={scheme!r} is not "
@@ -175,6 +196,7 @@ def _compressed_tensors_fp8(settings: dict[str, Any], group: dict) -> Compressed
         ignore=tuple(settings.get("ignore") or ()),
         weight_type="float",
         activation_scheme=schemes[scheme],
+        weight_block_size=block,
     )
 
 
@@ -252,12 +274,15 @@ ACTIVATION_SCHEMES = ("dynamic", "static")
 
 @dataclass(frozen=True)
 class FP8Settings:
-    """What a `quant_method: "fp8"` config says; `serialized=False` is online FP8."""
+    """What a `quant_method: "fp8"` config says; `serialized=False` is online FP8.
+    `block_scale_name`: the checkpoint's name of the block scales (compressed-tensors writes
+    "weight_scale")."""
 
     activation_scheme: str = "dynamic"
     weight_block_size: tuple[int, int] | None = None  # (block_n outputs, block_k inputs)
     ignored_layers: tuple[str, ...] = ()
     serialized: bool = True
+    block_scale_name: str = "weight_scale_inv"
 
 
 def fp8_settings(settings: dict[str, Any], serialized: bool = True) -> FP8Settings:

@@ -112,5 +112,11 @@ class CompressedTensorsConfig(GroupQuantConfig):
         if s.weight_type == "float":
             from ember.workers.layers.quantization.fp8 import FP8LinearMethod
 
-            return FP8LinearMethod(FP8Settings(activation_scheme=s.activation_scheme))
+            return FP8LinearMethod(
+                FP8Settings(
+                    activation_scheme=s.activation_scheme,
+                    weight_block_size=s.weight_block_size,
+                    block_scale_name="weight_scale",
+                )
+            )
         return CompressedTensorsWNA16Method(s.bits, s.group_size)

@@ -236,8 +236,8 @@ class FP8LinearMethod(LinearMethodBase):
                 input_dim=None,
                 output_dim=0,
             )
-        else:
-            layer.weight_scale_inv = quantized_parameter(
+        else:  # the checkpoint's name: weight_scale_inv, or compressed-tensors' weight_scale
+            block_scales = quantized_parameter(
                 (
                     output_size_per_partition,
                     math.ceil(input_size_per_partition / self.block_size[1]),
@@ -247,6 +247,7 @@ class FP8LinearMethod(LinearMethodBase):
                 input_dim=1,
                 output_dim=0,
             )
+            setattr(layer, self.settings.block_scale_name, block_scales)
         if self.static:
             layer.input_scale = quantized_parameter(
                 (), torch.float32, self._load_input_scale, input_dim=None, output_dim=None
@@ -283,7 +284,8 @@ class FP8LinearMethod(LinearMethodBase):
             block_n = self.block_size[0]
             if loaded.dim() != 2 or shape[0] != math.ceil(rows / block_n):
                 raise ValueError(
-                    f"weight_scale_inv of shape {shape} for {rows} output rows in blocks of "
+                    f"{self.settings.block_scale_name} of shape {shape} for {rows} output rows "
+                    f"in blocks of "
                     f"{block_n}: expected [{math.ceil(rows / block_n)}, ceil(inputs / "
                     f"{self.block_size[1]})]"
                 )
@@ -320,11 +322,11 @@ class FP8LinearMethod(LinearMethodBase):
             )
             del layer.weight_scale
         else:
-            scales = layer.weight_scale_inv.data
+            scales = getattr(layer, self.settings.block_scale_name).data
             dense = dequantize_weight(
                 layer.weight.data, scales, self.block_size[1], dtype=layer.model_dtype
             )
-            del layer.weight_scale_inv
+            delattr(layer, self.settings.block_scale_name)
         layer.weight = nn.Parameter(dense, requires_grad=False)
 
     def _keep_float8(self, layer: nn.Module) -> None:
@@ -338,8 +340,9 @@ class FP8LinearMethod(LinearMethodBase):
         elif self.block_size is None:
             codes, scales = layer.weight.data, layer.weight_scale.data
         else:
-            codes, scales = layer.weight.data, layer.weight_scale_inv.data
-            del layer.weight_scale_inv
+            codes = layer.weight.data
+            scales = getattr(layer, self.settings.block_scale_name).data
+            delattr(layer, self.settings.block_scale_name)
         layer.weight = nn.Parameter(codes.contiguous(), requires_grad=False)
         layer.weight_scale = nn.Parameter(scales.float().contiguous(), requires_grad=False)
         layer.fp8_one_scale = self.block_size is None and bool(
