@@ -148,10 +148,12 @@ def write_fp8_checkpoint(
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if activation_scheme not in ("dynamic", "static"):
+    if activation_scheme not in ("dynamic", "static", "none"):
         raise ValueError(
-            f"activation_scheme must be 'dynamic' or 'static', got {activation_scheme!r}"
+            f"activation_scheme must be 'dynamic', 'static' or 'none', got {activation_scheme!r}"
         )
+    if (activation_scheme == "none") != (layout == "compressed-tensors" and scheme != "block"):
+        raise ValueError("weight-only FP8 is written in the compressed-tensors layout, unblocked")
     if scheme == "block" and activation_scheme != "dynamic":
         raise ValueError("block-wise FP8 checkpoints are written with dynamic activations only")
     config = _read_config(dense_dir)
@@ -182,9 +184,9 @@ def write_fp8_checkpoint(
         ).items():
             tensors[f"{module}.input_scale"] = scale
     if layout == "compressed-tensors":
-        if scheme != "block" or ignored_layers:
-            raise ValueError("the compressed-tensors layout is written for plain blocks only")
-        quantization_config = _compressed_tensors_block_config(weight_block_size)
+        if ignored_layers:
+            raise ValueError("the compressed-tensors layout is written without ignored layers")
+        quantization_config = _compressed_tensors_config(scheme, weight_block_size)
     elif scheme == "block":
         quantization_config = {
             "quant_method": "fp8",
@@ -204,12 +206,17 @@ def write_fp8_checkpoint(
     return _write_checkpoint(dense_dir, out_dir, tensors, config)
 
 
-def _compressed_tensors_block_config(block: tuple[int, int]) -> dict:
-    """llm-compressor's quantization_config of its FP8_BLOCK preset."""
-    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block"}
-    weights.update(dynamic=False, block_structure=list(block))
-    activations = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group"}
-    activations.update(dynamic=True, group_size=block[1])
+def _compressed_tensors_config(scheme: str, block: tuple[int, int]) -> dict:
+    """llm-compressor's quantization_config: its FP8_BLOCK preset ("block"), or FP8 weights
+    alone per channel or tensor (no input_activations: vLLM's W8A16 FP8)."""
+    strategy = {"block": "block", "per-channel": "channel", "per-tensor": "tensor"}[scheme]
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy}
+    weights["dynamic"] = False
+    activations = None
+    if scheme == "block":
+        weights["block_structure"] = list(block)
+        activations = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group"}
+        activations.update(dynamic=True, group_size=block[1])
     group = {"targets": ["Linear"], "weights": weights, "input_activations": activations}
     return {
         "quant_method": "compressed-tensors",
@@ -224,8 +231,10 @@ def fp8_layout(settings: dict) -> tuple[str, tuple[int, int] | None, str]:
     """(activation scheme, block size or None, the block scales' name) of an FP8
     quantization_config in either layout."""
     if settings.get("quant_method") == "compressed-tensors":
-        weights = settings["config_groups"]["group_0"]["weights"]
-        return "dynamic", tuple(weights["block_structure"]), "weight_scale"
+        group = settings["config_groups"]["group_0"]
+        if group["input_activations"] is None:
+            return "none", None, "weight_scale"
+        return "dynamic", tuple(group["weights"]["block_structure"]), "weight_scale"
     block = settings.get("weight_block_size")
     return settings["activation_scheme"], block and tuple(block), "weight_scale_inv"
 
@@ -287,6 +296,8 @@ def activation_quantization(quant_dir: str, tp_size: int = 1) -> dict[str, dict]
     result: dict[str, dict] = {}
     for module in modules:
         prefix, _, leaf = module.rpartition(".")
+        if scheme == "none":  # weight-only: the activations as they are
+            continue
         if scheme == "static":
             group = next((g for g in FUSED_INPUTS if leaf in g), (leaf,))
             scale = max(float(tensors[f"{prefix}.{part}.input_scale"]) for part in group)

@@ -278,6 +278,36 @@ def test_checkpoint_logits_match_hf_with_vllm_activation_quantization(case, chec
     assert_matches_oracle(ours, *fp8_oracle(quant_dir, dequantized_dir, prompts))
 
 
+@pytest.mark.parametrize("scheme", ["per-channel", "per-tensor"])
+def test_weight_only_fp8_matches_hf_on_the_dequantized_weights(
+    scheme, dense_dir, prompts, tmp_path
+):
+    """compressed-tensors FP8 weights without input_activations (vLLM's W8A16 FP8): the
+    activations are not quantized, so ember's logits are HF's on the dequantized weights to
+    float32 rounding at every position; with vLLM's per-token activation quantization HF
+    differs (teeth)."""
+    quant_dir = write_fp8_checkpoint(
+        dense_dir,
+        str(tmp_path / "fp8"),
+        scheme=scheme,
+        activation_scheme="none",
+        layout="compressed-tensors",
+    )
+    dequantized_dir = write_dequantized_checkpoint(quant_dir, str(tmp_path / "dense"))
+    model = load(quant_dir)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv.quant_method, FP8LinearMethod) and qkv.quant_method.weight_only
+    ours = forward_prompts(model, prompts)
+    reference = hf_model(dequantized_dir)
+    errors = position_errors(ours, hf_logprobs(reference, prompts))
+    assert errors.max().item() <= FLOAT32_LOGPROB, errors.max()
+    per_token = {module: {"group_size": None, "splits": 1} for module in linear_modules(quant_dir)}
+    quantize_activations_in(reference, per_token)
+    assert (
+        position_errors(ours, hf_logprobs(reference, prompts)).max().item() > 10 * FLOAT32_LOGPROB
+    )
+
+
 def test_bfloat16_model_is_as_close_to_the_oracle_as_hf_in_bfloat16(checkpoints, prompts):
     """bfloat16 rounds the dequantized weights and the activations x_q * s: compared, as
     test_model_loading does for dense models, with HF in bfloat16 under the same hooks."""

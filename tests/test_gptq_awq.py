@@ -499,15 +499,18 @@ def qkv_method_name(model: torch.nn.Module) -> str:
     return type(model.model.layers[0].self_attn.qkv_proj.quant_method).__name__
 
 
-def _edited_ct_fp8(tmp_path, weights: dict, activations: dict | None = None) -> str:
+def _edited_ct_fp8(tmp_path, weights: dict, activations: dict | str | None = None) -> str:
     """The llm-compressor FP8_DYNAMIC checkpoint with its weights (and activations) settings
-    edited."""
+    edited; activations "none": weight-only."""
     directory = tmp_path / "ct-fp8-edited"
     shutil.copytree(os.path.join(TOOL_CHECKPOINTS, "ct-fp8-dynamic"), directory)
     config = json.loads((directory / "config.json").read_text())
     group = config["quantization_config"]["config_groups"]["group_0"]
     group["weights"].update(weights)
-    group["input_activations"].update(activations or {})
+    if activations == "none":
+        group["input_activations"] = None
+    else:
+        group["input_activations"].update(activations or {})
     (directory / "config.json").write_text(json.dumps(config))
     return str(directory)
 
@@ -534,8 +537,14 @@ def test_compressed_tensors_schemes_not_read_yet_are_refused_naming_them(tmp_pat
             NotImplementedError,
             r"input_activations \(type, num_bits, strategy, dynamic\)=\('float', 8, 'token'",
         ),
+        (
+            {"strategy": "block", "block_structure": [128, 128]},
+            "none",
+            NotImplementedError,
+            "weight-only FP8 \\(no input_activations\\) with weights.strategy='block'",
+        ),
     ],
-    ids=["no-block-structure", "group-not-block-width", "token-activations"],
+    ids=["no-block-structure", "group-not-block-width", "token-activations", "weight-only"],
 )
 def test_compressed_tensors_fp8_blocks_that_ember_cannot_read_are_refused(
     tmp_path, weights, activations, error, message

@@ -87,8 +87,9 @@ def _awq(settings: dict[str, Any]) -> GroupQuantSettings:
 @dataclass(frozen=True)
 class CompressedTensorsSettings:
     """One scheme of compressed-tensors for all targets: weight-only integers
-    ("pack-quantized"), or FP8 weights with FP8 activations ("float-quantized", `weight_type`
-    "float", `activation_scheme` "dynamic" per token or "static" per tensor)."""
+    ("pack-quantized"), or FP8 weights ("float-quantized", `weight_type` "float") with FP8
+    activations (`activation_scheme` "dynamic" per token or group, "static" per tensor) or
+    without ("none": weight-only)."""
 
     method: str
     bits: int
@@ -156,9 +157,23 @@ def _compressed_tensors_fp8(settings: dict[str, Any], group: dict) -> Compressed
             "weights.strategy": (weights.get("strategy"), ("channel", "tensor", "block")),
             "weights.symmetric": (weights.get("symmetric"), (True,)),
             "weights.dynamic": (weights.get("dynamic"), (False, None)),
-            "input_activations": ("None" if activations is None else "set", ("set",)),
         },
     )
+    if activations is None:  # weight-only FP8 (vLLM's CompressedTensorsW8A16Fp8)
+        if weights["strategy"] == "block":
+            raise NotImplementedError(
+                f"{name}: weight-only FP8 (no input_activations) with weights.strategy='block' "
+                "is not supported yet (ember reads 'channel' and 'tensor')"
+            )
+        return CompressedTensorsSettings(
+            method="compressed-tensors",
+            bits=8,
+            group_size=-1,
+            targets=tuple(group.get("targets") or ("Linear",)),
+            ignore=tuple(settings.get("ignore") or ()),
+            weight_type="float",
+            activation_scheme="none",
+        )
     scheme = (
         activations.get("type"),
         activations.get("num_bits"),

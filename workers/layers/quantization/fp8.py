@@ -202,6 +202,9 @@ class FP8LinearMethod(LinearMethodBase):
         self.settings = settings
         self.block_size = settings.weight_block_size
         self.static = settings.activation_scheme == "static"
+        # compressed-tensors' weight-only FP8: activations as they are, on the dense weight
+        # (on CUDA too: no FP8 GEMM takes unquantized activations)
+        self.weight_only = settings.activation_scheme == "none"
 
     def create_weights(
         self,
@@ -310,7 +313,7 @@ class FP8LinearMethod(LinearMethodBase):
         param.data.copy_(torch.maximum(param.data, value))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        if layer.weight.device.type == "cuda":
+        if layer.weight.device.type == "cuda" and not self.weight_only:
             self._keep_float8(layer)
             return
         if not self.settings.serialized:
@@ -369,6 +372,8 @@ class FP8LinearMethod(LinearMethodBase):
         weight = layer.weight
         if weight.dtype == FP8_DTYPE:  # CUDA: the FP8 GEMM
             out = fp8_linear(x, self.fp8_weight(layer), input_scale)
+        elif self.weight_only:
+            out = F.linear(x.to(weight.dtype), weight).to(x.dtype)
         else:
             group_size = None if self.block_size is None else self.block_size[1]
             x_dq = quantize_dequantize_activations(x, input_scale, group_size)
