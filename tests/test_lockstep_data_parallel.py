@@ -191,15 +191,20 @@ def test_seed_example_on_a_moe_model_two_ranks_of_tp2_match_hf(moe_models, tmp_p
 
 
 @pytest.mark.slow
-def test_a_rank_killed_mid_generation_fails_the_other_fast_and_leaves_nothing(moe_models, tmp_path):
-    """SIGKILL of the rank still generating: the other rank, whose engine serves its experts,
-    raises at its shutdown within 30 s, and the dead rank's processes are gone."""
+@pytest.mark.parametrize("victim_rank", [1, 0], ids=["the-busy-rank", "the-idle-rank-0"])
+def test_a_rank_killed_mid_generation_fails_the_other_fast_and_leaves_nothing(
+    moe_models, tmp_path, victim_rank
+):
+    """SIGKILL of one rank while rank 1 still generates: rank 1 killed, rank 0 (whose engine
+    served its experts) raises at its shutdown; rank 0 killed (idle, the store's host), rank
+    1's generation fails at its next collective. Either way the other rank raises within
+    30 s and the dead rank's processes are gone."""
     model_dir, _ = moe_models("MixtralForCausalLM")
     ranks = _run_ranks(
         tmp_path, model_dir, 1, counts=[2, 4], max_tokens=[4, 2000], strategy="linear",
         EMBER_DP_DEAD_AFTER_S="4",
     )  # fmt: skip
-    victim, survivor = ranks[1], ranks[0]
+    victim, survivor = ranks[victim_rank], ranks[1 - victim_rank]
     try:
         line = victim.stdout.readline()
         assert line.startswith("PIDS"), line
