@@ -114,6 +114,7 @@ class ModelRunner:
             )
         self.kv_caches: list[torch.Tensor] = []
         self.cuda_graphs: CudaGraphRunner | None = None  # set by the worker on CUDA
+        self.ran_model = False  # whether the last execute_model ran the model's forward
         self.load_model()
 
     def load_model(self) -> None:
@@ -137,6 +138,8 @@ class ModelRunner:
         if config.device.cpu_offload_bytes:
             offload_decoder_layers(self.model, config.device.cpu_offload_bytes, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        # in the order the forward calls them (`idle_moe_step`)
+        self.moe_layers = [m for m in self.model.modules() if isinstance(m, FusedMoE)]
         for layer, cache in zip(self.attention_layers, self.kv_caches):
             layer.kv_cache = cache
         self.lora = None
@@ -151,7 +154,7 @@ class ModelRunner:
         self.attention_layers = []
         self.pooling = None
         self.cpu_decode = None
-        self.ran_model = False  # whether the last execute_model ran the model's forward
+        self.moe_layers = []
         self.cuda_graphs = None
         self.lora = None
 
@@ -565,11 +568,10 @@ class ModelRunner:
         """A step of a lockstep data-parallel rank with no tokens: each MoE layer, in the
         model's order, serves the other ranks' tokens (`FusedMoE.forward_across_data_parallel`
         with none of its own), so that every rank makes the same collectives."""
-        for module in self.model.modules():
-            if isinstance(module, FusedMoE):
-                hidden = torch.empty(0, module.hidden_size, dtype=self.dtype, device=self.device)
-                logits = torch.empty(0, module.num_experts, device=self.device)  # float32
-                module(hidden, logits)
+        for module in self.moe_layers:
+            hidden = torch.empty(0, module.hidden_size, dtype=self.dtype, device=self.device)
+            logits = torch.empty(0, module.num_experts, device=self.device)  # float32
+            module(hidden, logits)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self.ran_model = False
