@@ -159,21 +159,41 @@ def _compressed_tensors_fp8(settings: dict[str, Any], group: dict) -> Compressed
             "weights.dynamic": (weights.get("dynamic"), (False, None)),
         },
     )
+    block = _block_structure(name, weights) if weights["strategy"] == "block" else None
     if activations is None:  # weight-only FP8 (vLLM's CompressedTensorsW8A16Fp8)
-        if weights["strategy"] == "block":
+        if block is not None:
             raise NotImplementedError(
                 f"{name}: weight-only FP8 (no input_activations) with weights.strategy='block' "
                 "is not supported yet (ember reads 'channel' and 'tensor')"
             )
-        return CompressedTensorsSettings(
-            method="compressed-tensors",
-            bits=8,
-            group_size=-1,
-            targets=tuple(group.get("targets") or ("Linear",)),
-            ignore=tuple(settings.get("ignore") or ()),
-            weight_type="float",
-            activation_scheme="none",
+        activation_scheme = "none"
+    else:
+        activation_scheme = _fp8_activation_scheme(name, activations, block)
+    return CompressedTensorsSettings(
+        method="compressed-tensors",
+        bits=8,
+        group_size=-1,
+        targets=tuple(group.get("targets") or ("Linear",)),
+        ignore=tuple(settings.get("ignore") or ()),
+        weight_type="float",
+        activation_scheme=activation_scheme,
+        weight_block_size=block,
+    )
+
+
+def _block_structure(name: str, weights: dict) -> tuple[int, int]:
+    block = weights.get("block_structure")
+    valid = isinstance(block, list | tuple) and len(block) == 2
+    if not valid or not all(isinstance(b, int) and b > 0 for b in block):
+        raise ValueError(
+            f"{name}: weights.block_structure must be two positive integers [bn, bk], got {block!r}"
         )
+    return block[0], block[1]
+
+
+def _fp8_activation_scheme(name: str, activations: dict, block: tuple[int, int] | None) -> str:
+    """ "dynamic" (per token; with blocks, per token and group of bk) or "static" (per tensor)
+    for compressed-tensors' FP8 input_activations; NotImplementedError for the others."""
     scheme = (
         activations.get("type"),
         activations.get("num_bits"),
@@ -181,17 +201,7 @@ def _compressed_tensors_fp8(settings: dict[str, Any], group: dict) -> Compressed
         bool(activations.get("dynamic")),
     )
     schemes = {("float", 8, "token", True): "dynamic", ("float", 8, "tensor", False): "static"}
-    block = None
-    if weights["strategy"] == "block":
-        block = weights.get("block_structure")
-        valid = isinstance(block, list | tuple) and len(block) == 2
-        if not valid or not all(isinstance(b, int) and b > 0 for b in block):
-            raise ValueError(
-                f"{name}: weights.block_structure must be two positive integers [bn, bk], "
-                f"got {block!r}"
-            )
-        block = (block[0], block[1])
-        # vLLM's FP8 block scheme: activations per token and group of bk inputs, dynamic
+    if block is not None:  # vLLM's FP8 block scheme: per token and group of bk, dynamic
         schemes = {("float", 8, "group", True): "dynamic"}
         if scheme in schemes and activations.get("group_size") != block[1]:
             raise NotImplementedError(
@@ -203,16 +213,7 @@ def _compressed_tensors_fp8(settings: dict[str, Any], group: dict) -> Compressed
             f"{name}: input_activations (type, num_bits, strategy, dynamic)={scheme!r} is not "
             f"supported yet (ember reads: {', '.join(map(repr, schemes))})"
         )
-    return CompressedTensorsSettings(
-        method="compressed-tensors",
-        bits=8,
-        group_size=-1,
-        targets=tuple(group.get("targets") or ("Linear",)),
-        ignore=tuple(settings.get("ignore") or ()),
-        weight_type="float",
-        activation_scheme=schemes[scheme],
-        weight_block_size=block,
-    )
+    return schemes[scheme]
 
 
 # kv_cache_scheme as llm-compressor writes it for vLLM's "fp8" cache: one e4m3 scale a layer
