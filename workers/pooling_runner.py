@@ -37,6 +37,7 @@ class PoolingRunner:
         scheduler_output, lora_errored = runner._activate_loras(scheduler_output)
         if not scheduler_output.num_scheduled_tokens:
             return ModelRunnerOutput(errored_req_ids=lora_errored)
+        runner.ran_model = True
         states, input_ids, positions, metadata, last_rows, _ = runner._prepare_inputs(
             scheduler_output
         )
