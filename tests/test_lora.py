@@ -416,6 +416,11 @@ def test_gguf_fused_decode_step_serves_the_steps_without_an_adapter(default_gguf
     adapter (they cost what they cost without LoRA: the same tokens as an engine without
     enable_lora), and steps with an adapter run in that one C call too, the adapters' deltas
     added after each matmul (kernels/csrc/lora_add.c), as the layers' forward adds them."""
+    from ember.kernels import tile_matmul
+    from ember.kernels.cpu_features import cpu_isa
+
+    if not tile_matmul.available():  # as tests/test_fused_cpu_decode.py's one-call cases
+        pytest.skip(f"the {cpu_isa()} build has no tiles: no one-call step (the loop serves)")
     params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=5)
     prompts = ["The capital of France is", "Water boils at", "My favourite colour is"]
     with LLM(default_gguf) as plain:
