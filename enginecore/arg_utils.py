@@ -108,6 +108,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     long_prefill_token_threshold: int = 0
+    async_scheduling: bool | None = None  # vLLM's; None: off (see the README)
     scheduling_policy: str = "fcfs"  # "fcfs" | "priority" (vLLM's; `priority=` per request)
     block_size: int = 16
     enable_prefix_caching: bool = True
@@ -208,6 +209,10 @@ class EngineArgs:
             )
         generation_config_source(self.generation_config)
         override_fields(self.override_generation_config)
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise TypeError(
+                f"async_scheduling must be a bool or None, got {self.async_scheduling!r}"
+            )
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(
                 f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
@@ -371,6 +376,7 @@ class EngineArgs:
                 max_model_len=max_model_len,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
                 policy=self.scheduling_policy,
+                async_scheduling=bool(self.async_scheduling),
             ),
             parallel=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size,

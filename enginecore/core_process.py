@@ -248,6 +248,7 @@ class EngineCoreProc:
                     with self.trace.span("emit"):
                         self._emit(outputs)
                     if self.profile is not None:
+                        self._emit(core.drain())  # the profiler's calls need idle workers
                         self.profile.step_done()
             except Exception as exc:  # every client is told, then the engine stops
                 if isinstance(exc, EngineDeadError):
@@ -393,6 +394,8 @@ class EngineCoreProc:
         """Run a utility and send its result. One that returns a Future (work done on another
         thread, such as compiling grammars) is answered when the future is done, while the
         loop runs on."""
+        # A utility sees the requests, and may call the workers, between steps.
+        self._emit(self.engine_core.drain())
         method = getattr(self, f"utility_{request.method}", None) or getattr(
             self.engine_core, f"utility_{request.method}", None
         )

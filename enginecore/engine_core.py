@@ -20,6 +20,7 @@ from ember.enginecore.scheduler import Scheduler
 from ember.enginecore.stats import SchedulerStats, scheduler_stats
 from ember.enginecore.structured_output.manager import StructuredOutputManager
 from ember.workers.config import EngineConfig
+from ember.workers.scheduler_output import SchedulerOutput
 from ember.workers.structured_outputs_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class EngineCore:
         # scheduling is paused (any level); requests are refused until fully awake.
         self.sleeping_tags: set[str] = set()
         self.scheduling_paused = False
+        # Async scheduling: the step the workers are running, whose output is not in yet.
+        self.async_scheduling = config.scheduler.async_scheduling
+        self.in_flight: SchedulerOutput | None = None
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -97,24 +101,66 @@ class EngineCore:
         ]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.in_flight is not None or self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
-        """Run one step; return the outputs of the requests that produced or finished."""
-        if not self.scheduler.has_unfinished_requests():
+        """Run one step; return the outputs of the requests that produced or finished.
+
+        With async scheduling the step returned is the one submitted before: the next one is
+        scheduled and submitted first, so the workers go on to it without waiting for this
+        process (each request's newest token, still unknown here, is the one its workers
+        sampled). Steps that need the tokens here first (grammars) run one at a time."""
+        if self.in_flight is None and not self.scheduler.has_unfinished_requests():
             return []
         failed = self._finish_failed_grammars() if self.compiling else []
+        if self.in_flight is None:
+            scheduler_output = self._schedule()
+            if scheduler_output is None:
+                return failed
+            if not self.async_scheduling:
+                runner_output = self.executor.execute_model(scheduler_output)
+                return failed + self.scheduler.update_from_output(scheduler_output, runner_output)
+            self.executor.submit_model(scheduler_output)
+            self.in_flight = scheduler_output
+        running, self.in_flight = self.in_flight, self._submit_overlapped()
+        runner_output = self.executor.await_model()
+        return failed + self.scheduler.update_from_output(running, runner_output)
+
+    def drain(self) -> list[EngineCoreOutput]:
+        """Wait for the step in flight (async scheduling) and take in its output: before
+        anything else is asked of the workers, or of the requests' state."""
+        if self.in_flight is None:
+            return []
+        running, self.in_flight = self.in_flight, None
+        return self.scheduler.update_from_output(running, self.executor.await_model())
+
+    def _schedule(self) -> SchedulerOutput | None:
+        """The next step, with its grammar rows; None when nothing can run yet."""
         scheduler_output = self.scheduler.schedule()
         if not scheduler_output.num_scheduled_tokens and not scheduler_output.finished_req_ids:
             # Every waiting request waits for its grammar: let the compiles run a moment.
             self.structured_output.wait_for_compiles(
                 [r.grammar for r in self.compiling], _COMPILE_WAIT_S
             )
-            return failed
+            return None
         if any(r.grammar is not None for r in self.scheduler.running):
             self._add_grammar_bitmask(scheduler_output)
-        runner_output = self.executor.execute_model(scheduler_output)
-        return failed + self.scheduler.update_from_output(scheduler_output, runner_output)
+        return scheduler_output
+
+    def _submit_overlapped(self) -> SchedulerOutput | None:
+        """Schedule and submit the step after the one in flight, if one can run without its
+        output: none while a request has a grammar (its next row of allowed tokens follows
+        from the token in flight)."""
+        scheduler = self.scheduler
+        if any(r.grammar is not None for r in scheduler.requests.values()):
+            return None
+        scheduler_output = scheduler.schedule(overlapped=True)
+        if not scheduler_output.num_scheduled_tokens:
+            # Nothing to run: the finished requests go to the workers with the next step.
+            scheduler.finished_req_ids.update(scheduler_output.finished_req_ids)
+            return None
+        self.executor.submit_model(scheduler_output)
+        return scheduler_output
 
     def lockstep_step(self, wave: int) -> tuple[list[EngineCoreOutput], bool, int]:
         """`step` for a lockstep data-parallel rank (`enginecore/lockstep.py`): the model runs

@@ -5,6 +5,7 @@ tools); the multiprocess executor starts one worker process per rank (see `multi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from typing import Any
 
 from ember.workers.config import EngineConfig
@@ -15,6 +16,8 @@ from ember.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 class Executor(ABC):
     def __init__(self, config: EngineConfig):
         self.config = config
+        # Outputs of submitted steps, for executors that run a step in `submit_model` itself.
+        self._submitted: deque[ModelRunnerOutput] = deque()
 
     @abstractmethod
     def determine_num_kv_blocks(self) -> int:
@@ -27,6 +30,15 @@ class Executor(ABC):
     def execute_model(
         self, scheduler_output: SchedulerOutput, lockstep_wave: int = 0
     ) -> ModelRunnerOutput: ...
+
+    def submit_model(self, scheduler_output: SchedulerOutput) -> None:
+        """Start a step and return (async scheduling): its output comes from `await_model`, in
+        the order the steps were submitted."""
+        self._submitted.append(self.execute_model(scheduler_output))
+
+    def await_model(self) -> ModelRunnerOutput:
+        """The output of the oldest step `submit_model` started."""
+        return self._submitted.popleft()
 
     def idle_step(self, wave: int, busy: bool = False) -> tuple[bool, int]:
         """Lockstep data parallelism: a step without tokens of this rank (`Worker.idle_step`);

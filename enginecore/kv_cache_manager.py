@@ -120,7 +120,8 @@ class KVCacheManager:
         if self.enable_caching:
             # The tokens scheduled now are computed before any later step can hit them (and
             # within this step each attention layer writes the cache before it reads it).
-            num_full_blocks = num_tokens // block_size
+            # Only known tokens: under async scheduling the last one may still be coming.
+            num_full_blocks = min(num_tokens, request.num_tokens) // block_size
             if num_full_blocks > self.num_cached_blocks[request_id]:
                 self._cache_full_blocks(request, blocks, num_full_blocks)
         return new_block_ids

@@ -129,7 +129,11 @@ class MultiprocExecutor(Executor):
         shutil.rmtree(self._rendezvous_dir, ignore_errors=True)  # every rank has joined
 
     def _collect(
-        self, timeout_s: float | None = None, what: str = "call", fatal_timeout: bool = True
+        self,
+        timeout_s: float | None = None,
+        what: str = "call",
+        fatal_timeout: bool = True,
+        spin_s: float | None = None,
     ) -> list[WorkerReply]:
         """One reply from every rank, watching that every worker stays alive. Past `timeout_s`
         the engine is dead, or with `fatal_timeout=False` the call alone fails (TimeoutError)
@@ -140,7 +144,7 @@ class MultiprocExecutor(Executor):
             for rank, queue in enumerate(self.reply_queues):
                 if replies[rank] is None:
                     try:
-                        reply = reply_decoder.decode(queue.dequeue(timeout_s=_POLL_S))
+                        reply = reply_decoder.decode(queue.dequeue(_POLL_S, spin_s))
                     except (TimeoutError, EOFError):
                         continue
                     if self._stale_replies[rank]:
@@ -204,6 +208,18 @@ class MultiprocExecutor(Executor):
     ) -> ModelRunnerOutput:
         call = ExecuteModel(scheduler_output, lockstep_wave)
         return self._call(call, self.execute_timeout_s)[0].runner_output
+
+    def submit_model(self, scheduler_output: SchedulerOutput) -> None:
+        self.broadcast.enqueue(call_encoder.encode(ExecuteModel(scheduler_output)))
+
+    def await_model(self) -> ModelRunnerOutput:
+        # The workers have the next step already: a late wake-up here costs them nothing,
+        # while a spin would take a core from them for the whole step.
+        replies = self._collect(self.execute_timeout_s, "ExecuteModel", spin_s=0.0)
+        for reply in replies:
+            if reply.error is not None:
+                raise _rebuild_error(reply)
+        return replies[0].runner_output
 
     def idle_step(self, wave: int, busy: bool = False) -> tuple[bool, int]:
         call = LockstepIdleStep(wave, busy)

@@ -39,6 +39,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)  # prompt, then outputs
     num_computed_tokens: int = 0
+    # Tokens scheduled steps will sample that have not come back yet (async scheduling: the
+    # next step is scheduled before this one's output arrives; the workers know the tokens).
+    num_output_placeholders: int = 0
     # Prompt tokens found in the prefix cache when first scheduled; -1 until then.
     num_cached_tokens: int = -1
     num_preemptions: int = 0

@@ -139,7 +139,10 @@ class Scheduler:
         while self.running:
             self._preempt(self.running.pop())
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, overlapped: bool = False) -> SchedulerOutput:
+        """The next step. `overlapped`: scheduled while the step before is still running (async
+        scheduling), so its sampled tokens are placeholders here: nothing is preempted, and a
+        request those tokens may finish (its max_tokens or max_model_len reached) waits."""
         token_budget = self.config.max_num_batched_tokens
         long_prefill_threshold = self.config.long_prefill_token_threshold
         kv_cache_manager = self.kv_cache_manager
@@ -147,7 +150,7 @@ class Scheduler:
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
-        preempted = False
+        short_of_blocks = False
 
         # Running requests first, oldest (or best, by priority) first; a victim is taken from
         # the end of the list, so it is never one already scheduled in this step.
@@ -157,15 +160,24 @@ class Scheduler:
         index = 0
         while index < len(running) and token_budget > 0:
             request = running[index]
-            num_new = request.num_tokens - request.num_computed_tokens
+            num_new = request.num_tokens + request.num_output_placeholders
+            num_new -= request.num_computed_tokens
+            if overlapped and (num_new <= 0 or self._may_finish_pending(request)):
+                index += 1
+                continue
             if 0 < long_prefill_threshold < num_new:
                 num_new = long_prefill_threshold
             num_new = min(num_new, token_budget)
             new_block_ids = allocate_slots(request, num_new)
+            if new_block_ids is None and overlapped:
+                # No preemption while a step runs, and no newcomer takes blocks before this
+                # request: once nothing runs, the next step schedules (or preempts) as usual.
+                short_of_blocks = True
+                break
             while new_block_ids is None:
                 victim = running.pop()
                 self._preempt(victim)
-                preempted = True
+                short_of_blocks = True
                 if victim is request:
                     break
                 new_block_ids = allocate_slots(request, num_new)
@@ -178,9 +190,10 @@ class Scheduler:
                 CachedRequestData(request_id, new_block_ids, request.num_computed_tokens)
             )
             request.num_computed_tokens += num_new
+            self._expect_sample(request)
             index += 1
 
-        # Then waiting ones (resumed preempted requests first), unless this step preempted. A
+        # Then waiting ones (resumed preempted requests first), unless blocks ran short. A
         # request whose grammar is still compiling, or whose LoRA adapter would make more than
         # max_loras adapters run at once, is passed over, keeping its place (vLLM's).
         waiting = self.waiting
@@ -189,7 +202,7 @@ class Scheduler:
         while (
             waiting
             and token_budget > 0
-            and not preempted
+            and not short_of_blocks
             and len(running) < self.config.max_num_seqs
         ):
             request = waiting[0]
@@ -240,6 +253,7 @@ class Scheduler:
             if lora_id is not None:
                 running_loras.add(lora_id)
             request.num_computed_tokens = num_cached + num_new
+            self._expect_sample(request)
         waiting.extendleft(reversed(compiling))
 
         output = SchedulerOutput(
@@ -250,6 +264,26 @@ class Scheduler:
         )
         self.finished_req_ids.clear()
         return output
+
+    @staticmethod
+    def _expect_sample(request: Request) -> None:
+        """A step that reaches the end of a generating request's known tokens samples one."""
+        if request.sampling_params is not None and request.num_computed_tokens >= (
+            request.num_tokens + request.num_output_placeholders
+        ):
+            request.num_output_placeholders += 1
+
+    def _may_finish_pending(self, request: Request) -> bool:
+        """Whether the tokens still coming for `request` can end it by length: it then waits
+        for them rather than compute a token that would be thrown away."""
+        pending = request.num_output_placeholders
+        if not pending:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        num_output = len(request.output_token_ids) + pending
+        return (max_tokens is not None and num_output >= max_tokens) or (
+            request.num_tokens + pending >= self.config.max_model_len
+        )
 
     def _running_loras(self) -> set[int]:
         """The adapters (lora_int_id) of the running requests: each holds a worker slot while
@@ -275,6 +309,8 @@ class Scheduler:
             request = requests.get(request_id)
             if request is None:  # aborted while the step ran
                 continue
+            if request.num_output_placeholders:
+                request.num_output_placeholders -= 1
             first_output = not request.output_token_ids
             if first_output:  # before a stop frees the blocks it counts
                 num_cache_creation_tokens = self._num_cache_creation_tokens(request)

@@ -716,8 +716,9 @@ _POLICIES: dict[str, ArgPolicy] = {
         "class or '<module>:<class>'; built in the rank-0 worker, options per request in "
         "SamplingParams.extra_args"
     ),
-    "async_scheduling": _no_effect(
-        "overlaps scheduling with the model step in vLLM; the outputs are the same"
+    "async_scheduling": _ember(
+        "honoured: the next step is scheduled while the workers run this one (their own "
+        "sampled tokens feed it); None: off"
     ),
     "stream_interval": _no_effect("streaming granularity of vLLM's server"),
     "kv_sharing_fast_prefill": _no_effect(

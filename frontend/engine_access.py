@@ -173,6 +173,7 @@ class SchedulerConfigView:
     max_num_batched_tokens: int
     max_model_len: int
     long_prefill_token_threshold: int
+    async_scheduling: bool = False
     enable_chunked_prefill: bool = True
 
 
@@ -223,6 +224,7 @@ def vllm_config(
             max_num_batched_tokens=scheduler.max_num_batched_tokens,
             max_model_len=scheduler.max_model_len,
             long_prefill_token_threshold=scheduler.long_prefill_token_threshold,
+            async_scheduling=scheduler.async_scheduling,
         ),
         device_config=DeviceConfigView(config.device.device),
     )

@@ -87,9 +87,15 @@ def _kill_during_generate(llm: LLM, victim_pid: int) -> float:
     return time.monotonic() - killed_at[0]
 
 
-@pytest.mark.parametrize("victim", ["worker", "engine core"])
-def test_sigkill_of_an_engine_process_raises_and_leaves_nothing(tiny_dir, victim):
-    llm = LLM(tiny_dir, dtype="float32", skip_tokenizer_init=True)
+@pytest.mark.parametrize(
+    "victim, async_scheduling",
+    [("worker", False), ("engine core", False), ("worker", True)],
+)
+def test_sigkill_of_an_engine_process_raises_and_leaves_nothing(tiny_dir, victim, async_scheduling):
+    """async_scheduling: the worker dies with the next step already queued for it."""
+    llm = LLM(
+        tiny_dir, dtype="float32", skip_tokenizer_init=True, async_scheduling=async_scheduling
+    )
     pids = _process_tree(llm.engine.process.pid)
     assert len(pids) == 2
     paths = [llm.engine._resources.private_dir, _worker_config_dir(pids[1])]

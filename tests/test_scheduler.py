@@ -8,10 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ember.enginecore.arg_utils import EngineArgs
+from ember.enginecore.block_pool import hash_block_tokens
 from ember.enginecore.engine_core import EngineCore
 from ember.enginecore.kv_cache_manager import KVCacheManager
 from ember.enginecore.messages import FinishReason
-from ember.enginecore.request import Request
+from ember.enginecore.request import Request, RequestStatus
 from ember.enginecore.scheduler import Scheduler
 from ember.workers.config import SchedulerConfig
 from ember.workers.sampling_params import SamplingParams
@@ -277,10 +278,23 @@ _SHARED_PREFIXES = [[], [9, 8, 7, 6, 5, 4, 3, 9, 8], [9, 8, 7, 6, 1, 1]]
     long_prefill_threshold=st.sampled_from([0, 5]),
     max_num_seqs=st.sampled_from([2, 16]),
     enable_caching=st.booleans(),
+    overlapped=st.booleans(),
+    eos_token_ids=st.sampled_from([(), (5,)]),
 )
 def test_tokens_do_not_depend_on_budget_chunking_caching_or_preemption(
-    prompts, block_size, spare_blocks, budget, long_prefill_threshold, max_num_seqs, enable_caching
+    prompts,
+    block_size,
+    spare_blocks,
+    budget,
+    long_prefill_threshold,
+    max_num_seqs,
+    enable_caching,
+    overlapped,
+    eos_token_ids,
 ):
+    """`overlapped`: async scheduling, the worker one step ahead of the scheduler's updates,
+    as far as it can be (each step is scheduled, and run, before the output of the step
+    before is taken in). With an EOS token, requests stop early while their next step runs."""
     max_len = max(len(prefix) + len(suffix) + max_tokens for prefix, suffix, max_tokens in prompts)
     num_blocks = 1 + -(-max_len // block_size) + spare_blocks  # one request always fits
     config = SchedulerConfig(
@@ -293,20 +307,36 @@ def test_tokens_do_not_depend_on_budget_chunking_caching_or_preemption(
     scheduler = Scheduler(config, kv_cache_manager)
     worker = ShadowWorker(block_size)
     for index, (prefix, suffix, max_tokens) in enumerate(prompts):
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        scheduler.add_request(Request(str(index), prefix + suffix, params, eos_token_ids=()))
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        scheduler.add_request(Request(str(index), prefix + suffix, params, eos_token_ids))
     produced: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    in_flight = None  # (scheduler output, what the worker returned for it)
     for _ in range(10_000):
-        if not scheduler.has_unfinished_requests():
-            break
-        output = scheduler.schedule()
-        assert sum(output.num_scheduled_tokens.values()) <= budget
-        assert len(scheduler.running) <= max_num_seqs
-        for out in scheduler.update_from_output(output, worker.execute_model(output)):
+        if in_flight is None:
+            if not scheduler.has_unfinished_requests():
+                break
+            output = scheduler.schedule()
+            in_flight = (output, worker.execute_model(output))
+        following = None
+        if overlapped:
+            output = scheduler.schedule(overlapped=True)
+            if output.num_scheduled_tokens:
+                following = (output, worker.execute_model(output))
+            else:
+                scheduler.finished_req_ids.update(output.finished_req_ids)
+        for output, _ in filter(None, (in_flight, following)):
+            assert sum(output.num_scheduled_tokens.values()) <= budget
+            assert len(scheduler.running) <= max_num_seqs
+        for out in scheduler.update_from_output(*in_flight):
             produced[out.request_id].extend(out.new_token_ids)
+        in_flight = following
     assert not scheduler.has_unfinished_requests()
     for index, (prefix, suffix, max_tokens) in enumerate(prompts):
-        assert produced[str(index)] == _reference_tokens(prefix + suffix, max_tokens)
+        expected = _reference_tokens(prefix + suffix, max_tokens)
+        stops = [i for i, token in enumerate(expected) if token in eos_token_ids]
+        if stops:
+            expected = expected[: stops[0] + 1]
+        assert produced[str(index)] == expected
     assert kv_cache_manager.block_pool.num_free_blocks == num_blocks - 1  # nothing leaked
     assert not kv_cache_manager.req_to_blocks and not kv_cache_manager.num_cached_blocks
 
@@ -355,3 +385,61 @@ def test_priority_policy_preempts_the_lowest_priority_request():
     _sample_everything(fcfs, fcfs.schedule())
     _sample_everything(fcfs, fcfs.schedule())
     assert fcfs.schedule().num_scheduled_tokens == {"low": 1}
+
+
+# ---- async scheduling: the scheduler a step ahead of the outputs -------------------------
+
+
+def _one_output(scheduler, output, request_id, token):
+    return scheduler.update_from_output(
+        output, ModelRunnerOutput(req_ids=[request_id], sampled_token_ids=[token])
+    )
+
+
+def test_overlapped_steps_never_cache_a_block_whose_last_token_is_still_coming():
+    scheduler = _scheduler(block_size=4)
+    request = _request("a", prompt_len=3, max_tokens=8)
+    scheduler.add_request(request)
+    prefill = scheduler.schedule()  # positions 0-2; samples position 3's token
+    assert request.num_output_placeholders == 1
+    decode = scheduler.schedule(overlapped=True)  # position 3, its token not yet known here
+    assert decode.num_scheduled_tokens == {"a": 1}
+    assert request.num_output_placeholders == 2
+    # Block 0 is full once position 3 runs, but its hash needs that token: not cached yet.
+    assert request.block_hashes == []
+    assert scheduler.kv_cache_manager.num_cached_blocks["a"] == 0
+    _one_output(scheduler, prefill, "a", 7)
+    scheduler.schedule(overlapped=True)  # the next step caches block 0 by its known tokens
+    expected = hash_block_tokens(None, (10, 11, 12, 7), None)
+    assert request.block_hashes[:1] == [expected]
+    assert scheduler.kv_cache_manager.block_pool.get_cached_block(expected) is not None
+
+
+def test_overlapped_steps_stop_where_the_coming_tokens_reach_max_tokens():
+    scheduler = _scheduler()
+    short = _request("short", prompt_len=3, max_tokens=1)
+    longer = _request("longer", prompt_len=3, max_tokens=2, first_token=40)
+    scheduler.add_request(short)
+    scheduler.add_request(longer)
+    prefill = scheduler.schedule()
+    # "short" is done by the token in flight; "longer" needs one more.
+    assert scheduler.schedule(overlapped=True).num_scheduled_tokens == {"longer": 1}
+    assert scheduler.schedule(overlapped=True).num_scheduled_tokens == {}
+    outputs = scheduler.update_from_output(
+        prefill, ModelRunnerOutput(req_ids=["short", "longer"], sampled_token_ids=[7, 7])
+    )
+    assert [o.finish_reason for o in outputs] == [FinishReason.LENGTH, None]
+    assert short.num_output_placeholders == 0 and longer.num_output_placeholders == 1
+
+
+def test_overlapped_steps_do_not_preempt():
+    # 3 usable blocks of 4 tokens: two requests of 4 and 3 tokens fill 2; the third block goes
+    # to whichever first grows past its block.
+    scheduler = _scheduler(num_blocks=4, block_size=4)
+    first, second = _request("a", 4, max_tokens=8), _request("b", 4, max_tokens=8, first_token=40)
+    scheduler.add_request(first)
+    scheduler.add_request(second)
+    scheduler.schedule()
+    overlapped = scheduler.schedule(overlapped=True)  # "a" takes the last block, "b" waits
+    assert overlapped.num_scheduled_tokens == {"a": 1}
+    assert scheduler.num_preemptions == 0 and second.status is RequestStatus.RUNNING

@@ -104,6 +104,9 @@ class SchedulerConfig:
     # "fcfs": waiting requests in arrival order, the newest running one preempted first;
     # "priority": both by (priority, arrival), a lower value first (vLLM's policies)
     policy: str = "fcfs"
+    # Schedule the next step while the workers run this one (vLLM's async scheduling): the
+    # workers feed each request the token they sampled themselves (`enginecore/engine_core.py`).
+    async_scheduling: bool = False
 
 
 EXPERT_PLACEMENT_STRATEGIES = ("linear", "round_robin")  # vLLM's ExpertPlacementStrategy

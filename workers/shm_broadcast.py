@@ -420,9 +420,10 @@ class MessageQueue:
         """Reader side: the writer's pid, for callers that check it is alive between timeouts."""
         return self._writer_pid if self._reader_rank is not None else os.getpid()
 
-    def dequeue(self, timeout_s: float | None = None) -> bytes:
+    def dequeue(self, timeout_s: float | None = None, spin_s: float | None = None) -> bytes:
         """Next message, in order. Raises TimeoutError after `timeout_s` without one, and
-        EOFError once the writer has closed the queue and every message was read."""
+        EOFError once the writer has closed the queue and every message was read. `spin_s`:
+        this wait's spin before it sleeps (None: the queue's)."""
         rank = self._reader_rank
         if rank is None:
             raise RuntimeError("dequeue is for readers; the writer calls enqueue")
@@ -433,7 +434,8 @@ class MessageQueue:
         written_offset = layout.written_offset(chunk_index)
         read_offset = layout.read_offset(chunk_index, rank)
         if not (buf[written_offset] == 1 and buf[read_offset] == 0):
-            self._wait_for_message(written_offset, read_offset, deadline, timeout_s)
+            spin_s = self._spin_s if spin_s is None else spin_s
+            self._wait_for_message(written_offset, read_offset, deadline, timeout_s, spin_s)
         _memory_fence()  # flags before data
 
         message_offset = layout.message_offset(chunk_index)
@@ -454,10 +456,11 @@ class MessageQueue:
         read_offset: int,
         deadline: float | None,
         timeout_s: float | None,
+        spin_s: float,
     ) -> None:
         """Spin for spin_s, then sleep on the socket with sleeping[r] raised."""
         buf = self._buf
-        spin_until = time.monotonic() + self._spin_s
+        spin_until = time.monotonic() + spin_s
         if deadline is not None:
             spin_until = min(spin_until, deadline)
         while time.monotonic() < spin_until:
