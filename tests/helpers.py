@@ -333,3 +333,15 @@ def assert_diverges_only_at_near_ties(ours: list, reference: list, near_tie: flo
             f"step {step}: {a[step]} is {gap:.3f} below the reference's {b[step]}"
         )
     return identical
+
+
+def cache_facts(model) -> list[list]:
+    """[cache dtype, k_scale, v_scale] of each attention layer (`LLM.apply_model`; lists, as
+    they come back from the workers)."""
+    from ember.workers.layers.attention import Attention
+
+    return [
+        [str(m.kv_cache.dtype), m.k_scale.item(), m.v_scale.item()]
+        for m in model.modules()
+        if isinstance(m, Attention)
+    ]

@@ -36,7 +36,7 @@ from ember.workers.layers.quantization.group_quant import (
     reference_dequantize,
 )
 from ember.workers.layers.tiled_weight import TiledWeight
-from tests.helpers import random_prompts, write_random_llama
+from tests.helpers import cache_facts, random_prompts, write_random_llama
 from tests.quantized_checkpoints import (
     write_awq_checkpoint,
     write_dequantized_checkpoint,
@@ -435,18 +435,28 @@ def check_activation_quantized(
 
 @pytest.mark.parametrize(
     "name",
-    ["gptq-4bit-g32-act-order", "gptq-8bit-g64", "awq-4bit-g32", "ct-w4a16", "ct-fp8-dynamic"],
+    [
+        "gptq-4bit-g32-act-order",
+        "gptq-8bit-g64",
+        "awq-4bit-g32",
+        "ct-w4a16",
+        "ct-fp8-dynamic",
+        "ct-fp8-block",
+        "ct-fp8-kv",
+    ],
 )
 def test_checkpoints_the_tools_wrote(name, tmp_path):
     """GPTQModel 7.7, AutoAWQ 0.2.9 and llm-compressor 0.14 wrote these
     (`tests/data/quantized/README.md`). ember's next-token log-probabilities after each prompt
     match the tool's own float32 run (GPTQModel's `dequantize_weight`, AutoAWQ's
     `dequantize_gemm`, transformers decompressing compressed-tensors), and its greedy
-    continuations match HF on the test packer's dequantization (GPTQ, AWQ)."""
+    continuations match HF on the test packer's dequantization (GPTQ, AWQ). ct-fp8-kv's KV
+    scales are not used by the default cache: its reference is the tool's run without them."""
     directory = os.path.join(TOOL_CHECKPOINTS, name)
     with open(os.path.join(directory, "reference.json")) as f:
         reference = json.load(f)
     tool_logits = reference.get("fp32_dequant_prompt_last_logits", reference["prompt_last_logits"])
+    tool_logits = reference.get("kv_off_prompt_last_logits", tool_logits)
     prompts = reference["prompts"]
     params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
     weight_only_logits = reference.get("weight_only_prompt_last_logits")
@@ -492,6 +502,55 @@ def test_compressed_tensors_fp8_rounds_activations_per_token_as_llm_compressor()
             torch.log_softmax(torch.tensor(logits), dim=-1),
             torch.log_softmax(torch.tensor(weight_only), dim=-1),
         )
+
+
+def test_compressed_tensors_kv_cache_scales_llm_compressor_calibrated():
+    """ct-fp8-kv: llm-compressor calibrated a static per-tensor FP8 KV cache
+    (`kv_cache_scheme`, `self_attn.k_scale` / `v_scale` in float16). With
+    kv_cache_dtype="fp8" ember caches e4m3 keys and values on those scales and matches the
+    tool's run, in which compressed-tensors rounds keys and values the same way, rather than
+    the run without that rounding (0.25-0.37 apart at the median)."""
+    directory = os.path.join(TOOL_CHECKPOINTS, "ct-fp8-kv")
+    with open(os.path.join(directory, "reference.json")) as f:
+        reference = json.load(f)
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
+    with LLM(directory, skip_tokenizer_init=True, kv_cache_dtype="fp8") as llm:
+        facts = llm.apply_model(cache_facts)[0]
+        prompts = [{"prompt_token_ids": p} for p in reference["prompts"]]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    file_scales = [
+        [float(torch.tensor(k, dtype=torch.float16)), float(torch.tensor(v, dtype=torch.float16))]
+        for k, v in _kv_scales_of(directory)
+    ]
+    assert [[dtype, k, v] for dtype, k, v in facts] == [
+        ["torch.float8_e4m3fn", k, v] for k, v in file_scales
+    ]
+    for output, logits, without in zip(
+        outputs,
+        reference["prompt_last_logits"],
+        reference["kv_off_prompt_last_logits"],
+        strict=True,
+    ):
+        check_activation_quantized(
+            output.outputs[0].logprobs[0],
+            torch.log_softmax(torch.tensor(logits), dim=-1),
+            torch.log_softmax(torch.tensor(without), dim=-1),
+        )
+
+
+def _kv_scales_of(directory: str) -> list[tuple[float, float]]:
+    """Each layer's (k_scale, v_scale) as the checkpoint stores them."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(directory, "model.safetensors"), "pt") as f:
+        layers = sum(1 for name in f.keys() if name.endswith("self_attn.k_scale"))  # noqa: SIM118
+        return [
+            (
+                float(f.get_tensor(f"model.layers.{i}.self_attn.k_scale")),
+                float(f.get_tensor(f"model.layers.{i}.self_attn.v_scale")),
+            )
+            for i in range(layers)
+        ]
 
 
 def qkv_method_name(model: torch.nn.Module) -> str:

@@ -30,7 +30,7 @@ from ember.kernels.attention import (
     write_kv_cache_torch,
 )
 from ember.workers.layers.attention import K_SCALE_RANGE, V_SCALE_RANGE, Attention
-from tests.helpers import random_prompts, write_random_llama
+from tests.helpers import cache_facts, random_prompts, write_random_llama
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_c_kernel = pytest.mark.skipif(
@@ -422,18 +422,6 @@ def keys_and_values_rounded_through_e4m3(model, k_scale: float = 1.0, v_scale: f
         modeling_llama.apply_rotary_pos_emb = rotary
         for hook in hooks:
             hook.remove()
-
-
-def cache_facts(model) -> list[list]:
-    """[cache dtype, k_scale, v_scale] of each attention layer (`LLM.apply_model`; lists, as
-    they come back from the workers)."""
-    from ember.workers.layers.attention import Attention
-
-    return [
-        [str(m.kv_cache.dtype), m.k_scale.item(), m.v_scale.item()]
-        for m in model.modules()
-        if isinstance(m, Attention)
-    ]
 
 
 def _worst_logprob_gaps(outputs, reference) -> tuple[float, float]:

@@ -45,7 +45,17 @@ GPTQ_8 = "gptq-8bit-g64"
 AWQ_4 = "awq-4bit-g32"
 CT_FP8 = "ct-fp8-dynamic"
 CT_W4A16 = "ct-w4a16"
-CHECKPOINTS = (GPTQ_4, GPTQ_8, AWQ_4, CT_FP8, CT_W4A16)
+CT_FP8_BLOCK = "ct-fp8-block"
+CT_FP8_KV = "ct-fp8-kv"
+CHECKPOINTS = (GPTQ_4, GPTQ_8, AWQ_4, CT_FP8, CT_W4A16, CT_FP8_BLOCK, CT_FP8_KV)
+# llm-compressor's static per-tensor FP8 KV cache (calibrated: the k_scale / v_scale it writes)
+KV_CACHE_SCHEME = {
+    "num_bits": 8,
+    "type": "float",
+    "strategy": "tensor",
+    "dynamic": False,
+    "symmetric": True,
+}
 
 
 # --------------------------------------------------------------------------
@@ -125,6 +135,12 @@ def copy_tokenizer(dense: Path, out_dir: Path) -> None:
 
 
 def step_dense(work: Path, out: Path) -> None:
+    _write_dense(work / "dense", hidden_size=128)
+
+
+def _write_dense(dense: Path, hidden_size: int) -> None:
+    """The random fp16 Llama the checkpoints quantize (`hidden_size` 256 for 128 x 128 FP8
+    blocks: its k and v projections are then 128 rows, which a merged qkv needs)."""
     torch = _torch()
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -132,11 +148,11 @@ def step_dense(work: Path, out: Path) -> None:
     torch.manual_seed(SEED)
     cfg = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=128,
+        hidden_size=hidden_size,
         intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=hidden_size // 32,
+        num_key_value_heads=hidden_size // 64,
         max_position_embeddings=512,
         tie_word_embeddings=False,
         initializer_range=0.2,
@@ -145,7 +161,6 @@ def step_dense(work: Path, out: Path) -> None:
         pad_token_id=0,
     )
     model = LlamaForCausalLM(cfg).to(torch.float16)
-    dense = work / "dense"
     model.save_pretrained(dense)
 
     vocab = {f"t{i}": i for i in range(VOCAB)}
@@ -325,17 +340,36 @@ def ref_awq(work: Path, out: Path) -> None:
     write_reference(out_dir, ref)
 
 
-def _ct_quantize(work: Path, out_dir: Path, scheme: str) -> None:
+def _ct_quantize(
+    work: Path, out_dir: Path, scheme: str, kv_cache_scheme: dict | None = None, dense="dense"
+) -> None:
     torch = _torch()
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(work / "dense"), dtype=torch.float16)
-    recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
-    oneshot(model=model, recipe=recipe)  # data-free (DataFreePipeline) for these schemes
+    model = AutoModelForCausalLM.from_pretrained(str(work / dense), dtype=torch.float16)
+    recipe = QuantizationModifier(
+        targets="Linear", scheme=scheme, ignore=["lm_head"], kv_cache_scheme=kv_cache_scheme
+    )
+    if kv_cache_scheme is None:
+        oneshot(model=model, recipe=recipe)  # data-free (DataFreePipeline) for these schemes
+    else:  # the KV scales are calibrated: the keys and values of the calibration sequences
+        from datasets import Dataset
+
+        ids = calibration_ids()
+        dataset = Dataset.from_dict(
+            {"input_ids": ids, "attention_mask": [[1] * len(seq) for seq in ids]}
+        )
+        oneshot(
+            model=model,
+            recipe=recipe,
+            dataset=dataset,
+            num_calibration_samples=len(ids),
+            max_seq_length=CALIB_LEN,
+        )
     model.save_pretrained(str(out_dir), save_compressed=True)
-    copy_tokenizer(work / "dense", out_dir)
+    copy_tokenizer(work / dense, out_dir)
 
 
 def _ct_reference(out_dir: Path) -> None:
@@ -381,6 +415,47 @@ def step_ct_w4a16(work: Path, out: Path) -> None:
     _ct_quantize(work, out / CT_W4A16, "W4A16")
 
 
+def step_ct_fp8_block(work: Path, out: Path) -> None:
+    _write_dense(work / "dense-256", hidden_size=256)
+    _ct_quantize(work, out / CT_FP8_BLOCK, "FP8_BLOCK", dense="dense-256")
+
+
+def step_ct_fp8_kv(work: Path, out: Path) -> None:
+    _ct_quantize(work, out / CT_FP8_KV, "FP8_DYNAMIC", kv_cache_scheme=KV_CACHE_SCHEME)
+
+
+def ref_ct_fp8_block(work: Path, out: Path) -> None:
+    _ct_reference(out / CT_FP8_BLOCK)
+
+
+def ref_ct_fp8_kv(work: Path, out: Path) -> None:
+    """The tool's run (compressed-tensors rounds keys and values through e4m3 on the
+    checkpoint's k_scale / v_scale in an attention pre-hook), and the same run with that hook
+    removed: the model without the FP8 KV cache."""
+    _ct_reference(out / CT_FP8_KV)
+    torch = _torch()
+    from transformers import AutoModelForCausalLM
+
+    out_dir = out / CT_FP8_KV
+    model = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
+    removed = 0
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if "kv_cache" in getattr(hook, "__name__", ""):
+                del module._forward_pre_hooks[key]
+                removed += 1
+    assert removed == len(model.model.layers), removed
+    plain = greedy(lambda x: model(input_ids=x, use_cache=False).logits, "float32", "")
+    reference = json.loads((out_dir / "reference.json").read_text())
+    reference["kv_off_prompt_last_logits"] = plain["prompt_last_logits"]
+    reference["kv_off_greedy_ids"] = plain["greedy_ids"]
+    reference["kv_off_note"] = (
+        "the run above with compressed-tensors' KV-cache attention hook removed from every "
+        "layer: keys and values not rounded to e4m3"
+    )
+    write_reference(out_dir, reference)
+
+
 def ref_ct_fp8(work: Path, out: Path) -> None:
     _ct_reference(out / CT_FP8)
 
@@ -401,6 +476,10 @@ STEPS = {
     f"reference:{CT_FP8}": ref_ct_fp8,
     f"quantize:{CT_W4A16}": step_ct_w4a16,
     f"reference:{CT_W4A16}": ref_ct_w4a16,
+    f"quantize:{CT_FP8_BLOCK}": step_ct_fp8_block,
+    f"reference:{CT_FP8_BLOCK}": ref_ct_fp8_block,
+    f"quantize:{CT_FP8_KV}": step_ct_fp8_kv,
+    f"reference:{CT_FP8_KV}": ref_ct_fp8_kv,
 }
 
 
