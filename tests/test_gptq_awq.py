@@ -443,6 +443,7 @@ def check_activation_quantized(
         "ct-fp8-dynamic",
         "ct-fp8-block",
         "ct-fp8-kv",
+        "ct-w4a16-asym-g32",
     ],
 )
 def test_checkpoints_the_tools_wrote(name, tmp_path):
@@ -502,6 +503,24 @@ def test_compressed_tensors_fp8_rounds_activations_per_token_as_llm_compressor()
             torch.log_softmax(torch.tensor(logits), dim=-1),
             torch.log_softmax(torch.tensor(weight_only), dim=-1),
         )
+
+
+def test_compressed_tensors_zero_points_shard_over_two_ranks():
+    """ct-w4a16-asym-g32 (llm-compressor, asymmetric: `weight_zero_point` packed 8 to an int32
+    along the outputs) at tensor_parallel_size=2: each rank's zero points are its own rows'
+    (the fused q|k|v and gate|up shards included), so the log-probabilities are the tool's as
+    at TP=1."""
+    directory = os.path.join(TOOL_CHECKPOINTS, "ct-w4a16-asym-g32")
+    with open(os.path.join(directory, "reference.json")) as f:
+        reference = json.load(f)
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
+    with LLM(directory, skip_tokenizer_init=True, tensor_parallel_size=2) as llm:
+        prompts = [{"prompt_token_ids": p} for p in reference["prompts"]]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    for output, logits in zip(outputs, reference["prompt_last_logits"], strict=True):
+        expected = torch.log_softmax(torch.tensor(logits), dim=-1)
+        for token, logprob in output.outputs[0].logprobs[0].items():
+            assert abs(logprob.logprob - expected[token].item()) <= LOGPROB_TOLERANCE
 
 
 def test_compressed_tensors_kv_cache_scales_llm_compressor_calibrated():

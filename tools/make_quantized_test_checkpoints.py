@@ -47,7 +47,8 @@ CT_FP8 = "ct-fp8-dynamic"
 CT_W4A16 = "ct-w4a16"
 CT_FP8_BLOCK = "ct-fp8-block"
 CT_FP8_KV = "ct-fp8-kv"
-CHECKPOINTS = (GPTQ_4, GPTQ_8, AWQ_4, CT_FP8, CT_W4A16, CT_FP8_BLOCK, CT_FP8_KV)
+CT_W4A16_ASYM = "ct-w4a16-asym-g32"
+CHECKPOINTS = (GPTQ_4, GPTQ_8, AWQ_4, CT_FP8, CT_W4A16, CT_FP8_BLOCK, CT_FP8_KV, CT_W4A16_ASYM)
 # llm-compressor's static per-tensor FP8 KV cache (calibrated: the k_scale / v_scale it writes)
 KV_CACHE_SCHEME = {
     "num_bits": 8,
@@ -341,17 +342,28 @@ def ref_awq(work: Path, out: Path) -> None:
 
 
 def _ct_quantize(
-    work: Path, out_dir: Path, scheme: str, kv_cache_scheme: dict | None = None, dense="dense"
+    work: Path,
+    out_dir: Path,
+    scheme: str | dict,
+    kv_cache_scheme: dict | None = None,
+    dense="dense",
 ) -> None:
+    """`scheme`: a preset's name, or the weights' QuantizationArgs as a dict."""
     torch = _torch()
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(work / dense), dtype=torch.float16)
-    recipe = QuantizationModifier(
-        targets="Linear", scheme=scheme, ignore=["lm_head"], kv_cache_scheme=kv_cache_scheme
-    )
+    if isinstance(scheme, dict):
+        recipe = QuantizationModifier(
+            config_groups={"group_0": {"targets": ["Linear"], "weights": scheme}},
+            ignore=["lm_head"],
+        )
+    else:
+        recipe = QuantizationModifier(
+            targets="Linear", scheme=scheme, ignore=["lm_head"], kv_cache_scheme=kv_cache_scheme
+        )
     if kv_cache_scheme is None:
         oneshot(model=model, recipe=recipe)  # data-free (DataFreePipeline) for these schemes
     else:  # the KV scales are calibrated: the keys and values of the calibration sequences
@@ -424,6 +436,18 @@ def step_ct_fp8_kv(work: Path, out: Path) -> None:
     _ct_quantize(work, out / CT_FP8_KV, "FP8_DYNAMIC", kv_cache_scheme=KV_CACHE_SCHEME)
 
 
+def step_ct_w4a16_asym(work: Path, out: Path) -> None:
+    """W4A16_ASYM's weights in groups of 32 (its preset's 128 would make a group of the whole
+    128-wide input, which tensor parallelism cannot split)."""
+    weights = {"num_bits": 4, "type": "int", "symmetric": False}
+    weights |= {"strategy": "group", "group_size": 32}
+    _ct_quantize(work, out / CT_W4A16_ASYM, weights)
+
+
+def ref_ct_w4a16_asym(work: Path, out: Path) -> None:
+    _ct_reference(out / CT_W4A16_ASYM)
+
+
 def ref_ct_fp8_block(work: Path, out: Path) -> None:
     _ct_reference(out / CT_FP8_BLOCK)
 
@@ -480,6 +504,8 @@ STEPS = {
     f"reference:{CT_FP8_BLOCK}": ref_ct_fp8_block,
     f"quantize:{CT_FP8_KV}": step_ct_fp8_kv,
     f"reference:{CT_FP8_KV}": ref_ct_fp8_kv,
+    f"quantize:{CT_W4A16_ASYM}": step_ct_w4a16_asym,
+    f"reference:{CT_W4A16_ASYM}": ref_ct_w4a16_asym,
 }
 
 

@@ -100,6 +100,7 @@ class CompressedTensorsSettings:
     weight_type: str = "int"
     activation_scheme: str | None = None
     weight_block_size: tuple[int, int] | None = None  # FP8 "block" strategy: (bn, bk)
+    symmetric: bool = True  # integer schemes: False stores `weight_zero_point`
 
 
 def compressed_tensors_settings(settings: dict[str, Any]) -> CompressedTensorsSettings:
@@ -122,7 +123,8 @@ def compressed_tensors_settings(settings: dict[str, Any]) -> CompressedTensorsSe
         "weights.type": (weights.get("type"), ("int",)),
         "weights.num_bits": (weights.get("num_bits"), (4, 8)),
         "weights.strategy": (weights.get("strategy"), ("group", "channel")),
-        "weights.symmetric": (weights.get("symmetric"), (True,)),
+        "weights.symmetric": (weights.get("symmetric"), (True, False, None)),
+        "weights.zp_dtype": (weights.get("zp_dtype"), (None, "torch.int8")),
         "weights.actorder": (weights.get("actorder"), (None,)),
         "input_activations": (group.get("input_activations"), (None,)),
     }
@@ -136,6 +138,7 @@ def compressed_tensors_settings(settings: dict[str, Any]) -> CompressedTensorsSe
         group_size=group_size,
         targets=tuple(group.get("targets") or ("Linear",)),
         ignore=tuple(settings.get("ignore") or ()),
+        symmetric=weights.get("symmetric") is not False,
     )
 
 

@@ -1,6 +1,6 @@
 """quantization="compressed-tensors": checkpoints llm-compressor writes: the weight-only
-integer schemes (W4A16, W8A16: `format: "pack-quantized"`, symmetric, group or channel
-strategy, no activation quantization) and FP8 (`format: "float-quantized"`, FP8_DYNAMIC and
+integer schemes (W4A16, W4A16_ASYM, W8A16: `format: "pack-quantized"`, symmetric or not,
+group or channel strategy, no activation quantization) and FP8 (`format: "float-quantized"`, FP8_DYNAMIC and
 static FP8: e4m3 `weight` with `weight_scale` per row or tensor, and `input_scale` for static
 activations), which is the layout of vLLM's "fp8" and runs as `fp8.FP8LinearMethod`.
 
@@ -12,8 +12,13 @@ compressed-tensors' `pack_to_int32` along the inputs):
     weight_shape   int64    [2]                (out, in)
 
 w[n, k] = weight_scale[n, k // group_size] * q[n, k]: the shared group machinery
-(`group_quant.py`) with the unsigned code and a zero point of 2**(bits - 1). Layers named in
-`ignore` (names, or "re:" patterns) stay dense.
+(`group_quant.py`) with the unsigned code and a zero point of 2**(bits - 1). An asymmetric
+scheme (`symmetric: false`) adds
+
+    weight_zero_point  int32  [out / pack, groups]  z + 2**(bits - 1), packed along the outputs
+
+and w = weight_scale * (q - z), so the unsigned zero point is the unpacked one as stored.
+Layers named in `ignore` (names, or "re:" patterns) stay dense.
 """
 
 from __future__ import annotations
@@ -38,7 +43,12 @@ def _ignore_shape(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=Non
 
 
 class CompressedTensorsWNA16Method(GroupQuantLinearMethod):
-    checkpoint_tensors = ("weight_packed", "weight_scale", "weight_shape")
+    def __init__(self, bits: int, group_size: int, symmetric: bool = True):
+        super().__init__(bits, group_size)
+        self.symmetric = symmetric
+        self.checkpoint_tensors = ("weight_packed", "weight_scale", "weight_shape") + (
+            () if symmetric else ("weight_zero_point",)
+        )
 
     def create_weights(
         self,
@@ -74,11 +84,27 @@ class CompressedTensorsWNA16Method(GroupQuantLinearMethod):
         layer.weight_shape = quantized_parameter(
             (2,), torch.int64, _ignore_shape, input_dim=None, output_dim=None
         )
+        if not self.symmetric:
+            if output_size_per_partition % pack:
+                raise ValueError(
+                    f"{type(layer).__name__}: output size per rank {output_size_per_partition} "
+                    f"is not a multiple of {pack} (zero points packed {pack} to an int32)"
+                )
+            layer.weight_zero_point = quantized_parameter(
+                (output_size_per_partition // pack, groups),
+                torch.int32,
+                weight_loader,
+                input_dim=1 if sharded else None,
+                output_dim=0,
+            )
 
     def unpacked(self, layer: nn.Module) -> tuple[torch.Tensor, ...]:
         codes = unpack_int32(layer.weight_packed.data, self.bits, 1)  # [N, K] unsigned
         scales = layer.weight_scale.data
-        zeros = torch.full_like(scales, 2 ** (self.bits - 1))
+        if self.symmetric:
+            zeros = torch.full_like(scales, 2 ** (self.bits - 1))
+        else:
+            zeros = unpack_int32(layer.weight_zero_point.data, self.bits, 0)  # [N, groups]
         group_of_input = self.positional_groups(codes.shape[1])
         return codes, scales, zeros, group_of_input
 
@@ -119,4 +145,4 @@ class CompressedTensorsConfig(GroupQuantConfig):
                     block_scale_name="weight_scale",
                 )
             )
-        return CompressedTensorsWNA16Method(s.bits, s.group_size)
+        return CompressedTensorsWNA16Method(s.bits, s.group_size, s.symmetric)
