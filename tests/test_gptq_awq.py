@@ -444,6 +444,7 @@ def check_activation_quantized(
         "ct-fp8-block",
         "ct-fp8-kv",
         "ct-w4a16-asym-g32",
+        "ct-gptq-w4a16-actorder-weight-g32",
     ],
 )
 def test_checkpoints_the_tools_wrote(name, tmp_path):
@@ -597,6 +598,18 @@ def test_compressed_tensors_schemes_not_read_yet_are_refused_naming_them(tmp_pat
     directory = _edited_ct_fp8(tmp_path, {"strategy": "group", "group_size": 128})
     with pytest.raises(NotImplementedError, match="weights.strategy='group'"):
         LLM(directory, skip_tokenizer_init=True)
+
+
+def test_compressed_tensors_act_order_with_a_g_idx_is_refused_naming_it(tmp_path):
+    """actorder "group" (older llm-compressor: `weight_g_idx`) is not read yet; "weight" (the
+    columns stored in their own order, test above) is."""
+    directory = tmp_path / "ct-group-actorder"
+    shutil.copytree(os.path.join(TOOL_CHECKPOINTS, "ct-gptq-w4a16-actorder-weight-g32"), directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NotImplementedError, match="weights.actorder='group'"):
+        LLM(str(directory), skip_tokenizer_init=True)
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,18 @@ CT_W4A16 = "ct-w4a16"
 CT_FP8_BLOCK = "ct-fp8-block"
 CT_FP8_KV = "ct-fp8-kv"
 CT_W4A16_ASYM = "ct-w4a16-asym-g32"
-CHECKPOINTS = (GPTQ_4, GPTQ_8, AWQ_4, CT_FP8, CT_W4A16, CT_FP8_BLOCK, CT_FP8_KV, CT_W4A16_ASYM)
+CT_GPTQ_ACTORDER = "ct-gptq-w4a16-actorder-weight-g32"
+CHECKPOINTS = (
+    GPTQ_4,
+    GPTQ_8,
+    AWQ_4,
+    CT_FP8,
+    CT_W4A16,
+    CT_FP8_BLOCK,
+    CT_FP8_KV,
+    CT_W4A16_ASYM,
+    CT_GPTQ_ACTORDER,
+)
 # llm-compressor's static per-tensor FP8 KV cache (calibrated: the k_scale / v_scale it writes)
 KV_CACHE_SCHEME = {
     "num_bits": 8,
@@ -444,6 +455,41 @@ def step_ct_w4a16_asym(work: Path, out: Path) -> None:
     _ct_quantize(work, out / CT_W4A16_ASYM, weights)
 
 
+def step_ct_gptq_actorder(work: Path, out: Path) -> None:
+    """llm-compressor's GPTQModifier with actorder="weight" (its only act-order since 0.14 removed
+    "group"): W4A16 in groups of 32, the columns quantized in activation order and stored in
+    their own, calibrated on the sequences below."""
+    torch = _torch()
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(work / "dense"), dtype=torch.float16)
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group"}
+    weights |= {"group_size": 32, "actorder": "weight"}
+    recipe = GPTQModifier(
+        config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+        ignore=["lm_head"],
+    )
+    ids = calibration_ids()
+    dataset = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(s) for s in ids]})
+    oneshot(
+        model=model,
+        recipe=recipe,
+        dataset=dataset,
+        num_calibration_samples=len(ids),
+        max_seq_length=CALIB_LEN,
+    )
+    out_dir = out / CT_GPTQ_ACTORDER
+    model.save_pretrained(str(out_dir), save_compressed=True)
+    copy_tokenizer(work / "dense", out_dir)
+
+
+def ref_ct_gptq_actorder(work: Path, out: Path) -> None:
+    _ct_reference(out / CT_GPTQ_ACTORDER)
+
+
 def ref_ct_w4a16_asym(work: Path, out: Path) -> None:
     _ct_reference(out / CT_W4A16_ASYM)
 
@@ -506,6 +552,8 @@ STEPS = {
     f"reference:{CT_FP8_KV}": ref_ct_fp8_kv,
     f"quantize:{CT_W4A16_ASYM}": step_ct_w4a16_asym,
     f"reference:{CT_W4A16_ASYM}": ref_ct_w4a16_asym,
+    f"quantize:{CT_GPTQ_ACTORDER}": step_ct_gptq_actorder,
+    f"reference:{CT_GPTQ_ACTORDER}": ref_ct_gptq_actorder,
 }
 
 

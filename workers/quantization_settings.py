@@ -125,7 +125,9 @@ def compressed_tensors_settings(settings: dict[str, Any]) -> CompressedTensorsSe
         "weights.strategy": (weights.get("strategy"), ("group", "channel")),
         "weights.symmetric": (weights.get("symmetric"), (True, False, None)),
         "weights.zp_dtype": (weights.get("zp_dtype"), (None, "torch.int8")),
-        "weights.actorder": (weights.get("actorder"), (None,)),
+        # "weight": GPTQ quantized the columns in activation order and stored them in their
+        # own, with positional groups; "group" (older llm-compressor) adds `weight_g_idx`
+        "weights.actorder": (weights.get("actorder"), (None, "weight")),
         "input_activations": (group.get("input_activations"), (None,)),
     }
     _refuse_unsupported(name, unsupported)
