@@ -242,6 +242,92 @@ def test_settings_ember_does_not_take_are_refused_naming_them(checkpoints, tmp_p
             LLM(target, skip_tokenizer_init=True)
 
 
+def quantized_bits(model: torch.nn.Module) -> dict[str, int]:
+    """Each group-quantized linear layer's bits, by module name (`apply_model`)."""
+    return {
+        name: module.quant_method.bits
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "quant_method", None), GroupQuantLinearMethod)
+    }
+
+
+def test_gptq_dynamic_gives_modules_their_own_settings_or_keeps_them_dense(
+    checkpoints, dense_dir, prompts, tmp_path
+):
+    """GPTQModel's `dynamic`: layer 0's attention kept dense ("-:" rule, stored as `weight`),
+    every MLP in 8 bits with groups of 128 ("+:" rule) over the checkpoint's 4 bits in groups
+    of 32. ember gives each layer its own method and matches HF on the same mixture of
+    dequantized weights (vLLM's first-match rule)."""
+    from tests.quantized_checkpoints import _PACKED_SUFFIXES, dequantize_checkpoint, read_tensors
+
+    base, _ = checkpoints["gptq-4bit-sym-g32-v1"]
+    eight_bit, _ = checkpoints["gptq-8bit-sym-g128"]
+    original = read_tensors(dense_dir)
+    wide = read_tensors(eight_bit)
+    dense_attention = [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+
+    def mixed(tensors: dict[str, torch.Tensor], mlp: dict[str, torch.Tensor]) -> None:
+        for name in list(tensors):
+            module = name.rsplit(".", 1)[0]
+            if module in dense_attention:
+                del tensors[name]
+            elif ".mlp." in name and name in mlp:
+                tensors[name] = mlp[name]
+        for module in dense_attention:
+            tensors[f"{module}.weight"] = original[f"{module}.weight"].half()
+
+    dynamic = {r"-:model\.layers\.0\.self_attn\..*": {}}
+    dynamic[r"+:.*\.mlp\..*"] = {"bits": 8, "group_size": 128}
+    quantized = _edited_checkpoint(
+        base,
+        tmp_path / "dynamic",
+        lambda c: c.update(dynamic=dynamic),
+        lambda tensors: mixed(tensors, wide),
+    )
+    stored = read_tensors(quantized)
+    assert all(f"{module}.weight" in stored for module in dense_attention)
+    assert not any(
+        name.endswith(_PACKED_SUFFIXES) and name.rsplit(".", 1)[0] in dense_attention
+        for name in stored
+    )
+    reference = dequantize_checkpoint(base)
+    mixed(reference, dequantize_checkpoint(eight_bit))
+    for module in dense_attention:
+        reference[f"{module}.weight"] = reference[f"{module}.weight"].float()
+    dense = tmp_path / "dense"
+    shutil.copytree(checkpoints["gptq-4bit-sym-g32-v1"][1], dense)
+    save_file(
+        {k: v.float().contiguous() for k, v in reference.items()}, str(dense / "model.safetensors")
+    )
+    with LLM(quantized, skip_tokenizer_init=True) as llm:
+        bits = llm.apply_model(quantized_bits)[0]
+        check_against_hf(llm, str(dense), prompts)
+    assert bits == {
+        "model.layers.0.mlp.gate_up_proj": 8,
+        "model.layers.0.mlp.down_proj": 8,
+        "model.layers.1.self_attn.qkv_proj": 4,
+        "model.layers.1.self_attn.o_proj": 4,
+        "model.layers.1.mlp.gate_up_proj": 8,
+        "model.layers.1.mlp.down_proj": 8,
+    }
+
+
+def test_gptq_dynamic_rules_ember_cannot_read_are_refused(checkpoints, tmp_path):
+    source = checkpoints["gptq-4bit-sym-g32-v1"][0]
+    cases = [
+        (ValueError, "is not a regex", {"+:model.(": {}}),
+        (ValueError, "bits must be 4 or 8, got 3", {".*mlp.*": {"bits": 3}}),
+        (NotImplementedError, r"sets \['v2'\]", {".*mlp.*": {"v2": True}}),
+        (TypeError, "must be a mapping", {".*mlp.*": 8}),
+    ]
+    for index, (error, message, dynamic) in enumerate(cases):
+        target = _edited_checkpoint(
+            source, tmp_path / str(index), lambda c, d=dynamic: c.update(dynamic=d)
+        )
+        with pytest.raises(error, match=message):
+            LLM(target, skip_tokenizer_init=True)
+
+
 def test_awq_modules_to_not_convert_stay_dense(checkpoints, prompts, tmp_path):
     """A module AutoAWQ left unquantized is stored as a dense `weight` and listed in
     `modules_to_not_convert`; ember loads it dense, and the fused gate|up asks both halves."""

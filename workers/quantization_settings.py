@@ -5,6 +5,7 @@ are built from it."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,25 @@ class GroupQuantSettings:
     desc_act: bool = False
     zero_offset: int = 0  # added to each stored zero point (GPTQ v1 stores zero - 1)
     modules_to_not_convert: tuple[str, ...] = ()
+    # GPTQModel's per-module settings (`dynamic`), in the checkpoint's order
+    dynamic: tuple[DynamicRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class DynamicRule:
+    """One entry of GPTQModel's `dynamic`: modules whose name matches `pattern` (re.match,
+    from the start) are kept dense ("-:" rules, `skip`) or take these settings over the
+    checkpoint's (None: the checkpoint's). The first rule that matches decides, as vLLM's
+    `get_dynamic_override` does."""
+
+    pattern: str
+    skip: bool
+    bits: int | None = None
+    group_size: int | None = None
+    desc_act: bool | None = None
+
+    def matches(self, module: str) -> bool:
+        return re.match(self.pattern, module) is not None
 
 
 def group_quant_settings(method: str, settings: dict[str, Any]) -> GroupQuantSettings:
@@ -52,17 +72,59 @@ def _gptq(settings: dict[str, Any]) -> GroupQuantSettings:
         )
     if settings.get("lm_head"):
         raise NotImplementedError("GPTQ checkpoint: a quantized lm_head is not supported yet")
-    if settings.get("dynamic"):
-        raise NotImplementedError(
-            "GPTQ checkpoint: per-module settings ('dynamic') are not supported yet"
-        )
     return GroupQuantSettings(
         method="gptq",
         bits=bits,
         group_size=_group_size(settings.get("group_size", 128), "GPTQ"),
         desc_act=bool(settings.get("desc_act", False)),
         zero_offset=1 if checkpoint_format == "gptq" else 0,
+        dynamic=_gptq_dynamic(settings.get("dynamic")),
     )
+
+
+# Keys of a `dynamic` entry that only steered the quantization run (nothing to read back).
+_DYNAMIC_RUN_ONLY = ("sym", "damp_percent", "damp_auto_increment", "mse", "static_groups")
+
+
+def _gptq_dynamic(dynamic: Any) -> tuple[DynamicRule, ...]:
+    """GPTQModel's `dynamic`: {"-:<regex>": {}} keeps the matching modules dense,
+    {"+:<regex>" or "<regex>": {"bits": 8, "group_size": 64, "desc_act": ...}} gives them
+    their own settings."""
+    if not dynamic:
+        return ()
+    name = "GPTQ checkpoint"
+    if not isinstance(dynamic, dict):
+        raise TypeError(f"{name}: dynamic must be a mapping of patterns, got {dynamic!r}")
+    rules = []
+    for key, overrides in dynamic.items():
+        skip = key.startswith("-:")
+        pattern = key[2:] if key[:2] in ("-:", "+:") else key
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{name}: dynamic pattern {key!r} is not a regex: {exc}") from None
+        if not isinstance(overrides, dict):
+            raise TypeError(f"{name}: dynamic[{key!r}] must be a mapping, got {overrides!r}")
+        unknown = set(overrides) - {"bits", "group_size", "desc_act", *_DYNAMIC_RUN_ONLY}
+        if unknown:
+            raise NotImplementedError(
+                f"{name}: dynamic[{key!r}] sets {sorted(unknown)}, which ember does not read "
+                "(it reads bits, group_size and desc_act)"
+            )
+        bits = overrides.get("bits")
+        if bits is not None and bits not in (4, 8):
+            raise ValueError(f"{name}: dynamic[{key!r}] bits must be 4 or 8, got {bits!r}")
+        group_size = overrides.get("group_size")
+        rules.append(
+            DynamicRule(
+                pattern=pattern,
+                skip=skip,
+                bits=bits,
+                group_size=None if group_size is None else _group_size(group_size, "GPTQ"),
+                desc_act=None if "desc_act" not in overrides else bool(overrides["desc_act"]),
+            )
+        )
+    return tuple(rules)
 
 
 def _awq(settings: dict[str, Any]) -> GroupQuantSettings:

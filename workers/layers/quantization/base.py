@@ -93,13 +93,18 @@ class QuantizationConfig(ABC):
         layer)."""
         return False
 
+    def layer_method(self, checkpoint_name: str) -> LinearMethodBase | None:
+        """A linear layer's own method where the checkpoint gives it settings of its own
+        (GPTQModel's `dynamic`), by its checkpoint module name; None: the model-wide one."""
+        return None
+
 
 def skip_dense_layers(
     model: nn.Module, config: QuantizationConfig, packed_modules_mapping: dict
 ) -> None:
-    """Give the linear layers the checkpoint keeps dense an unquantized method, before any
-    weight loads. A fused layer (qkv_proj) is asked for by its parts (q_proj, k_proj, v_proj),
-    which must agree."""
+    """Give the linear layers the checkpoint keeps dense an unquantized method, and those with
+    settings of their own their own method (`layer_method`), before any weight loads. A fused
+    layer (qkv_proj) is asked for by its parts (q_proj, k_proj, v_proj), which must agree."""
     from ember.workers.layers.linear import LinearBase
     from ember.workers.layers.quantization.unquantized import UnquantizedLinearMethod
 
@@ -119,6 +124,16 @@ def skip_dense_layers(
             )
         if skipped == {True}:
             module.replace_quant_method(UnquantizedLinearMethod())
+            continue
+        own = [config.layer_method(checkpoint_name) for checkpoint_name in names]
+        settings = {None if m is None else (type(m), tuple(sorted(vars(m).items()))) for m in own}
+        if len(settings) > 1:
+            raise ValueError(
+                f"the checkpoint gives {', '.join(names)} different settings; they are one "
+                f"fused layer ({name}) here"
+            )
+        if own[0] is not None:
+            module.replace_quant_method(own[0])
 
 
 def process_weights_after_loading(model: nn.Module) -> None:

@@ -110,3 +110,24 @@ class GPTQConfig(GroupQuantConfig):
     def linear_method(self) -> GroupQuantLinearMethod:
         s = self.settings
         return GPTQLinearMethod(s.bits, s.group_size, s.desc_act, s.zero_offset)
+
+    def _dynamic_rule(self, checkpoint_name: str):
+        return next((r for r in self.settings.dynamic if r.matches(checkpoint_name)), None)
+
+    def is_layer_skipped(self, checkpoint_name: str) -> bool:
+        rule = self._dynamic_rule(checkpoint_name)
+        return rule is not None and rule.skip
+
+    def layer_method(self, checkpoint_name: str) -> GroupQuantLinearMethod | None:
+        """GPTQModel's `dynamic`: the first rule that matches gives its settings over the
+        checkpoint's (vLLM's `override_config`)."""
+        rule = self._dynamic_rule(checkpoint_name)
+        if rule is None or rule.skip:
+            return None
+        s = self.settings
+        return GPTQLinearMethod(
+            s.bits if rule.bits is None else rule.bits,
+            s.group_size if rule.group_size is None else rule.group_size,
+            s.desc_act if rule.desc_act is None else rule.desc_act,
+            s.zero_offset,
+        )
