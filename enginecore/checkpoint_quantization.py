@@ -82,5 +82,10 @@ def resolve_checkpoint_quantization(
             return method
     else:
         settings = group_quant_settings(method, hf_config.quantization_config)
+        if settings.lm_head and getattr(hf_config, "tie_word_embeddings", False):
+            raise NotImplementedError(
+                "GPTQ checkpoint: a quantized lm_head (lm_head=True) with "
+                "tie_word_embeddings=True is not supported (the embedding would share it)"
+            )
     check_tensor_parallel_groups(settings, hf_config, tensor_parallel_size)
     return method

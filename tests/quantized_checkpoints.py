@@ -256,10 +256,12 @@ def write_gptq_checkpoint(
     desc_act: bool = False,
     checkpoint_format: str = "gptq",
     seed: int = 0,
+    lm_head: bool = False,
 ) -> str:
     """Write a GPTQ checkpoint of the dense directory `dense_dir` to `out_dir`.
 
-    Quantizes the decoder layers' q/k/v/o/gate/up/down projections; other tensors are kept
+    Quantizes the decoder layers' q/k/v/o/gate/up/down projections (and with `lm_head` the
+    LM head, as GPTQModel's lm_head=True does); other tensors are kept
     as they are, biases of quantized linears become float16 (as the tools' `pack` stores them).
     desc_act draws a random column order from `seed` per input: q/k/v share one, gate/up one,
     as GPTQ's act-order (by the Hessian of the shared input) gives them.
@@ -278,6 +280,8 @@ def write_gptq_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in read_tensors(dense_dir).items():
         module = _quantized_module(name)
+        if lm_head and name == "lm_head.weight":
+            module = "lm_head"
         if module is None:
             tensors[name] = tensor
         elif name.endswith(".bias"):
@@ -304,6 +308,7 @@ def write_gptq_checkpoint(
     quantization_config = gptq_quantization_config(
         bits, group_size, sym, desc_act, checkpoint_format
     )
+    quantization_config["lm_head"] = lm_head
     config = {**_read_config(dense_dir), "quantization_config": quantization_config}
     _write_checkpoint(dense_dir, out_dir, tensors, config)
     _write_json(os.path.join(out_dir, "quantize_config.json"), quantization_config)

@@ -232,7 +232,6 @@ def test_settings_ember_does_not_take_are_refused_naming_them(checkpoints, tmp_p
     cases = [
         (ValueError, "bits must be 4 or 8, got 3", {"bits": 3}),
         (ValueError, "checkpoint_format must be one of", {"checkpoint_format": "marlin"}),
-        (NotImplementedError, "quantized lm_head", {"lm_head": True}),
     ]
     for index, (error, message, change) in enumerate(cases):
         target = _edited_checkpoint(
@@ -310,6 +309,38 @@ def test_gptq_dynamic_gives_modules_their_own_settings_or_keeps_them_dense(
         "model.layers.1.mlp.gate_up_proj": 8,
         "model.layers.1.mlp.down_proj": 8,
     }
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_gptq_quantized_lm_head(dense_dir, prompts, tmp_path, tp):
+    """GPTQModel's lm_head=True: `lm_head.qweight` / `qzeros` / `scales` / `g_idx` (4-bit,
+    groups of 32, act-order), multiplied as a group-quantized layer by each rank's rows of the
+    padded vocabulary (qzeros packed along them); greedy tokens and log-probabilities equal
+    HF on the dequantized head and layers. The embedding stays the checkpoint's dense table."""
+    from tests.quantized_checkpoints import read_tensors
+
+    options = {"bits": 4, "group_size": 32, "sym": False, "desc_act": True, "lm_head": True}
+    quantized = write_gptq_checkpoint(dense_dir, str(tmp_path / "q"), **options)
+    assert "lm_head.qweight" in read_tensors(quantized)
+    dense = write_dequantized_checkpoint(quantized, str(tmp_path / "dense"))
+    with LLM(quantized, skip_tokenizer_init=True, tensor_parallel_size=tp) as llm:
+        methods = llm.apply_model(head_method_name)
+        check_against_hf(llm, dense, prompts)
+    assert methods == ["GroupQuantLMHeadMethod"] * tp
+
+
+def head_method_name(model: torch.nn.Module) -> str:
+    return type(model.lm_head.quant_method).__name__
+
+
+def test_gptq_quantized_lm_head_of_a_tied_model_is_refused(checkpoints, tmp_path):
+    source = checkpoints["gptq-4bit-sym-g32-v1"][0]
+    target = _edited_checkpoint(source, tmp_path / "tied", lambda c: c.update(lm_head=True))
+    config = json.loads((tmp_path / "tied" / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (tmp_path / "tied" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NotImplementedError, match=r"lm_head=True\) with tie_word_embeddings"):
+        LLM(target, skip_tokenizer_init=True)
 
 
 def test_gptq_dynamic_rules_ember_cannot_read_are_refused(checkpoints, tmp_path):

@@ -24,6 +24,7 @@ class GroupQuantSettings:
     modules_to_not_convert: tuple[str, ...] = ()
     # GPTQModel's per-module settings (`dynamic`), in the checkpoint's order
     dynamic: tuple[DynamicRule, ...] = ()
+    lm_head: bool = False  # GPTQModel's lm_head=True: the LM head is quantized too
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,6 @@ def _gptq(settings: dict[str, Any]) -> GroupQuantSettings:
             f"GPTQ checkpoint: checkpoint_format must be one of {GPTQ_CHECKPOINT_FORMATS}, got "
             f"{checkpoint_format!r}"
         )
-    if settings.get("lm_head"):
-        raise NotImplementedError("GPTQ checkpoint: a quantized lm_head is not supported yet")
     return GroupQuantSettings(
         method="gptq",
         bits=bits,
@@ -79,6 +78,7 @@ def _gptq(settings: dict[str, Any]) -> GroupQuantSettings:
         desc_act=bool(settings.get("desc_act", False)),
         zero_offset=1 if checkpoint_format == "gptq" else 0,
         dynamic=_gptq_dynamic(settings.get("dynamic")),
+        lm_head=bool(settings.get("lm_head", False)),
     )
 
 

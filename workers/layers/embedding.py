@@ -41,7 +41,8 @@ class VocabParallelEmbedding(nn.Module):
         self.quant_method.create_weights(
             self, self.rows_per_rank, embedding_dim, self.weight_loader
         )
-        self.weight.data[self.num_local_rows :].zero_()
+        if hasattr(self, "weight"):  # a quantized head zeroes its own padding
+            self.weight.data[self.num_local_rows :].zero_()
 
     @property
     def num_local_rows(self) -> int:

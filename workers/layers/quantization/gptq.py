@@ -21,6 +21,7 @@ from ember.workers.layers.quantization.base import WeightLoader
 from ember.workers.layers.quantization.group_quant import (
     GroupQuantConfig,
     GroupQuantLinearMethod,
+    GroupQuantLMHeadMethod,
     quantized_parameter,
     unpack_int32,
 )
@@ -110,6 +111,13 @@ class GPTQConfig(GroupQuantConfig):
     def linear_method(self) -> GroupQuantLinearMethod:
         s = self.settings
         return GPTQLinearMethod(s.bits, s.group_size, s.desc_act, s.zero_offset)
+
+    def get_quant_method(self, layer: nn.Module):
+        from ember.workers.layers.embedding import ParallelLMHead
+
+        if isinstance(layer, ParallelLMHead) and self.settings.lm_head:
+            return GroupQuantLMHeadMethod(self.linear_method())
+        return super().get_quant_method(layer)
 
     def _dynamic_rule(self, checkpoint_name: str):
         return next((r for r in self.settings.dynamic if r.matches(checkpoint_name)), None)

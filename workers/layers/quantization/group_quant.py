@@ -34,6 +34,7 @@ from ember.kernels import block_matmul, tile_matmul
 from ember.kernels.quant_matmul import pack_group_weight, quant_matmul
 from ember.workers.layers.packed_int4 import QuantizedWeight
 from ember.workers.layers.quantization.base import (
+    EmbeddingMethodBase,
     LinearMethodBase,
     QuantizationConfig,
     WeightLoader,
@@ -311,6 +312,53 @@ class GroupQuantLinearMethod(LinearMethodBase):
         if layer.quantized_weight is not None:
             return layer.quantized_weight.dequantize().to(layer.model_dtype)
         return layer.dense_weight
+
+
+class GroupQuantLMHeadMethod(EmbeddingMethodBase):
+    """An LM head the checkpoint quantized too (GPTQModel's lm_head=True): `linear`'s tensors
+    for this rank's rows of the padded vocabulary, loaded by vocabulary rows (a tensor packed
+    along them, as GPTQ's qzeros, by rows / pack), its padding rows zero. It is only
+    multiplied by: an embedding never reads it (a tied table is refused in the user's
+    process)."""
+
+    def __init__(self, linear: GroupQuantLinearMethod):
+        self.linear = linear
+
+    def create_weights(
+        self, layer: nn.Module, rows_per_partition: int, embedding_dim: int, weight_loader
+    ) -> None:
+        pack = 32 // self.linear.bits
+        if rows_per_partition % pack or layer.num_embeddings % pack:
+            raise ValueError(
+                f"a quantized lm_head needs a vocabulary of whole {pack}-row words: "
+                f"{layer.num_embeddings} rows, {rows_per_partition} per rank"
+            )
+
+        def load_rows(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+            dim = param.output_dim
+            if dim is None:  # g_idx: along the inputs, whole
+                param.data.copy_(loaded)
+                return
+            per_row = rows_per_partition // param.shape[dim]  # 1, or pack along the rows
+            rows = layer.num_local_rows // per_row
+            if rows:
+                start = layer.vocab_start // per_row
+                param.data.narrow(dim, 0, rows).copy_(loaded.narrow(dim, start, rows))
+
+        self.linear.create_weights(
+            layer, embedding_dim, rows_per_partition, embedding_dim, rows_per_partition, load_rows
+        )
+        for name in self.linear.checkpoint_tensors:
+            getattr(layer, name).data.zero_()  # the padding rows' codes and scales
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        self.linear.process_weights_after_loading(layer)
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("a quantized lm_head is not an embedding table")
+
+    def apply(self, layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.linear.apply(layer, hidden_states).float()
 
 
 class GroupQuantConfig(QuantizationConfig):
