@@ -717,16 +717,63 @@ def test_compressed_tensors_schemes_not_read_yet_are_refused_naming_them(tmp_pat
         LLM(directory, skip_tokenizer_init=True)
 
 
-def test_compressed_tensors_act_order_with_a_g_idx_is_refused_naming_it(tmp_path):
-    """actorder "group" (older llm-compressor: `weight_g_idx`) is not read yet; "weight" (the
-    columns stored in their own order, test above) is."""
-    directory = tmp_path / "ct-group-actorder"
-    shutil.copytree(os.path.join(TOOL_CHECKPOINTS, "ct-gptq-w4a16-actorder-weight-g32"), directory)
-    config = json.loads((directory / "config.json").read_text())
+def _ct_group_order_checkpoint(target) -> tuple[str, str]:
+    """(checkpoint, dense reference) in older llm-compressor's `actorder: "group"` layout,
+    made from the tool's positional checkpoint: each quantized layer's inputs permuted by one
+    seeded order per input (q/k/v share one, gate/up one, as GPTQ's act-order gives them),
+    `weight_g_idx` the group each permuted input came from. The reference holds w[n, k] =
+    scale[n, g_idx[k]] * (q[n, k] - 8) in float32."""
+    from tests.quantized_checkpoints import pack_int32, read_tensors, unpack_int32
+
+    source = os.path.join(TOOL_CHECKPOINTS, "ct-gptq-w4a16-actorder-weight-g32")
+    quantized, dense = target / "quantized", target / "dense"
+    shutil.copytree(source, quantized)
+    shutil.copytree(source, dense)
+    config = json.loads((quantized / "config.json").read_text())
     config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
-    (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(NotImplementedError, match="weights.actorder='group'"):
-        LLM(str(directory), skip_tokenizer_init=True)
+    (quantized / "config.json").write_text(json.dumps(config))
+    del config["quantization_config"]
+    config["dtype"] = "float32"
+    (dense / "config.json").write_text(json.dumps(config))
+    tensors, reference = read_tensors(source), {}
+    generator, orders = torch.Generator().manual_seed(5), {}
+    for name in [n for n in tensors if n.endswith(".weight_packed")]:
+        module = name[: -len(".weight_packed")]
+        codes = unpack_int32(tensors.pop(name), 4, dim=1)  # [N, K] unsigned
+        scales = tensors.pop(f"{module}.weight_scale")
+        key = module.rsplit(".", 1)[0] + module.rsplit(".", 1)[1].replace("k_", "q_").replace(
+            "v_", "q_"
+        ).replace("up_", "gate_")
+        if key not in orders:
+            orders[key] = torch.randperm(codes.shape[1], generator=generator)
+        order = orders[key]
+        codes, g_idx = codes[:, order], order // 32
+        tensors[name] = pack_int32(codes, 4, dim=1)
+        tensors[f"{module}.weight_scale"] = scales
+        tensors[f"{module}.weight_g_idx"] = g_idx.to(torch.int32)
+        weight = scales.float()[:, g_idx] * (codes.float() - 8)
+        reference[f"{module}.weight"] = weight
+    save_file(tensors, str(quantized / "model.safetensors"))
+    rest = read_tensors(source)
+    for name, tensor in rest.items():
+        if not name.rsplit(".", 1)[1].startswith("weight_") and name not in reference:
+            reference[name] = tensor.float()
+    save_file(reference, str(dense / "model.safetensors"))
+    return str(quantized), str(dense)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_compressed_tensors_group_act_order_reads_weight_g_idx(prompts, tmp_path, tp):
+    """actorder "group" (older llm-compressor): `weight_g_idx` gives each input's group, any
+    rank's inputs may be in any group (each rank holds all scales); greedy tokens and their
+    log-probabilities equal HF on the dequantized weights at TP=1 and 2."""
+    quantized, dense = _ct_group_order_checkpoint(tmp_path)
+    with LLM(quantized, skip_tokenizer_init=True, tensor_parallel_size=tp) as llm:
+        forms = llm.apply_model(packed_forms)[0]
+        check_against_hf(llm, dense, prompts)
+    # the inputs sorted by group at load; at TP=2 a row-parallel shard's inputs come from
+    # every group, which the packed forms do not take: those run dense
+    assert sum(form.endswith("+order") for form in forms) == (8 if tp == 1 else 4), forms
 
 
 @pytest.mark.parametrize(

@@ -189,7 +189,7 @@ def compressed_tensors_settings(settings: dict[str, Any]) -> CompressedTensorsSe
         "weights.zp_dtype": (weights.get("zp_dtype"), (None, "torch.int8")),
         # "weight": GPTQ quantized the columns in activation order and stored them in their
         # own, with positional groups; "group" (older llm-compressor) adds `weight_g_idx`
-        "weights.actorder": (weights.get("actorder"), (None, "weight")),
+        "weights.actorder": (weights.get("actorder"), (None, "weight", "group")),
         "input_activations": (group.get("input_activations"), (None,)),
     }
     _refuse_unsupported(name, unsupported)
@@ -203,6 +203,7 @@ def compressed_tensors_settings(settings: dict[str, Any]) -> CompressedTensorsSe
         targets=tuple(group.get("targets") or ("Linear",)),
         ignore=tuple(settings.get("ignore") or ()),
         symmetric=weights.get("symmetric") is not False,
+        desc_act=weights.get("actorder") == "group" and group_size != -1,
     )
 
 

@@ -18,6 +18,8 @@ scheme (`symmetric: false`) adds
     weight_zero_point  int32  [out / pack, groups]  z + 2**(bits - 1), packed along the outputs
 
 and w = weight_scale * (q - z), so the unsigned zero point is the unpacked one as stored.
+With `actorder: "group"` (older llm-compressor's GPTQ) `weight_g_idx` int32 [in] gives each
+input's group, as GPTQ's g_idx does ("weight" stores positional groups: nothing to add).
 Layers named in `ignore` (names, or "re:" patterns) stay dense.
 """
 
@@ -43,12 +45,14 @@ def _ignore_shape(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=Non
 
 
 class CompressedTensorsWNA16Method(GroupQuantLinearMethod):
-    def __init__(self, bits: int, group_size: int, symmetric: bool = True):
+    def __init__(
+        self, bits: int, group_size: int, symmetric: bool = True, group_order: bool = False
+    ):
         super().__init__(bits, group_size)
-        self.symmetric = symmetric
-        self.checkpoint_tensors = ("weight_packed", "weight_scale", "weight_shape") + (
-            () if symmetric else ("weight_zero_point",)
-        )
+        self.symmetric, self.group_order = symmetric, group_order
+        self.checkpoint_tensors = ("weight_packed", "weight_scale", "weight_shape")
+        self.checkpoint_tensors += () if symmetric else ("weight_zero_point",)
+        self.checkpoint_tensors += ("weight_g_idx",) if group_order else ()
 
     def create_weights(
         self,
@@ -66,6 +70,9 @@ class CompressedTensorsWNA16Method(GroupQuantLinearMethod):
                 f"a multiple of {pack} ({self.bits}-bit codes packed {pack} to an int32)"
             )
         groups, sharded = self.groups_of(layer, input_size_per_partition, input_size)
+        if self.group_order and input_size_per_partition != input_size:
+            # any input of this rank may belong to any group: every rank holds all scales
+            groups, sharded = input_size // self.group_size, False
         layer.model_dtype = torch.get_default_dtype()
         layer.weight_packed = quantized_parameter(
             (output_size_per_partition, input_size_per_partition // pack),
@@ -84,6 +91,14 @@ class CompressedTensorsWNA16Method(GroupQuantLinearMethod):
         layer.weight_shape = quantized_parameter(
             (2,), torch.int64, _ignore_shape, input_dim=None, output_dim=None
         )
+        if self.group_order:
+            layer.weight_g_idx = quantized_parameter(
+                (input_size_per_partition,),
+                torch.int32,
+                weight_loader,
+                input_dim=0,
+                output_dim=None,
+            )
         if not self.symmetric:
             if output_size_per_partition % pack:
                 raise ValueError(
@@ -105,7 +120,10 @@ class CompressedTensorsWNA16Method(GroupQuantLinearMethod):
             zeros = torch.full_like(scales, 2 ** (self.bits - 1))
         else:
             zeros = unpack_int32(layer.weight_zero_point.data, self.bits, 0)  # [N, groups]
-        group_of_input = self.positional_groups(codes.shape[1])
+        if self.group_order:  # global group numbers: the scales are the whole checkpoint's
+            group_of_input = layer.weight_g_idx.data.long()
+        else:
+            group_of_input = self.positional_groups(codes.shape[1])
         return codes, scales, zeros, group_of_input
 
 
@@ -145,4 +163,4 @@ class CompressedTensorsConfig(GroupQuantConfig):
                     block_scale_name="weight_scale",
                 )
             )
-        return CompressedTensorsWNA16Method(s.bits, s.group_size, s.symmetric)
+        return CompressedTensorsWNA16Method(s.bits, s.group_size, s.symmetric, s.desc_act)
