@@ -235,25 +235,29 @@ int ember_tile_activation_levels(void) { return 16383; }
 #include "vector_math.h"
 
 /* AVX2 (+FMA, F16C): the same tiles, each 64-byte vector read as two halves of 8 rows. With no
-   vpdpbusd, a quad of products is vpmaddubsw (byte pairs into int16) then vpmaddwd (int16 pairs
-   into int32), as llama.cpp does on these CPUs. vpmaddubsw saturates at 32767, so:
-   - 4-bit codes (0..15) times bytes in [-127, 127] are at most 3810 a pair: the 8 quads of a
-     group add up in int16 (30480 at most) before one vpmaddwd, by 128 for the high bytes;
-   - 8-bit codes are made signed (byte ^ 0x80 = q) and multiplied as |q| * sign(x, q), as
-     llama.cpp's Q8_0 dot does: 2 * 127 * 127 a pair, each quad widened on its own.
-   Both need the high activation bytes in [-127, 127]: qx is rounded on 16256 = 127 * 128
-   steps instead of 16383, and h = qx >> 7 never reaches -128. */
+   vpdpbusd, a quad of 4-bit products is vpmaddubsw (byte pairs into int16) then vpmaddwd (int16
+   pairs into int32), as llama.cpp does on these CPUs. vpmaddubsw saturates at 32767, so 4-bit
+   codes (0..15) times bytes in [-127, 127], at most 3810 a pair, add the 8 quads of a group in
+   int16 (30480 at most) before one vpmaddwd, by 128 for the high bytes; the high activation
+   bytes must stay in [-127, 127]: qx is rounded on 16256 = 127 * 128 steps instead of 16383,
+   and h = qx >> 7 never reaches -128.
+   8-bit codes are made signed (byte ^ 0x80 = q), widened to int16 and multiplied by qx itself
+   with vpmaddwd: one product per weight pair, where byte products (|q| * sign(h, q) and
+   |q| * sign(l, q), as llama.cpp's Q8_0 dot) took two vpmaddubsw and two vpmaddwd. The int32
+   sums are the same. */
 #define QX_MAX 16256.0f
-/* Activation rows that share one unpacked half tile: 6 for 4-bit codes, 3 for 8-bit ones, whose
-   products keep two int32 sums a row (SmolLM2's shapes at 32 rows: 4-bit 0.75 -> 0.67 ms,
-   8-bit 0.99 -> 0.92 ms against 4 rows for both). */
+/* Activation rows that share one unpacked half tile: 6 for 4-bit codes, 4 for 8-bit ones, whose
+   products keep two int32 sums a row (4-bit, SmolLM2's shapes at 32 rows: 0.75 -> 0.67 ms
+   against 4 rows; 8-bit, 49152 x 576 at 32 rows: 13.5 / 11.7 / 14.1 / 14.6 ms at 3 / 4 / 5 /
+   6 rows). */
 #define AVX2_ROWS 6
-#define AVX2_ROWS_8BIT 3
+#define AVX2_ROWS_8BIT 4
 
 typedef struct {
     int32_t *quads; /* [M, groups, 16]: the group's 8 quads of h bytes, then 8 of l bytes */
     float *scale;   /* [M, groups]: dx */
     float *sum;     /* [M, groups]: dx * sum(qx) */
+    int16_t *words; /* [M, groups, 32]: qx itself (8-bit codes only; else NULL) */
 } Activations;
 
 static inline __m256 load_row_values(const void *x, int x_bf16, int64_t index) {
@@ -311,6 +315,13 @@ static void quantize_activations(const void *x, int x_bf16, int64_t rows, int64_
             const float dx = top / QX_MAX;
             a->scale[r * groups + g] = dx;
             a->sum[r * groups + g] = dx * (float)sum_lanes(total);
+            if (a->words) { /* qx in order: packs interleaves 128-bit lanes, permute4x64 undoes it */
+                int16_t *words = a->words + (r * groups + g) * GROUP;
+                _mm256_storeu_si256((__m256i *)words,
+                                    _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8));
+                _mm256_storeu_si256((__m256i *)(words + 16),
+                                    _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8));
+            }
         }
     }
 }
@@ -355,22 +366,29 @@ static inline __attribute__((always_inline)) void dot_half_tile(
                 total[r] = _mm256_add_epi32(_mm256_madd_epi16(high[r], by128),
                                             _mm256_madd_epi16(low[r], ones));
         } else {
-            __m256i high[AVX2_ROWS], low[AVX2_ROWS];
-            for (int r = 0; r < rows; r++) high[r] = low[r] = _mm256_setzero_si256();
+            /* 8-bit codes: each byte widened to int16 (rows 0-3 of the half, then 4-7) and
+               multiplied by the 15-bit activations as int16 pairs with vpmaddwd: lane (row,
+               pair) of a quad; the two pairs of each row add at the group's end. One product
+               per 16 weights and row, where byte products need two (qx's two bytes). */
+            __m256i front[AVX2_ROWS], back[AVX2_ROWS];
+            for (int r = 0; r < rows; r++) front[r] = back[r] = _mm256_setzero_si256();
             for (int c = 0; c < 8; c++) {
                 const __m256i w = _mm256_xor_si256(
                     _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * half)), sign_bit);
-                const __m256i magnitude = _mm256_sign_epi8(w, w);
+                const __m256i w_front = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+                const __m256i w_back = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
                 for (int r = 0; r < rows; r++) {
-                    const int32_t *q = quads[r];
-                    __m256i h = _mm256_sign_epi8(_mm256_set1_epi32(q[c]), w);
-                    __m256i l = _mm256_sign_epi8(_mm256_set1_epi32(q[8 + c]), w);
-                    high[r] = _mm256_add_epi32(high[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, h), ones));
-                    low[r] = _mm256_add_epi32(low[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, l), ones));
+                    int64_t quad;
+                    memcpy(&quad, a->words + (r * groups + g) * GROUP + 4 * c, sizeof(quad));
+                    const __m256i x = _mm256_set1_epi64x(quad);
+                    front[r] = _mm256_add_epi32(front[r], _mm256_madd_epi16(w_front, x));
+                    back[r] = _mm256_add_epi32(back[r], _mm256_madd_epi16(w_back, x));
                 }
             }
+            const __m256i rows_in_order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
             for (int r = 0; r < rows; r++)
-                total[r] = _mm256_add_epi32(_mm256_slli_epi32(high[r], 7), low[r]);
+                total[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(front[r], back[r]),
+                                                       rows_in_order);
         }
         const uint8_t *halves = codes + 64 * vectors + 16 * half;
         const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)halves));
@@ -404,8 +422,9 @@ int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
     a.quads = malloc(sizeof(int32_t) * 16 * (size_t)(m_rows * groups));
     a.scale = malloc(sizeof(float) * (size_t)(m_rows * groups));
     a.sum = malloc(sizeof(float) * (size_t)(m_rows * groups));
-    if (!a.quads || !a.scale || !a.sum) {
-        free(a.quads), free(a.scale), free(a.sum);
+    a.words = bits == 8 ? malloc(sizeof(int16_t) * GROUP * (size_t)(m_rows * groups)) : NULL;
+    if (!a.quads || !a.scale || !a.sum || (bits == 8 && !a.words)) {
+        free(a.quads), free(a.scale), free(a.sum), free(a.words);
         return 3;
     }
     quantize_activations(x, x_bf16, m_rows, k, &a);
@@ -420,7 +439,8 @@ int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
         for (int64_t r0 = 0; r0 < m_rows; r0 += chunk) {
             int64_t rows = m_rows - r0 < chunk ? m_rows - r0 : chunk;
             Activations part = {a.quads + r0 * groups * 16, a.scale + r0 * groups,
-                                a.sum + r0 * groups};
+                                a.sum + r0 * groups,
+                                a.words ? a.words + r0 * groups * GROUP : NULL};
             __m256 results[AVX2_ROWS];
             switch (rows) {
                 case 1: dot_half_tile(&part, 1, groups, tile, bits, half, results); break;
@@ -435,7 +455,7 @@ int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
                                results[r]);
         }
     }
-    free(a.quads), free(a.scale), free(a.sum);
+    free(a.quads), free(a.scale), free(a.sum), free(a.words);
     return 0;
 }
 
