@@ -610,16 +610,19 @@ def test_compressed_tensors_fp8_rounds_activations_per_token_as_llm_compressor()
         assert llm.apply_model(qkv_method_name) == ["FP8LinearMethod"]
         prompts = [{"prompt_token_ids": p} for p in reference["prompts"]]
         outputs = llm.generate(prompts, params, use_tqdm=False)
-    for output, logits, weight_only in zip(
-        outputs,
-        reference["prompt_last_logits"],
-        reference["weight_only_prompt_last_logits"],
-        strict=True,
+    check_nearer_the_tool_run(outputs, reference, "weight_only_prompt_last_logits")
+
+
+def check_nearer_the_tool_run(outputs, reference: dict, other: str) -> None:
+    """`check_activation_quantized` for every prompt: ember's next-token log-probabilities
+    against the tool's run (`prompt_last_logits`), nearer it than the run `other` is."""
+    for output, logits, other_logits in zip(
+        outputs, reference["prompt_last_logits"], reference[other], strict=True
     ):
         check_activation_quantized(
             output.outputs[0].logprobs[0],
             torch.log_softmax(torch.tensor(logits), dim=-1),
-            torch.log_softmax(torch.tensor(weight_only), dim=-1),
+            torch.log_softmax(torch.tensor(other_logits), dim=-1),
         )
 
 
@@ -662,17 +665,7 @@ def test_compressed_tensors_kv_cache_scales_llm_compressor_calibrated():
     assert [[dtype, k, v] for dtype, k, v in facts] == [
         ["torch.float8_e4m3fn", k, v] for k, v in file_scales
     ]
-    for output, logits, without in zip(
-        outputs,
-        reference["prompt_last_logits"],
-        reference["kv_off_prompt_last_logits"],
-        strict=True,
-    ):
-        check_activation_quantized(
-            output.outputs[0].logprobs[0],
-            torch.log_softmax(torch.tensor(logits), dim=-1),
-            torch.log_softmax(torch.tensor(without), dim=-1),
-        )
+    check_nearer_the_tool_run(outputs, reference, "kv_off_prompt_last_logits")
 
 
 def _kv_scales_of(directory: str) -> list[tuple[float, float]]:
