@@ -192,9 +192,17 @@ class MultiprocExecutor(Executor):
         for rank in range(len(self.workers)):
             self._check_alive(rank)
 
-    def _call(self, call: WorkerCall, timeout_s: float | None = None) -> list[WorkerReply]:
+    def _call(
+        self, call: WorkerCall, timeout_s: float | None = None, spin_s: float | None = None
+    ) -> list[WorkerReply]:
         self.broadcast.enqueue(call_encoder.encode(call))
-        replies = self._collect(timeout_s, type(call).__name__)
+        return self._replies(timeout_s, type(call).__name__, spin_s)
+
+    def _replies(
+        self, timeout_s: float | None, what: str, spin_s: float | None
+    ) -> list[WorkerReply]:
+        """Every rank's reply to the call made last; a rank's error raised as its own type."""
+        replies = self._collect(timeout_s, what, spin_s=spin_s)
         for reply in replies:
             if reply.error is not None:
                 raise _rebuild_error(reply)
@@ -209,16 +217,13 @@ class MultiprocExecutor(Executor):
     def execute_model(
         self, scheduler_output: SchedulerOutput, lockstep_wave: int = 0
     ) -> ModelRunnerOutput:
-        self.broadcast.enqueue(call_encoder.encode(ExecuteModel(scheduler_output, lockstep_wave)))
         started = time.perf_counter()
         # A reply spin only pays when steps end within it; past that it takes a core from the
         # model's threads for nothing (on a small CPU, a tenth of a 5 ms step).
         spin_s = None if self._last_step_s < _STEP_SPIN_LIMIT_S else 0.0
-        replies = self._collect(self.execute_timeout_s, "ExecuteModel", spin_s=spin_s)
+        call = ExecuteModel(scheduler_output, lockstep_wave)
+        replies = self._call(call, self.execute_timeout_s, spin_s)
         self._last_step_s = time.perf_counter() - started
-        for reply in replies:
-            if reply.error is not None:
-                raise _rebuild_error(reply)
         return replies[0].runner_output
 
     def submit_model(self, scheduler_output: SchedulerOutput) -> None:
@@ -227,11 +232,7 @@ class MultiprocExecutor(Executor):
     def await_model(self) -> ModelRunnerOutput:
         # The workers have the next step already: a late wake-up here costs them nothing,
         # while a spin would take a core from them for the whole step.
-        replies = self._collect(self.execute_timeout_s, "ExecuteModel", spin_s=0.0)
-        for reply in replies:
-            if reply.error is not None:
-                raise _rebuild_error(reply)
-        return replies[0].runner_output
+        return self._replies(self.execute_timeout_s, "ExecuteModel", 0.0)[0].runner_output
 
     def idle_step(self, wave: int, busy: bool = False) -> tuple[bool, int]:
         call = LockstepIdleStep(wave, busy)

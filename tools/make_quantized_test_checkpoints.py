@@ -419,15 +419,21 @@ def _ct_reference(out_dir: Path) -> None:
     scheme = q.quantization_scheme
     if scheme.input_activations is not None:
         model.apply(disable_quantization)
-        wo = greedy(fwd, "float32", "")
-        ref["weight_only_greedy_ids"] = wo["greedy_ids"]
-        ref["weight_only_prompt_last_logits"] = wo["prompt_last_logits"]
-        ref["weight_only_greedy_margins"] = wo["greedy_margins"]
-        ref["weight_only_note"] = (
+        add_run(
+            ref,
+            "weight_only",
+            greedy(fwd, "float32", ""),
             "same decompressed weights, compressed_tensors disable_quantization() applied: "
-            "no activation quantization (what a weight-only dequant loader computes)"
+            "no activation quantization (what a weight-only dequant loader computes)",
         )
     write_reference(out_dir, ref)
+
+
+def add_run(ref: dict, name: str, run: dict, note: str) -> None:
+    """A second run of the same checkpoint in `ref`, its fields prefixed by `name`."""
+    for field in ("greedy_ids", "prompt_last_logits", "greedy_margins"):
+        ref[f"{name}_{field}"] = run[field]
+    ref[f"{name}_note"] = note
 
 
 def step_ct_fp8(work: Path, out: Path) -> None:
@@ -515,13 +521,13 @@ def ref_ct_fp8_kv(work: Path, out: Path) -> None:
                 del module._forward_pre_hooks[key]
                 removed += 1
     assert removed == len(model.model.layers), removed
-    plain = greedy(lambda x: model(input_ids=x, use_cache=False).logits, "float32", "")
     reference = json.loads((out_dir / "reference.json").read_text())
-    reference["kv_off_prompt_last_logits"] = plain["prompt_last_logits"]
-    reference["kv_off_greedy_ids"] = plain["greedy_ids"]
-    reference["kv_off_note"] = (
+    add_run(
+        reference,
+        "kv_off",
+        greedy(lambda x: model(input_ids=x, use_cache=False).logits, "float32", ""),
         "the run above with compressed-tensors' KV-cache attention hook removed from every "
-        "layer: keys and values not rounded to e4m3"
+        "layer: keys and values not rounded to e4m3",
     )
     write_reference(out_dir, reference)
 
