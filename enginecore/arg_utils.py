@@ -331,7 +331,7 @@ class EngineArgs:
             tokenizer=resolve_tokenizer(
                 self.tokenizer,
                 self.model,
-                model_dir,
+                gguf_file or model_dir,  # a GGUF file's tokenizer converts beside the start
                 revision=self.revision,
                 tokenizer_revision=self.tokenizer_revision,
                 **hub,

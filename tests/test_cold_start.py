@@ -15,7 +15,7 @@ import transformers
 
 from ember.workers import hf_config
 from ember.workers.hf_config import HFConfig, load_hf_config, snapshot_config
-from ember.workers.model_loader.gguf_files import gguf_model_dir
+from ember.workers.model_loader.gguf_files import gguf_tokenizer_dir
 from ember.workers.tokenizer_loader import load_tokenizer
 from tests.helpers import _BASE_SETTINGS, RANDOM_MODEL_SETTINGS
 
@@ -122,7 +122,7 @@ def _assert_same_tokenizer(cached, fresh) -> None:
 def test_a_cached_tokenizer_equals_a_fresh_one(default_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     tokenizer_dir = tmp_path / "tokenizer"
-    source = gguf_model_dir(default_gguf)
+    source = gguf_tokenizer_dir(default_gguf)
     shutil.copytree(source, tokenizer_dir, ignore=shutil.ignore_patterns("*.safetensors"))
     fresh = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
     load_tokenizer(str(tokenizer_dir), revision=None)  # fills the cache
@@ -191,3 +191,62 @@ def test_a_warm_start_imports_no_torch_in_the_users_process():
     assert second["config_class"] is False
     assert second["text"] == first["text"] and second["text"]
     assert second["chat"] == first["chat"] and second["chat"]
+
+
+def test_the_plain_array_reader_reads_what_ggufs_reader_reads(default_gguf):
+    import gguf
+    import numpy as np
+
+    from ember.workers.model_loader.gguf_files import plain_array_reader_class
+
+    expected = gguf.GGUFReader(default_gguf)
+    got = plain_array_reader_class()(default_gguf)
+    assert list(got.fields) == list(expected.fields)
+    for name, field in expected.fields.items():
+        other = got.fields[name]
+        assert (other.offset, other.types, other.data) == (field.offset, field.types, field.data)
+        assert len(other.parts) == len(field.parts), name
+        for part, expected_part in zip(other.parts, field.parts, strict=True):
+            assert part.dtype == expected_part.dtype and np.array_equal(part, expected_part), name
+    assert [t.name for t in got.tensors] == [t.name for t in expected.tensors]
+    for tensor, expected_tensor in zip(got.tensors, expected.tensors, strict=True):
+        assert tensor.tensor_type == expected_tensor.tensor_type
+        assert tensor.data_offset == expected_tensor.data_offset
+        assert np.array_equal(tensor.data, expected_tensor.data)
+
+
+def test_a_gguf_files_tokenizer_converts_when_first_loaded(default_gguf, tmp_path, monkeypatch):
+    """The engine's config needs only config.json: the tokenizer of a GGUF file is converted by
+    the first `load_tokenizer` (the frontend's, on the thread beside the engine's start), and
+    equals transformers' own conversion; two threads converting at once agree."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ember.enginecore.arg_utils import EngineArgs
+    from ember.workers.model_loader.gguf_files import gguf_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    config = EngineArgs(model=default_gguf).create_engine_config()
+    cache = gguf_cache_dir(default_gguf)
+    assert config.model.model_dir == cache
+    assert config.model.tokenizer == default_gguf
+    assert sorted(os.listdir(cache)) == ["config.json"]
+    directory, filename = os.path.split(default_gguf)
+    expected_config = transformers.AutoConfig.from_pretrained(directory, gguf_file=filename)
+    with open(os.path.join(cache, "config.json")) as written:
+        assert json.load(written) == {
+            **json.loads(expected_config.to_json_string()),
+            "architectures": ["LlamaForCausalLM"],
+        }
+
+    with ThreadPoolExecutor(2) as pool:
+        loads = [pool.submit(load_tokenizer, default_gguf, revision=None) for _ in range(2)]
+        tokenizers = [load.result() for load in loads]
+    fresh = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    for tokenizer in tokenizers:
+        _assert_same_tokenizer(tokenizer, fresh)
+    assert not [name for name in os.listdir(cache) if name.startswith(".staging")]
+    assert sorted(os.listdir(os.path.join(cache, "tokenizer"))) == [
+        "chat_template.jinja",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from ember.enginecore.arg_utils import EngineArgs
 from ember.enginecore.engine_core import EngineCore
 from ember.workers.sampling_params import SamplingParams
+from ember.workers.tokenizer_loader import load_tokenizer
 from tests.helpers import hf_greedy, random_prompts, run_engine, write_random_llama
 
 PROMPTS = [
@@ -35,7 +36,7 @@ def smollm2_core(default_gguf):
 
 @pytest.fixture(scope="module")
 def smollm2_prompt_ids(smollm2_core):
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_core.config.model.tokenizer)
+    tokenizer = load_tokenizer(smollm2_core.config.model.tokenizer, revision=None)
     return [tokenizer(p).input_ids for p in PROMPTS]
 
 

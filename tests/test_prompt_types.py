@@ -16,7 +16,7 @@ from ember import LLM, EngineArgs, PromptType, SamplingParams, TextPrompt, Token
 from ember.chat_content import detect_content_format, load_chat_template
 from ember.chat_utils import render_chat_prompts
 from ember.inputs import tokenize_options, tokenize_prompt
-from ember.workers.model_loader.gguf_files import gguf_model_dir
+from ember.workers.model_loader.gguf_files import gguf_tokenizer_dir
 from tests.helpers import write_random_llama
 
 _TEXT = "The quick brown fox jumps over the lazy dog and runs far away"
@@ -39,7 +39,7 @@ def model_dir(tmp_path_factory, default_gguf):
     """A random Llama with SmolLM2's tokenizer and chat template."""
     directory = tmp_path_factory.mktemp("prompt_types")
     write_random_llama(directory, vocab_size=49152)
-    tokenizer_dir = gguf_model_dir(default_gguf)
+    tokenizer_dir = gguf_tokenizer_dir(default_gguf)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(os.path.join(tokenizer_dir, name), directory)
     return str(directory)

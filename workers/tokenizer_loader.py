@@ -35,7 +35,12 @@ def load_tokenizer(
 ) -> Any:
     """`AutoTokenizer.from_pretrained(name, ...)`, from ember's cache when it holds it;
     tokenizer_mode "slow" asks for the slow class, "mistral" loads mistral_common's tokenizer
-    (`ember.workers.mistral_tokenizer`)."""
+    (`ember.workers.mistral_tokenizer`). A GGUF file's tokenizer is converted by
+    transformers the first time (`gguf_tokenizer_dir`), then read from that directory."""
+    if name.endswith(".gguf") and os.path.isfile(name):
+        from ember.workers.model_loader.gguf_files import gguf_tokenizer_dir
+
+        name = gguf_tokenizer_dir(name)
     if tokenizer_mode == "mistral":
         from ember.workers.mistral_tokenizer import load_mistral_tokenizer
 

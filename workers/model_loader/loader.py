@@ -10,6 +10,7 @@ loading peaks near the weights' size (tests/test_model_loading.py measures it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -163,10 +164,15 @@ def _load_gguf(
     """
     packed = bool(packed_layers(model))
     cache_file = gguf_weights_cache_file(model_config, parallel=parallel)
-    packed_file = gguf_weights_cache_file(model_config, packed=True, parallel=parallel)
-    if os.path.exists(cache_file) and (not packed or os.path.exists(packed_file)):
+    # The packed file's name needs the tile kernel's library, which a fresh start is still
+    # compiling (`build_in_background`): it is asked for once the dense file is there, or
+    # once the weights are converted, not before the conversion starts.
+    packed_file = functools.partial(
+        gguf_weights_cache_file, model_config, packed=True, parallel=parallel
+    )
+    if os.path.exists(cache_file) and (not packed or os.path.exists(packed_file())):
         # The packed layers first: they say which dense weights the cache holds in bfloat16.
-        packed_tensors_found = _map_or_none(packed_file) if packed else None
+        packed_tensors_found = _map_or_none(packed_file()) if packed else None
         packed_fit = not packed or (
             packed_tensors_found is not None and attach_packed_tensors(model, packed_tensors_found)
         )
@@ -187,7 +193,7 @@ def _load_gguf(
     try:
         save_model_weights(model, cache_file)
         if packed:
-            save_tensors(packed_tensors(model), packed_file, {})
+            save_tensors(packed_tensors(model), packed_file(), {})
     except OSError as exc:  # a read-only or full cache directory costs only the next start
         logger.warning("could not cache the converted GGUF weights in %s: %s", cache_file, exc)
         return

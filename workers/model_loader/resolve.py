@@ -67,8 +67,9 @@ def resolve_tokenizer(
 ) -> str:
     """The local directory (or file) of the tokenizer, as vLLM picks it: `tokenizer`, else the
     model's, at `tokenizer_revision`, else at the model's `revision`. A repo id is fetched
-    (tokenizer files only) into the hub cache; a local path is used as it is, and so is the
-    model's directory when the tokenizer's revision is the model's."""
+    (tokenizer files only) into the hub cache; a local path is used as it is, and so is
+    `model_dir` (a GGUF model's file, whose tokenizer `load_tokenizer` converts) when the
+    tokenizer's revision is the model's."""
     revision_wanted = tokenizer_revision or revision
     if tokenizer is None:
         if model is None or os.path.exists(model) or tokenizer_revision in (None, revision):

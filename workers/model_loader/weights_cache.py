@@ -3,10 +3,11 @@
 the next start with no conversion and no copy.
 
 Used by the loader for GGUF files, whose dequantisation takes seconds at every start. The file
-lives next to the converted config and tokenizer (`gguf_model_dir`), one per dtype:
+lives next to the converted config and tokenizer (`gguf_files`), one per dtype:
 
     ~/.cache/ember/gguf/<key of the .gguf path, size and mtime>/
-        config.json, tokenizer.json, ...      (gguf_loader.gguf_model_dir)
+        config.json                           (gguf_files.gguf_model_dir)
+        tokenizer/tokenizer.json, ...         (gguf_files.gguf_tokenizer_dir)
         weights-v1-bfloat16.safetensors       (this module)
 
 Loading maps the file privately (copy-on-write) and builds each parameter as a view into the

@@ -67,6 +67,8 @@ class GGUFPackedLinearMethod(UnquantizedLinearMethod):
     """A dense weight for loading; packed groups (`layer.packed_weight`) for decode batches, and
     the dense weight kept in bfloat16 for larger ones."""
 
+    layers_independent = True  # packing reads and writes only its own layer
+
     def create_weights(
         self,
         layer: nn.Module,
