@@ -51,6 +51,16 @@
 #define ROW_CHUNK 4 /* AVX-512: activation rows that share one unpacked tile (AVX2: AVX2_ROWS) */
 /* 4-bit: 4 vectors of codes, 16 scales and 16 offsets; 8-bit: 8 vectors and 16 scales */
 #define TILE_BYTES(bits) ((bits) == 4 ? 4 * 64 + 64 : 8 * 64 + 32)
+/* Groups ahead whose lines are prefetched: a thread streams its row tiles one after another,
+   and at one activation row the hardware's prefetch alone left it waiting on memory (SmolLM2's
+   gate_up, 30 layers' weights in turn, AVX2, 2 threads: 55.6 -> 39-44 us a call; 2, 4, 6, 8
+   and 12 groups ahead measured within noise of each other past 2). */
+#define PREFETCH_GROUPS 8
+
+static inline void prefetch_group(const uint8_t *codes, int64_t tile_bytes) {
+    for (int64_t line = 0; line < tile_bytes; line += 64)
+        __builtin_prefetch(codes + PREFETCH_GROUPS * tile_bytes + line, 0, 3);
+}
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include "vector_math.h"
@@ -112,6 +122,7 @@ static inline __attribute__((always_inline)) void dot_tile(
     for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *codes = tile + g * tile_bytes;
+        prefetch_group(codes, tile_bytes);
         __m512i w[8];
         if (bits == 4) {
             for (int c = 0; c < 4; c++) {
@@ -341,6 +352,7 @@ static inline __attribute__((always_inline)) void dot_half_tile(
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *codes = tile + g * tile_bytes;
+        if (!half) prefetch_group(codes, tile_bytes); /* half 1 finds the lines in L1 */
         const int32_t *quads[AVX2_ROWS];
         for (int r = 0; r < rows; r++) quads[r] = a->quads + (r * groups + g) * 16;
         __m256i total[AVX2_ROWS];
