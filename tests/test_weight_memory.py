@@ -66,6 +66,8 @@ def test_engine_reports_the_weights_without_its_kv_cache(tmp_path):
     expected = weight_bytes(load(model_dir))
     with LLM(model_dir, dtype="float32", skip_tokenizer_init=True) as llm:
         (held,) = llm.apply_model(loaded_weight_bytes)
+        (named,) = llm.collective_rpc("loaded_weight_bytes")  # the benchmark's torch-free way
         (now,) = llm.apply_model(weight_bytes)
     assert held == expected
+    assert named == held
     assert now["total"] > held["total"]  # a walk now also finds the KV cache: not the figure

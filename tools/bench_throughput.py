@@ -276,7 +276,6 @@ def setup_ember(
     args: argparse.Namespace, work: dict[str, Any], info: dict[str, Any]
 ) -> GenerateAll:
     from ember import LLM, SamplingParams
-    from ember.workers.weight_memory import loaded_weight_bytes
 
     kwargs = {**ember_model_kwargs(args), **json.loads(args.ember_kwargs or "{}")}
     if args.lora:
@@ -284,8 +283,10 @@ def setup_ember(
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     info["load_s"] = time.perf_counter() - t0
-    # the bytes the weights keep resident, summed over the ranks (workers/weight_memory.py)
-    held = llm.apply_model(loaded_weight_bytes)
+    # the bytes the weights keep resident, summed over the ranks (workers/weight_memory.py),
+    # by the workers' method: importing weight_memory here would load torch into this process,
+    # whose RSS counts (it did from 2026-12-04 18:00 to 2026-12-05: some 100 MiB more)
+    held = llm.collective_rpc("loaded_weight_bytes")
     info["weight_bytes"] = sum(rank["total"] for rank in held)
     info["vocabulary_weight_bytes"] = sum(rank["vocabulary"] for rank in held)
     adapters = write_random_adapters(llm, args.lora, args.lora_rank) if args.lora else []

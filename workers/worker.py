@@ -280,6 +280,11 @@ class Worker:
     def apply_model(self, func: Any) -> Any:
         return func(self.get_model())
 
+    def loaded_weight_bytes(self) -> dict[str, int]:
+        """`weight_memory.loaded_weight_bytes` of this rank's model, for a caller that names
+        the method (`collective_rpc("loaded_weight_bytes")`) without importing torch."""
+        return dict(self.get_model().loaded_weight_bytes)
+
     def check_health(self) -> None:
         """Nothing to check: a worker that answers is healthy (vLLM's)."""
 
