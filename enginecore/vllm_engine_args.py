@@ -718,7 +718,7 @@ _POLICIES: dict[str, ArgPolicy] = {
     ),
     "async_scheduling": _ember(
         "honoured: the next step is scheduled while the workers run this one (their own "
-        "sampled tokens feed it); None: off"
+        "sampled tokens feed it); None: on for CPU models, off on CUDA (not yet checked there)"
     ),
     "stream_interval": _no_effect("streaming granularity of vLLM's server"),
     "kv_sharing_fast_prefill": _no_effect(

@@ -94,8 +94,12 @@ def llm_tp2(model_dir):
 
 @pytest.fixture(scope="module")
 def core(tiny_llama_dir):
-    """An engine core with its worker in this process, without sleep mode."""
-    args = EngineArgs(model=tiny_llama_dir, dtype="float32", max_model_len=256)
+    """An engine core with its worker in this process, without sleep mode. Synchronous: its
+    utilities are called here between steps, where the engine-core process would take in the
+    step in flight first (`EngineCore.drain`)."""
+    args = EngineArgs(
+        model=tiny_llama_dir, dtype="float32", max_model_len=256, async_scheduling=False
+    )
     engine_core = EngineCore(args.create_engine_config())
     yield engine_core
     engine_core.shutdown()

@@ -13,6 +13,8 @@ import torch
 
 from ember import LLM, PoolingParams
 from ember.enginecore.arg_utils import EngineArgs
+from ember.workers.model_loader.gguf_files import gguf_tokenizer_dir
+from ember.workers.model_loader.resolve import default_model_path
 from tests.helpers import _BASE_SETTINGS, random_prompts, write_random_model
 
 _BERT = {
@@ -162,7 +164,7 @@ def test_decoder_cross_encoder_score_matches_hugging_face(tmp_path):
     encoding, the score head on its last token, a sigmoid."""
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
-    tokenizer_dir = EngineArgs().create_engine_config().model.tokenizer  # SmolLM2's tokenizer
+    tokenizer_dir = gguf_tokenizer_dir(default_model_path())  # SmolLM2's tokenizer
     settings = {k: v for k, v in _BASE_SETTINGS.items()}
     settings.update(vocab_size=49152, num_labels=1, pad_token_id=0)
     torch.manual_seed(11)

@@ -34,15 +34,17 @@ def hf_model(poisoned_dir):
     return AutoModelForCausalLM.from_pretrained(poisoned_dir, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
-def llm(poisoned_dir):
-    # 12 usable blocks: later requests must reuse the blocks the failed one held.
+@pytest.fixture(scope="module", params=[True, False], ids=["async", "sync"])
+def llm(poisoned_dir, request):
+    # 12 usable blocks: later requests must reuse the blocks the failed one held. With async
+    # scheduling the step after a failure was scheduled before the engine core knew of it.
     with LLM(
         poisoned_dir,
         dtype="float32",
         skip_tokenizer_init=True,
         max_model_len=128,
         num_gpu_blocks_override=13,
+        async_scheduling=request.param,
     ) as engine:
         yield engine
 

@@ -101,6 +101,9 @@ class ModelRunner:
         self.dtype = DTYPES[config.model.dtype]
         self.kv_cache_dtype = self.dtype  # see `load_model`
         self.requests: dict[str, CachedRequestState] = {}
+        # Requests that failed here (adapter, non-finite logits), until the engine core's
+        # finished ids forget them: a step scheduled before it knew still lists them.
+        self.failed_req_ids: set[str] = set()
         generator = torch.Generator(device=device).manual_seed(config.model.seed)
         self.sampler = Sampler(generator, config.model.logprobs_mode)
         # Custom logits processors run where the sampler runs: rank 0 (it gets the logits).
@@ -239,6 +242,25 @@ class ModelRunner:
             state = self.requests[cached.req_id]
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+
+    def _without_failed(self, scheduler_output: SchedulerOutput) -> SchedulerOutput:
+        """The step without the requests that failed here in an earlier step: with async
+        scheduling the engine core scheduled this step before that step's output told it (it
+        finishes them with "error" from that output; this step computes nothing for them)."""
+        failed = self.failed_req_ids
+        if not failed:
+            return scheduler_output
+        failed.difference_update(scheduler_output.finished_req_ids)
+        scheduled = scheduler_output.num_scheduled_tokens
+        if not failed.intersection(scheduled):
+            return scheduler_output
+        return msgspec.structs.replace(
+            scheduler_output,
+            scheduled_cached_reqs=[
+                c for c in scheduler_output.scheduled_cached_reqs if c.req_id not in failed
+            ],
+            num_scheduled_tokens={r: n for r, n in scheduled.items() if r not in failed},
+        )
 
     def _activate_loras(
         self, scheduler_output: SchedulerOutput
@@ -577,8 +599,10 @@ class ModelRunner:
         self.ran_model = False
         if self.pooling is not None:
             return self.pooling.execute_model(scheduler_output)
+        scheduler_output = self._without_failed(scheduler_output)
         self._update_states(scheduler_output)
         scheduler_output, lora_errored = self._activate_loras(scheduler_output)
+        self.failed_req_ids.update(lora_errored)
         if not scheduler_output.num_scheduled_tokens:
             return ModelRunnerOutput(errored_req_ids=lora_errored)
         self.ran_model = True
@@ -623,6 +647,9 @@ class ModelRunner:
         if not all(finite):
             errored_states = [state for state, ok in zip(states, finite) if not ok]
             scrub_nonfinite_blocks(self.kv_caches, [s.block_ids for s in errored_states])
+            for state in errored_states:
+                self.requests.pop(state.req_id, None)
+                self.failed_req_ids.add(state.req_id)
             output.errored_req_ids = lora_errored + [s.req_id for s in errored_states]
             keep = [row for row, ok in enumerate(finite) if ok]
             states = [states[row] for row in keep]
