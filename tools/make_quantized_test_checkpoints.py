@@ -352,6 +352,22 @@ def ref_awq(work: Path, out: Path) -> None:
     write_reference(out_dir, ref)
 
 
+def oneshot_calibrated(model, recipe) -> None:
+    """llm-compressor's `oneshot` of `recipe` on `model`, calibrated on `calibration_ids()`."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    ids = calibration_ids()
+    dataset = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(s) for s in ids]})
+    oneshot(
+        model=model,
+        recipe=recipe,
+        dataset=dataset,
+        num_calibration_samples=len(ids),
+        max_seq_length=CALIB_LEN,
+    )
+
+
 def _ct_quantize(
     work: Path,
     out_dir: Path,
@@ -378,19 +394,7 @@ def _ct_quantize(
     if kv_cache_scheme is None:
         oneshot(model=model, recipe=recipe)  # data-free (DataFreePipeline) for these schemes
     else:  # the KV scales are calibrated: the keys and values of the calibration sequences
-        from datasets import Dataset
-
-        ids = calibration_ids()
-        dataset = Dataset.from_dict(
-            {"input_ids": ids, "attention_mask": [[1] * len(seq) for seq in ids]}
-        )
-        oneshot(
-            model=model,
-            recipe=recipe,
-            dataset=dataset,
-            num_calibration_samples=len(ids),
-            max_seq_length=CALIB_LEN,
-        )
+        oneshot_calibrated(model, recipe)
     model.save_pretrained(str(out_dir), save_compressed=True)
     copy_tokenizer(work / dense, out_dir)
 
@@ -466,8 +470,6 @@ def step_ct_gptq_actorder(work: Path, out: Path) -> None:
     "group"): W4A16 in groups of 32, the columns quantized in activation order and stored in
     their own, calibrated on the sequences below."""
     torch = _torch()
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM
 
@@ -478,15 +480,7 @@ def step_ct_gptq_actorder(work: Path, out: Path) -> None:
         config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
         ignore=["lm_head"],
     )
-    ids = calibration_ids()
-    dataset = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(s) for s in ids]})
-    oneshot(
-        model=model,
-        recipe=recipe,
-        dataset=dataset,
-        num_calibration_samples=len(ids),
-        max_seq_length=CALIB_LEN,
-    )
+    oneshot_calibrated(model, recipe)
     out_dir = out / CT_GPTQ_ACTORDER
     model.save_pretrained(str(out_dir), save_compressed=True)
     copy_tokenizer(work / "dense", out_dir)
