@@ -34,6 +34,7 @@ from ember.workers.gpu_memory import (
 from ember.workers.model_runner import ModelRunner
 from ember.workers.rpc import FunctionRef, resolve_reference
 from ember.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from ember.workers.weight_memory import loaded_weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ class Worker:
     def loaded_weight_bytes(self) -> dict[str, int]:
         """`weight_memory.loaded_weight_bytes` of this rank's model, for a caller that names
         the method (`collective_rpc("loaded_weight_bytes")`) without importing torch."""
-        return dict(self.get_model().loaded_weight_bytes)
+        return loaded_weight_bytes(self.get_model())
 
     def check_health(self) -> None:
         """Nothing to check: a worker that answers is healthy (vLLM's)."""
