@@ -4,11 +4,15 @@ engine's argument resolution (`arg_utils`) reads it without importing torch.
 
 `EMBER_CPU_ISA` picks the ISA (inherited by the engine's worker processes):
 
-    native   (default) the best this CPU has: avx512, else avx2, else generic
-    avx512   a CPU with AVX-512F (and VNNI, bfloat16 where it has them)
-    avx2     AVX2 + FMA + F16C, no AVX-512: AMD Zen 2/3, Intel client chips. On an AVX-512
-             machine this runs and tests their paths; pair it with `ATEN_CPU_CAPABILITY=avx2`
-             (and `ONEDNN_MAX_CPU_ISA=AVX2`) to hold torch to the same.
+    native     (default) the best this CPU has: avx512, else avx2-vnni, else avx2, else
+               generic
+    avx512     a CPU with AVX-512F (and VNNI, bfloat16 where it has them)
+    avx2-vnni  AVX2 + FMA + F16C with AVX-VNNI (vpdpbusd on 256-bit vectors), no AVX-512:
+               Intel client chips from Alder Lake on, E-core Xeons (Sierra Forest)
+    avx2       AVX2 + FMA + F16C, no AVX-512 and no AVX-VNNI: AMD Zen 2/3, older Intel
+               client chips. On an AVX-512 machine these two run and test those CPUs' paths;
+               pair them with `ATEN_CPU_CAPABILITY=avx2` (and `ONEDNN_MAX_CPU_ISA=AVX2`,
+               `MKL_ENABLE_INSTRUCTIONS=AVX2`) to hold torch to the same.
     generic  no AVX at all: the kernels' plain-C paths (`plain` is the older name;
              `ATEN_CPU_CAPABILITY=default` for torch)
 """
@@ -18,9 +22,13 @@ from __future__ import annotations
 import functools
 import os
 
-ISAS = ("avx512", "avx2", "generic")  # best first
+ISAS = ("avx512", "avx2-vnni", "avx2", "generic")  # best first
 # What each ISA needs of the CPU (its /proc/cpuinfo flags); generic needs nothing.
-_ISA_NEEDS = {"avx512": ("avx512f", "avx2", "fma", "f16c"), "avx2": ("avx2", "fma", "f16c")}
+_ISA_NEEDS = {
+    "avx512": ("avx512f", "avx2", "fma", "f16c"),
+    "avx2-vnni": ("avx2", "fma", "f16c", "avx_vnni"),
+    "avx2": ("avx2", "fma", "f16c"),
+}
 _ALIASES = {"plain": "generic"}
 
 
@@ -69,4 +77,4 @@ def native_bfloat16() -> bool:
 
 def packed_kernels() -> bool:
     """Whether the packed 4- and 8-bit tile kernels run here (AVX-512 VNNI or AVX2)."""
-    return cpu_isa() in ("avx512", "avx2")
+    return cpu_isa() != "generic"

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from ember.kernels import cpu_features
 from ember.kernels.cpu_features import cpu_isa
 
 logger = logging.getLogger(__name__)
@@ -39,12 +40,21 @@ _SOURCES = Path(__file__).with_name("csrc")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros"]
 _FLAGS += ["-fno-trapping-math", "-shared", "-fPIC"]
 # ISA (`cpu_features.ISAS`) -> the flags after -march=native that hold a build to it.
-ISA_FLAGS = {"avx512": (), "avx2": ("-mno-avx512f",), "generic": ("-mno-avx",)}
+ISA_FLAGS = {
+    "avx512": (),
+    "avx2-vnni": ("-mno-avx512f", "-mavxvnni"),
+    "avx2": ("-mno-avx512f",),
+    "generic": ("-mno-avx",),
+}
 
 
 def isa_flags() -> tuple[str, ...]:
-    """The compiler flags of `cpu_isa()`."""
-    return ISA_FLAGS[cpu_isa()]
+    """The compiler flags of `cpu_isa()`. The avx2 build on a CPU with AVX-VNNI also drops that
+    (`-march=native` turns it on there; a compiler older than AVX-VNNI never does)."""
+    isa = cpu_isa()
+    if isa == "avx2" and "avx_vnni" in cpu_features.cpu_flags():
+        return (*ISA_FLAGS[isa], "-mno-avxvnni")
+    return ISA_FLAGS[isa]
 
 
 _T = TypeVar("_T")

@@ -1,8 +1,9 @@
 """Matmuls against 4- and 8-bit weight groups laid out in tiles (`csrc/tile_matmul.c`): the
 weights of 16 rows side by side, so that one AVX-512 VNNI vpdpbusd multiplies 64 of their codes
 by a broadcast quad of activation bytes, and on AVX2 (+FMA, F16C) each half of a tile is 8 rows
-for vpmaddubsw + vpmaddwd. The layout is the same on both; the ISA is chosen when the library
-is built (`cpu_library.cpu_isa()`). `pack_tiles` builds the layout from GGUF-style groups
+for vpmaddubsw + vpmaddwd, or for AVX-VNNI's 256-bit vpdpbusd where the CPU has it (Intel
+client chips from Alder Lake on). The layout is the same on all; the ISA is chosen when the
+library is built (`cpu_library.cpu_isa()`), and `kernel_name()` says which path it took. `pack_tiles` builds the layout from GGUF-style groups
 (`packed_int4.QuantizedWeight`'s codes, scales and offsets); `tile_matmul` multiplies by it.
 
 `dequantize_tiles` writes the weight back as dense bfloat16 (CPUs with native bfloat16) or
@@ -37,11 +38,20 @@ def _library() -> ctypes.CDLL | None:
     library.ember_tile_matmul.restype = ctypes.c_int
     library.ember_tile_dequantize.argtypes = [ptr, i32, i64, i64, ptr, i32]
     library.ember_tile_dequantize.restype = ctypes.c_int
+    library.ember_tile_kernel.restype = ctypes.c_char_p
     return library
 
 
 def available() -> bool:
     return _library() is not None
+
+
+def kernel_name() -> str:
+    """The path the library was built with: "avx512-vnni", "avx2-vnni" (AVX2 with AVX-VNNI's
+    256-bit vpdpbusd), "avx2" (vpmaddubsw + vpmaddwd); "none" where the kernel is not
+    available."""
+    library = _library()
+    return "none" if library is None else library.ember_tile_kernel().decode()
 
 
 def activation_levels() -> int:

@@ -52,8 +52,9 @@ def _use_isa(isa: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture(params=ISAS)
 def cpu_isa(request, monkeypatch) -> str:
-    """The test once per ISA of the C kernels (`EMBER_CPU_ISA`: avx512, avx2, generic); an ISA
-    this CPU lacks skips, saying so. Each kernel module caches its library per ISA."""
+    """The test once per ISA of the C kernels (`EMBER_CPU_ISA`: avx512, avx2-vnni, avx2,
+    generic); an ISA this CPU lacks skips, saying so. Each kernel module caches its library per
+    ISA."""
     return _use_isa(request.param, monkeypatch)
 
 

@@ -1,5 +1,5 @@
-"""The tile matmul (`kernels/tile_matmul.py`), under each ISA (AVX-512 VNNI, AVX2; the generic
-build has none), against a plain-torch reference that quantizes the activations the same way
+"""The tile matmul (`kernels/tile_matmul.py`), under each ISA (AVX-512 VNNI, AVX2 with and
+without AVX-VNNI; the generic build has none), against a plain-torch reference that quantizes the activations the same way
 (15-bit groups of 32: max|x| / 16383 with VNNI, / 16256 with AVX2), its layout, and
 `TiledWeight`'s rows against the dense weight."""
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ember.kernels import cpu_library, tile_matmul
+from ember.kernels.cpu_features import cpu_flags, native_bfloat16
 from ember.workers.layers.context import ModelContext
 from ember.workers.layers.linear import ReplicatedLinear
 from ember.workers.layers.packed_int4 import pack_weight
@@ -122,14 +123,40 @@ def test_each_build_says_what_it_computes(cpu_isa):
     AVX2 path) compute; a build without AVX2 says so and computes nothing."""
     no_vnni = cpu_library.load_c_library("tile_matmul.c", ("-mno-avx512vnni",))
     assert no_vnni is not None
-    levels = {"avx512": 16256, "avx2": 16256, "generic": 0}[cpu_isa]
+    levels = {"avx512": 16256, "avx2-vnni": 16256, "avx2": 16256, "generic": 0}[cpu_isa]
     assert no_vnni.ember_tile_activation_levels() == levels
+    avx512_kernel = "avx512-vnni" if "avx512_vnni" in cpu_flags() else "avx2"
+    kernels = {"avx512": avx512_kernel, "avx2-vnni": "avx2-vnni", "avx2": "avx2", "generic": "none"}
+    assert tile_matmul.kernel_name() == kernels[cpu_isa]
     library = cpu_library.load_c_library("tile_matmul.c", ("-mno-avx2",))
     assert library.ember_tile_matmul_supported() == 0
     fn = library.ember_tile_matmul
     fn.restype = ctypes.c_int
     args = [None, 0, ctypes.c_int64(1), ctypes.c_int64(32), None, 4, ctypes.c_int64(16), None, 0]
     assert fn(*args) == 1  # nothing computed: the caller keeps another kernel
+
+
+def test_the_avx_vnni_path_gives_the_avx2_paths_outputs(cpu_isa, monkeypatch):
+    """AVX-VNNI's vpdpbusd sums the same integers as vpmaddubsw + vpmaddwd (both take the
+    activations of the AVX2 path), so the two builds' outputs are equal bit for bit."""
+    if cpu_isa != "avx2-vnni":
+        pytest.skip(f"compares the avx2-vnni build with the avx2 one ({cpu_isa} here)")
+    outputs = {}
+    for name, flags in (("avx2-vnni", ()), ("avx2", ("-mno-avxvnni",))):
+        library = cpu_library.load_c_library("tile_matmul.c", flags)
+        library.ember_tile_kernel.restype = ctypes.c_char_p
+        assert library.ember_tile_kernel().decode() == name
+        library.ember_tile_matmul.argtypes = tile_matmul._library().ember_tile_matmul.argtypes
+        monkeypatch.setattr(tile_matmul, "_library", lambda library=library: library)
+        for bits in (4, 8):
+            codes, scale, offset, _ = random_group_weight(48, 576, bits, torch.float16, seed=bits)
+            tiles = tile_matmul.pack_tiles(codes, scale, offset)
+            for rows in (1, 3, 4, 7, 33):
+                x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
+                outputs[name, bits, rows] = tile_matmul.tile_matmul(x, tiles, torch.float32)
+    for (name, bits, rows), out in outputs.items():
+        if name == "avx2":
+            assert torch.equal(out, outputs["avx2-vnni", bits, rows]), (bits, rows)
 
 
 def _exact_dense(codes, scale, offset, bits) -> torch.Tensor:
@@ -157,9 +184,11 @@ def test_dequantized_tiles_equal_the_dense_weight(bits):
 
 
 @pytest.mark.usefixtures("needs_tiles")
-def test_large_batches_never_read_the_dense_copy_of_a_tiled_layer():
-    """Prefill-sized batches multiply by a dense weight made from the tiles (`dense_dtype`), so
-    that the layer's dense copy (mapped from the weights cache) never becomes resident."""
+def test_large_batches_never_read_the_dense_copy_of_a_tiled_layer(cpu_isa):
+    """Prefill-sized batches multiply by the tiles themselves where a VNNI kernel beats the
+    float32 dense matmul (`serves_prefill`), else by a dense weight made from the tiles
+    (`dense_dtype`), so that the layer's dense copy (mapped from the weights cache) never
+    becomes resident."""
     layer = ReplicatedLinear(
         128, 64, ctx=ModelContext(quant_config=get_quantization_config("gguf"))
     )
@@ -169,8 +198,18 @@ def test_large_batches_never_read_the_dense_copy_of_a_tiled_layer():
     layer.weight.data.copy_(dense)
     process_weights_after_loading(layer)
     assert isinstance(layer.packed_weight, TiledWeight)
+    vnni = tile_matmul.kernel_name() in ("avx512-vnni", "avx2-vnni")
+    serves_prefill = vnni and dense_dtype() == torch.float32
+    assert layer.packed_weight.serves_prefill == serves_prefill
+    assert serves_prefill == (cpu_isa == "avx2-vnni" or (vnni and not native_bfloat16()))
     big = torch.randn(layer.packed_weight.max_tokens + 1, 128)
-    dtype = dense_dtype()  # bfloat16 on CPUs that compute in it, else float32
-    expected = torch.nn.functional.linear(big.to(dtype), dense.to(dtype)).float()
+    if serves_prefill:  # float32 activations in 15-bit groups, as the kernel's reference
+        quantized = quantized_activations(big, tile_matmul.activation_levels()).double()
+        expected = (quantized @ dense.double().T).float()
+        tolerance = 1e-5  # float32 sums of the groups' parts
+    else:
+        dtype = dense_dtype()  # bfloat16 on CPUs that compute in it, else float32
+        expected = torch.nn.functional.linear(big.to(dtype), dense.to(dtype)).float()
+        tolerance = 1e-6
     layer.weight.data.fill_(float("nan"))  # were it read, the result would be NaN
-    torch.testing.assert_close(layer(big), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer(big), expected, rtol=tolerance, atol=tolerance)

@@ -104,12 +104,15 @@ class GGUFPackedLinearMethod(UnquantizedLinearMethod):
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Through the packed groups for up to their `max_tokens` rows; larger batches
-        (prefill chunks) are compute-bound and faster on the dense weight."""
+        (prefill chunks) are compute-bound: through the tiles in float32 where those are the
+        faster there (`TiledWeight.serves_prefill`), else on the dense weight."""
         packed = layer.packed_weight
         if packed is None:
             return super().apply(layer, x, bias)
         if x.shape[0] <= packed.max_tokens:
             out = packed.matmul(x)
+        elif isinstance(packed, TiledWeight) and packed.serves_prefill:
+            out = packed.matmul_float32(x).to(x.dtype)
         else:
             weight = dense_weight(layer)
             out = F.linear(x.to(weight.dtype), weight).to(x.dtype)

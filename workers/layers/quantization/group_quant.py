@@ -92,11 +92,13 @@ class GroupQuantizedWeight:
         return self.packed.shape
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] @ w.T -> [M, N] in x's dtype: the packed codes for decode batches, a dense
-        copy made for this one matmul for larger ones (prefill, compute-bound)."""
+        """x [M, K] @ w.T -> [M, N] in x's dtype: the packed codes for decode batches, and for
+        larger ones (prefill, compute-bound) too where the tiles are the faster there
+        (`TiledWeight.serves_prefill`), else a dense copy made for this one matmul."""
         if self.order is not None:
             x = x.index_select(-1, self.order)
-        if x.shape[0] > TILED_MAX_TOKENS:
+        tiles_serve = isinstance(self.packed, TiledWeight) and self.packed.serves_prefill
+        if x.shape[0] > TILED_MAX_TOKENS and not tiles_serve:
             weight = self.dense_weight()
             return F.linear(x.to(weight.dtype), weight).to(x.dtype)
         out = self._packed_matmul(x)
