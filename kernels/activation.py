@@ -2,6 +2,9 @@
 
 Called by `ember.workers.layers.activation`. CUDA tensors go to the Triton kernels of
 `activation_triton.py` (imported only then); the torch references here serve CPU and tests.
+bfloat16 on CPU is computed in float32 and rounded once (SiLU through the C kernel of the
+fused decode step, `decode_cpu.silu_and_mul_bfloat16`): the values of the float32 product
+rounded for the next matmul, as a CPU MLP kept in bfloat16 needs (`LlamaMLP`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         from ember.kernels.activation_triton import silu_and_mul_triton
 
         return silu_and_mul_triton(x)
+    if x.dtype == torch.bfloat16:  # float32 math, rounded once (a CPU MLP kept in bfloat16)
+        from ember.kernels.decode_cpu import silu_and_mul_bfloat16
+
+        out = silu_and_mul_bfloat16(x)
+        return out if out is not None else silu_and_mul_torch(x.float()).bfloat16()
     return silu_and_mul_torch(x)
 
 
@@ -29,6 +37,8 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         from ember.kernels.activation_triton import gelu_and_mul_triton
 
         return gelu_and_mul_triton(x, approximate)
+    if x.dtype == torch.bfloat16:  # float32 math, rounded once, as silu_and_mul
+        return gelu_and_mul_torch(x.float(), approximate).bfloat16()
     return gelu_and_mul_torch(x, approximate)
 
 

@@ -21,7 +21,10 @@ from ember.kernels.cpu_library import isa_cached, load_c_library
 def _library() -> ctypes.CDLL | None:
     # No fused multiply-adds: the rotation rounds each product as torch's reference does, so
     # that both paths give the same bits (a last-bit difference grows through 30 layers).
-    library = load_c_library("decode_layer.c", ("-ffp-contract=off",))
+    # OpenMP for prefill-sized SiLU-and-mul (`silu_and_mul_bfloat16`); a decode step's stay
+    # on the calling thread.
+    library = load_c_library("decode_layer.c", ("-ffp-contract=off", "-fopenmp"))
+    library = library or load_c_library("decode_layer.c", ("-ffp-contract=off",))
     if library is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -83,6 +86,16 @@ def rope_write_kv(
         None if k_scale is None else k_scale.data_ptr(),
         None if v_scale is None else v_scale.data_ptr(),
     )
+
+
+def silu_and_mul_bfloat16(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """gate_up [..., 2I] bfloat16 -> [..., I] bfloat16 = silu(gate) * up, float32 math rounded
+    once (as the float32 product rounded to bfloat16); None without the kernel."""
+    rows = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()
+    out = torch.empty(rows.shape[0], rows.shape[1] // 2, dtype=torch.bfloat16)
+    if silu_mul(rows, out):
+        return None
+    return out.view(*gate_up.shape[:-1], out.shape[1])
 
 
 def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> int:

@@ -11,6 +11,7 @@ from ember.kernels import (
     apply_rotary_emb,
     apply_top_k_top_p,
     fused_add_rms_norm,
+    gelu_and_mul,
     rms_norm,
     silu_and_mul,
     write_kv_cache,
@@ -181,6 +182,25 @@ def test_rms_norm_c_kernel_matches_the_torch_reference(shape, monkeypatch):
 def test_silu_and_mul():
     x = torch.randn(3, 10)
     torch.testing.assert_close(silu_and_mul(x), torch.nn.functional.silu(x[:, :5]) * x[:, 5:])
+
+
+@pytest.mark.usefixtures("cpu_isa")
+@pytest.mark.parametrize("shape", [(3, 64), (200, 96), (2, 5, 32)])  # 200 rows: OpenMP
+def test_bfloat16_gated_activations_on_cpu_round_once(shape):
+    """bfloat16 in on CPU: float32 math, the product rounded once, as the float32 path rounds
+    it for the next matmul (the C kernel's exp may move a value by one bfloat16 step)."""
+    torch.manual_seed(1)
+    x = (torch.randn(shape) * 4).bfloat16()
+    gate, up = x.float().chunk(2, dim=-1)
+    for ours, exact in (
+        (silu_and_mul(x), torch.nn.functional.silu(gate) * up),
+        (gelu_and_mul(x, "tanh"), torch.nn.functional.gelu(gate, approximate="tanh") * up),
+    ):
+        assert ours.dtype == torch.bfloat16 and ours.shape == exact.shape
+        rounded = exact.bfloat16()
+        step = (rounded.float().abs() * 2**-7).clamp_min(1e-30)  # one bfloat16 step
+        assert bool(((ours.float() - rounded.float()).abs() <= step).all())
+        assert (ours == rounded).float().mean() > 0.99
 
 
 def test_top_k_top_p_keeps_exactly_the_allowed_tokens():

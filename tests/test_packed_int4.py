@@ -31,7 +31,7 @@ from ember.workers.layers.quantization import (
     process_weights_after_loading,
 )
 from ember.workers.layers.quantization.gguf_packed import REFINED_LOGITS, refine_top_logits
-from ember.workers.layers.tiled_weight import TiledWeight
+from ember.workers.layers.tiled_weight import TiledWeight, dense_dtype
 from ember.workers.model_loader import loader, weights_cache
 from tests.helpers import default_model_config, quantized_activations
 
@@ -330,3 +330,53 @@ def test_packed_default_model_agrees_with_float32_on_16_greedy_tokens(default_gg
     assert all(len(t) == 16 for t in tokens["auto"])
     agreeing = sum(a == b for a, b in zip(tokens["auto"], tokens["float32"]))
     assert agreeing >= 7, f"only {agreeing} of 8 prompts agree: {tokens}"
+
+
+def _q4_1(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A float32 weight whose every group of 32 is on its Q4_1 grid (gguf's quantiser)."""
+    weight = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32) * 0.05
+    qtype = gguf.GGMLQuantizationType.Q4_1
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(weight, qtype), qtype))
+
+
+@pytest.mark.usefixtures("cpu_isa")
+@pytest.mark.parametrize("rows", [3, 100])  # a decode batch (tiles); a prefill chunk
+def test_packed_llama_mlp_keeps_bfloat16_between_its_matmuls(rows, monkeypatch):
+    """Where both packed matmuls compute in bfloat16, the MLP hands gate_up's bfloat16 output
+    to the activation and down as it is: the values of the round trip through float32 (the
+    activation rounded once, before down), without its conversions."""
+    from transformers import LlamaConfig
+
+    from ember.workers.models.llama import LlamaMLP
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, hidden_act="silu")
+    mlp = LlamaMLP(config, ModelContext(quant_config=get_quantization_config("gguf")))
+    for i, linear in enumerate((mlp.gate_up_proj, mlp.down_proj)):
+        linear.weight.data.copy_(_q4_1(*linear.weight.shape, seed=i))
+        process_weights_after_loading(linear)
+    packed = mlp.gate_up_proj.packed_weight
+    if packed is None:
+        pytest.skip("no packed kernels under this ISA: the layers stay float32")
+    in_bfloat16 = rows <= packed.max_tokens or (
+        isinstance(packed, TiledWeight)
+        and not packed.serves_prefill
+        and dense_dtype() == torch.bfloat16
+    )
+    expected_dtype = torch.bfloat16 if in_bfloat16 else None
+    if not isinstance(packed, TiledWeight) and rows > packed.max_tokens:
+        expected_dtype = torch.bfloat16  # torch's 4-bit layout: bfloat16 dense weights
+    assert mlp.gate_up_proj.input_dtype(rows) == expected_dtype
+    assert mlp.down_proj.input_dtype(rows) == expected_dtype
+    x = torch.randn(rows, 128)
+    out = mlp(x)
+    assert out.dtype == torch.float32
+    layer_class, input_dtype = type(mlp.gate_up_proj), type(mlp.gate_up_proj).input_dtype
+    monkeypatch.setattr(layer_class, "input_dtype", lambda self, n: None)
+    reference = mlp(x)  # float32 between the matmuls
+    # Equal but where the C kernel's exp moved an activation by one bfloat16 step.
+    torch.testing.assert_close(out, reference, rtol=0, atol=2e-3 * float(reference.abs().max()))
+    # A layer with a bias adds it in float32: its output is not bfloat16, nor is its MLP's.
+    monkeypatch.setattr(layer_class, "input_dtype", input_dtype)
+    mlp.down_proj.bias = torch.nn.Parameter(torch.zeros(128))
+    assert mlp.down_proj.input_dtype(rows) is None
+    torch.testing.assert_close(mlp(x), reference, rtol=0, atol=0)

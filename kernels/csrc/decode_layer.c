@@ -75,6 +75,8 @@ int ember_rope_write_kv(const uint16_t *qkv, const int64_t *positions, const flo
 }
 
 void ember_silu_mul(const uint16_t *gate_up, int64_t num_tokens, int64_t size, uint16_t *out) {
+    /* Prefill-sized batches share the rows over torch's threads (in a build with OpenMP). */
+#pragma omp parallel for schedule(static) if (num_tokens >= 64)
     for (int64_t t = 0; t < num_tokens; ++t) {
         const uint16_t *gate = gate_up + t * 2 * size, *up = gate + size;
         uint16_t *o = out + t * size;

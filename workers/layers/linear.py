@@ -131,6 +131,14 @@ class LinearBase(nn.Module):
         )
         self.quant_method.create_weights(self, *self._weight_shape, self.weight_loader)
 
+    def input_dtype(self, num_tokens: int) -> torch.dtype | None:
+        """The dtype this layer computes a batch of `num_tokens` rows in, rounding its input to
+        it and giving its output in it (its quant method's `input_dtype`), or None: also where
+        a bias or an all-reduce of the ranks' partial sums would add in another dtype."""
+        if getattr(self, "bias", None) is not None or self.tp_size > 1:
+            return None
+        return self.quant_method.input_dtype(self, num_tokens)
+
     def replace_quant_method(self, method) -> None:
         """Hold the weight in `method`'s format instead (before loading): the parameters of
         the old method go, the new one creates its own (a layer a checkpoint keeps dense)."""

@@ -120,7 +120,13 @@ class LlamaMLP(nn.Module):
         self.act_fn = get_gated_activation(hidden_act or config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        dtype = self.gate_up_proj.input_dtype(x.shape[0])
+        if dtype is None or dtype == x.dtype or dtype != self.down_proj.input_dtype(x.shape[0]):
+            return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        # Both matmuls compute in `dtype` (CPU packed weights: bfloat16), so the widest tensor
+        # of the layer, gate_up's output, and the activation stay in it: the values of the
+        # round trip through x's dtype (the activation rounds once), without its conversions.
+        return self.down_proj(self.act_fn(self.gate_up_proj(x.to(dtype)))).to(x.dtype)
 
 
 class LlamaDecoderLayer(nn.Module):

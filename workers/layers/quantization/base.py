@@ -49,6 +49,13 @@ class LinearMethodBase(ABC):
     ) -> torch.Tensor:
         """x [T, input] @ weight.T (+ bias) -> [T, output] in x's dtype."""
 
+    def input_dtype(self, layer: nn.Module, num_tokens: int) -> torch.dtype | None:
+        """The dtype `apply` rounds a batch of `num_tokens` input rows to before its matmul,
+        where it always does so and rounds its output to the same (a model may then keep the
+        values between two such layers in that dtype, and skip the conversions); None: the
+        input is multiplied as it is given."""
+        return None
+
 
 class EmbeddingMethodBase(ABC):
     """The weight format of a vocabulary table: an embedding (rows read) or an LM head (also

@@ -35,7 +35,7 @@ from ember.workers.layers.quantization.unquantized import (
     UnquantizedEmbeddingMethod,
     UnquantizedLinearMethod,
 )
-from ember.workers.layers.tiled_weight import TiledWeight
+from ember.workers.layers.tiled_weight import TiledWeight, dense_dtype
 
 # Rows of logits recomputed in float32 after the packed LM head: the argmax and the head of the
 # distribution that top-k and logprobs (at most 20 by default) read; each costs one dense row.
@@ -117,6 +117,20 @@ class GGUFPackedLinearMethod(UnquantizedLinearMethod):
             weight = dense_weight(layer)
             out = F.linear(x.to(weight.dtype), weight).to(x.dtype)
         return out if bias is None else out + bias
+
+    def input_dtype(self, layer: nn.Module, num_tokens: int) -> torch.dtype | None:
+        """bfloat16 where `apply` computes in it: the packed kernels (up to `max_tokens`
+        rows) and bfloat16 dense weights; None for float32 ones and for batches the tiles take
+        in float32 (`TiledWeight.serves_prefill`)."""
+        packed = layer.packed_weight
+        if packed is None:
+            return None
+        if num_tokens <= packed.max_tokens:
+            return torch.bfloat16
+        if isinstance(packed, TiledWeight):
+            in_bfloat16 = not packed.serves_prefill and dense_dtype() == torch.bfloat16
+            return torch.bfloat16 if in_bfloat16 else None
+        return torch.bfloat16 if layer.weight.dtype == torch.bfloat16 else None
 
     # ---- the converted-weights cache ----------------------------------------------------
 
