@@ -184,10 +184,11 @@ def test_seed_style_bfloat16_tp2_generates_as_tp1_bfloat16(random_models):
 
     Tolerance: the all-reduce sums the ranks' bfloat16 partial products, which round
     differently from one rank's matmul, and these random logits have near-ties (0.016 apart in
-    bfloat16), so late greedy ids may flip between TP=1 and TP=2 (seen at token 10 of 12).
-    Checked: full lengths, the first 4 ids of every prompt equal TP=1's, and prompt log-probs
-    within 0.25 of Hugging Face float32 (bfloat16 rounding gives about 0.1; a wrong shard or a
-    missing all-reduce gives whole units)."""
+    bfloat16), so greedy ids may flip between TP=1 and TP=2 (seen at token 10 of 12, and at
+    the first token of a prompt whose two best float32 logits are 0.03 apart). Checked: full
+    lengths, the ids of every prompt equal TP=1's up to a near-tie of TP=1's own step, and
+    prompt log-probs within 0.25 of Hugging Face float32 (bfloat16 rounding gives about 0.1; a
+    wrong shard or a missing all-reduce gives whole units)."""
     model_dir, hf_model = random_models("LlamaForCausalLM")
     prompts = random_prompts(4, 512, PROMPT_LENGTHS, seed=3)
     options = {"dtype": "bfloat16", "gpu_memory_utilization": 0.95, "skip_tokenizer_init": True}
@@ -195,10 +196,10 @@ def test_seed_style_bfloat16_tp2_generates_as_tp1_bfloat16(random_models):
         assert llm.config.model.dtype == "bfloat16"
         parallel = _generate(llm, prompts, prompt_logprobs=3)
     with LLM(model_dir, **options) as llm:
-        single = _generate(llm, prompts)
+        single = _generate(llm, prompts, logprobs=5)
     for tp2, tp1 in zip(parallel, single):
         assert len(tp2.outputs[0].token_ids) == len(tp1.outputs[0].token_ids) == MAX_TOKENS
-        assert tp2.outputs[0].token_ids[:4] == tp1.outputs[0].token_ids[:4]
+    assert assert_diverges_only_at_near_ties(parallel, single, near_tie=0.1) >= len(single) // 2
     _assert_prompt_logprobs_close(
         parallel, hf_prompt_logprobs(hf_model, prompts), "HF float32", atol=0.25
     )
