@@ -245,23 +245,34 @@ static inline __attribute__((always_inline)) void attend(
     }
 }
 
-static void attend_bf16(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group,
-                        int64_t head_dim, const void *keys, int64_t first_key,
-                        int64_t value_offset, int64_t token_stride, const int64_t *blocks,
-                        int64_t block_size, int64_t start, int64_t len, float v_scale,
-                        float acc[][MAX_HEAD_DIM]) {
-    attend(q, kv_heads, group, head_dim, keys, first_key, value_offset, token_stride, blocks,
-           block_size, start, len, v_scale, acc, 0);
-}
+/* `attend` with the group size a constant where it is 1 to 8: its per-head accumulators then
+   live in registers. With a run-time group they went through the stack, each FMA waiting on a
+   store: 32 requests of 180 tokens, SmolLM2's 9 query heads on 3, took 431 us a layer on
+   AVX-512 (Zen 4, 2 threads) and 427 under the AVX2 override; now 181 and 267. */
+#define ATTEND_ARGS                                                                            \
+    float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int64_t head_dim,              \
+        const void *keys, int64_t first_key, int64_t value_offset, int64_t token_stride,     \
+        const int64_t *blocks, int64_t block_size, int64_t start, int64_t len, float v_scale, \
+        float acc[][MAX_HEAD_DIM]
+#define ATTEND_CALL(GROUP, FP8)                                                                \
+    attend(q, kv_heads, GROUP, head_dim, keys, first_key, value_offset, token_stride, blocks, \
+           block_size, start, len, v_scale, acc, FP8)
+#define ATTEND_BY_GROUP(FP8)              \
+    switch (group) {                      \
+    case 1: ATTEND_CALL(1, FP8); break;   \
+    case 2: ATTEND_CALL(2, FP8); break;   \
+    case 3: ATTEND_CALL(3, FP8); break;   \
+    case 4: ATTEND_CALL(4, FP8); break;   \
+    case 5: ATTEND_CALL(5, FP8); break;   \
+    case 6: ATTEND_CALL(6, FP8); break;   \
+    case 7: ATTEND_CALL(7, FP8); break;   \
+    case 8: ATTEND_CALL(8, FP8); break;   \
+    default: ATTEND_CALL(group, FP8);     \
+    }
 
-static void attend_e4m3(float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group,
-                        int64_t head_dim, const void *keys, int64_t first_key,
-                        int64_t value_offset, int64_t token_stride, const int64_t *blocks,
-                        int64_t block_size, int64_t start, int64_t len, float v_scale,
-                        float acc[][MAX_HEAD_DIM]) {
-    attend(q, kv_heads, group, head_dim, keys, first_key, value_offset, token_stride, blocks,
-           block_size, start, len, v_scale, acc, 1);
-}
+static void attend_bf16(ATTEND_ARGS) { ATTEND_BY_GROUP(0) }
+
+static void attend_e4m3(ATTEND_ARGS) { ATTEND_BY_GROUP(1) }
 
 int ember_paged_decode_attention(
     const float *query, const void *kv_cache, const int64_t *block_table,
