@@ -38,6 +38,8 @@ def _library() -> ctypes.CDLL | None:
     library.ember_tile_matmul.restype = ctypes.c_int
     library.ember_tile_dequantize.argtypes = [ptr, i32, i64, i64, ptr, i32]
     library.ember_tile_dequantize.restype = ctypes.c_int
+    library.ember_tile_rows.argtypes = [ptr, i32, i64, i64, ptr, i64, ptr]
+    library.ember_tile_rows.restype = ctypes.c_int
     library.ember_tile_kernel.restype = ctypes.c_char_p
     return library
 
@@ -156,3 +158,28 @@ def dequantize_tiles(
         dtype == torch.float32,
     )
     return out if status == 0 else None
+
+
+def tile_rows(tiles: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+    """The rows `index` (int64, any shape) of the weight of `tiles` as float32 [*index.shape, K]
+    (q * scale + offset, rounded once, as `dequantize_tiles` computes them), each read from its
+    own lane of its tiles; None when the kernel is not available. An index outside the weight
+    raises IndexError."""
+    library = _library()
+    if library is None:
+        return None
+    row_tiles, groups = tiles.shape[:2]
+    ids = index.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(ids.numel(), groups * GROUP, dtype=torch.float32)
+    status = library.ember_tile_rows(
+        tiles.data_ptr(),
+        tile_bits(tiles),
+        row_tiles * TILE_ROWS,
+        groups * GROUP,
+        ids.data_ptr(),
+        ids.numel(),
+        out.data_ptr(),
+    )
+    if status == 4:
+        raise IndexError(f"row index out of range for a weight of {row_tiles * TILE_ROWS} rows")
+    return out.view(*index.shape, -1) if status == 0 else None

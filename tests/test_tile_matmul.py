@@ -101,6 +101,26 @@ def test_tiled_rows_read_the_dense_rows(bits):
     assert tiled.shape == (48, 96) and tiled.bits == bits
     ids = torch.tensor([[0, 47, 17], [16, 15, 31]])
     torch.testing.assert_close(tiled.rows(ids), dense[ids], rtol=0, atol=1e-6)
+    torch.testing.assert_close(tiled.rows_torch(ids), dense[ids], rtol=0, atol=1e-6)
+
+
+@pytest.mark.usefixtures("needs_tiles")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rows_read_in_c_equal_the_dequantized_weight(bits):
+    """`tile_rows` reads each row from its lane: exactly the rows of the float32 dequantized
+    tiles (one rounding of q * scale + offset), for ids from every lane, repeated, in any shape;
+    an id outside the weight is an IndexError, not a read beyond it."""
+    codes, scale, offset, _ = random_group_weight(64, 128, bits, torch.float16, seed=10 + bits)
+    tiles = tile_matmul.pack_tiles(codes, scale, offset)
+    ids = torch.tensor([[63, 0, 5], [16, 16, 47]])
+    rows = tile_matmul.tile_rows(tiles, ids)
+    assert rows.shape == (2, 3, 128)
+    assert torch.equal(rows, tile_matmul.dequantize_tiles(tiles, torch.float32)[ids])
+    many = torch.arange(300) % 64  # enough rows for the threads to share them
+    assert torch.equal(tile_matmul.tile_rows(tiles, many), TiledWeight(tiles).rows_torch(many))
+    for bad in (64, -1):
+        with pytest.raises(IndexError, match="out of range for a weight of 64 rows"):
+            tile_matmul.tile_rows(tiles, torch.tensor([3, bad]))
 
 
 @pytest.mark.usefixtures("needs_tiles")

@@ -645,3 +645,57 @@ int ember_tile_activation_levels(void) { return 0; }
 const char *ember_tile_kernel(void) { return "none"; }
 
 #endif
+
+/* Rows `ids[0..n)` of the weight as float32 [n, k] (q * scale + offset, one rounding, as
+ * `ember_tile_dequantize` computes them): each read from its own lane of the tiles, so that a
+ * handful of rows of a large table (an embedding lookup, the LM head's refined logits) reads
+ * 1/16 of the bytes that copying their whole tiles would. Plain C: every build has it. Returns
+ * 2 for a bad shape, 4 for an id outside [0, n_cols). */
+static float half_to_float(uint16_t bits) {
+    uint32_t sign = (uint32_t)(bits & 0x8000) << 16, exponent = (bits >> 10) & 0x1f;
+    uint32_t mantissa = bits & 0x3ff, out;
+    if (exponent == 0x1f) {
+        out = sign | 0x7f800000u | (mantissa << 13); /* inf, nan */
+    } else if (exponent != 0) {
+        out = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else { /* zero or subnormal: mantissa * 2^-24 is exact in float32 */
+        float value = (float)mantissa * 0x1p-24f;
+        memcpy(&out, &value, 4);
+        out |= sign;
+    }
+    float value;
+    memcpy(&value, &out, 4);
+    return value;
+}
+
+int ember_tile_rows(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, const int64_t *ids,
+                    int64_t n, float *out) {
+    if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
+    for (int64_t r = 0; r < n; r++)
+        if (ids[r] < 0 || ids[r] >= n_cols) return 4;
+    const int64_t groups = k / GROUP, tile_bytes = TILE_BYTES(bits);
+    const int vectors = bits == 4 ? 4 : 8;
+#pragma omp parallel for schedule(static) if (n >= 256)
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t lane = ids[r] % TILE_ROWS;
+        const uint8_t *tile = tiles + ids[r] / TILE_ROWS * groups * tile_bytes;
+        for (int64_t g = 0; g < groups; g++, tile += tile_bytes) {
+            const uint16_t *halves = (const uint16_t *)(tile + 64 * vectors);
+            const float scale = half_to_float(halves[lane]);
+            const float offset = bits == 4 ? half_to_float(halves[TILE_ROWS + lane]) : 0.0f;
+            float *row = out + r * k + g * GROUP;
+            for (int c = 0; c < vectors; c++) {
+                const uint8_t *quad = tile + 64 * c + 4 * lane; /* columns 4c..4c+3 */
+                for (int b = 0; b < 4; b++) {
+                    if (bits == 4) {
+                        row[4 * c + b] = fmaf((float)(quad[b] & 15), scale, offset);
+                        row[16 + 4 * c + b] = fmaf((float)(quad[b] >> 4), scale, offset);
+                    } else {
+                        row[4 * c + b] = (float)((int)quad[b] - 128) * scale;
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}

@@ -104,7 +104,14 @@ class TiledWeight:
         return dense
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """The rows `index` (any shape) as float32 [*index.shape, K]."""
+        """The rows `index` (any shape) as float32 [*index.shape, K]: each read from its own
+        lane of the tiles in C (`tile_matmul.tile_rows`), else by copying their whole tiles
+        (`rows_torch`; the LM head's 32 x 32 refined rows of SmolLM2: 2.2 ms against 0.1)."""
+        rows = tile_matmul.tile_rows(self.tiles, index)
+        return self.rows_torch(index) if rows is None else rows
+
+    def rows_torch(self, index: torch.Tensor) -> torch.Tensor:
+        """`rows` in torch: the whole tiles of the rows copied, then their lanes picked."""
         flat = index.reshape(-1)
         vectors = 4 if self.bits == 4 else 8
         tiles = self.tiles.index_select(0, flat // TILE_ROWS)  # [R, G, bytes]
