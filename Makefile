@@ -41,7 +41,7 @@ $(BENCH_STAMP): $(STAMP)
 	  CMAKE_ARGS="$(LLAMA_NATIVE_ARGS) -DLLAVA_BUILD=OFF" MAKEFLAGS=-j2 CMAKE_BUILD_PARALLEL_LEVEL=2 \
 	  $(PY) -m pip wheel --no-deps --no-cache-dir -w $(LLAMA_WHEEL_DIR) llama-cpp-python
 	$(INSTALL) --force-reinstall --no-deps --find-links $(LLAMA_WHEEL_DIR) --only-binary llama-cpp-python llama-cpp-python
-	$(INSTALL) matplotlib
+	$(INSTALL) matplotlib diskcache jinja2  # llama-cpp-python's dependencies, which --no-deps skips
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
