@@ -34,6 +34,14 @@ COLORS = {
     "hf": "#8c8c8c",
     "vllm": "#55a868",
 }
+# Axis labels: two short lines each, so that five engines fit side by side.
+LABELS = {
+    "ember": "ember",
+    "llama.cpp-batched": "llama.cpp\nbatched",
+    "llama.cpp": "llama.cpp\n1 sequence",
+    "hf": "HF",
+    "vllm": "vLLM\nCPU",
+}
 
 
 def run_workload(extra: list[str], engines: str, repeat: int, out: Path) -> list[dict]:
@@ -62,12 +70,13 @@ def draw(results: dict[str, list[dict]], path: Path, isa: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4))
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4))
     for axis, (title, rows) in zip(axes, results.items()):
         rows = [r for r in rows if r.get("status") == "ok"]
         names = [r["engine"] for r in rows]
         speeds = [r["output_tok_s"] for r in rows]
-        bars = axis.bar(names, speeds, color=[COLORS.get(n, "#55a868") for n in names])
+        labels = [LABELS.get(n, n) for n in names]
+        bars = axis.bar(labels, speeds, color=[COLORS.get(n, "#55a868") for n in names])
         for bar, row in zip(bars, rows):
             label = f"{row['output_tok_s']:.1f}\n{row['peak_rss_bytes'] / 2**20:.0f} MiB"
             axis.annotate(
@@ -80,9 +89,13 @@ def draw(results: dict[str, list[dict]], path: Path, isa: str) -> None:
         axis.set_title(title)
         axis.set_ylabel("output tokens / s (2 threads)")
         axis.margins(y=0.2)
-    fig.suptitle(
-        f"SmolLM2-135M-Instruct Q4_1 GGUF on CPU ({isa}): ember vs llama.cpp vs HF transformers"
+    engines = dict.fromkeys(
+        LABELS.get(r["engine"], r["engine"]).split("\n")[0]
+        for rows in results.values()
+        for r in rows
+        if r.get("status") == "ok"
     )
+    fig.suptitle(f"SmolLM2-135M-Instruct Q4_1 GGUF on CPU ({isa}): {' vs '.join(engines)}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
