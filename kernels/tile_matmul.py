@@ -163,10 +163,10 @@ def dequantize_tiles(
 def tile_rows(tiles: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
     """The rows `index` (int64, any shape) of the weight of `tiles` as float32 [*index.shape, K]
     (q * scale + offset, rounded once, as `dequantize_tiles` computes them), each read from its
-    own lane of its tiles; None when the kernel is not available. An index outside the weight
-    raises IndexError."""
+    own lane of its tiles; None when the kernel is not available or `tiles` is not contiguous.
+    An index outside the weight raises IndexError."""
     library = _library()
-    if library is None:
+    if library is None or not tiles.is_contiguous():
         return None
     row_tiles, groups = tiles.shape[:2]
     ids = index.reshape(-1).to(torch.int64).contiguous()
