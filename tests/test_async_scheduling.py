@@ -186,11 +186,17 @@ def test_steps_wait_for_the_tokens_a_grammar_needs(default_gguf):
             structured_outputs=StructuredOutputsParams(choice=choices),
         )
         plain = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-        requests = [
-            EngineCoreRequest("g", [1, 504, 3057, 30, 2], constrained),
-            EngineCoreRequest("p", [1, 504, 3057, 30, 2], plain),
-        ]
-        results = _run(core, requests)
+        # "p" joins once "g" has its first token: its grammar's first compile can take longer
+        # than all of "p" (about 1 s on 2 cores), which then never ran beside "g".
+        results = {"g": {"ids": []}, "p": {"ids": []}}
+        core.add_request(EngineCoreRequest("g", [1, 504, 3057, 30, 2], constrained))
+        while not results["g"]["ids"] and core.has_unfinished_requests():
+            for out in core.step():
+                results[out.request_id]["ids"].extend(out.new_token_ids)
+        core.add_request(EngineCoreRequest("p", [1, 504, 3057, 30, 2], plain))
+        while core.has_unfinished_requests():
+            for out in core.step():
+                results[out.request_id]["ids"].extend(out.new_token_ids)
     finally:
         core.shutdown()
     tokenizer = load_tokenizer(core.config.model.tokenizer, revision=None)
