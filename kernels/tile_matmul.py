@@ -3,8 +3,9 @@ weights of 16 rows side by side, so that one AVX-512 VNNI vpdpbusd multiplies 64
 by a broadcast quad of activation bytes, and on AVX2 (+FMA, F16C) each half of a tile is 8 rows
 for vpmaddubsw + vpmaddwd, or for AVX-VNNI's 256-bit vpdpbusd where the CPU has it (Intel
 client chips from Alder Lake on). The layout is the same on all; the ISA is chosen when the
-library is built (`cpu_library.cpu_isa()`), and `kernel_name()` says which path it took. `pack_tiles` builds the layout from GGUF-style groups
-(`packed_int4.QuantizedWeight`'s codes, scales and offsets); `tile_matmul` multiplies by it.
+library is built (`cpu_library.cpu_isa()`), and `kernel_name()` says which path it took.
+`pack_tiles` builds the layout from GGUF-style groups (`packed_int4.QuantizedWeight`'s codes,
+scales and offsets); `tile_matmul` multiplies by it; `tile_rows` reads rows of it.
 
 `dequantize_tiles` writes the weight back as dense bfloat16 (CPUs with native bfloat16) or
 float32 (the rest, where torch's bfloat16 matmul converts in software), for batches where

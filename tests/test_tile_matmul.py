@@ -1,7 +1,7 @@
 """The tile matmul (`kernels/tile_matmul.py`), under each ISA (AVX-512 VNNI, AVX2 with and
-without AVX-VNNI; the generic build has none), against a plain-torch reference that quantizes the activations the same way
-(15-bit groups of 32: max|x| / 16383 with VNNI, / 16256 with AVX2), its layout, and
-`TiledWeight`'s rows against the dense weight."""
+without AVX-VNNI; the generic build has none), against a plain-torch reference that quantizes
+the activations the same way (15-bit groups of 32: max|x| / 16383 with VNNI, / 16256 with
+AVX2), its layout, and `TiledWeight`'s rows against the dense weight."""
 
 from __future__ import annotations
 

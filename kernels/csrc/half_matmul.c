@@ -16,27 +16,13 @@
 #include <string.h>
 
 #include "bfloat16.h"
+#include "float16.h"
 #include "vector_math.h"
 
 #define ROWS 4
 
 static inline float half_to_float(uint16_t bits, int fp16) {
-    if (!fp16) return bf16_to_float(bits);
-    /* IEEE binary16 -> binary32, subnormals and specials included */
-    uint32_t sign = (uint32_t)(bits & 0x8000u) << 16, exponent = (bits >> 10) & 0x1fu;
-    uint32_t mantissa = bits & 0x3ffu, u;
-    if (exponent == 0x1f) {
-        u = sign | 0x7f800000u | (mantissa << 13);
-    } else if (exponent == 0) {
-        float value = (float)mantissa * 5.9604644775390625e-8f; /* 2^-24 */
-        memcpy(&u, &value, sizeof u);
-        u |= sign;
-    } else {
-        u = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    }
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
+    return fp16 ? fp16_to_float(bits) : bf16_to_float(bits);
 }
 
 #if defined(__AVX512F__)

@@ -44,6 +44,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "float16.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -651,23 +653,6 @@ const char *ember_tile_kernel(void) { return "none"; }
  * handful of rows of a large table (an embedding lookup, the LM head's refined logits) reads
  * 1/16 of the bytes that copying their whole tiles would. Plain C: every build has it. Returns
  * 2 for a bad shape, 4 for an id outside [0, n_cols). */
-static float half_to_float(uint16_t bits) {
-    uint32_t sign = (uint32_t)(bits & 0x8000) << 16, exponent = (bits >> 10) & 0x1f;
-    uint32_t mantissa = bits & 0x3ff, out;
-    if (exponent == 0x1f) {
-        out = sign | 0x7f800000u | (mantissa << 13); /* inf, nan */
-    } else if (exponent != 0) {
-        out = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    } else { /* zero or subnormal: mantissa * 2^-24 is exact in float32 */
-        float value = (float)mantissa * 0x1p-24f;
-        memcpy(&out, &value, 4);
-        out |= sign;
-    }
-    float value;
-    memcpy(&value, &out, 4);
-    return value;
-}
-
 int ember_tile_rows(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, const int64_t *ids,
                     int64_t n, float *out) {
     if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
@@ -681,8 +666,8 @@ int ember_tile_rows(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, c
         const uint8_t *tile = tiles + ids[r] / TILE_ROWS * groups * tile_bytes;
         for (int64_t g = 0; g < groups; g++, tile += tile_bytes) {
             const uint16_t *halves = (const uint16_t *)(tile + 64 * vectors);
-            const float scale = half_to_float(halves[lane]);
-            const float offset = bits == 4 ? half_to_float(halves[TILE_ROWS + lane]) : 0.0f;
+            const float scale = fp16_to_float(halves[lane]);
+            const float offset = bits == 4 ? fp16_to_float(halves[TILE_ROWS + lane]) : 0.0f;
             float *row = out + r * k + g * GROUP;
             for (int c = 0; c < vectors; c++) {
                 const uint8_t *quad = tile + 64 * c + 4 * lane; /* columns 4c..4c+3 */
