@@ -39,8 +39,9 @@ def needs_tiles(cpu_isa):
 @pytest.mark.parametrize(
     ("rows", "n", "k"),
     # One row and one tile; a chunk of four and a partial one; more rows than two chunks with
-    # enough tiles for both threads; a model-sized shape.
-    [(1, 16, 32), (5, 48, 96), (9, 320, 64), (33, 96, 576)],
+    # enough tiles for both threads; a model-sized shape; rows over several blocks and a
+    # partial one (prefill chunks).
+    [(1, 16, 32), (5, 48, 96), (9, 320, 64), (33, 96, 576), (211, 32, 96)],
 )
 def test_tile_matmul_equals_the_quantized_reference(bits, x_dtype, rows, n, k):
     codes, scale, offset, dense = random_group_weight(n, k, bits, torch.float16, seed=rows + k)
@@ -171,7 +172,7 @@ def test_the_avx_vnni_path_gives_the_avx2_paths_outputs(cpu_isa, monkeypatch):
         for bits in (4, 8):
             codes, scale, offset, _ = random_group_weight(48, 576, bits, torch.float16, seed=bits)
             tiles = tile_matmul.pack_tiles(codes, scale, offset)
-            for rows in (1, 3, 4, 7, 33):
+            for rows in (1, 3, 4, 7, 33, 211):
                 x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
                 outputs[name, bits, rows] = tile_matmul.tile_matmul(x, tiles, torch.float32)
     for (name, bits, rows), out in outputs.items():

@@ -439,6 +439,56 @@ static inline __attribute__((always_inline)) void dot_half_tile(
     for (int r = 0; r < rows; r++) results[r] = acc[r];
 }
 
+#if !defined(__AVXVNNI__)
+/* 4-bit codes without AVX-VNNI, as dot_half_tile computes them with every row of a block: rows
+   outer within a group. The group's 8 code vectors of the half tile are unpacked once into
+   registers and stay there while each row of the block takes its 16 vpmaddubsw, and the rows'
+   float sums live in `acc` [rows, 8] (in L1) instead of registers: with rows inner, six rows'
+   high, low and float sums (18 vectors) did not fit AVX2's 16 registers and spilled on every
+   quad. The integer sums and the float steps are dot_half_tile's, so the outputs are its bits. */
+static void dot_half_tile_4bit(const Activations *a, int64_t rows, int64_t groups,
+                               const uint8_t *tile, int half, float *acc) {
+    const int64_t tile_bytes = TILE_BYTES(4);
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    const __m256i ones = _mm256_set1_epi16(1), by128 = _mm256_set1_epi16(128);
+    for (int64_t r = 0; r < rows; r++) _mm256_storeu_ps(acc + 8 * r, _mm256_setzero_ps());
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *codes = tile + g * tile_bytes;
+        if (!half) prefetch_group(codes, tile_bytes);
+        __m256i w[8]; /* w[c]: quad c of the group's 32 columns, for the half's 8 rows */
+        for (int c = 0; c < 4; c++) {
+            const __m256i packed = _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * half));
+            w[c] = _mm256_and_si256(packed, nibble);
+            w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+        }
+        const uint8_t *halves = codes + 64 * 4 + 16 * half;
+        const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)halves));
+        const __m256 offset = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(halves + 32)));
+        for (int64_t r = 0; r < rows; r++) {
+            const int32_t *q = a->quads + (r * groups + g) * 16;
+            __m256i part[8];
+            for (int c = 0; c < 8; c++)
+                part[c] = _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(q[c]));
+            const __m256i high = _mm256_add_epi16(
+                _mm256_add_epi16(_mm256_add_epi16(part[0], part[1]), _mm256_add_epi16(part[2], part[3])),
+                _mm256_add_epi16(_mm256_add_epi16(part[4], part[5]), _mm256_add_epi16(part[6], part[7])));
+            for (int c = 0; c < 8; c++)
+                part[c] = _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(q[8 + c]));
+            const __m256i low = _mm256_add_epi16(
+                _mm256_add_epi16(_mm256_add_epi16(part[0], part[1]), _mm256_add_epi16(part[2], part[3])),
+                _mm256_add_epi16(_mm256_add_epi16(part[4], part[5]), _mm256_add_epi16(part[6], part[7])));
+            const __m256i total = _mm256_add_epi32(_mm256_madd_epi16(high, by128),
+                                                   _mm256_madd_epi16(low, ones));
+            const __m256 product = _mm256_mul_ps(_mm256_cvtepi32_ps(total),
+                                                 _mm256_set1_ps(a->scale[r * groups + g]));
+            __m256 sum = _mm256_fmadd_ps(product, scale, _mm256_loadu_ps(acc + 8 * r));
+            sum = _mm256_fmadd_ps(offset, _mm256_set1_ps(a->sum[r * groups + g]), sum);
+            _mm256_storeu_ps(acc + 8 * r, sum);
+        }
+    }
+}
+#endif
+
 #if defined(__AVXVNNI__)
 /* AVX-VNNI (VEX vpdpbusd on 8 lanes: Intel client chips from Alder Lake on, Sierra Forest): a
    quad of byte products is one instruction that also accumulates in int32, as in the AVX-512
@@ -544,6 +594,17 @@ int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
                                 a.sum + r0 * groups,
                                 a.words ? a.words + r0 * groups * GROUP : NULL,
                                 a.bias ? a.bias + r0 * groups : NULL};
+#if !defined(__AVXVNNI__)
+            if (bits == 4 && end - r0 > chunk) {
+                float acc[8 * ROW_BLOCK_CHUNKS * AVX2_ROWS];
+                rows = end - r0; /* the whole block: one pass over the half tile's groups */
+                dot_half_tile_4bit(&part, rows, groups, tile, half, acc);
+                for (int64_t r = 0; r < rows; r++)
+                    store_half_row(out, out_bf16, (r0 + r) * n_cols + t * TILE_ROWS + 8 * half,
+                                   _mm256_loadu_ps(acc + 8 * r));
+                break;
+            }
+#endif
             __m256 results[AVX2_ROWS];
             switch (rows) {
                 case 1: dot_half_tile(&part, 1, groups, tile, bits, half, results); break;
