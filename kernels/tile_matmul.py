@@ -3,7 +3,9 @@ weights of 16 rows side by side, so that one AVX-512 VNNI vpdpbusd multiplies 64
 by a broadcast quad of activation bytes, and on AVX2 (+FMA, F16C) each half of a tile is 8 rows
 for vpmaddubsw + vpmaddwd, or for AVX-VNNI's 256-bit vpdpbusd where the CPU has it (Intel
 client chips from Alder Lake on). The layout is the same on all; the ISA is chosen when the
-library is built (`cpu_library.cpu_isa()`), and `kernel_name()` says which path it took.
+library is built (`cpu_library.cpu_isa()`), and `kernel_name()` says which path it took. On
+CPUs with AMX the avx512 build multiplies batches of 16 rows and more with AMX tiles, giving the
+same outputs (`use_amx`; `EMBER_CPU_AMX=0` turns them off).
 `pack_tiles` builds the layout from GGUF-style groups (`packed_int4.QuantizedWeight`'s codes,
 scales and offsets); `tile_matmul` multiplies by it; `tile_rows` reads rows of it.
 
@@ -20,6 +22,7 @@ multiple of 16, scales that float16 does not hold). The caller keeps another pat
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
@@ -42,6 +45,10 @@ def _library() -> ctypes.CDLL | None:
     library.ember_tile_rows.argtypes = [ptr, i32, i64, i64, ptr, i64, ptr]
     library.ember_tile_rows.restype = ctypes.c_int
     library.ember_tile_kernel.restype = ctypes.c_char_p
+    library.ember_tile_use_amx.argtypes = [i32]
+    library.ember_tile_use_amx.restype = ctypes.c_int
+    if os.environ.get("EMBER_CPU_AMX", "").strip() == "0":
+        library.ember_tile_use_amx(0)
     return library
 
 
@@ -55,6 +62,15 @@ def kernel_name() -> str:
     available."""
     library = _library()
     return "none" if library is None else library.ember_tile_kernel().decode()
+
+
+def use_amx(enabled: bool) -> bool:
+    """Let the tile matmul use AMX tiles (or not) for batches of 16 rows and more, on CPUs
+    that have them (Sapphire Rapids and later Xeons; the avx512 build); returns whether it now
+    does. On by default where Linux grants the tile state, off with `EMBER_CPU_AMX=0`. Both
+    paths give the same outputs, bit for bit."""
+    library = _library()
+    return False if library is None else bool(library.ember_tile_use_amx(int(enabled)))
 
 
 def activation_levels() -> int:

@@ -180,6 +180,31 @@ def test_the_avx_vnni_path_gives_the_avx2_paths_outputs(cpu_isa, monkeypatch):
             assert torch.equal(out, outputs["avx2-vnni", bits, rows]), (bits, rows)
 
 
+@pytest.mark.usefixtures("needs_tiles")
+def test_amx_tiles_give_the_vnni_paths_outputs(cpu_isa):
+    """Where the CPU has AMX (the avx512 build on Sapphire Rapids and later), batches of 16 rows
+    and more go through tdpbusd, whose integer sums are the VNNI path's: the outputs are equal
+    bit for bit, for 4- and 8-bit codes, float32 and bfloat16 activations and outputs, and
+    partial blocks of 16 rows."""
+    if not tile_matmul.use_amx(True):
+        pytest.skip(f"the {cpu_isa} build has no AMX tiles on this CPU")
+    try:
+        for bits in (4, 8):
+            codes, scale, offset, _ = random_group_weight(48, 576, bits, torch.float16, seed=bits)
+            tiles = tile_matmul.pack_tiles(codes, scale, offset)
+            for rows, dtype in ((16, torch.float32), (33, torch.bfloat16), (211, torch.float32)):
+                x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
+                x = x.to(dtype)
+                tile_matmul.use_amx(True)
+                amx = [tile_matmul.tile_matmul(x, tiles, out) for out in (dtype, torch.float32)]
+                tile_matmul.use_amx(False)
+                vnni = [tile_matmul.tile_matmul(x, tiles, out) for out in (dtype, torch.float32)]
+                for a, v in zip(amx, vnni, strict=True):
+                    assert torch.equal(a, v), (bits, rows, dtype)
+    finally:
+        tile_matmul.use_amx(True)
+
+
 def _exact_dense(codes, scale, offset, bits) -> torch.Tensor:
     if bits == 4:
         q = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2).double()

@@ -30,6 +30,9 @@
  * Returns 0; 1 when this build has neither AVX-512 VNNI nor AVX2 (nothing computed), 2 when K
  * is not a multiple of 32 or N not one of 16, 3 when out of memory.
  *
+ * On CPUs with AMX (Sapphire Rapids and later Xeons), the AVX-512 build multiplies batches of
+ * 16 rows and more with tdpbusd tiles (same integer sums, same outputs; `ember_tile_use_amx`).
+ *
  * AVX2 builds (below the AVX-512 ones) read the same tiles as two halves of 8 rows, with
  * vpmaddubsw + vpmaddwd, or with AVX-VNNI's 256-bit vpdpbusd where the build has it;
  * `ember_tile_kernel` names the build's path.
@@ -92,8 +95,9 @@ static inline __m512 load_row_values(const void *x, int x_bf16, int64_t index) {
 }
 
 static void quantize_activations(const void *x, int x_bf16, int64_t rows, int64_t k,
-                                 Activations *a) {
+                                 Activations *a, int unsigned_high) {
     const int64_t groups = k / GROUP;
+    const __m128i high_flip = _mm_set1_epi8(unsigned_high ? (char)0x80 : 0); /* h + 128 */
     const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
 #pragma omp parallel for schedule(static) if (rows >= QUANTIZE_PARALLEL_ROWS)
     for (int64_t r = 0; r < rows; r++) {
@@ -108,8 +112,10 @@ static void quantize_activations(const void *x, int x_bf16, int64_t rows, int64_
             __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inverse)));
             int32_t *quads = a->quads + (r * groups + g) * 16;
             const __m512i low7 = _mm512_set1_epi32(127);
-            _mm_storeu_si128((__m128i *)quads, _mm512_cvtepi32_epi8(_mm512_srai_epi32(q0, 7)));
-            _mm_storeu_si128((__m128i *)(quads + 4), _mm512_cvtepi32_epi8(_mm512_srai_epi32(q1, 7)));
+            _mm_storeu_si128((__m128i *)quads,
+                             _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_srai_epi32(q0, 7)), high_flip));
+            _mm_storeu_si128((__m128i *)(quads + 4),
+                             _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_srai_epi32(q1, 7)), high_flip));
             _mm_storeu_si128((__m128i *)(quads + 8), _mm512_cvtepi32_epi8(_mm512_and_si512(q0, low7)));
             _mm_storeu_si128((__m128i *)(quads + 12), _mm512_cvtepi32_epi8(_mm512_and_si512(q1, low7)));
             float dx = amax / 16383.0f;
@@ -177,11 +183,203 @@ static inline void store_row(void *out, int out_bf16, int64_t index, __m512 valu
         _mm512_storeu_ps((float *)out + index, values);
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* AMX (Sapphire Rapids and later Xeons): tdpbusd multiplies a tile of 16 activation rows of 32
+   bytes (A, unsigned) by a tile of 8 rows of 64 bytes (B, signed: for each of 16 columns the 4
+   bytes of a quad, which is a vector of the VNNI tiles once its nibbles are unpacked) into
+   16 x 16 int32 sums: 8192 byte products an instruction. The activations go in as A, so their
+   high bytes are made unsigned (h + 128, the sign bit flipped) and the weight codes signed
+   (4-bit codes already are; 8-bit ones drop their + 128), and the sums of high bytes lose
+   128 sum(q) again: the int32 totals of the VNNI path, so its outputs. Each group's sums are
+   read back and scaled as dot_tile scales them. */
+#define AMX_ROWS 16
+#define AMX_MIN_ROWS 16 /* fewer activation rows take the VNNI path */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} __attribute__((packed)) TileConfig;
+
+/* 1 when the kernel uses AMX tiles (Linux grants a process the tile data state on request), 0
+   when not; -1 before the first request. `ember_tile_use_amx(0)` turns them off (the tests
+   compare both paths). */
+static int amx_state = -1;
+
+static int amx_ready(void) {
+    int state = __atomic_load_n(&amx_state, __ATOMIC_ACQUIRE);
+    if (state < 0) {
+        state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+        __atomic_store_n(&amx_state, state, __ATOMIC_RELEASE);
+    }
+    return state;
+}
+
+int ember_tile_use_amx(int enabled) {
+    __atomic_store_n(&amx_state, enabled ? -1 : 0, __ATOMIC_RELEASE);
+    return enabled ? amx_ready() : 0;
+}
+
+static void configure_tiles(void) {
+    TileConfig config;
+    memset(&config, 0, sizeof(config));
+    config.palette = 1;
+    for (int t = 0; t < 4; t++) { /* 0, 1: sums of high and low bytes; 2, 3: those bytes */
+        config.rows[t] = AMX_ROWS;
+        config.bytes_per_row[t] = t < 2 ? 64 : GROUP;
+    }
+    for (int t = 5; t < 7; t++) { /* 5, 6: as 0 and 1, for the other group of a pair */
+        config.rows[t] = AMX_ROWS;
+        config.bytes_per_row[t] = 64;
+    }
+    for (int t = 4; t < 8; t += 3) { /* 4, 7: a group's codes, 8 quads of 16 columns */
+        config.rows[t] = GROUP / 4;
+        config.bytes_per_row[t] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* The 8 quads of a group's codes as signed bytes for a B tile (`buffer`, 8 rows of 64 bytes),
+   and 128 sum(q) of each column over the group. */
+static inline __m512i amx_codes(const uint8_t *codes, int bits, uint8_t *buffer) {
+    const __m512i nibble = _mm512_set1_epi8(0x0f), sign_bit = _mm512_set1_epi8((char)0x80);
+    __m512i code_sum = _mm512_setzero_si512();
+    for (int c = 0; c < 8; c++) {
+        __m512i w;
+        if (bits == 4) {
+            const __m512i packed = _mm512_loadu_si512(codes + 64 * (c & 3));
+            w = c < 4 ? _mm512_and_si512(packed, nibble)
+                      : _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+        } else {
+            w = _mm512_xor_si512(_mm512_loadu_si512(codes + 64 * c), sign_bit);
+        }
+        _mm512_store_si512(buffer + 64 * c, w);
+        code_sum = _mm512_dpbusd_epi32(code_sum, _mm512_set1_epi8(1), w);
+    }
+    return _mm512_slli_epi32(code_sum, 7);
+}
+
+/* acc[r] += group g's products for rows r0 .. r0 + rows, from the tiles' int32 sums of high
+   and low bytes, as dot_tile scales its totals. */
+static inline __attribute__((always_inline)) void amx_scale_group(
+    const Activations *a, int64_t r0, int rows, int64_t groups, int64_t g, const uint8_t *codes,
+    int bits, const int32_t *high, const int32_t *low, __m512i correction, __m512 *acc) {
+    const uint8_t *scales = codes + 64 * (bits == 4 ? 4 : 8);
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales));
+    const __m512 offset = bits == 4
+        ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 32)))
+        : _mm512_setzero_ps();
+    for (int r = 0; r < AMX_ROWS; r++) {
+        if (r >= rows) break;
+        const int64_t row = r0 + r;
+        const __m512i total = _mm512_add_epi32(
+            _mm512_slli_epi32(_mm512_sub_epi32(_mm512_load_si512(high + 16 * r), correction), 7),
+            _mm512_load_si512(low + 16 * r));
+        const __m512 product = _mm512_mul_ps(_mm512_cvtepi32_ps(total),
+                                             _mm512_set1_ps(a->scale[row * groups + g]));
+        acc[r] = _mm512_fmadd_ps(product, scale, acc[r]);
+        if (bits == 4)
+            acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(a->sum[row * groups + g]), acc[r]);
+    }
+}
+
+/* Group g's int32 sums into tiles HIGH and LOW (then memory), its codes in tile CODES: two
+   sets of tile numbers, so that one group's products run while the other's are scaled. */
+#define AMX_GROUP_PRODUCTS(HIGH, LOW, CODES, buffer, g, high, low)                             \
+    do {                                                                                       \
+        const uint8_t *row_quads = (const uint8_t *)(a->quads + (r0 * groups + (g)) * 16);    \
+        _tile_zero(HIGH);                                                                      \
+        _tile_zero(LOW);                                                                       \
+        _tile_loadd(CODES, buffer, 64);                                                        \
+        _tile_loadd(2, row_quads, stride);                                                     \
+        _tile_dpbusd(HIGH, 2, CODES);                                                          \
+        _tile_loadd(3, row_quads + GROUP, stride);                                             \
+        _tile_dpbusd(LOW, 3, CODES);                                                           \
+        _tile_stored(HIGH, high, 64);                                                          \
+        _tile_stored(LOW, low, 64);                                                            \
+    } while (0)
+
+/* out rows r0 .. r0 + rows of the 16 columns of row tile `tile` (at `column`); a->quads holds
+   whole blocks of 16 rows (zero past m_rows). Groups go in pairs. */
+static void amx_block(const Activations *a, int64_t r0, int rows, int64_t groups,
+                      const uint8_t *tile, int bits, void *out, int out_bf16, int64_t n_cols,
+                      int64_t column) {
+    const int64_t tile_bytes = TILE_BYTES(bits);
+    uint8_t codes_buffer[2][8 * 64] __attribute__((aligned(64)));
+    int32_t high[2][AMX_ROWS * 16] __attribute__((aligned(64)));
+    int32_t low[2][AMX_ROWS * 16] __attribute__((aligned(64)));
+    __m512 acc[AMX_ROWS];
+    for (int r = 0; r < AMX_ROWS; r++) acc[r] = _mm512_setzero_ps();
+    const int64_t stride = groups * 64; /* bytes from one activation row's quads to the next */
+    for (int64_t g = 0; g < groups; g += 2) {
+        const uint8_t *codes = tile + g * tile_bytes;
+        prefetch_group(codes, tile_bytes);
+        const int pair = g + 1 < groups;
+        const __m512i correction0 = amx_codes(codes, bits, codes_buffer[0]);
+        AMX_GROUP_PRODUCTS(0, 1, 4, codes_buffer[0], g, high[0], low[0]);
+        __m512i correction1 = _mm512_setzero_si512();
+        if (pair) {
+            prefetch_group(codes + tile_bytes, tile_bytes);
+            correction1 = amx_codes(codes + tile_bytes, bits, codes_buffer[1]);
+            AMX_GROUP_PRODUCTS(5, 6, 7, codes_buffer[1], g + 1, high[1], low[1]);
+        }
+        amx_scale_group(a, r0, rows, groups, g, codes, bits, high[0], low[0], correction0, acc);
+        if (pair)
+            amx_scale_group(a, r0, rows, groups, g + 1, codes + tile_bytes, bits, high[1], low[1],
+                            correction1, acc);
+    }
+    for (int r = 0; r < rows; r++) store_row(out, out_bf16, (r0 + r) * n_cols + column, acc[r]);
+}
+
+/* ember_tile_matmul with AMX tiles: tasks of (16 activation rows, row tile) shared by the
+   threads, each of which loads the tile configuration once a call. */
+static int amx_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, const uint8_t *tiles,
+                      int bits, int64_t n_cols, void *out, int out_bf16) {
+    const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
+    const int64_t tile_bytes = TILE_BYTES(bits);
+    const int64_t blocks = (m_rows + AMX_ROWS - 1) / AMX_ROWS, padded = blocks * AMX_ROWS;
+    Activations a;
+    a.quads = calloc(16 * (size_t)(padded * groups), sizeof(int32_t));
+    a.scale = malloc(sizeof(float) * (size_t)(m_rows * groups));
+    a.sum = malloc(sizeof(float) * (size_t)(m_rows * groups));
+    a.bias = malloc(sizeof(int32_t) * (size_t)(m_rows * groups)); /* unused: the signed codes need none */
+    if (!a.quads || !a.scale || !a.sum || !a.bias) {
+        free(a.quads), free(a.scale), free(a.sum), free(a.bias);
+        return 3;
+    }
+    quantize_activations(x, x_bf16, m_rows, k, &a, 1);
+#pragma omp parallel
+    {
+        configure_tiles();
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < blocks; b++)
+        for (int64_t t = 0; t < row_tiles; t++) {
+            const int64_t r0 = b * AMX_ROWS;
+            const int rows = m_rows - r0 < AMX_ROWS ? (int)(m_rows - r0) : AMX_ROWS;
+            amx_block(&a, r0, rows, groups, tiles + t * groups * tile_bytes, bits, out, out_bf16,
+                      n_cols, t * TILE_ROWS);
+        }
+        _tile_release();
+    }
+    free(a.quads), free(a.scale), free(a.sum), free(a.bias);
+    return 0;
+}
+#endif
+
 int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, const uint8_t *tiles,
                       int bits, int64_t n_cols, void *out, int out_bf16) {
     if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
     const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
     const int64_t tile_bytes = TILE_BYTES(bits);
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+    if (m_rows >= AMX_MIN_ROWS && amx_ready())
+        return amx_matmul(x, x_bf16, m_rows, k, tiles, bits, n_cols, out, out_bf16);
+#endif
     Activations a;
     a.quads = malloc(sizeof(int32_t) * 16 * (size_t)(m_rows * groups));
     a.scale = malloc(sizeof(float) * (size_t)(m_rows * groups));
@@ -191,7 +389,7 @@ int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
         free(a.quads), free(a.scale), free(a.sum), free(a.bias);
         return 3;
     }
-    quantize_activations(x, x_bf16, m_rows, k, &a);
+    quantize_activations(x, x_bf16, m_rows, k, &a, 0);
 
     const int64_t block = ROW_BLOCK_CHUNKS * ROW_CHUNK, blocks = (m_rows + block - 1) / block;
 #pragma omp parallel for collapse(2) schedule(static) if (row_tiles > 1)
@@ -745,3 +943,12 @@ int ember_tile_rows(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, c
     }
     return 0;
 }
+
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
+      defined(__AMX_TILE__) && defined(__AMX_INT8__))
+/* Builds without AMX tiles: the tile matmul never uses them. */
+int ember_tile_use_amx(int enabled) {
+    (void)enabled;
+    return 0;
+}
+#endif
