@@ -4,8 +4,8 @@ by a broadcast quad of activation bytes, and on AVX2 (+FMA, F16C) each half of a
 for vpmaddubsw + vpmaddwd, or for AVX-VNNI's 256-bit vpdpbusd where the CPU has it (Intel
 client chips from Alder Lake on). The layout is the same on all; the ISA is chosen when the
 library is built (`cpu_library.cpu_isa()`), and `kernel_name()` says which path it took. On
-CPUs with AMX the avx512 build multiplies batches of 16 rows and more with AMX tiles, giving the
-same outputs (`use_amx`; `EMBER_CPU_AMX=0` turns them off).
+CPUs with AMX the avx512 build multiplies batches of 16 rows and more with AMX tiles (`use_amx`,
+`multiplies_exactly`; `EMBER_CPU_AMX=0` turns them off).
 `pack_tiles` builds the layout from GGUF-style groups (`packed_int4.QuantizedWeight`'s codes,
 scales and offsets); `tile_matmul` multiplies by it; `tile_rows` reads rows of it.
 
@@ -47,6 +47,8 @@ def _library() -> ctypes.CDLL | None:
     library.ember_tile_kernel.restype = ctypes.c_char_p
     library.ember_tile_use_amx.argtypes = [i32]
     library.ember_tile_use_amx.restype = ctypes.c_int
+    library.ember_tile_path.argtypes = [i64, i32, i32]
+    library.ember_tile_path.restype = ctypes.c_int
     if os.environ.get("EMBER_CPU_AMX", "").strip() == "0":
         library.ember_tile_use_amx(0)
     return library
@@ -67,10 +69,21 @@ def kernel_name() -> str:
 def use_amx(enabled: bool) -> bool:
     """Let the tile matmul use AMX tiles (or not) for batches of 16 rows and more, on CPUs
     that have them (Sapphire Rapids and later Xeons; the avx512 build); returns whether it now
-    does. On by default where Linux grants the tile state, off with `EMBER_CPU_AMX=0`. Both
-    paths give the same outputs, bit for bit."""
+    does. On by default where Linux grants the tile state, off with `EMBER_CPU_AMX=0`. See
+    `multiplies_exactly` for what changes."""
     library = _library()
     return False if library is None else bool(library.ember_tile_use_amx(int(enabled)))
+
+
+def multiplies_exactly(rows: int, x_dtype: torch.dtype, bits: int) -> bool:
+    """Whether `tile_matmul` of `rows` rows of `x_dtype` by `bits`-bit tiles multiplies the
+    activations as they are (AMX-BF16 tiles: 4-bit codes, bfloat16 x, 16 rows and more on an
+    AMX CPU; exact products, float32 sums) rather than in 15-bit groups (every other call;
+    with AMX tiles too from 16 rows, whose outputs are then the VNNI path's bit for bit)."""
+    library = _library()
+    if library is None:
+        return False
+    return library.ember_tile_path(rows, x_dtype == torch.bfloat16, bits) == 2
 
 
 def activation_levels() -> int:

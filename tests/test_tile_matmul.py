@@ -51,7 +51,10 @@ def test_tile_matmul_equals_the_quantized_reference(bits, x_dtype, rows, n, k):
     x = torch.randn(rows, k).to(x_dtype)
     out = tile_matmul.tile_matmul(x, tiles, torch.float32)
     assert out is not None and out.shape == (rows, n) and out.dtype == torch.float32
-    quantized = quantized_activations(x.float(), tile_matmul.activation_levels()).double()
+    if tile_matmul.multiplies_exactly(rows, x_dtype, bits):  # AMX-BF16: x as it is
+        quantized = x.double()
+    else:
+        quantized = quantized_activations(x.float(), tile_matmul.activation_levels()).double()
     expected = quantized @ dense.double().T
     # Equal up to float32 rounding, which is relative to the terms summed (a 4-bit group's
     # offset and scale parts may cancel).
@@ -181,26 +184,46 @@ def test_the_avx_vnni_path_gives_the_avx2_paths_outputs(cpu_isa, monkeypatch):
 
 
 @pytest.mark.usefixtures("needs_tiles")
-def test_amx_tiles_give_the_vnni_paths_outputs(cpu_isa):
+def test_amx_tiles_take_16_rows_and_more_and_int8_ones_give_the_vnni_outputs(cpu_isa):
     """Where the CPU has AMX (the avx512 build on Sapphire Rapids and later), batches of 16 rows
-    and more go through tdpbusd, whose integer sums are the VNNI path's: the outputs are equal
-    bit for bit, for 4- and 8-bit codes, float32 and bfloat16 activations and outputs, and
-    partial blocks of 16 rows."""
+    and more go through AMX tiles. tdpbusd (8-bit codes, float32 activations) sums the VNNI
+    path's integers: equal outputs bit for bit, whole and partial blocks of 16 rows, float32
+    and bfloat16 outputs. tdpbf16ps (4-bit codes, bfloat16 activations) multiplies the
+    activations as they are: within float32 rounding of the exact product (the reference test
+    above), and within the 15-bit groups' step of the VNNI path. Fewer rows, or AMX off, take
+    the vector path."""
     if not tile_matmul.use_amx(True):
+        assert not tile_matmul.multiplies_exactly(64, torch.bfloat16, 4)
         pytest.skip(f"the {cpu_isa} build has no AMX tiles on this CPU")
     try:
-        for bits in (4, 8):
-            codes, scale, offset, _ = random_group_weight(48, 576, bits, torch.float16, seed=bits)
+        assert tile_matmul.multiplies_exactly(16, torch.bfloat16, 4)
+        assert not tile_matmul.multiplies_exactly(15, torch.bfloat16, 4)
+        assert not tile_matmul.multiplies_exactly(64, torch.float32, 4)
+        assert not tile_matmul.multiplies_exactly(64, torch.bfloat16, 8)
+        cases = [(8, torch.float32), (8, torch.bfloat16), (4, torch.float32), (4, torch.bfloat16)]
+        for bits, dtype in cases:
+            codes, scale, offset, dense = random_group_weight(
+                48, 576, bits, torch.float16, seed=bits
+            )
             tiles = tile_matmul.pack_tiles(codes, scale, offset)
-            for rows, dtype in ((16, torch.float32), (33, torch.bfloat16), (211, torch.float32)):
+            for rows in (16, 33, 211):
                 x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
                 x = x.to(dtype)
                 tile_matmul.use_amx(True)
                 amx = [tile_matmul.tile_matmul(x, tiles, out) for out in (dtype, torch.float32)]
                 tile_matmul.use_amx(False)
+                assert not tile_matmul.multiplies_exactly(rows, dtype, bits)
                 vnni = [tile_matmul.tile_matmul(x, tiles, out) for out in (dtype, torch.float32)]
-                for a, v in zip(amx, vnni, strict=True):
-                    assert torch.equal(a, v), (bits, rows, dtype)
+                if bits == 4 and dtype == torch.bfloat16:
+                    # each group of 32 activations is off by at most half a step of max|x| / 16256
+                    step = x.float().abs().unflatten(-1, (-1, 32)).amax(-1) / 16256
+                    bound = (
+                        0.5 * step.double() @ dense.double().abs().unflatten(-1, (-1, 32)).sum(-1).T
+                    )
+                    assert bool(((amx[1].double() - vnni[1].double()).abs() <= bound + 1e-5).all())
+                else:
+                    for a, v in zip(amx, vnni, strict=True):
+                        assert torch.equal(a, v), (bits, rows, dtype)
     finally:
         tile_matmul.use_amx(True)
 

@@ -31,7 +31,9 @@
  * is not a multiple of 32 or N not one of 16, 3 when out of memory.
  *
  * On CPUs with AMX (Sapphire Rapids and later Xeons), the AVX-512 build multiplies batches of
- * 16 rows and more with tdpbusd tiles (same integer sums, same outputs; `ember_tile_use_amx`).
+ * 16 rows and more with AMX tiles (`ember_tile_use_amx`, `ember_tile_path`): 4-bit codes by
+ * bfloat16 activations with tdpbf16ps, the activations as they are (no 15-bit groups); the
+ * rest with tdpbusd on the 15-bit groups (the VNNI path's integer sums, so its outputs).
  *
  * AVX2 builds (below the AVX-512 ones) read the same tiles as two halves of 8 rows, with
  * vpmaddubsw + vpmaddwd, or with AVX-VNNI's 256-bit vpdpbusd where the build has it;
@@ -183,7 +185,7 @@ static inline void store_row(void *out, int out_bf16, int64_t index, __m512 valu
         _mm512_storeu_ps((float *)out + index, values);
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -223,6 +225,14 @@ static int amx_ready(void) {
 int ember_tile_use_amx(int enabled) {
     __atomic_store_n(&amx_state, enabled ? -1 : 0, __ATOMIC_RELEASE);
     return enabled ? amx_ready() : 0;
+}
+
+/* The path ember_tile_matmul takes for a call: 2 AMX-BF16 (4-bit codes, bfloat16 x, 16 rows
+   and more: exact products of the activations as they are), 1 AMX-INT8 (other calls of 16 rows
+   and more: the VNNI path's outputs), 0 the vector path. */
+int ember_tile_path(int64_t m_rows, int x_bf16, int bits) {
+    if (m_rows < AMX_MIN_ROWS || !amx_ready()) return 0;
+    return x_bf16 && bits == 4 ? 2 : 1;
 }
 
 static void configure_tiles(void) {
@@ -336,6 +346,139 @@ static void amx_block(const Activations *a, int64_t r0, int rows, int64_t groups
     for (int r = 0; r < rows; r++) store_row(out, out_bf16, (r0 + r) * n_cols + column, acc[r]);
 }
 
+/* 4-bit codes times bfloat16 activations (a decode step's) with AMX-BF16's tdpbf16ps, which
+   multiplies a tile of 16 rows of 32 bfloat16 activations (A: a group, read in place from x) by
+   16 rows of 16 pairs (B: the group's codes for 16 columns as bfloat16: codes 0..15 are exact
+   there, and so are their products) into 16 x 16 float32 sums. The activations are not
+   quantised at all, so a group's sum is the exact product up to float32 rounding (the 15-bit
+   path is within a step of max|x| / 16383 of it), and a group's scaling is two FMAs a row:
+   out += sum * scale + offset * sum(x). Groups in pairs, as amx_block. */
+static void configure_bf16_tiles(void) {
+    TileConfig config;
+    memset(&config, 0, sizeof(config));
+    config.palette = 1;
+    for (int t = 0; t < 3; t++) { /* 0, 1: float32 sums of a pair's groups; 2: activations */
+        config.rows[t] = AMX_ROWS;
+        config.bytes_per_row[t] = 64;
+    }
+    for (int t = 4; t < 6; t++) { /* 4, 5: a pair's codes, 16 pairs of 16 columns */
+        config.rows[t] = GROUP / 2;
+        config.bytes_per_row[t] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* The 32 4-bit codes of a group's 16 columns as a B tile of bfloat16 pairs (`buffer`, 16 rows
+   of 64 bytes): row 2c holds each column's codes 4c and 4c + 1, row 2c + 1 codes 4c + 2 and
+   4c + 3; vpshufb spreads a quad's bytes over two pairs of words, vpermw looks their
+   bfloat16 up. */
+static inline void bf16_codes(const uint8_t *codes, uint8_t *buffer) {
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    static const uint16_t values[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0,
+        0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+    const __m512i table = _mm512_loadu_si512(values);
+    const __m512i pairs_front = _mm512_set4_epi32(0x800d800c, 0x80098008, 0x80058004, 0x80018000);
+    const __m512i pairs_back = _mm512_set4_epi32(0x800f800e, 0x800b800a, 0x80078006, 0x80038002);
+    for (int c = 0; c < 8; c++) {
+        const __m512i packed = _mm512_loadu_si512(codes + 64 * (c & 3));
+        const __m512i w = c < 4 ? _mm512_and_si512(packed, nibble)
+                                : _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+        _mm512_store_si512(buffer + 128 * c,
+                           _mm512_permutexvar_epi16(_mm512_shuffle_epi8(w, pairs_front), table));
+        _mm512_store_si512(buffer + 128 * c + 64,
+                           _mm512_permutexvar_epi16(_mm512_shuffle_epi8(w, pairs_back), table));
+    }
+}
+
+/* Group g's float32 sums into tile C (then `sums`), its codes in tile B. */
+#define BF16_GROUP_PRODUCTS(C, B, buffer, g, sums)                                              \
+    do {                                                                                       \
+        _tile_zero(C);                                                                         \
+        _tile_loadd(B, buffer, 64);                                                            \
+        _tile_loadd(2, x_rows + GROUP * (g), row_bytes);                                           \
+        _tile_dpbf16ps(C, 2, B);                                                               \
+        _tile_stored(C, sums, 64);                                                             \
+    } while (0)
+
+/* acc[r] += group g's products for the block's rows (xsum: the rows' sums of the group). */
+static inline __attribute__((always_inline)) void bf16_scale_group(
+    const float *xsum, int rows, int64_t groups, int64_t g, const uint8_t *codes,
+    const float *sums, __m512 *acc) {
+    const uint8_t *scales = codes + 64 * 4;
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales));
+    const __m512 offset = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 32)));
+    for (int r = 0; r < AMX_ROWS; r++) {
+        if (r >= rows) break;
+        acc[r] = _mm512_fmadd_ps(_mm512_load_ps(sums + 16 * r), scale, acc[r]);
+        acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xsum[r * groups + g]), acc[r]);
+    }
+}
+
+/* out rows (at `first`, row stride n_cols) of the 16 columns of row tile `tile`, for the block
+   of 16 activation rows at x_rows (row_bytes apart; whole blocks, zero past m_rows). */
+static void amx_bf16_block(const uint16_t *x_rows, int64_t row_bytes, const float *xsum, int rows,
+                           int64_t groups, const uint8_t *tile, void *out, int out_bf16,
+                           int64_t n_cols, int64_t first) {
+    const int64_t tile_bytes = TILE_BYTES(4);
+    uint8_t buffer[2][16 * 64] __attribute__((aligned(64)));
+    float sums[2][AMX_ROWS * 16] __attribute__((aligned(64)));
+    __m512 acc[AMX_ROWS];
+    for (int r = 0; r < AMX_ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 2) {
+        const uint8_t *codes = tile + g * tile_bytes;
+        prefetch_group(codes, tile_bytes);
+        const int pair = g + 1 < groups;
+        bf16_codes(codes, buffer[0]);
+        BF16_GROUP_PRODUCTS(0, 4, buffer[0], g, sums[0]);
+        if (pair) {
+            bf16_codes(codes + tile_bytes, buffer[1]);
+            BF16_GROUP_PRODUCTS(1, 5, buffer[1], g + 1, sums[1]);
+        }
+        bf16_scale_group(xsum, rows, groups, g, codes, sums[0], acc);
+        if (pair) bf16_scale_group(xsum, rows, groups, g + 1, codes + tile_bytes, sums[1], acc);
+    }
+    for (int r = 0; r < rows; r++) store_row(out, out_bf16, first + r * n_cols, acc[r]);
+}
+
+/* ember_tile_matmul of 4-bit tiles and bfloat16 x with AMX-BF16 tiles: tasks of (16 rows, row
+   tile) shared by the threads; x is copied only to pad the last block to 16 rows. */
+static int amx_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k, const uint8_t *tiles,
+                           int64_t n_cols, void *out, int out_bf16) {
+    const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
+    const int64_t tile_bytes = TILE_BYTES(4);
+    const int64_t blocks = (m_rows + AMX_ROWS - 1) / AMX_ROWS, padded = blocks * AMX_ROWS;
+    float *xsum = malloc(sizeof(float) * (size_t)(m_rows * groups));
+    uint16_t *x_padded = padded == m_rows ? NULL : calloc((size_t)(padded * k), sizeof(uint16_t));
+    if (!xsum || (padded != m_rows && !x_padded)) {
+        free(xsum), free(x_padded);
+        return 3;
+    }
+    if (x_padded) memcpy(x_padded, x, sizeof(uint16_t) * (size_t)(m_rows * k));
+    const uint16_t *xs = x_padded ? x_padded : x;
+    for (int64_t r = 0; r < m_rows; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            __m512 v0 = load_row_values(x, 1, r * k + g * GROUP);
+            __m512 v1 = load_row_values(x, 1, r * k + g * GROUP + 16);
+            xsum[r * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+        }
+#pragma omp parallel
+    {
+        configure_bf16_tiles();
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < blocks; b++)
+        for (int64_t t = 0; t < row_tiles; t++) {
+            const int64_t r0 = b * AMX_ROWS;
+            const int rows = m_rows - r0 < AMX_ROWS ? (int)(m_rows - r0) : AMX_ROWS;
+            amx_bf16_block(xs + r0 * k, 2 * k, xsum + r0 * groups, rows, groups,
+                           tiles + t * groups * tile_bytes, out, out_bf16, n_cols,
+                           r0 * n_cols + t * TILE_ROWS);
+        }
+        _tile_release();
+    }
+    free(xsum), free(x_padded);
+    return 0;
+}
+
 /* ember_tile_matmul with AMX tiles: tasks of (16 activation rows, row tile) shared by the
    threads, each of which loads the tile configuration once a call. */
 static int amx_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, const uint8_t *tiles,
@@ -376,8 +519,10 @@ int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
     if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
     const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
     const int64_t tile_bytes = TILE_BYTES(bits);
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
-    if (m_rows >= AMX_MIN_ROWS && amx_ready())
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+    const int path = ember_tile_path(m_rows, x_bf16, bits);
+    if (path == 2) return amx_bf16_matmul((const uint16_t *)x, m_rows, k, tiles, n_cols, out, out_bf16);
+    if (path == 1)
         return amx_matmul(x, x_bf16, m_rows, k, tiles, bits, n_cols, out, out_bf16);
 #endif
     Activations a;
@@ -945,10 +1090,15 @@ int ember_tile_rows(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, c
 }
 
 #if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
-      defined(__AMX_TILE__) && defined(__AMX_INT8__))
+      defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__))
 /* Builds without AMX tiles: the tile matmul never uses them. */
 int ember_tile_use_amx(int enabled) {
     (void)enabled;
+    return 0;
+}
+
+int ember_tile_path(int64_t m_rows, int x_bf16, int bits) {
+    (void)m_rows, (void)x_bf16, (void)bits;
     return 0;
 }
 #endif
