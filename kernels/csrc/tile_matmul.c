@@ -85,7 +85,7 @@ typedef struct {
     int32_t *quads; /* [M, groups, 16]: the group's 8 quads of h bytes, then 8 of l bytes */
     float *scale;   /* [M, groups]: dx */
     float *sum;     /* [M, groups]: dx * sum(qx) */
-    int32_t *bias;  /* [M, groups]: 128 sum(qx) */
+    int32_t *bias;  /* [M, groups]: 128 sum(qx) (NULL for the AMX path, which needs none) */
 } Activations;
 
 static inline __m512 load_row_values(const void *x, int x_bf16, int64_t index) {
@@ -124,7 +124,7 @@ static void quantize_activations(const void *x, int x_bf16, int64_t rows, int64_
             a->scale[r * groups + g] = dx;
             int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
             a->sum[r * groups + g] = dx * (float)total;
-            a->bias[r * groups + g] = 128 * total;
+            if (a->bias) a->bias[r * groups + g] = 128 * total;
         }
     }
 }
@@ -490,9 +490,9 @@ static int amx_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
     a.quads = calloc(16 * (size_t)(padded * groups), sizeof(int32_t));
     a.scale = malloc(sizeof(float) * (size_t)(m_rows * groups));
     a.sum = malloc(sizeof(float) * (size_t)(m_rows * groups));
-    a.bias = malloc(sizeof(int32_t) * (size_t)(m_rows * groups)); /* unused: the signed codes need none */
-    if (!a.quads || !a.scale || !a.sum || !a.bias) {
-        free(a.quads), free(a.scale), free(a.sum), free(a.bias);
+    a.bias = NULL; /* the signed codes need no correction for 8 bits */
+    if (!a.quads || !a.scale || !a.sum) {
+        free(a.quads), free(a.scale), free(a.sum);
         return 3;
     }
     quantize_activations(x, x_bf16, m_rows, k, &a, 1);
@@ -509,7 +509,7 @@ static int amx_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
         }
         _tile_release();
     }
-    free(a.quads), free(a.scale), free(a.sum), free(a.bias);
+    free(a.quads), free(a.scale), free(a.sum);
     return 0;
 }
 #endif
