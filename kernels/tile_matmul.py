@@ -77,9 +77,9 @@ def use_amx(enabled: bool) -> bool:
 
 def multiplies_exactly(rows: int, x_dtype: torch.dtype, bits: int) -> bool:
     """Whether `tile_matmul` of `rows` rows of `x_dtype` by `bits`-bit tiles multiplies the
-    activations as they are (AMX-BF16 tiles: 4-bit codes, bfloat16 x, 16 rows and more on an
-    AMX CPU; exact products, float32 sums) rather than in 15-bit groups (every other call;
-    with AMX tiles too from 16 rows, whose outputs are then the VNNI path's bit for bit)."""
+    activations as they are (AMX-BF16 tiles: bfloat16 x, 16 rows and more on an AMX CPU; exact
+    products, float32 sums) rather than in 15-bit groups (every other call; float32 x from 16
+    rows goes through AMX-INT8 tiles, whose outputs are the VNNI path's bit for bit)."""
     library = _library()
     if library is None:
         return False

@@ -186,20 +186,19 @@ def test_the_avx_vnni_path_gives_the_avx2_paths_outputs(cpu_isa, monkeypatch):
 @pytest.mark.usefixtures("needs_tiles")
 def test_amx_tiles_take_16_rows_and_more_and_int8_ones_give_the_vnni_outputs(cpu_isa):
     """Where the CPU has AMX (the avx512 build on Sapphire Rapids and later), batches of 16 rows
-    and more go through AMX tiles. tdpbusd (8-bit codes, float32 activations) sums the VNNI
-    path's integers: equal outputs bit for bit, whole and partial blocks of 16 rows, float32
-    and bfloat16 outputs. tdpbf16ps (4-bit codes, bfloat16 activations) multiplies the
-    activations as they are: within float32 rounding of the exact product (the reference test
-    above), and within the 15-bit groups' step of the VNNI path. Fewer rows, or AMX off, take
-    the vector path."""
+    and more go through AMX tiles. tdpbusd (float32 activations) sums the VNNI path's integers:
+    equal outputs bit for bit, whole and partial blocks of 16 rows, float32 and bfloat16
+    outputs. tdpbf16ps (bfloat16 activations) multiplies the activations as they are: within
+    float32 rounding of the exact product (the reference test above), and within the 15-bit
+    groups' step of the VNNI path. Fewer rows, or AMX off, take the vector path."""
     if not tile_matmul.use_amx(True):
         assert not tile_matmul.multiplies_exactly(64, torch.bfloat16, 4)
         pytest.skip(f"the {cpu_isa} build has no AMX tiles on this CPU")
     try:
         assert tile_matmul.multiplies_exactly(16, torch.bfloat16, 4)
+        assert tile_matmul.multiplies_exactly(64, torch.bfloat16, 8)
         assert not tile_matmul.multiplies_exactly(15, torch.bfloat16, 4)
         assert not tile_matmul.multiplies_exactly(64, torch.float32, 4)
-        assert not tile_matmul.multiplies_exactly(64, torch.bfloat16, 8)
         cases = [(8, torch.float32), (8, torch.bfloat16), (4, torch.float32), (4, torch.bfloat16)]
         for bits, dtype in cases:
             codes, scale, offset, dense = random_group_weight(
@@ -214,7 +213,7 @@ def test_amx_tiles_take_16_rows_and_more_and_int8_ones_give_the_vnni_outputs(cpu
                 tile_matmul.use_amx(False)
                 assert not tile_matmul.multiplies_exactly(rows, dtype, bits)
                 vnni = [tile_matmul.tile_matmul(x, tiles, out) for out in (dtype, torch.float32)]
-                if bits == 4 and dtype == torch.bfloat16:
+                if dtype == torch.bfloat16:
                     # each group of 32 activations is off by at most half a step of max|x| / 16256
                     step = x.float().abs().unflatten(-1, (-1, 32)).amax(-1) / 16256
                     bound = (

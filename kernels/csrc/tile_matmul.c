@@ -31,9 +31,9 @@
  * is not a multiple of 32 or N not one of 16, 3 when out of memory.
  *
  * On CPUs with AMX (Sapphire Rapids and later Xeons), the AVX-512 build multiplies batches of
- * 16 rows and more with AMX tiles (`ember_tile_use_amx`, `ember_tile_path`): 4-bit codes by
- * bfloat16 activations with tdpbf16ps, the activations as they are (no 15-bit groups); the
- * rest with tdpbusd on the 15-bit groups (the VNNI path's integer sums, so its outputs).
+ * 16 rows and more with AMX tiles (`ember_tile_use_amx`, `ember_tile_path`): bfloat16
+ * activations with tdpbf16ps, as they are (no 15-bit groups); float32 ones with tdpbusd on the
+ * 15-bit groups (the VNNI path's integer sums, so its outputs).
  *
  * AVX2 builds (below the AVX-512 ones) read the same tiles as two halves of 8 rows, with
  * vpmaddubsw + vpmaddwd, or with AVX-VNNI's 256-bit vpdpbusd where the build has it;
@@ -227,12 +227,13 @@ int ember_tile_use_amx(int enabled) {
     return enabled ? amx_ready() : 0;
 }
 
-/* The path ember_tile_matmul takes for a call: 2 AMX-BF16 (4-bit codes, bfloat16 x, 16 rows
-   and more: exact products of the activations as they are), 1 AMX-INT8 (other calls of 16 rows
-   and more: the VNNI path's outputs), 0 the vector path. */
+/* The path ember_tile_matmul takes for a call: 2 AMX-BF16 (bfloat16 x, 16 rows and more: exact
+   products of the activations as they are), 1 AMX-INT8 (float32 x, 16 rows and more: the VNNI
+   path's outputs), 0 the vector path. */
 int ember_tile_path(int64_t m_rows, int x_bf16, int bits) {
+    (void)bits; /* both widths take both AMX paths */
     if (m_rows < AMX_MIN_ROWS || !amx_ready()) return 0;
-    return x_bf16 && bits == 4 ? 2 : 1;
+    return x_bf16 ? 2 : 1;
 }
 
 static void configure_tiles(void) {
@@ -346,13 +347,14 @@ static void amx_block(const Activations *a, int64_t r0, int rows, int64_t groups
     for (int r = 0; r < rows; r++) store_row(out, out_bf16, (r0 + r) * n_cols + column, acc[r]);
 }
 
-/* 4-bit codes times bfloat16 activations (a decode step's) with AMX-BF16's tdpbf16ps, which
-   multiplies a tile of 16 rows of 32 bfloat16 activations (A: a group, read in place from x) by
-   16 rows of 16 pairs (B: the group's codes for 16 columns as bfloat16: codes 0..15 are exact
-   there, and so are their products) into 16 x 16 float32 sums. The activations are not
-   quantised at all, so a group's sum is the exact product up to float32 rounding (the 15-bit
-   path is within a step of max|x| / 16383 of it), and a group's scaling is two FMAs a row:
-   out += sum * scale + offset * sum(x). Groups in pairs, as amx_block. */
+/* 4- and 8-bit codes times bfloat16 activations (a decode step's) with AMX-BF16's tdpbf16ps,
+   which multiplies a tile of 16 rows of 32 bfloat16 activations (A: a group, read in place from
+   x) by 16 rows of 16 pairs (B: the group's codes for 16 columns as bfloat16: codes 0..15 and
+   -127..127 are exact there, and so are their products) into 16 x 16 float32 sums. The
+   activations are not quantised at all, so a group's sum is the exact product up to float32
+   rounding (the 15-bit path is within a step of max|x| / 16383 of it), and a group's scaling
+   is one or two FMAs a row: out += sum * scale (+ offset * sum(x) for 4 bits). Groups in
+   pairs, as amx_block. */
 static void configure_bf16_tiles(void) {
     TileConfig config;
     memset(&config, 0, sizeof(config));
@@ -390,6 +392,25 @@ static inline void bf16_codes(const uint8_t *codes, uint8_t *buffer) {
     }
 }
 
+/* bf16_codes for 8-bit codes (q + 128 in the tiles): q in [-127, 127] is exact in bfloat16,
+   whose bits are then the top half of the float32's; each byte of a quad is sign-extended in
+   its 32-bit lane and converted, and two lanes' top halves make a pair. */
+static inline void bf16_codes_8bit(const uint8_t *codes, uint8_t *buffer) {
+    const __m512i sign_bit = _mm512_set1_epi8((char)0x80);
+    const __mmask32 odd_words = 0xAAAAAAAAu;
+    for (int c = 0; c < 8; c++) {
+        const __m512i q = _mm512_xor_si512(_mm512_loadu_si512(codes + 64 * c), sign_bit);
+        __m512i value[4]; /* byte b of each quad as float32 bits */
+        for (int b = 0; b < 4; b++)
+            value[b] = _mm512_castps_si512(_mm512_cvtepi32_ps(
+                _mm512_srai_epi32(_mm512_slli_epi32(q, 24 - 8 * b), 24)));
+        _mm512_store_si512(buffer + 128 * c,
+                           _mm512_mask_blend_epi16(odd_words, _mm512_srli_epi32(value[0], 16), value[1]));
+        _mm512_store_si512(buffer + 128 * c + 64,
+                           _mm512_mask_blend_epi16(odd_words, _mm512_srli_epi32(value[2], 16), value[3]));
+    }
+}
+
 /* Group g's float32 sums into tile C (then `sums`), its codes in tile B. */
 #define BF16_GROUP_PRODUCTS(C, B, buffer, g, sums)                                              \
     do {                                                                                       \
@@ -402,24 +423,27 @@ static inline void bf16_codes(const uint8_t *codes, uint8_t *buffer) {
 
 /* acc[r] += group g's products for the block's rows (xsum: the rows' sums of the group). */
 static inline __attribute__((always_inline)) void bf16_scale_group(
-    const float *xsum, int rows, int64_t groups, int64_t g, const uint8_t *codes,
+    const float *xsum, int rows, int64_t groups, int64_t g, const uint8_t *codes, int bits,
     const float *sums, __m512 *acc) {
-    const uint8_t *scales = codes + 64 * 4;
+    const uint8_t *scales = codes + 64 * (bits == 4 ? 4 : 8);
     const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales));
-    const __m512 offset = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 32)));
+    const __m512 offset = bits == 4
+        ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 32)))
+        : _mm512_setzero_ps();
     for (int r = 0; r < AMX_ROWS; r++) {
         if (r >= rows) break;
         acc[r] = _mm512_fmadd_ps(_mm512_load_ps(sums + 16 * r), scale, acc[r]);
-        acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xsum[r * groups + g]), acc[r]);
+        if (bits == 4)
+            acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xsum[r * groups + g]), acc[r]);
     }
 }
 
 /* out rows (at `first`, row stride n_cols) of the 16 columns of row tile `tile`, for the block
    of 16 activation rows at x_rows (row_bytes apart; whole blocks, zero past m_rows). */
-static void amx_bf16_block(const uint16_t *x_rows, int64_t row_bytes, const float *xsum, int rows,
-                           int64_t groups, const uint8_t *tile, void *out, int out_bf16,
-                           int64_t n_cols, int64_t first) {
-    const int64_t tile_bytes = TILE_BYTES(4);
+static inline __attribute__((always_inline)) void amx_bf16_block(
+    const uint16_t *x_rows, int64_t row_bytes, const float *xsum, int rows, int64_t groups,
+    const uint8_t *tile, int bits, void *out, int out_bf16, int64_t n_cols, int64_t first) {
+    const int64_t tile_bytes = TILE_BYTES(bits);
     uint8_t buffer[2][16 * 64] __attribute__((aligned(64)));
     float sums[2][AMX_ROWS * 16] __attribute__((aligned(64)));
     __m512 acc[AMX_ROWS];
@@ -428,24 +452,27 @@ static void amx_bf16_block(const uint16_t *x_rows, int64_t row_bytes, const floa
         const uint8_t *codes = tile + g * tile_bytes;
         prefetch_group(codes, tile_bytes);
         const int pair = g + 1 < groups;
-        bf16_codes(codes, buffer[0]);
+        if (bits == 4) bf16_codes(codes, buffer[0]);
+        else bf16_codes_8bit(codes, buffer[0]);
         BF16_GROUP_PRODUCTS(0, 4, buffer[0], g, sums[0]);
         if (pair) {
-            bf16_codes(codes + tile_bytes, buffer[1]);
+            if (bits == 4) bf16_codes(codes + tile_bytes, buffer[1]);
+            else bf16_codes_8bit(codes + tile_bytes, buffer[1]);
             BF16_GROUP_PRODUCTS(1, 5, buffer[1], g + 1, sums[1]);
         }
-        bf16_scale_group(xsum, rows, groups, g, codes, sums[0], acc);
-        if (pair) bf16_scale_group(xsum, rows, groups, g + 1, codes + tile_bytes, sums[1], acc);
+        bf16_scale_group(xsum, rows, groups, g, codes, bits, sums[0], acc);
+        if (pair)
+            bf16_scale_group(xsum, rows, groups, g + 1, codes + tile_bytes, bits, sums[1], acc);
     }
     for (int r = 0; r < rows; r++) store_row(out, out_bf16, first + r * n_cols, acc[r]);
 }
 
-/* ember_tile_matmul of 4-bit tiles and bfloat16 x with AMX-BF16 tiles: tasks of (16 rows, row
-   tile) shared by the threads; x is copied only to pad the last block to 16 rows. */
+/* ember_tile_matmul of bfloat16 x with AMX-BF16 tiles: tasks of (16 rows, row tile) shared by
+   the threads; x is copied only to pad the last block to 16 rows. */
 static int amx_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k, const uint8_t *tiles,
-                           int64_t n_cols, void *out, int out_bf16) {
+                           int bits, int64_t n_cols, void *out, int out_bf16) {
     const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
-    const int64_t tile_bytes = TILE_BYTES(4);
+    const int64_t tile_bytes = TILE_BYTES(bits);
     const int64_t blocks = (m_rows + AMX_ROWS - 1) / AMX_ROWS, padded = blocks * AMX_ROWS;
     float *xsum = malloc(sizeof(float) * (size_t)(m_rows * groups));
     uint16_t *x_padded = padded == m_rows ? NULL : calloc((size_t)(padded * k), sizeof(uint16_t));
@@ -469,9 +496,14 @@ static int amx_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k, const u
         for (int64_t t = 0; t < row_tiles; t++) {
             const int64_t r0 = b * AMX_ROWS;
             const int rows = m_rows - r0 < AMX_ROWS ? (int)(m_rows - r0) : AMX_ROWS;
-            amx_bf16_block(xs + r0 * k, 2 * k, xsum + r0 * groups, rows, groups,
-                           tiles + t * groups * tile_bytes, out, out_bf16, n_cols,
-                           r0 * n_cols + t * TILE_ROWS);
+            const uint8_t *tile = tiles + t * groups * tile_bytes;
+            const int64_t first = r0 * n_cols + t * TILE_ROWS;
+            if (bits == 4)
+                amx_bf16_block(xs + r0 * k, 2 * k, xsum + r0 * groups, rows, groups, tile, 4, out,
+                               out_bf16, n_cols, first);
+            else
+                amx_bf16_block(xs + r0 * k, 2 * k, xsum + r0 * groups, rows, groups, tile, 8, out,
+                               out_bf16, n_cols, first);
         }
         _tile_release();
     }
@@ -521,7 +553,8 @@ int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
     const int64_t tile_bytes = TILE_BYTES(bits);
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
     const int path = ember_tile_path(m_rows, x_bf16, bits);
-    if (path == 2) return amx_bf16_matmul((const uint16_t *)x, m_rows, k, tiles, n_cols, out, out_bf16);
+    if (path == 2)
+        return amx_bf16_matmul((const uint16_t *)x, m_rows, k, tiles, bits, n_cols, out, out_bf16);
     if (path == 1)
         return amx_matmul(x, x_bf16, m_rows, k, tiles, bits, n_cols, out, out_bf16);
 #endif
