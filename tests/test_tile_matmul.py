@@ -214,8 +214,9 @@ def test_amx_tiles_take_16_rows_and_more_and_int8_ones_give_the_vnni_outputs(cpu
                 assert not tile_matmul.multiplies_exactly(rows, dtype, bits)
                 vnni = [tile_matmul.tile_matmul(x, tiles, out) for out in (dtype, torch.float32)]
                 if dtype == torch.bfloat16:
-                    # each group of 32 activations is off by at most half a step of max|x| / 16256
-                    step = x.float().abs().unflatten(-1, (-1, 32)).amax(-1) / 16256
+                    # the VNNI path's groups of 32 activations are off by half a step at most
+                    levels = tile_matmul.activation_levels()
+                    step = x.float().abs().unflatten(-1, (-1, 32)).amax(-1) / levels
                     bound = (
                         0.5 * step.double() @ dense.double().abs().unflatten(-1, (-1, 32)).sum(-1).T
                     )

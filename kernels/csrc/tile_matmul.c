@@ -482,7 +482,7 @@ static int amx_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k, const u
     }
     if (x_padded) memcpy(x_padded, x, sizeof(uint16_t) * (size_t)(m_rows * k));
     const uint16_t *xs = x_padded ? x_padded : x;
-    for (int64_t r = 0; r < m_rows; r++)
+    for (int64_t r = 0; r < m_rows && bits == 4; r++) /* sum(x) meets the 4-bit offsets */
         for (int64_t g = 0; g < groups; g++) {
             __m512 v0 = load_row_values(x, 1, r * k + g * GROUP);
             __m512 v1 = load_row_values(x, 1, r * k + g * GROUP + 16);
@@ -650,9 +650,9 @@ const char *ember_tile_kernel(void) { return "avx512-vnni"; }
    |q| * sign(l, q), as llama.cpp's Q8_0 dot) took two vpmaddubsw and two vpmaddwd. The int32
    sums are the same. */
 #define QX_MAX 16256.0f
-/* Activation rows that share one unpacked half tile: 6 for 4-bit codes, 4 for 8-bit ones, whose
-   products keep two int32 sums a row (4-bit, SmolLM2's shapes at 32 rows: 0.75 -> 0.67 ms
-   against 4 rows; 8-bit, 49152 x 576 at 32 rows: 13.5 / 11.7 / 14.1 / 14.6 ms at 3 / 4 / 5 /
+/* Activation rows that share one unpacked half tile: 6 for 4-bit codes (batches of up to 6
+   rows; larger ones take dot_half_tile_4bit's block), 4 for 8-bit ones, whose products keep two
+   int32 sums a row (8-bit, 49152 x 576 at 32 rows: 13.5 / 11.7 / 14.1 / 14.6 ms at 3 / 4 / 5 /
    6 rows). */
 #define AVX2_ROWS 6
 #define AVX2_ROWS_8BIT 4
