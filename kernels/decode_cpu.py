@@ -31,6 +31,9 @@ def _library() -> ctypes.CDLL | None:
     library.ember_rope_write_kv.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64]
     library.ember_rope_write_kv.argtypes += [ptr, ptr, i64, ptr, ptr]
     library.ember_rope_write_kv.restype = ctypes.c_int
+    library.ember_rope_write_kv_rows.argtypes = [ptr, ctypes.c_int, ptr, ptr, i64, i64, i64]
+    library.ember_rope_write_kv_rows.argtypes += [i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr]
+    library.ember_rope_write_kv_rows.restype = ctypes.c_int
     library.ember_silu_mul.argtypes = [ptr, i64, i64, ptr]
     library.ember_silu_mul.restype = None
     return library
@@ -57,20 +60,24 @@ def rope_write_kv(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> int:
-    """qkv [T, (Hq + 2 Hkv) D] bfloat16 -> q_out [T, Hq, D] float32 rotated (neox style over
-    `cos_sin_cache`'s rotary_dim channels), keys rotated and values copied into the bfloat16
-    `kv_cache` [2, num_blocks, block_size, Hkv, D] at `slot_mapping` [T] int64 (no -1); into
-    an e4m3 cache, key / k_scale and value / v_scale (float32 scalars in host memory, None:
-    1) rounded as `attention.to_fp8_e4m3` rounds them."""
+    """qkv [T, (Hq + 2 Hkv) D] bfloat16 or float32 (contiguous) -> q_out [T, Hq, D] float32
+    rotated (neox style over `cos_sin_cache`'s rotary_dim channels), keys rotated and values
+    copied into the bfloat16 `kv_cache` [2, num_blocks, block_size, Hkv, D] at `slot_mapping`
+    [T] int64 (no -1: returns 2, writing nothing); into an e4m3 cache, key / k_scale and
+    value / v_scale (float32 scalars in host memory, None: 1) rounded as
+    `attention.to_fp8_e4m3` rounds them."""
     library = _library()
     cache_format = _CACHE_FORMATS.get(kv_cache.dtype)
     if library is None or cache_format is None:
         return -1
     if cache_format == 0:
         k_scale = v_scale = None  # a bfloat16 cache stores the values as they are
+    if qkv.dtype not in (torch.bfloat16, torch.float32):
+        return -1
     _, num_blocks, block_size = kv_cache.shape[:3]
-    return library.ember_rope_write_kv(
+    return library.ember_rope_write_kv_rows(
         qkv.data_ptr(),
+        qkv.dtype == torch.bfloat16,
         positions.data_ptr(),
         cos_sin_cache.data_ptr(),
         qkv.shape[0],

@@ -110,6 +110,56 @@ def test_rope_and_kv_write_into_an_fp8_cache_match_the_torch_references():
     assert torch.equal(codes[0], expected_codes[0])
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8_E4M3])
+@pytest.mark.parametrize(("tokens", "rotary_dim"), [(3, 64), (200, 32)])
+def test_prefill_rotates_into_the_cache_as_the_torch_layers_do(cache_dtype, tokens, rotary_dim):
+    """`Attention.rotate_into_cache` (a float32 qkv, as a float32 model's prefill chunk has it;
+    200 tokens share the threads) against the layer's torch path, apply_rotary_emb_torch then
+    write_kv_cache_torch: the same bits in the query and the cache; a slot of -1 declines."""
+    from types import SimpleNamespace
+
+    from ember.workers.layers.attention import Attention
+
+    torch.manual_seed(0)
+    num_heads, num_kv_heads, head_dim = 9, 3, 64
+    attn = Attention(num_heads, head_dim, head_dim**-0.5, num_kv_heads)
+    attn.kv_cache = torch.zeros(2, 16, 16, num_kv_heads, head_dim, dtype=cache_dtype)
+    if cache_dtype == FP8_E4M3:
+        attn.k_scale.fill_(0.37)
+        attn.v_scale.fill_(1.9)
+    angles = torch.rand(512, rotary_dim // 2) * 6
+    rope = SimpleNamespace(
+        cos_sin_cache=torch.cat((angles.cos(), angles.sin()), dim=-1), is_neox_style=True
+    )
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim) * 4
+    positions = torch.randperm(512)[:tokens]
+    metadata = SimpleNamespace(slot_mapping=torch.randperm(256)[:tokens])
+    expected_cache = attn.kv_cache.clone()
+
+    query = attn.rotate_into_cache(qkv, positions, rope, metadata)
+
+    kv_width = num_kv_heads * head_dim
+    q, k, v = qkv.split([num_heads * head_dim, kv_width, kv_width], dim=-1)
+    q_ref, k_ref = apply_rotary_emb_torch(
+        positions,
+        q.reshape(tokens, num_heads, head_dim),
+        k.reshape(tokens, num_kv_heads, head_dim),
+        rope.cos_sin_cache,
+    )
+    write_kv_cache_torch(
+        k_ref, v.reshape(tokens, num_kv_heads, head_dim), expected_cache, metadata.slot_mapping,
+        k_scale=attn.k_scale, v_scale=attn.v_scale,
+    )  # fmt: skip
+    assert torch.equal(query, q_ref)
+    assert torch.equal(attn.kv_cache.view(torch.uint8), expected_cache.view(torch.uint8))
+
+    metadata.slot_mapping[-1] = -1  # a padded token: the torch path skips it, this declines
+    before = attn.kv_cache.clone()
+    assert attn.rotate_into_cache(qkv, positions, rope, metadata) is None
+    assert torch.equal(attn.kv_cache.view(torch.uint8), before.view(torch.uint8))
+    assert attn.rotate_into_cache(qkv.bfloat16(), positions, rope, metadata) is None
+
+
 def test_silu_mul_and_bf16_norms_match_the_torch_references():
     torch.manual_seed(0)
     for size in (96, 100):  # vectors of 16 only; and a scalar tail

@@ -148,7 +148,7 @@ def test_rms_norm_matches_transformers_and_fused_form_adds_residual():
 
 
 @pytest.mark.usefixtures("cpu_isa")
-@pytest.mark.parametrize("shape", [(1, 576), (32, 576), (2, 3, 64), (64, 48)])
+@pytest.mark.parametrize("shape", [(1, 576), (32, 576), (2, 3, 64), (64, 48), (300, 576)])
 def test_rms_norm_c_kernel_matches_the_torch_reference(shape, monkeypatch):
     from ember.kernels import cpu_library, layernorm
 

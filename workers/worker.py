@@ -31,6 +31,7 @@ from ember.workers.gpu_memory import (
     kv_cache_budget_bytes,
     profile_memory,
 )
+from ember.workers.host_allocator import keep_freed_blocks
 from ember.workers.model_runner import ModelRunner
 from ember.workers.rpc import FunctionRef, resolve_reference
 from ember.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -52,6 +53,7 @@ class Worker:
         self.device = torch.device(config.device.device)
         if self.device.type == "cpu":
             build_in_background()  # the C kernels compile while the model loads
+            keep_freed_blocks()  # a step's large tensors reuse freed memory (host_allocator)
             num_threads = config.device.num_threads
             if num_threads is None and world_size > 1:
                 # The ranks share the machine's cores: torch's default (every core per rank)

@@ -8,11 +8,17 @@ written and multiplied by when read; other caches ignore them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ember.kernels import paged_attention, write_kv_cache
 from ember.kernels.attention import AttentionMetadata
+from ember.kernels.decode_cpu import rope_write_kv
+
+if TYPE_CHECKING:
+    from ember.workers.layers.rotary_embedding import RotaryEmbedding
 
 # vLLM's K_SCALE_CONSTANT and V_SCALE_CONSTANT: `calculate_kv_scales` sets a scale to the
 # largest magnitude of the first step's keys (values) over this, leaving e4m3's range (448)
@@ -70,6 +76,11 @@ class Attention(nn.Module):
             k_scale=self.k_scale,
             v_scale=self.v_scale,
         )
+        return self.attend(query, attn_metadata)
+
+    def attend(self, query: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """query [T, Hq, D] over the cache, which holds this step's keys and values -> [T, Hq*D]."""
+        num_tokens = query.shape[0]
         output = paged_attention(
             query,
             self.kv_cache,
@@ -82,6 +93,48 @@ class Attention(nn.Module):
         )
         return output.view(num_tokens, self.num_heads * self.head_dim)
 
+    def rotate_into_cache(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        rotary_emb: RotaryEmbedding,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor | None:
+        """The query [T, Hq, D] rotated, with the rotated keys and the values of `qkv`
+        [T, (Hq + 2 Hkv) D] written to the cache, in one C call over the step's tokens
+        (`decode_cpu.rope_write_kv`, shared among the cores for a prefill chunk) instead of
+        torch's dozen operators; the same bits (float32 math, no fused multiply-adds, torch's
+        rounding into the cache). None, having done nothing, where it does not apply: not a
+        float32 CPU qkv, GPT-J-style rotation, a first step that sets the KV scales, a cache
+        the kernel does not read, a slot of -1 or no compiler."""
+        if (
+            qkv.device.type != "cpu"
+            or qkv.dtype != torch.float32
+            or not qkv.is_contiguous()
+            or not rotary_emb.is_neox_style
+            or self.calculate_kv_scales
+            or self.kv_cache.dim() != 5
+            or not self.kv_cache.is_contiguous()
+            or not _int64_vector(positions)
+            or not _int64_vector(attn_metadata.slot_mapping)
+        ):
+            return None
+        query = torch.empty(qkv.shape[0], self.num_heads, self.head_dim, dtype=torch.float32)
+        status = rope_write_kv(
+            qkv,
+            positions,
+            rotary_emb.cos_sin_cache,
+            self.kv_cache,
+            attn_metadata.slot_mapping,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            query,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+        )
+        return query if status == 0 else None
+
     def calc_kv_scales(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """vLLM's `calc_kv_scales`: each scale from this step's largest magnitude (a step of
         all-zero keys keeps 1.0), once."""
@@ -92,3 +145,7 @@ class Attention(nn.Module):
             largest = x.abs().amax().float()
             scale.copy_(torch.where(largest > 0, largest / scale_range, 1.0))
         self.calculate_kv_scales = False
+
+
+def _int64_vector(x: torch.Tensor) -> bool:
+    return x.dtype == torch.int64 and x.dim() == 1 and x.is_contiguous()

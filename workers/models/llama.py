@@ -93,6 +93,10 @@ class LlamaAttention(nn.Module):
         self, positions: torch.Tensor, hidden_states: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
+        if self.q_norm is None:  # CPU: rotary and the cache write in one C call, where it can
+            query = self.attn.rotate_into_cache(qkv, positions, self.rotary_emb, attn_metadata)
+            if query is not None:
+                return self.o_proj(self.attn.attend(query, attn_metadata))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)

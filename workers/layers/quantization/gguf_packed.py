@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.kernels import block_matmul, tile_matmul
+from ember.kernels.top_k import top_k_indices
 from ember.workers.layers.packed_int4 import (
     GROUP_SIZE,
     PackedInt4Weight,
@@ -47,7 +48,7 @@ def refine_top_logits(logits: torch.Tensor, hidden_states: torch.Tensor, read_ro
     packed LM head, whose bfloat16 output is coarse: 0.125 apart near 20) from the weight's
     rows (`read_rows(ids)`: [*ids.shape, H]): the argmax and the top of the distribution become
     float32 products."""
-    top = logits.topk(min(REFINED_LOGITS, logits.shape[1]), dim=-1).indices  # [M, k]
+    top = top_k_indices(logits, min(REFINED_LOGITS, logits.shape[1]))  # [M, k]
     rows = read_rows(top).float()  # [M, k, H]
     exact = torch.bmm(rows, hidden_states.float().unsqueeze(-1)).squeeze(-1)
     return logits.scatter_(1, top, exact)
