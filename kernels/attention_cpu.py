@@ -34,6 +34,10 @@ def _library() -> ctypes.CDLL | None:
     function.argtypes = [ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64]
     function.argtypes += [ctypes.c_float, i64, ptr, i64, ptr, ptr]
     function.restype = ctypes.c_int
+    function = library.ember_paged_prefill_attention
+    function.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64]
+    function.argtypes += [ctypes.c_float, ptr, i64, ptr, ptr]
+    function.restype = ctypes.c_int
     return library
 
 
@@ -107,6 +111,65 @@ def paged_decode_attention_cpu(
         num_blocks,
         scale,
         sliding_window or 0,
+        out.data_ptr(),
+        cache_format,
+        _scale_pointer(k_scale if cache_format == 1 else None),
+        _scale_pointer(v_scale if cache_format == 1 else None),
+    )
+    return out if status == 0 else None
+
+
+def paged_prefill_attention_cpu(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Causal attention of a batch of prefill chunks and decodes, `query` [T, Hq, D] float32
+    (request r's tokens at `query_start_loc` [R + 1] int32, the last of its `seq_lens` [R]
+    int32 cached tokens), over the bfloat16 or e4m3 cache of `block_table` [R, n] int64: one
+    call for the whole batch, each key read once for a few tokens' query heads; no sliding
+    window. None when the kernel cannot serve these inputs (the caller falls back)."""
+    cache_format = _CACHE_FORMATS.get(kv_cache.dtype)
+    if (
+        query.dtype != torch.float32
+        or cache_format is None
+        or not kv_cache.is_contiguous()
+        or block_table.dtype != torch.int64
+        or query_start_loc.dtype != torch.int32
+        or seq_lens.dtype != torch.int32
+        or query_start_loc.shape[0] != seq_lens.shape[0] + 1
+    ):
+        return None
+    if cache_format == 1 and not (_is_scalar(k_scale) and _is_scalar(v_scale)):
+        return None
+    library = _library()
+    if library is None:
+        return None
+    query = query.contiguous()
+    block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()
+    query_start_loc = query_start_loc.contiguous()
+    _, num_heads, head_dim = query.shape
+    _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
+    out = torch.empty_like(query)
+    status = library.ember_paged_prefill_attention(
+        query.data_ptr(),
+        kv_cache.data_ptr(),
+        block_table.data_ptr(),
+        block_table.stride(0),
+        query_start_loc.data_ptr(),
+        seq_lens.data_ptr(),
+        seq_lens.shape[0],
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        num_blocks,
+        scale,
         out.data_ptr(),
         cache_format,
         _scale_pointer(k_scale if cache_format == 1 else None),

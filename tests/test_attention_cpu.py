@@ -118,61 +118,105 @@ def test_torch_reference_on_a_bf16_cache_uses_torch_alone_and_matches_dense_atte
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_paged_attention_on_cpu_sends_bf16_decodes_to_the_c_kernel_and_the_rest_to_torch(
+@needs_c_kernel
+@pytest.mark.parametrize(
+    "num_heads, num_kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 2, 128), (16, 1, 64)]
+)
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, attention.FP8_E4M3])
+def test_prefill_kernel_matches_the_torch_reference_on_a_mixed_batch(
+    num_heads, num_kv_heads, head_dim, cache_dtype
+):
+    # Decodes, chunks in the middle of their requests (on and off block boundaries), fresh
+    # prompts (q_len == seq_len) of two tokens, within a block and across many.
+    query_lens = [1, 1, 5, 16, 12, 2, 37, 250]
+    seq_lens = [9, 300, 30, 48, 12, 2, 37, 250]
+    query, kv_cache, metadata = _paged_batch(
+        seq_lens, num_heads, num_kv_heads, head_dim, query_lens, cache_dtype
+    )
+    scale = head_dim**-0.5
+    k_scale, v_scale = torch.tensor(0.7), torch.tensor(1.3)
+    out = attention_cpu.paged_prefill_attention_cpu(
+        query, kv_cache, metadata.block_table, metadata.query_start_loc, metadata.seq_lens,
+        scale, k_scale=k_scale, v_scale=v_scale,
+    )  # fmt: skip
+    assert out is not None
+    reference = attention.paged_attention_torch(
+        query, kv_cache, metadata, scale, k_scale=k_scale, v_scale=v_scale
+    )
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_on_cpu_sends_batches_to_the_c_kernels_and_the_rest_to_torch(
     monkeypatch,
 ):
-    """Checked through the results: a stand-in for the C kernel marks the rows it computed."""
+    """Checked through the results: stand-ins for the C kernels mark the rows they computed
+    (7: the decode kernel, 5: the prefill kernel)."""
     calls = []
 
-    def c_kernel(query, kv_cache, block_table, seq_lens, scale, sliding_window, **kv_scales):
-        calls.append((tuple(query.shape), block_table.shape[0], seq_lens.tolist()))
+    def decode_kernel(query, kv_cache, block_table, seq_lens, scale, sliding_window, **scales):
+        calls.append(("decode", tuple(query.shape), block_table.shape[0], seq_lens.tolist()))
         return torch.full_like(query, 7.0)
 
-    monkeypatch.setattr(attention, "paged_decode_attention_cpu", c_kernel)
+    def prefill_kernel(query, kv_cache, block_table, query_start_loc, seq_lens, scale, **scales):
+        calls.append(("prefill", tuple(query.shape), query_start_loc.tolist(), seq_lens.tolist()))
+        return torch.full_like(query, 5.0)
 
-    def run(query_lens, seq_lens, cache_dtype, query_dtype=torch.float32, soft_cap=None):
+    monkeypatch.setattr(attention, "paged_decode_attention_cpu", decode_kernel)
+    monkeypatch.setattr(attention, "paged_prefill_attention_cpu", prefill_kernel)
+
+    def run(query_lens, seq_lens, cache_dtype, query_dtype=torch.float32, soft_cap=None, sw=None):
         calls.clear()
         query, kv_cache, metadata = _paged_batch(
             seq_lens, 4, 2, 32, query_lens, cache_dtype, query_dtype
         )
-        args = (query, kv_cache, metadata, 0.125, None, soft_cap)
+        args = (query, kv_cache, metadata, 0.125, sw, soft_cap)
         return (
             attention.paged_attention(*args),
             attention.paged_attention_torch(*args),
             metadata.num_decodes,
         )
 
-    # bfloat16 cache, float32 queries: the decode rows from C, the chunks from the reference.
-    out, reference, num_decodes = run(MIXED_QUERY_LENS, MIXED_SEQ_LENS, torch.bfloat16)
-    assert calls == [((num_decodes, 4, 32), num_decodes, MIXED_SEQ_LENS[:num_decodes])]
-    assert out[:num_decodes].eq(7.0).all()
-    assert torch.equal(out[num_decodes:], reference[num_decodes:])
-    # Decodes only: the C kernel's output is the batch's.
+    # bfloat16 cache, float32 queries, prefill chunks: the whole batch in one prefill call.
+    out, _, _ = run(MIXED_QUERY_LENS, MIXED_SEQ_LENS, torch.bfloat16)
+    starts = [0, 1, 2, 7, 19]
+    assert calls == [("prefill", (19, 4, 32), starts, MIXED_SEQ_LENS)]
+    assert out.eq(5.0).all()
+    # Decodes only: the decode kernel's output is the batch's.
     out, _, _ = run([1, 1, 1], [5, 17, 33], torch.bfloat16)
-    assert len(calls) == 1 and out.eq(7.0).all()
-    # The reference alone: a float32 cache, bfloat16 queries, a soft cap, no decode.
+    assert [call[0] for call in calls] == ["decode"] and out.eq(7.0).all()
+    # A context beyond PREFILL_KERNEL_MAX_LEN, or a sliding window shorter than a context:
+    # the decode rows from C, the chunks from the reference.
+    long_seq_lens = [*MIXED_SEQ_LENS[:3], attention.PREFILL_KERNEL_MAX_LEN + 1]
+    for seq_lens, sliding_window in ((long_seq_lens, None), (MIXED_SEQ_LENS, 20)):
+        out, reference, num_decodes = run(
+            [*MIXED_QUERY_LENS[:3], 12], seq_lens, torch.bfloat16, sw=sliding_window
+        )
+        assert calls == [("decode", (num_decodes, 4, 32), num_decodes, seq_lens[:num_decodes])]
+        assert out[:num_decodes].eq(7.0).all()
+        assert torch.equal(out[num_decodes:], reference[num_decodes:])
+    # The reference alone: a float32 cache, bfloat16 queries, a soft cap.
     f32, bf16 = torch.float32, torch.bfloat16
     for case in [
         (MIXED_QUERY_LENS, MIXED_SEQ_LENS, f32, f32, None),
         (MIXED_QUERY_LENS, MIXED_SEQ_LENS, bf16, bf16, None),
         (MIXED_QUERY_LENS, MIXED_SEQ_LENS, bf16, f32, 30.0),
-        ([5, 12], [30, 12], bf16, f32, None),
     ]:
         out, reference, _ = run(*case)
         assert calls == [], case
         assert torch.equal(out, reference)
 
 
-def test_paged_attention_falls_back_to_the_reference_where_the_c_kernel_declines(monkeypatch):
+def test_paged_attention_falls_back_to_the_reference_where_the_c_kernels_decline(monkeypatch):
     calls = []
 
-    def declining(*args, **kwargs):  # returns None, as the kernel does where it cannot serve
+    def declining(*args, **kwargs):  # returns None, as the kernels do where they cannot serve
         calls.append(args[0].shape)
 
     monkeypatch.setattr(attention, "paged_decode_attention_cpu", declining)
+    monkeypatch.setattr(attention, "paged_prefill_attention_cpu", declining)
     query, kv_cache, metadata = _paged_batch(MIXED_SEQ_LENS, 4, 2, 32, MIXED_QUERY_LENS)
     out = attention.paged_attention(query, kv_cache, metadata, 0.125)
-    assert len(calls) == 1
+    assert len(calls) == 2  # the prefill kernel for the batch, then the decode one
     assert torch.equal(out, attention.paged_attention_torch(query, kv_cache, metadata, 0.125))
 
 

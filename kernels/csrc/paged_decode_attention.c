@@ -26,6 +26,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bfloat16.h"
@@ -72,7 +73,7 @@ static inline __attribute__((always_inline)) void attend(
     float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int64_t head_dim,
     const void *keys, int64_t first_key, int64_t value_offset, int64_t token_stride,
     const int64_t *blocks, int64_t block_size, int64_t start, int64_t len, float v_scale,
-    float acc[][MAX_HEAD_DIM], const int fp8) {
+    const int64_t *row_lens, float acc[][MAX_HEAD_DIM], const int fp8) {
     const int64_t element_bytes = fp8 ? 1 : 2;
     const int64_t heads = kv_heads * group;
     float running_max[MAX_HEADS], running_sum[MAX_HEADS];
@@ -147,6 +148,11 @@ static inline __attribute__((always_inline)) void attend(
                     }
                 }
             }
+        }
+        if (row_lens != 0) { /* a prefill row sees the keys up to its own position */
+            for (int64_t j = 0; j < heads; j++)
+                for (int64_t t = row_lens[j] > first ? row_lens[j] - first : 0; t < count; t++)
+                    scores[j][t] = -INFINITY;
         }
         for (int64_t j = 0; j < heads; j++) {
             float block_max = running_max[j];
@@ -253,10 +259,10 @@ static inline __attribute__((always_inline)) void attend(
     float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int64_t head_dim,              \
         const void *keys, int64_t first_key, int64_t value_offset, int64_t token_stride,     \
         const int64_t *blocks, int64_t block_size, int64_t start, int64_t len, float v_scale, \
-        float acc[][MAX_HEAD_DIM]
+        const int64_t *row_lens, float acc[][MAX_HEAD_DIM]
 #define ATTEND_CALL(GROUP, FP8)                                                                \
     attend(q, kv_heads, GROUP, head_dim, keys, first_key, value_offset, token_stride, blocks, \
-           block_size, start, len, v_scale, acc, FP8)
+           block_size, start, len, v_scale, row_lens, acc, FP8)
 #define ATTEND_BY_GROUP(FP8)              \
     switch (group) {                      \
     case 1: ATTEND_CALL(1, FP8); break;   \
@@ -313,10 +319,94 @@ int ember_paged_decode_attention(
         (fp8 ? attend_e4m3 : attend_bf16)(q, task_heads, group, head_dim, kv_cache,
                                           h0 * head_dim, value_offset, token_stride,
                                           block_table + r * table_stride, block_size, start,
-                                          len, output_scale, acc);
+                                          len, output_scale, 0, acc);
         for (int64_t j = 0; j < heads; j++)
             memcpy(out + (r * num_heads + first_head + j) * head_dim, acc[j],
                    sizeof(float) * head_dim);
     }
+    return 0;
+}
+
+/* Causal attention of a batch of prefill chunks (and decodes: chunks of one token) over the
+   cache, which holds this step's keys and values. Request r's q_len = query_start_loc[r + 1] -
+   query_start_loc[r] tokens are the last of its seq_lens[r] cached tokens; token i of the
+   chunk sees the keys up to its own position, seq_lens[r] - q_len + i.
+
+   A task is one KV head of a few consecutive tokens of a request (8 / group of them, so that
+   their query heads, at most 8 rows, keep their sums in registers as a decode's do): each
+   cached key and value it reads serves all those rows, and the rows past a token's position
+   are masked. Without a sliding window (the caller's torch path serves those). */
+int ember_paged_prefill_attention(
+    const float *query, const void *kv_cache, const int64_t *block_table,
+    int64_t table_stride, const int32_t *query_start_loc, const int32_t *seq_lens,
+    int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    int64_t block_size, int64_t num_blocks, float scale, float *out, int64_t cache_format,
+    const float *k_scale, const float *v_scale) {
+    int64_t group = num_heads / num_kv_heads;
+    if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK) return 1;
+    if (cache_format != 0 && cache_format != 1) return 1;
+    const int fp8 = cache_format == 1;
+    const float query_scale = scale * (fp8 && k_scale ? *k_scale : 1.0f);
+    const float output_scale = fp8 && v_scale ? *v_scale : 1.0f;
+    const int64_t token_stride = num_kv_heads * head_dim;
+    const int64_t value_offset = num_blocks * block_size * token_stride;
+    const int64_t tokens_per_task = group >= 8 ? 1 : 8 / group;
+    /* first_task[r]: request r's first task; each request has num_kv_heads tasks per block
+       of tokens_per_task tokens */
+    int64_t *first_task = malloc(sizeof(int64_t) * (num_reqs + 1));
+    if (first_task == 0) return 1;
+    first_task[0] = 0;
+    int64_t work = 0;
+    for (int64_t r = 0; r < num_reqs; r++) {
+        int64_t q_len = query_start_loc[r + 1] - query_start_loc[r];
+        if (q_len < 0 || q_len > seq_lens[r]) {
+            free(first_task);
+            return 2;
+        }
+        first_task[r + 1] =
+            first_task[r] + (q_len + tokens_per_task - 1) / tokens_per_task * num_kv_heads;
+        work += (int64_t)q_len * seq_lens[r];
+    }
+
+#pragma omp parallel for schedule(dynamic, 1) if (work * num_kv_heads >= 4096)
+    for (int64_t task = 0; task < first_task[num_reqs]; task++) {
+        int64_t r = 0, high = num_reqs; /* the request whose tasks hold `task` */
+        while (high - r > 1) {
+            int64_t middle = (r + high) / 2;
+            if (first_task[middle] <= task) r = middle;
+            else high = middle;
+        }
+        const int64_t within = task - first_task[r];
+        const int64_t h = within % num_kv_heads;
+        const int64_t q_len = query_start_loc[r + 1] - query_start_loc[r];
+        const int64_t first_token = within / num_kv_heads * tokens_per_task;
+        int64_t tokens = q_len - first_token;
+        if (tokens > tokens_per_task) tokens = tokens_per_task;
+        const int64_t first_position = seq_lens[r] - q_len + first_token;
+        float q[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];
+        int64_t row_lens[MAX_GROUP];
+        const int64_t rows = tokens * group;
+        for (int64_t i = 0; i < tokens; i++) {
+            const int64_t token = query_start_loc[r] + first_token + i;
+            for (int64_t g = 0; g < group; g++) {
+                const float *src = query + (token * num_heads + h * group + g) * head_dim;
+                for (int64_t d = 0; d < head_dim; d++) q[i * group + g][d] = src[d] * query_scale;
+                row_lens[i * group + g] = first_position + i + 1;
+            }
+        }
+        const int64_t len = first_position + tokens;
+        /* one KV head whose "group" is the tokens' query heads */
+        (fp8 ? attend_e4m3 : attend_bf16)(q, 1, rows, head_dim, kv_cache, h * head_dim,
+                                          value_offset, token_stride,
+                                          block_table + r * table_stride, block_size, 0, len,
+                                          output_scale, tokens > 1 ? row_lens : 0, acc);
+        for (int64_t i = 0; i < tokens; i++) {
+            const int64_t token = query_start_loc[r] + first_token + i;
+            for (int64_t g = 0; g < group; g++)
+                memcpy(out + (token * num_heads + h * group + g) * head_dim, acc[i * group + g],
+                       sizeof(float) * head_dim);
+        }
+    }
+    free(first_task);
     return 0;
 }
