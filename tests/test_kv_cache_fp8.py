@@ -229,18 +229,29 @@ def test_c_kernel_widens_every_e4m3_code_as_torch_does():
     torch.testing.assert_close(out[0, 0], codes.float() * 0.5, rtol=0, atol=0, equal_nan=True)
 
 
-def test_cpu_dispatch_sends_fp8_decodes_under_float32_queries_to_the_c_kernel(monkeypatch):
+def test_cpu_dispatch_sends_fp8_batches_under_float32_queries_to_the_c_kernels(monkeypatch):
     calls = []
 
-    def c_kernel(query, kv_cache, block_table, seq_lens, scale, sliding_window, **kv_scales):
-        calls.append((query.shape[0], kv_cache.dtype, kv_scales["k_scale"].item()))
+    def decode_kernel(query, kv_cache, block_table, seq_lens, scale, sliding_window, **scales):
+        calls.append(("decode", query.shape[0], kv_cache.dtype, scales["k_scale"].item()))
         return torch.full_like(query, 7.0)
 
-    monkeypatch.setattr(attention, "paged_decode_attention_cpu", c_kernel)
+    def prefill_kernel(query, kv_cache, block_table, query_start_loc, seq_lens, scale, **scales):
+        calls.append(("prefill", query.shape[0], kv_cache.dtype, scales["k_scale"].item()))
+        return torch.full_like(query, 5.0)
+
+    monkeypatch.setattr(attention, "paged_decode_attention_cpu", decode_kernel)
+    monkeypatch.setattr(attention, "paged_prefill_attention_cpu", prefill_kernel)
     k_scale, v_scale = _scales()
     query, kv_cache, metadata = paged_fp8_batch(MIXED_BATCH, 4, 2, 32)
     out = attention.paged_attention(query, kv_cache, metadata, 0.2, None, None, k_scale, v_scale)
-    assert calls == [(2, FP8_E4M3, pytest.approx(K_SCALE))]
+    assert calls == [("prefill", query.shape[0], FP8_E4M3, pytest.approx(K_SCALE))]
+    assert out.eq(5.0).all()
+    # with the prefill kernel declining: the decodes from C, the chunks from the reference
+    monkeypatch.setattr(attention, "paged_prefill_attention_cpu", lambda *args, **kwargs: None)
+    calls.clear()
+    out = attention.paged_attention(query, kv_cache, metadata, 0.2, None, None, k_scale, v_scale)
+    assert calls == [("decode", 2, FP8_E4M3, pytest.approx(K_SCALE))]
     assert out[:2].eq(7.0).all()
     reference = paged_attention_torch(query, kv_cache, metadata, 0.2, None, None, k_scale, v_scale)
     assert torch.equal(out[2:], reference[2:])  # the chunks from the reference, scaled
