@@ -89,13 +89,18 @@ int ember_rope_write_kv_rows(const void *qkv, int qkv_bf16, const int64_t *posit
     const size_t row_bytes = width * (qkv_bf16 ? sizeof(uint16_t) : sizeof(float));
     const int64_t value_plane = cache_slots * num_kv_heads * head_dim; /* in elements */
     const float k_divisor = k_scale ? *k_scale : 1.0f, v_divisor = v_scale ? *v_scale : 1.0f;
-#pragma omp parallel for schedule(static) if (num_tokens >= 64)
-    for (int64_t t = 0; t < num_tokens; ++t)
-        rope_token((const char *)qkv + t * row_bytes, qkv_bf16, cos_sin + positions[t] * rotary_dim,
-                   num_heads, num_kv_heads, head_dim, rotary_dim, kv_cache, value_plane,
-                   slots[t], q_out + t * num_heads * head_dim, cache_format, k_divisor,
-                   v_divisor);
+#define ROPE_TOKEN(t)                                                                        \
+    rope_token((const char *)qkv + (t) * row_bytes, qkv_bf16, cos_sin + positions[t] * rotary_dim, \
+               num_heads, num_kv_heads, head_dim, rotary_dim, kv_cache, value_plane, slots[t],   \
+               q_out + (t) * num_heads * head_dim, cache_format, k_divisor, v_divisor)
+    if (num_tokens < 64) { /* a decode step's: no parallel region (even an idle one costs) */
+        for (int64_t t = 0; t < num_tokens; ++t) ROPE_TOKEN(t);
+        return 0;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < num_tokens; ++t) ROPE_TOKEN(t);
     return 0;
+#undef ROPE_TOKEN
 }
 
 int ember_rope_write_kv(const uint16_t *qkv, const int64_t *positions, const float *cos_sin,

@@ -57,7 +57,12 @@ int ember_rms_norm(const void *x, int x_bf16, const float *residual, const float
                    int64_t rows, int64_t hidden, float eps, void *out, int out_bf16,
                    float *residual_out) {
     if (hidden > MAX_HIDDEN) return 1;
-#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
+    if (rows < PARALLEL_ROWS) { /* no parallel region at all: even an idle one costs */
+        for (int64_t r = 0; r < rows; ++r)
+            norm_row(x, x_bf16, residual, weight, r, hidden, eps, out, out_bf16, residual_out);
+        return 0;
+    }
+#pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r)
         norm_row(x, x_bf16, residual, weight, r, hidden, eps, out, out_bf16, residual_out);
     return 0;
