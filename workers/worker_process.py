@@ -9,6 +9,7 @@ then answer calls until `Shutdown`, the queue closes, or the engine core goes aw
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -55,6 +56,11 @@ def _answer(worker, call: WorkerCall, rank: int) -> WorkerReply:
         return WorkerReply(rank=rank, num_blocks=worker.num_available_kv_blocks())
     if isinstance(call, InitializeKVCache):
         worker.initialize_kv_cache(call.num_blocks)
+        # The last call of the startup: what exists now (the model's modules and tensors,
+        # the imported libraries) lives as long as the process, so the cyclic collector's
+        # full passes during steps need not walk it again (as vLLM's engine freezes its heap).
+        gc.collect()
+        gc.freeze()
         return WorkerReply(rank=rank)
     if isinstance(call, StartProfile):
         worker.start_profile(call.profile_dir, call.prefix)
