@@ -62,6 +62,27 @@ def available() -> bool:
     return _library() is not None
 
 
+def _served(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    *int_tensors: tuple[torch.Tensor, torch.dtype],
+) -> tuple[ctypes.CDLL, int] | None:
+    """(the library, the cache's format code) when the kernels can read these inputs: float32
+    queries, a contiguous bfloat16 or e4m3 cache (an e4m3 one's scales float32 scalars in host
+    memory), each of `int_tensors` (tensor, dtype) of its dtype; else None."""
+    cache_format = _CACHE_FORMATS.get(kv_cache.dtype)
+    if query.dtype != torch.float32 or cache_format is None or not kv_cache.is_contiguous():
+        return None
+    if any(tensor.dtype != dtype for tensor, dtype in int_tensors):
+        return None
+    if cache_format == 1 and not (_is_scalar(k_scale) and _is_scalar(v_scale)):
+        return None
+    library = _library()
+    return None if library is None else (library, cache_format)
+
+
 def paged_decode_attention_cpu(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -76,20 +97,12 @@ def paged_decode_attention_cpu(
     e4m3 `kv_cache` [2, num_blocks, block_size, Hkv, D] of each request's `block_table` row and
     `seq_lens` entry (an e4m3 cache's keys times `k_scale`, values times `v_scale`: float32
     scalars, None: 1); None when the kernel cannot serve these inputs (the caller falls back)."""
-    cache_format = _CACHE_FORMATS.get(kv_cache.dtype)
-    if (
-        query.dtype != torch.float32
-        or cache_format is None
-        or not kv_cache.is_contiguous()
-        or block_table.dtype != torch.int64
-        or seq_lens.dtype != torch.int32
-    ):
+    served = _served(
+        query, kv_cache, k_scale, v_scale, (block_table, torch.int64), (seq_lens, torch.int32)
+    )
+    if served is None:
         return None
-    if cache_format == 1 and not (_is_scalar(k_scale) and _is_scalar(v_scale)):
-        return None
-    library = _library()
-    if library is None:
-        return None
+    library, cache_format = served
     query = query.contiguous()
     block_table = block_table.contiguous()
     seq_lens = seq_lens.contiguous()
@@ -134,22 +147,18 @@ def paged_prefill_attention_cpu(
     int32 cached tokens), over the bfloat16 or e4m3 cache of `block_table` [R, n] int64: one
     call for the whole batch, each key read once for a few tokens' query heads; no sliding
     window. None when the kernel cannot serve these inputs (the caller falls back)."""
-    cache_format = _CACHE_FORMATS.get(kv_cache.dtype)
-    if (
-        query.dtype != torch.float32
-        or cache_format is None
-        or not kv_cache.is_contiguous()
-        or block_table.dtype != torch.int64
-        or query_start_loc.dtype != torch.int32
-        or seq_lens.dtype != torch.int32
-        or query_start_loc.shape[0] != seq_lens.shape[0] + 1
-    ):
+    served = _served(
+        query,
+        kv_cache,
+        k_scale,
+        v_scale,
+        (block_table, torch.int64),
+        (query_start_loc, torch.int32),
+        (seq_lens, torch.int32),
+    )
+    if served is None or query_start_loc.shape[0] != seq_lens.shape[0] + 1:
         return None
-    if cache_format == 1 and not (_is_scalar(k_scale) and _is_scalar(v_scale)):
-        return None
-    library = _library()
-    if library is None:
-        return None
+    library, cache_format = served
     query = query.contiguous()
     block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()
     query_start_loc = query_start_loc.contiguous()

@@ -280,21 +280,44 @@ static void attend_bf16(ATTEND_ARGS) { ATTEND_BY_GROUP(0) }
 
 static void attend_e4m3(ATTEND_ARGS) { ATTEND_BY_GROUP(1) }
 
+/* What both entry points derive from their arguments: the e4m3 scales folded into the
+   query's and the output's, and the cache's strides in elements. */
+typedef struct {
+    int fp8;
+    float query_scale, output_scale;
+    int64_t token_stride, value_offset;
+} CacheView;
+
+/* Returns 1, setting nothing, for shapes beyond the fixed buffers or an unknown format. */
+static int cache_view(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                      int64_t block_size, int64_t num_blocks, float scale, int64_t cache_format,
+                      const float *k_scale, const float *v_scale, CacheView *view) {
+    if (num_heads / num_kv_heads > MAX_GROUP || head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK)
+        return 1;
+    if (cache_format != 0 && cache_format != 1) return 1;
+    view->fp8 = cache_format == 1;
+    /* an e4m3 cache's scales: keys' into the query's scale, values' into the output's */
+    view->query_scale = scale * (view->fp8 && k_scale ? *k_scale : 1.0f);
+    view->output_scale = view->fp8 && v_scale ? *v_scale : 1.0f;
+    view->token_stride = num_kv_heads * head_dim;
+    view->value_offset = num_blocks * block_size * view->token_stride;
+    return 0;
+}
+
 int ember_paged_decode_attention(
     const float *query, const void *kv_cache, const int64_t *block_table,
     int64_t table_stride, const int32_t *seq_lens, int64_t num_reqs, int64_t num_heads,
     int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t num_blocks,
     float scale, int64_t sliding_window, float *out, int64_t cache_format,
     const float *k_scale, const float *v_scale) {
-    int64_t group = num_heads / num_kv_heads;
-    if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK) return 1;
-    if (cache_format != 0 && cache_format != 1) return 1;
-    const int fp8 = cache_format == 1;
-    /* The scales of an e4m3 cache: keys' into the query's scale, values' into the output's. */
-    const float query_scale = scale * (fp8 && k_scale ? *k_scale : 1.0f);
-    const float output_scale = fp8 && v_scale ? *v_scale : 1.0f;
-    const int64_t token_stride = num_kv_heads * head_dim;
-    const int64_t value_offset = num_blocks * block_size * token_stride;
+    CacheView view;
+    if (cache_view(num_heads, num_kv_heads, head_dim, block_size, num_blocks, scale,
+                   cache_format, k_scale, v_scale, &view))
+        return 1;
+    const int64_t group = num_heads / num_kv_heads;
+    const int fp8 = view.fp8;
+    const float query_scale = view.query_scale, output_scale = view.output_scale;
+    const int64_t token_stride = view.token_stride, value_offset = view.value_offset;
     /* A task is a request's KV heads, all of them (each block read as one stretch) when there
        are requests enough to keep the threads busy, else one. */
     int64_t task_heads = num_kv_heads;
@@ -342,14 +365,14 @@ int ember_paged_prefill_attention(
     int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t num_blocks, float scale, float *out, int64_t cache_format,
     const float *k_scale, const float *v_scale) {
-    int64_t group = num_heads / num_kv_heads;
-    if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK) return 1;
-    if (cache_format != 0 && cache_format != 1) return 1;
-    const int fp8 = cache_format == 1;
-    const float query_scale = scale * (fp8 && k_scale ? *k_scale : 1.0f);
-    const float output_scale = fp8 && v_scale ? *v_scale : 1.0f;
-    const int64_t token_stride = num_kv_heads * head_dim;
-    const int64_t value_offset = num_blocks * block_size * token_stride;
+    CacheView view;
+    if (cache_view(num_heads, num_kv_heads, head_dim, block_size, num_blocks, scale,
+                   cache_format, k_scale, v_scale, &view))
+        return 1;
+    const int64_t group = num_heads / num_kv_heads;
+    const int fp8 = view.fp8;
+    const float query_scale = view.query_scale, output_scale = view.output_scale;
+    const int64_t token_stride = view.token_stride, value_offset = view.value_offset;
     const int64_t tokens_per_task = group >= 8 ? 1 : 8 / group;
     /* first_task[r]: request r's first task; each request has num_kv_heads tasks per block
        of tokens_per_task tokens */
