@@ -316,9 +316,21 @@ def resolve_function(ref: FunctionRef) -> Any:
     return function
 
 
+def freeze_heap() -> None:
+    """Put what exists now (the model's modules and tensors, the imported libraries) out of the
+    cyclic collector's reach, so that its full passes during steps do not walk it again (as
+    vLLM's engine freezes its heap after startup). Called by the worker process after its
+    startup and after a wake-up; `_release_memory` thaws it first."""
+    gc.collect()
+    gc.freeze()
+
+
 def _release_memory(device: torch.device) -> None:
-    """Hand freed memory back: collect cycles, empty torch's CUDA cache, and on CPU ask glibc
-    to return its free heap pages (`malloc_trim`), which it otherwise keeps for reuse."""
+    """Hand freed memory back: collect cycles (the frozen heap's too: released weights sit in
+    cycles, a parameter's loader bound to its module), empty torch's CUDA cache, and on CPU
+    ask glibc to return its free heap pages (`malloc_trim`), which it otherwise keeps for
+    reuse."""
+    gc.unfreeze()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -9,7 +9,6 @@ then answer calls until `Shutdown`, the queue closes, or the engine core goes aw
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import signal
@@ -46,6 +45,12 @@ _POLL_S = 1.0
 _SPIN_S = 0.0005
 
 
+def _freeze_heap() -> None:
+    from ember.workers.worker import freeze_heap  # loaded with the worker (and torch) by now
+
+    freeze_heap()
+
+
 def _answer(worker, call: WorkerCall, rank: int) -> WorkerReply:
     if isinstance(call, ExecuteModel):
         output = worker.execute_model(call.scheduler_output, call.lockstep_wave)
@@ -56,11 +61,7 @@ def _answer(worker, call: WorkerCall, rank: int) -> WorkerReply:
         return WorkerReply(rank=rank, num_blocks=worker.num_available_kv_blocks())
     if isinstance(call, InitializeKVCache):
         worker.initialize_kv_cache(call.num_blocks)
-        # The last call of the startup: what exists now (the model's modules and tensors,
-        # the imported libraries) lives as long as the process, so the cyclic collector's
-        # full passes during steps need not walk it again (as vLLM's engine freezes its heap).
-        gc.collect()
-        gc.freeze()
+        _freeze_heap()  # the startup's last call: what exists now lives as long as the process
         return WorkerReply(rank=rank)
     if isinstance(call, StartProfile):
         worker.start_profile(call.profile_dir, call.prefix)
@@ -84,6 +85,7 @@ def _answer(worker, call: WorkerCall, rank: int) -> WorkerReply:
         return WorkerReply(rank=rank)
     if isinstance(call, WakeUp):
         worker.wake_up(call.tags)
+        _freeze_heap()  # the weights and cache loaded again
         return WorkerReply(rank=rank)
     raise TypeError(f"unknown worker call {type(call).__name__}")
 
