@@ -93,6 +93,29 @@ class Attention(nn.Module):
         )
         return output.view(num_tokens, self.num_heads * self.head_dim)
 
+    def forward_fused_qkv(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        rotary_emb: RotaryEmbedding,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The fused projection's output qkv [T, (Hq + 2 Hkv) D]: queries and keys rotated by
+        `rotary_emb`, keys and values stored in the cache, then attention -> [T, Hq*D]. The
+        rotation and the store are one C call where `rotate_into_cache` serves."""
+        query = self.rotate_into_cache(qkv, positions, rotary_emb, attn_metadata)
+        if query is not None:
+            return self.attend(query, attn_metadata)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        query, key, value = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        query, key = rotary_emb(
+            positions,
+            query.reshape(-1, self.num_heads, self.head_dim),
+            key.reshape(-1, self.num_kv_heads, self.head_dim),
+            attn_metadata.derived,
+        )
+        return self(query, key, value, attn_metadata)  # the module's call: its hooks see it
+
     def rotate_into_cache(
         self,
         qkv: torch.Tensor,

@@ -93,15 +93,14 @@ class LlamaAttention(nn.Module):
         self, positions: torch.Tensor, hidden_states: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
-        if self.q_norm is None:  # CPU: rotary and the cache write in one C call, where it can
-            query = self.attn.rotate_into_cache(qkv, positions, self.rotary_emb, attn_metadata)
-            if query is not None:
-                return self.o_proj(self.attn.attend(query, attn_metadata))
+        if self.q_norm is None:
+            attn_output = self.attn.forward_fused_qkv(
+                qkv, positions, self.rotary_emb, attn_metadata
+            )
+            return self.o_proj(attn_output)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
+        k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
         q, k = self.rotary_emb(positions, q, k, attn_metadata.derived)
         return self.o_proj(self.attn(q, k, v, attn_metadata))
 
