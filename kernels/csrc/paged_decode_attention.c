@@ -42,6 +42,7 @@ static int omp_get_max_threads(void) { return 1; }
 #define MAX_HEADS 64 /* query heads of one task */
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 64
+#define PREFILL_ROWS 48 /* query rows of a prefill task, at most (TILE_QUERY_ROWS) */
 
 #include "vector_math.h"
 
@@ -350,6 +351,163 @@ int ember_paged_decode_attention(
     return 0;
 }
 
+#if defined(__AVX512F__)
+/* Query rows of a prefill task on AVX-512 (tokens * group of them): each chunk of 16 keys is
+   transposed once and serves them all. */
+#define TILE_QUERY_ROWS PREFILL_ROWS
+#define SCORE_ROWS 8 /* rows whose scores are summed together, one chain each */
+#define VALUE_ROWS 6 /* rows whose outputs stay in registers while a chunk's values pass */
+
+/* rows[i] = column i of the 16 x 16 matrix whose rows were rows[0..15]. */
+static inline void transpose_16x16(__m512 rows[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(rows[i], rows[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(rows[i], rows[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        for (int j = 0; j < 2; j++) {
+            __m512d a = _mm512_castps_pd(t[i + j]), b = _mm512_castps_pd(t[i + 2 + j]);
+            rows[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+            rows[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        }
+    }
+    for (int i = 0; i < 16; i += 8) {
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_f32x4(rows[i + j], rows[i + 4 + j], 0x88);
+            t[i + 4 + j] = _mm512_shuffle_f32x4(rows[i + j], rows[i + 4 + j], 0xdd);
+        }
+    }
+    for (int j = 0; j < 8; j++) {
+        rows[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+        rows[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+    }
+}
+
+/* The causal attention of `rows` query rows (q: scaled; row j sees the keys below
+   row_lens[j], and the first key sees every row) over one KV head's keys [0, len), as `attend`
+   computes it for a prefill task, by chunks of 16 keys rather than key by key: a chunk's keys
+   become 16-lane columns (keys_t[d]: key t's element d in lane t), so that a row's 16 scores
+   are head_dim FMAs with no horizontal sums; its softmax is one vector; its values, widened
+   once, are multiplied into VALUE_ROWS rows' outputs held in registers. head_dim is a
+   multiple of 16; q and acc have room for rows up to a multiple of 24. */
+static inline __attribute__((always_inline)) void attend_rows_avx512(
+    float q[][MAX_HEAD_DIM], int64_t rows, const int64_t *row_lens, int64_t head_dim,
+    const void *keys, int64_t first_key, int64_t value_offset, int64_t token_stride,
+    const int64_t *blocks, int64_t block_size, int64_t len, float v_scale,
+    float acc[][MAX_HEAD_DIM], const int fp8) {
+    float keys_t[MAX_HEAD_DIM][16] __attribute__((aligned(64)));
+    float values[16][MAX_HEAD_DIM] __attribute__((aligned(64)));
+    float weights[TILE_QUERY_ROWS][16] __attribute__((aligned(64)));
+    float running_max[TILE_QUERY_ROWS], running_sum[TILE_QUERY_ROWS], correction[TILE_QUERY_ROWS];
+    /* rows past `rows`, up to a multiple of both row counts, are zero queries whose weights
+       stay zero: the loops below then run whole sets of rows */
+    const int64_t padded = (rows + 23) / 24 * 24;
+    for (int64_t j = 0; j < padded; j++) {
+        memset(acc[j], 0, sizeof(float) * head_dim);
+        running_max[j] = -INFINITY;
+        running_sum[j] = 0.0f;
+        correction[j] = 1.0f;
+        if (j >= rows) {
+            memset(q[j], 0, sizeof(float) * head_dim);
+            memset(weights[j], 0, sizeof(weights[j]));
+        }
+    }
+    for (int64_t first = 0; first < len;) {
+        int64_t last = (first / block_size + 1) * block_size;
+        if (last > first + 16) last = first + 16;
+        if (last > len) last = len;
+        const int64_t count = last - first;
+        const int64_t k_first =
+            first_key + (blocks[first / block_size] * block_size + first % block_size) * token_stride;
+        /* the chunk's keys as columns, its values as float32 rows */
+        for (int64_t d = 0; d < head_dim; d += 16) {
+            __m512 chunk[16];
+            for (int64_t t = 0; t < 16; t++)
+                chunk[t] = t < count ? load_16(keys, k_first + t * token_stride + d, fp8)
+                                     : _mm512_setzero_ps();
+            transpose_16x16(chunk);
+            for (int64_t i = 0; i < 16; i++) _mm512_store_ps(keys_t[d + i], chunk[i]);
+        }
+        for (int64_t t = 0; t < count; t++)
+            for (int64_t d = 0; d < head_dim; d += 16)
+                _mm512_store_ps(values[t] + d,
+                                load_16(keys, k_first + value_offset + t * token_stride + d, fp8));
+        const __mmask16 in_chunk = (__mmask16)((1u << count) - 1u);
+        /* scores, then each row's online softmax step */
+        for (int64_t j0 = 0; j0 < padded; j0 += SCORE_ROWS) {
+            const int64_t n = rows - j0 < SCORE_ROWS ? rows - j0 : SCORE_ROWS;
+            __m512 score[SCORE_ROWS];
+            for (int64_t i = 0; i < SCORE_ROWS; i++) score[i] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < head_dim; d++) {
+                const __m512 k = _mm512_load_ps(keys_t[d]);
+                for (int64_t i = 0; i < SCORE_ROWS; i++)
+                    score[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[j0 + i][d]), k, score[i]);
+            }
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t j = j0 + i;
+                const int64_t visible = row_lens[j] - first; /* keys of the chunk row j sees */
+                const __mmask16 seen = visible >= 16 ? in_chunk
+                    : visible <= 0 ? 0 : in_chunk & (__mmask16)((1u << visible) - 1u);
+                const float chunk_max = _mm512_mask_reduce_max_ps(seen, score[i]);
+                const float top = chunk_max > running_max[j] ? chunk_max : running_max[j];
+                const __m512 e = _mm512_maskz_mov_ps(
+                    seen, exp_ps(_mm512_sub_ps(score[i], _mm512_set1_ps(top))));
+                correction[j] = expf(running_max[j] - top);
+                running_sum[j] = running_sum[j] * correction[j] + _mm512_reduce_add_ps(e);
+                running_max[j] = top;
+                _mm512_store_ps(weights[j], e);
+            }
+        }
+        /* outputs: acc = acc * correction + weights @ values */
+        for (int64_t d = 0; d < head_dim; d += 64) {
+            const int64_t vectors = head_dim - d < 64 ? (head_dim - d) / 16 : 4;
+            for (int64_t j0 = 0; j0 < padded; j0 += VALUE_ROWS) {
+                __m512 out[VALUE_ROWS][4];
+                for (int64_t i = 0; i < VALUE_ROWS; i++)
+                    for (int64_t v = 0; v < vectors; v++)
+                        out[i][v] = _mm512_mul_ps(_mm512_loadu_ps(acc[j0 + i] + d + 16 * v),
+                                                  _mm512_set1_ps(correction[j0 + i]));
+                for (int64_t t = 0; t < count; t++) {
+                    for (int64_t v = 0; v < vectors; v++) {
+                        const __m512 value = _mm512_load_ps(values[t] + d + 16 * v);
+                        for (int64_t i = 0; i < VALUE_ROWS; i++)
+                            out[i][v] = _mm512_fmadd_ps(_mm512_set1_ps(weights[j0 + i][t]),
+                                                        value, out[i][v]);
+                    }
+                }
+                for (int64_t i = 0; i < VALUE_ROWS; i++)
+                    for (int64_t v = 0; v < vectors; v++)
+                        _mm512_storeu_ps(acc[j0 + i] + d + 16 * v, out[i][v]);
+            }
+        }
+        first = last;
+    }
+    for (int64_t j = 0; j < rows; j++) {
+        const float inv = running_sum[j] > 0.0f ? v_scale / running_sum[j] : 0.0f;
+        for (int64_t d = 0; d < head_dim; d++) acc[j][d] *= inv;
+    }
+}
+
+static void attend_rows_bf16(float q[][MAX_HEAD_DIM], int64_t rows, const int64_t *row_lens,
+                             int64_t head_dim, const void *keys, int64_t first_key,
+                             int64_t value_offset, int64_t token_stride, const int64_t *blocks,
+                             int64_t block_size, int64_t len, float v_scale,
+                             float acc[][MAX_HEAD_DIM]) {
+    attend_rows_avx512(q, rows, row_lens, head_dim, keys, first_key, value_offset, token_stride,
+                       blocks, block_size, len, v_scale, acc, 0);
+}
+
+static void attend_rows_e4m3(float q[][MAX_HEAD_DIM], int64_t rows, const int64_t *row_lens,
+                             int64_t head_dim, const void *keys, int64_t first_key,
+                             int64_t value_offset, int64_t token_stride, const int64_t *blocks,
+                             int64_t block_size, int64_t len, float v_scale,
+                             float acc[][MAX_HEAD_DIM]) {
+    attend_rows_avx512(q, rows, row_lens, head_dim, keys, first_key, value_offset, token_stride,
+                       blocks, block_size, len, v_scale, acc, 1);
+}
+#endif
+
 /* Causal attention of a batch of prefill chunks (and decodes: chunks of one token) over the
    cache, which holds this step's keys and values. Request r's q_len = query_start_loc[r + 1] -
    query_start_loc[r] tokens are the last of its seq_lens[r] cached tokens; token i of the
@@ -373,7 +531,12 @@ int ember_paged_prefill_attention(
     const int fp8 = view.fp8;
     const float query_scale = view.query_scale, output_scale = view.output_scale;
     const int64_t token_stride = view.token_stride, value_offset = view.value_offset;
+#if defined(__AVX512F__)
+    const int by_chunks = head_dim % 16 == 0; /* attend_rows_avx512 serves */
+    const int64_t tokens_per_task = by_chunks ? TILE_QUERY_ROWS / group : group >= 8 ? 1 : 8 / group;
+#else
     const int64_t tokens_per_task = group >= 8 ? 1 : 8 / group;
+#endif
     /* first_task[r]: request r's first task; each request has num_kv_heads tasks per block
        of tokens_per_task tokens */
     int64_t *first_task = malloc(sizeof(int64_t) * (num_reqs + 1));
@@ -406,8 +569,8 @@ int ember_paged_prefill_attention(
         int64_t tokens = q_len - first_token;
         if (tokens > tokens_per_task) tokens = tokens_per_task;
         const int64_t first_position = seq_lens[r] - q_len + first_token;
-        float q[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];
-        int64_t row_lens[MAX_GROUP];
+        float q[PREFILL_ROWS][MAX_HEAD_DIM], acc[PREFILL_ROWS][MAX_HEAD_DIM];
+        int64_t row_lens[PREFILL_ROWS];
         const int64_t rows = tokens * group;
         for (int64_t i = 0; i < tokens; i++) {
             const int64_t token = query_start_loc[r] + first_token + i;
@@ -418,6 +581,13 @@ int ember_paged_prefill_attention(
             }
         }
         const int64_t len = first_position + tokens;
+#if defined(__AVX512F__)
+        if (by_chunks)
+            (fp8 ? attend_rows_e4m3 : attend_rows_bf16)(
+                q, rows, row_lens, head_dim, kv_cache, h * head_dim, value_offset, token_stride,
+                block_table + r * table_stride, block_size, len, output_scale, acc);
+        else
+#endif
         /* one KV head whose "group" is the tokens' query heads */
         (fp8 ? attend_e4m3 : attend_bf16)(q, 1, rows, head_dim, kv_cache, h * head_dim,
                                           value_offset, token_stride,
