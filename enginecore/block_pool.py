@@ -6,6 +6,12 @@ from block hashes to blocks. Used by `ember.enginecore.kv_cache_manager.KVCacheM
 
 A block with ref_cnt 0 sits in the free queue; if it still has a hash it is a cached block that
 a prefix hit may take back (`touch`) until an allocation evicts it from the queue's head.
+
+A freed block with no hash holds nothing a prefix hit could take, so it joins the queue's head
+rather than its tail, and `reset_prefix_cache` moves every block once handed out before those
+never handed out: the next allocations reuse blocks whose memory is already resident (a CPU's
+cache pages are faulted in on first write, `ember.workers.host_kv_cache`) and leave cached
+blocks' eviction order as it was.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class KVCacheBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: BlockHash | None = None  # set once the block is full and cached
+    handed_out: bool = False  # some request held it once: its memory has been written
     prev_free_block: KVCacheBlock | None = None
     next_free_block: KVCacheBlock | None = None
     is_null: bool = False
@@ -108,6 +115,14 @@ class FreeKVCacheBlockQueue:
         for block in blocks:
             self.append(block)
 
+    def appendleft(self, block: KVCacheBlock) -> None:
+        first = self.head.next_free_block
+        first.prev_free_block = block
+        block.next_free_block = first
+        block.prev_free_block = self.head
+        self.head.next_free_block = block
+        self.num_free_blocks += 1
+
     def get_all_free_blocks(self) -> list[KVCacheBlock]:
         """The free blocks from head to tail (for tests and debugging; O(n))."""
         blocks = []
@@ -157,6 +172,7 @@ class BlockPool:
                 del cache[block.block_hash]
                 block.block_hash = None
             block.ref_cnt = 1
+            block.handed_out = True
         return blocks
 
     def touch(self, blocks: Sequence[KVCacheBlock]) -> None:
@@ -167,12 +183,16 @@ class BlockPool:
             block.ref_cnt += 1
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
-        """One holder fewer for each block; those left with none join the queue's tail in the
-        given order (so the first of them is evicted first)."""
+        """One holder fewer for each block; those left with none join the queue: cached ones
+        its tail in the given order (so the first of them is evicted first), those without a
+        hash its head (reused first)."""
         for block in ordered_blocks:
             block.ref_cnt -= 1
             if block.ref_cnt == 0 and not block.is_null:
-                self.free_block_queue.append(block)
+                if block.block_hash is None:
+                    self.free_block_queue.appendleft(block)
+                else:
+                    self.free_block_queue.append(block)
 
     def cache_full_block(self, block: KVCacheBlock, block_hash: BlockHash) -> None:
         """Record that `block` holds the full block `block_hash`. When another block already
@@ -192,4 +212,9 @@ class BlockPool:
         for block in self.cached_block_hash_to_block.values():
             block.block_hash = None
         self.cached_block_hash_to_block.clear()
+        free = self.free_block_queue.get_all_free_blocks()
+        self.free_block_queue = FreeKVCacheBlockQueue(
+            [block for block in free if block.handed_out]
+            + [block for block in free if not block.handed_out]
+        )
         return True

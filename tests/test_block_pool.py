@@ -19,7 +19,8 @@ from ember.workers.sampling_params import SamplingParams
 
 
 class FreeQueueMachine(RuleBasedStateMachine):
-    """`FreeKVCacheBlockQueue` behaves as a list: popleft / append / remove from the middle."""
+    """`FreeKVCacheBlockQueue` behaves as a list: popleft / append / appendleft / remove from
+    the middle."""
 
     def __init__(self):
         super().__init__()
@@ -53,6 +54,14 @@ class FreeQueueMachine(RuleBasedStateMachine):
             block = data.draw(st.sampled_from(outside))
             self.queue.append(block)
             self.model.append(block)
+
+    @rule(data=st.data())
+    def appendleft(self, data):
+        outside = [b for b in self.blocks if b not in self.model]
+        if outside:
+            block = data.draw(st.sampled_from(outside))
+            self.queue.appendleft(block)
+            self.model.insert(0, block)
 
     @invariant()
     def matches_the_list_both_ways(self):
@@ -294,8 +303,9 @@ def test_freed_blocks_stay_cached_until_evicted_from_the_lru_head():
     _admit(manager, _request("a", [1, 2, 3, 4, 5]))  # blocks for [1,2] [3,4] [5]
     manager.free(_request("a", []))
     assert manager.get_computed_blocks(_request("b", [1, 2, 3, 4, 9]))[1] == 4
-    # The free queue's head now holds a's tail block, then [3,4], then [1,2]: taking three
-    # blocks evicts [5]'s block (unhashed), the never-used block and [3,4], leaving [1,2].
+    # The free queue now holds a's tail block (no hash: at the head), the never-used block,
+    # [3,4], then [1,2]: taking three blocks takes [5]'s block, the never-used one and [3,4]'s
+    # (evicting it), leaving [1,2].
     manager.allocate_slots(_request("c", [7] * 6), 6)
     assert manager.get_computed_blocks(_request("d", [1, 2, 3, 4, 9]))[1] == 2
 
@@ -326,3 +336,32 @@ def test_prefix_caching_off_never_hits():
     _admit(manager, _request("a", list(range(10))))
     assert manager.get_computed_blocks(_request("b", list(range(10)))) == ([], 0)
     assert not manager.block_pool.cached_block_hash_to_block
+
+
+def test_blocks_without_a_hash_are_reused_before_fresh_ones_and_cached_ones_keep_their_order():
+    """A freed block that no prefix hit can take (no hash) joins the free queue's head, so that
+    the next allocation reuses memory already written; cached blocks still leave in LRU order
+    behind the never-used ones. A reset puts every block once handed out before those never
+    handed out."""
+    manager = KVCacheManager(num_blocks=9, block_size=2)  # 8 usable blocks, ids 1..8
+    pool = manager.block_pool
+    first = _request("a", [1, 2, 3, 4, 5])  # blocks 1, 2 full (cached), 3 partial
+    _admit(manager, first)
+    assert manager.get_block_ids(first) == [1, 2, 3]
+    manager.free(first)
+
+    def queue():
+        return [b.block_id for b in pool.free_block_queue.get_all_free_blocks()]
+
+    assert queue()[:1] == [3] and queue()[-2:] == [2, 1]  # unhashed first, cached last
+    second = _request("b", [7, 8, 9])
+    _admit(manager, second)
+    assert manager.get_block_ids(second) == [3, 4]  # the written block, then a fresh one
+    manager.free(second)
+    assert manager.get_computed_blocks(_request("c", [1, 2, 3, 4, 9]))[1] == 4  # still cached
+    assert manager.reset_prefix_cache()
+    handed_out = {1, 2, 3, 4}
+    assert set(queue()[:4]) == handed_out and set(queue()[4:]) == {5, 6, 7, 8}
+    third = _request("d", list(range(100, 108)))
+    _admit(manager, third)
+    assert set(manager.get_block_ids(third)) == handed_out  # no fresh memory touched
