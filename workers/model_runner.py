@@ -7,8 +7,6 @@ decodes is 5 tokens.
 
 from __future__ import annotations
 
-import math
-import mmap
 from dataclasses import dataclass, field
 
 import msgspec
@@ -22,6 +20,7 @@ from ember.workers.cpu_decode.llama_runner import LlamaCPUDecodeRunner
 from ember.workers.cpu_offload import offload_decoder_layers
 from ember.workers.cuda_graphs import CudaGraphRunner
 from ember.workers.distributed import SINGLE_RANK, ParallelContext
+from ember.workers.host_kv_cache import HostKVCache
 from ember.workers.host_to_device import to_device
 from ember.workers.layers.attention import Attention
 from ember.workers.layers.fused_moe import FusedMoE
@@ -116,6 +115,7 @@ class ModelRunner:
                 is_pin_memory=device.type == "cuda",
             )
         self.kv_caches: list[torch.Tensor] = []
+        self.host_kv_cache: HostKVCache | None = None  # the CPU cache's mappings
         self.cuda_graphs: CudaGraphRunner | None = None  # set by the worker on CUDA
         self.ran_model = False  # whether the last execute_model ran the model's forward
         self.load_model()
@@ -185,23 +185,26 @@ class ModelRunner:
         """Allocate every layer's cache [2, num_blocks, block_size, Hkv, D] and bind it.
 
         Zeroed, never garbage: attention multiplies masked-out slots by a zero weight, and a
-        NaN there would still poison the sum. On CPU the memory is an anonymous mapping, which
-        the kernel zero-fills page by page on first write, so resident memory grows with the
-        blocks actually used rather than with the budget.
+        NaN there would still poison the sum. On CPU the memory is anonymous mappings, zero
+        until written, whose pages `_prepare_inputs` populates ahead of the blocks a step
+        writes (`HostKVCache`): resident memory grows with the blocks actually used rather
+        than with the budget.
         """
-        self.kv_caches = []
-        for layer in self.attention_layers:
-            shape = (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            if self.device.type == "cpu":
-                numel = math.prod(shape)
-                element_bytes = torch.empty(0, dtype=self.kv_cache_dtype).element_size()
-                buffer = mmap.mmap(-1, numel * element_bytes)
-                cache = torch.frombuffer(buffer, dtype=self.kv_cache_dtype, count=numel)
-                cache = cache.view(shape)
-            else:
-                cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+        shapes = [
+            (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            for layer in self.attention_layers
+        ]
+        self.host_kv_cache = None
+        if self.device.type == "cpu":
+            self.host_kv_cache = HostKVCache(shapes, self.kv_cache_dtype)
+            self.kv_caches = list(self.host_kv_cache.tensors)
+        else:
+            self.kv_caches = [
+                torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+                for shape in shapes
+            ]
+        for layer, cache in zip(self.attention_layers, self.kv_caches):
             layer.kv_cache = cache
-            self.kv_caches.append(cache)
 
     def free_kv_cache(self) -> None:
         """Release every layer's cache (`Worker.sleep`); the CUDA graphs, which read it, go
@@ -210,6 +213,7 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.kv_cache = torch.empty(0)
         self.kv_caches = []
+        self.host_kv_cache = None
 
     # ---- one step ----------------------------------------------------------------------
 
@@ -338,6 +342,8 @@ class ModelRunner:
             block_table[req_index, positions // self.block_size] * self.block_size
             + positions % self.block_size
         )
+        if self.host_kv_cache is not None and len(slot_mapping):
+            self.host_kv_cache.populate_through(int(slot_mapping.max()) // self.block_size)
         device = self.device
         metadata = AttentionMetadata(
             slot_mapping=to_device(slot_mapping, device, torch.int64),
