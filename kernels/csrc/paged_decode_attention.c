@@ -64,6 +64,14 @@ static inline __m256 load_8(const void *cache, int64_t index, int fp8) {
 }
 #endif
 
+/* The cache lines of one token's keys (row_bytes at `row`) and values (v_bytes further). */
+static inline void prefetch_token(const char *row, int64_t row_bytes, int64_t v_bytes) {
+    for (int64_t offset = 0; offset < row_bytes; offset += 64) {
+        __builtin_prefetch(row + offset, 0, 3);
+        __builtin_prefetch(row + offset + v_bytes, 0, 3);
+    }
+}
+
 /* The attention of one request's query heads of KV heads [0, kv_heads) (q: scaled,
    [kv_heads * group][head_dim], `keys` the cache and `first_key` the element offset of the
    first of those KV heads) over tokens [start, len) of its blocks; acc gets the outputs,
@@ -99,21 +107,23 @@ static inline __attribute__((always_inline)) void attend(
         const int64_t k_first =
             first_key + (blocks[first / block_size] * block_size + first % block_size) * token_stride;
         const int64_t v_first = k_first + value_offset;
-        if (last < len) { /* the next block's keys and values, while this one computes */
-            const char *k_next = (const char *)keys +
+        /* The next block's keys and values are fetched while this one computes, a token's
+           rows per token: issued all at once, the prefetches outnumbered the core's fill
+           buffers and held the loads behind them until most of the block had arrived (the
+           compute and the memory then took turns: 32 requests of ~190 tokens, SmolLM2's 30
+           layers, 2 threads: 11.0 ms, against 6.5 with the cache in L2/L3). */
+        const char *k_next = 0;
+        int64_t next_tokens = 0;
+        if (last < len) {
+            k_next = (const char *)keys +
                 (first_key + blocks[last / block_size] * block_size * token_stride) * element_bytes;
-            int64_t tokens = len - last < block_size ? len - last : block_size;
-            int64_t row_bytes = kv_heads * head_dim * element_bytes;
-            int64_t v_bytes = value_offset * element_bytes;
-            for (int64_t t = 0; t < tokens; t++) {
-                const char *row = k_next + t * token_stride * element_bytes;
-                for (int64_t offset = 0; offset < row_bytes; offset += 64) {
-                    __builtin_prefetch(row + offset);
-                    __builtin_prefetch(row + offset + v_bytes);
-                }
-            }
+            next_tokens = len - last < block_size ? len - last : block_size;
         }
-        for (int64_t t = 0; t < count; t++) {
+        for (int64_t t = 0; t < count || t < next_tokens; t++) {
+            if (t < next_tokens)
+                prefetch_token(k_next + t * token_stride * element_bytes,
+                               kv_heads * head_dim * element_bytes, value_offset * element_bytes);
+            if (t >= count) continue;
             for (int64_t h = 0; h < kv_heads; h++) {
                 const int64_t k_row = k_first + t * token_stride + h * head_dim;
                 float (*qh)[MAX_HEAD_DIM] = q + h * group;
