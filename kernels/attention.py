@@ -31,7 +31,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ember.kernels.attention_cpu import paged_decode_attention_cpu, paged_prefill_attention_cpu
+from ember.kernels.attention_cpu import (
+    paged_decode_attention_cpu,
+    paged_prefill_attention_cpu,
+    prefill_tiles_serve,
+)
 
 FP8_E4M3 = torch.float8_e4m3fn
 FP8_E4M3_MAX = 448.0  # the largest finite e4m3fn value
@@ -47,8 +51,10 @@ def to_fp8_e4m3(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Ten
 
 
 # Contexts up to which a batch with prefill chunks takes the C kernel
-# (`paged_prefill_attention_cpu`: one call, no gathered copies); beyond, each chunk takes
-# torch's SDPA, whose blocked matmuls win there (1024 tokens: 8.9 ms against 14.3).
+# (`paged_prefill_attention_cpu`: one call, no gathered copies) in its vector forms; beyond,
+# each chunk takes torch's SDPA, whose blocked matmuls win there (one prompt of 1024 tokens:
+# 8.8 ms against 10.4 for the AVX-512 form). Where the kernel multiplies with AMX tiles
+# (`attention_cpu.prefill_tiles_serve`) it serves every context.
 PREFILL_KERNEL_MAX_LEN = 512
 
 
@@ -149,7 +155,8 @@ def paged_attention(
 
     Dispatch: CUDA tensors -> `paged_attention_triton`, the whole batch in one launch. On CPU, a
     bfloat16 or e4m3 cache under float32 queries without a soft cap -> a batch with prefill
-    chunks, contexts up to `PREFILL_KERNEL_MAX_LEN` and no sliding window in effect:
+    chunks, contexts up to `PREFILL_KERNEL_MAX_LEN` (any, where AMX tiles serve) and no
+    sliding window in effect:
     `paged_prefill_attention_cpu`, the whole batch in one call; otherwise
     `paged_decode_attention_cpu` for the decode rows (where a kernel declines: no compiler, a
     shape beyond it, the reference serves); everything else, and the prefill chunks beside
@@ -178,7 +185,7 @@ def paged_attention(
     if (
         c_kernels_apply
         and num_decodes < metadata.num_reqs
-        and metadata.max_seq_len <= PREFILL_KERNEL_MAX_LEN
+        and (metadata.max_seq_len <= PREFILL_KERNEL_MAX_LEN or prefill_tiles_serve(query.shape[-1]))
         and (sliding_window is None or metadata.max_seq_len <= sliding_window)
         and query.shape[0] == metadata.query_start_loc_cpu[-1]
     ):

@@ -118,18 +118,32 @@ def test_torch_reference_on_a_bf16_cache_uses_torch_alone_and_matches_dense_atte
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(params=["amx", "vector"])
+def prefill_form(request):
+    """The prefill kernel's AMX-tile form (skipped where the build or the CPU has none) or its
+    vector form (AVX-512 chunks of keys, or key by key), chosen for the test."""
+    tiles = attention_cpu.use_amx(request.param == "amx")
+    try:
+        if request.param == "amx" and not tiles:
+            pytest.skip("this build has no AMX tiles on this CPU")
+        yield request.param
+    finally:
+        attention_cpu.use_amx(True)
+
+
 @needs_c_kernel
 @pytest.mark.parametrize(
-    "num_heads, num_kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 2, 128), (16, 1, 64)]
+    "num_heads, num_kv_heads, head_dim",
+    [(4, 4, 64), (9, 3, 64), (8, 2, 128), (16, 1, 64), (6, 2, 32)],
 )
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, attention.FP8_E4M3])
 def test_prefill_kernel_matches_the_torch_reference_on_a_mixed_batch(
-    num_heads, num_kv_heads, head_dim, cache_dtype
+    num_heads, num_kv_heads, head_dim, cache_dtype, prefill_form
 ):
     # Decodes, chunks in the middle of their requests (on and off block boundaries), fresh
-    # prompts (q_len == seq_len) of two tokens, within a block and across many.
-    query_lens = [1, 1, 5, 16, 12, 2, 37, 250]
-    seq_lens = [9, 300, 30, 48, 12, 2, 37, 250]
+    # prompts (q_len == seq_len) of two tokens, within a block and across many, and a long one.
+    query_lens = [1, 1, 5, 16, 12, 2, 37, 250, 700]
+    seq_lens = [9, 300, 30, 48, 12, 2, 37, 250, 700]
     query, kv_cache, metadata = _paged_batch(
         seq_lens, num_heads, num_kv_heads, head_dim, query_lens, cache_dtype
     )
@@ -184,16 +198,26 @@ def test_paged_attention_on_cpu_sends_batches_to_the_c_kernels_and_the_rest_to_t
     # Decodes only: the decode kernel's output is the batch's.
     out, _, _ = run([1, 1, 1], [5, 17, 33], torch.bfloat16)
     assert [call[0] for call in calls] == ["decode"] and out.eq(7.0).all()
-    # A context beyond PREFILL_KERNEL_MAX_LEN, or a sliding window shorter than a context:
-    # the decode rows from C, the chunks from the reference.
+    # A context beyond PREFILL_KERNEL_MAX_LEN without AMX tiles, or a sliding window shorter
+    # than a context: the decode rows from C, the chunks from the reference.
     long_seq_lens = [*MIXED_SEQ_LENS[:3], attention.PREFILL_KERNEL_MAX_LEN + 1]
-    for seq_lens, sliding_window in ((long_seq_lens, None), (MIXED_SEQ_LENS, 20)):
-        out, reference, num_decodes = run(
-            [*MIXED_QUERY_LENS[:3], 12], seq_lens, torch.bfloat16, sw=sliding_window
-        )
-        assert calls == [("decode", (num_decodes, 4, 32), num_decodes, seq_lens[:num_decodes])]
-        assert out[:num_decodes].eq(7.0).all()
-        assert torch.equal(out[num_decodes:], reference[num_decodes:])
+    tiles = attention_cpu.use_amx(False)
+    try:
+        for seq_lens, sliding_window in ((long_seq_lens, None), (MIXED_SEQ_LENS, 20)):
+            out, reference, num_decodes = run(
+                [*MIXED_QUERY_LENS[:3], 12], seq_lens, torch.bfloat16, sw=sliding_window
+            )
+            decode_call = ("decode", (num_decodes, 4, 32), num_decodes, seq_lens[:num_decodes])
+            assert calls == [decode_call]
+            assert out[:num_decodes].eq(7.0).all()
+            assert torch.equal(out[num_decodes:], reference[num_decodes:])
+    finally:
+        tiles = attention_cpu.use_amx(True)
+    # With AMX tiles the kernel takes every context.
+    if tiles:
+        out, _, _ = run([*MIXED_QUERY_LENS[:3], 12], long_seq_lens, torch.bfloat16)
+        assert calls == [("prefill", (19, 4, 32), [0, 1, 2, 7, 19], long_seq_lens)]
+        assert out.eq(5.0).all()
     # The reference alone: a float32 cache, bfloat16 queries, a soft cap.
     f32, bf16 = torch.float32, torch.bfloat16
     for case in [

@@ -518,6 +518,279 @@ static void attend_rows_e4m3(float q[][MAX_HEAD_DIM], int64_t rows, const int64_
 }
 #endif
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Prefill attention with AMX-BF16 tiles (Sapphire Rapids and later Xeons): tdpbf16ps multiplies
+   16 rows of 32 bfloat16 by 32 x 16 bfloat16 into 16 x 16 float32 sums, 512 products an
+   instruction where an AVX-512 FMA does 16. Products of bfloat16 are exact in float32, so
+   each float32 operand the cache does not already hold in bfloat16 (the queries, the softmax
+   weights) goes in as three bfloat16 parts whose sum is that float exactly (8 significand
+   bits each): the scores and outputs are float32 sums of the exact products, as the AVX-512
+   kernel's are. Keys in 32-wide chunks: tiles 0 and 1 take a row tile's scores of the chunk's
+   two halves; 2 an A operand (a query part, a weight part), 3 a B operand (keys as columns
+   of bfloat16 pairs, values as rows of pairs); 4-7 the outputs of 64 channels. */
+#define AMX_KEYS 32
+#define AMX_MAX_HEAD_DIM 128
+#define AMX_ROW_TILES (TILE_QUERY_ROWS / 16)
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} __attribute__((packed)) AttentionTileConfig;
+
+/* 1 when prefill attention uses AMX tiles, 0 when not, -1 before the first request (Linux
+   grants a process the tile data state on request); `ember_prefill_use_amx(0)` turns them off
+   (the AVX-512 kernel then serves). */
+static int amx_state = -1;
+
+static int amx_ready(void) {
+    int state = __atomic_load_n(&amx_state, __ATOMIC_ACQUIRE);
+    if (state < 0) {
+        state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+        __atomic_store_n(&amx_state, state, __ATOMIC_RELEASE);
+    }
+    return state;
+}
+
+int ember_prefill_use_amx(int enabled) {
+    __atomic_store_n(&amx_state, enabled ? -1 : 0, __ATOMIC_RELEASE);
+    return enabled ? amx_ready() : 0;
+}
+
+/* Whether ember_paged_prefill_attention multiplies with AMX tiles for this head size. */
+int ember_prefill_tiles_serve(int64_t head_dim) {
+    return head_dim % 32 == 0 && head_dim <= AMX_MAX_HEAD_DIM && amx_ready();
+}
+
+static void configure_attention_tiles(void) {
+    AttentionTileConfig config;
+    memset(&config, 0, sizeof(config));
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) { /* every tile 16 rows of 64 bytes */
+        config.rows[t] = 16;
+        config.bytes_per_row[t] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* x = hi + mid + lo exactly, each bfloat16 (rounded to nearest even in turn). */
+static inline void split_bf16(__m512 x, __m256i parts[3]) {
+    for (int p = 0; p < 3; p++) {
+        parts[p] = (__m256i)_mm512_cvtneps_pbh(x);
+        const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(parts[p]), 16));
+        x = _mm512_sub_ps(x, back);
+    }
+}
+
+/* 16 float32 values of a cache row (either format) as 16 bfloat16, exactly (bfloat16 and
+   e4m3 values are bfloat16 values). */
+static inline __m256i cache_bf16(const void *cache, int64_t index, int fp8) {
+    return (__m256i)_mm512_cvtneps_pbh(load_16(cache, index, fp8));
+}
+
+static inline __attribute__((always_inline)) void attend_rows_amx(
+    float q[][MAX_HEAD_DIM], int64_t rows, const int64_t *row_lens, int64_t head_dim,
+    const void *keys, int64_t first_key, int64_t value_offset, int64_t token_stride,
+    const int64_t *blocks, int64_t block_size, int64_t len, float v_scale,
+    float acc[][MAX_HEAD_DIM], const int fp8) {
+    const int64_t slices = head_dim / 32, row_tiles = (rows + 15) / 16;
+    /* A operands: query parts [part][row tile][slice][16 rows][32], weight parts
+       [part][row tile][16 rows][32 keys]; B: keys [half][slice][16 pairs][16 keys][2],
+       values [16 channels][16 key pairs][16 channels' pairs] */
+    uint16_t q_parts[3][AMX_ROW_TILES][AMX_MAX_HEAD_DIM / 32][16][32] __attribute__((aligned(64)));
+    uint16_t w_parts[3][AMX_ROW_TILES][16][AMX_KEYS] __attribute__((aligned(64)));
+    uint32_t keys_b[2][AMX_MAX_HEAD_DIM / 32][16][16] __attribute__((aligned(64)));
+    uint16_t values_b[AMX_MAX_HEAD_DIM / 16][16][32] __attribute__((aligned(64)));
+    float scores[TILE_QUERY_ROWS][AMX_KEYS] __attribute__((aligned(64)));
+    float outputs[16][AMX_MAX_HEAD_DIM] __attribute__((aligned(64)));
+    float running_max[TILE_QUERY_ROWS], running_sum[TILE_QUERY_ROWS], correction[TILE_QUERY_ROWS];
+    for (int64_t j = 0; j < row_tiles * 16; j++) {
+        memset(acc[j], 0, sizeof(float) * head_dim);
+        running_max[j] = -INFINITY;
+        running_sum[j] = 0.0f;
+        for (int64_t s = 0; s < slices; s++)
+            for (int64_t h = 0; h < 2; h++) {
+                __m256i parts[3];
+                split_bf16(j < rows ? _mm512_loadu_ps(q[j] + 32 * s + 16 * h) : _mm512_setzero_ps(),
+                           parts);
+                for (int p = 0; p < 3; p++)
+                    _mm256_store_si256((__m256i *)&q_parts[p][j / 16][s][j % 16][16 * h], parts[p]);
+            }
+    }
+    /* values_b's index pattern: pair n of channel block c takes channel 16c' + n of both keys */
+    const __m512i interleave_low = _mm512_set_epi16(
+        47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i interleave_high = _mm512_add_epi16(interleave_low, _mm512_set1_epi16(16));
+    for (int64_t first = 0; first < len; first += AMX_KEYS) {
+        const int64_t count = len - first < AMX_KEYS ? len - first : AMX_KEYS;
+        /* keys as columns: key n's 32-bit pairs, transposed per 16 keys and 16 pairs */
+        for (int64_t half = 0; half < 2; half++)
+            for (int64_t s = 0; s < slices; s++) {
+                __m512 columns[16];
+                for (int64_t n = 0; n < 16; n++) {
+                    const int64_t t = first + 16 * half + n;
+                    if (16 * half + n >= count) {
+                        columns[n] = _mm512_setzero_ps();
+                        continue;
+                    }
+                    const int64_t row = first_key +
+                        (blocks[t / block_size] * block_size + t % block_size) * token_stride + 32 * s;
+                    const __m256i low = cache_bf16(keys, row, fp8), high = cache_bf16(keys, row + 16, fp8);
+                    columns[n] = _mm512_castsi512_ps(
+                        _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1));
+                }
+                transpose_16x16(columns);
+                for (int64_t i = 0; i < 16; i++)
+                    _mm512_store_ps((float *)keys_b[half][s][i], columns[i]);
+            }
+        /* values as rows of pairs: keys 2i and 2i + 1 interleaved channel by channel */
+        for (int64_t i = 0; i < 16; i++) {
+            __m512i rows_of[2][AMX_MAX_HEAD_DIM / 32];
+            for (int64_t e = 0; e < 2; e++) {
+                const int64_t k = 2 * i + e, t = first + k;
+                const int64_t row = k < count ? first_key + value_offset +
+                    (blocks[t / block_size] * block_size + t % block_size) * token_stride : -1;
+                for (int64_t s = 0; s < slices; s++)
+                    rows_of[e][s] = row < 0 ? _mm512_setzero_si512()
+                        : _mm512_inserti64x4(_mm512_castsi256_si512(cache_bf16(keys, row + 32 * s, fp8)),
+                                             cache_bf16(keys, row + 32 * s + 16, fp8), 1);
+            }
+            for (int64_t s = 0; s < slices; s++) {
+                _mm512_store_si512(values_b[2 * s][i],
+                                   _mm512_permutex2var_epi16(rows_of[0][s], interleave_low, rows_of[1][s]));
+                _mm512_store_si512(values_b[2 * s + 1][i],
+                                   _mm512_permutex2var_epi16(rows_of[0][s], interleave_high, rows_of[1][s]));
+            }
+        }
+        /* scores of each row tile: tiles 0 and 1 (the chunk's halves) */
+        for (int64_t rt = 0; rt < row_tiles; rt++) {
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int64_t s = 0; s < slices; s++) {
+                for (int p = 0; p < 3; p++) {
+                    _tile_loadd(2, q_parts[p][rt][s], 64);
+                    _tile_loadd(3, keys_b[0][s], 64);
+                    _tile_dpbf16ps(0, 2, 3);
+                    _tile_loadd(3, keys_b[1][s], 64);
+                    _tile_dpbf16ps(1, 2, 3);
+                }
+            }
+            _tile_stored(0, scores[16 * rt], AMX_KEYS * sizeof(float));
+            _tile_stored(1, scores[16 * rt] + 16, AMX_KEYS * sizeof(float));
+        }
+        /* each row's online softmax step; its weights in three parts */
+        const __mmask32 in_chunk = count >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << count) - 1u);
+        for (int64_t j = 0; j < row_tiles * 16; j++) {
+            __m256i parts[2][3];
+            if (j < rows) {
+                const int64_t visible = row_lens[j] - first;
+                const __mmask32 seen = visible >= 32 ? in_chunk
+                    : visible <= 0 ? 0 : in_chunk & (__mmask32)((1u << visible) - 1u);
+                const __mmask16 seen_low = (__mmask16)seen, seen_high = (__mmask16)(seen >> 16);
+                const __m512 low = _mm512_load_ps(scores[j]), high = _mm512_load_ps(scores[j] + 16);
+                const float chunk_max = _mm512_reduce_max_ps(_mm512_max_ps(
+                    _mm512_mask_blend_ps(seen_low, _mm512_set1_ps(-INFINITY), low),
+                    _mm512_mask_blend_ps(seen_high, _mm512_set1_ps(-INFINITY), high)));
+                const float top = chunk_max > running_max[j] ? chunk_max : running_max[j];
+                const __m512 e_low = _mm512_maskz_mov_ps(seen_low, exp_ps(_mm512_sub_ps(low, _mm512_set1_ps(top))));
+                const __m512 e_high = _mm512_maskz_mov_ps(seen_high, exp_ps(_mm512_sub_ps(high, _mm512_set1_ps(top))));
+                correction[j] = expf(running_max[j] - top);
+                running_sum[j] = running_sum[j] * correction[j] +
+                                 _mm512_reduce_add_ps(_mm512_add_ps(e_low, e_high));
+                running_max[j] = top;
+                split_bf16(e_low, parts[0]);
+                split_bf16(e_high, parts[1]);
+            } else {
+                correction[j] = 1.0f;
+                for (int p = 0; p < 3; p++) parts[0][p] = parts[1][p] = _mm256_setzero_si256();
+            }
+            for (int p = 0; p < 3; p++) {
+                _mm256_store_si256((__m256i *)w_parts[p][j / 16][j % 16], parts[0][p]);
+                _mm256_store_si256((__m256i *)(w_parts[p][j / 16][j % 16] + 16), parts[1][p]);
+            }
+        }
+        /* outputs: each row tile's products into tiles 4-7, 64 channels at a time, then acc =
+           acc * correction + products */
+        for (int64_t rt = 0; rt < row_tiles; rt++) {
+            for (int64_t c0 = 0; c0 < head_dim / 16; c0 += 4) {
+                const int64_t blocks_here = head_dim / 16 - c0 < 4 ? head_dim / 16 - c0 : 4;
+                _tile_zero(4);
+                _tile_zero(5);
+                _tile_zero(6);
+                _tile_zero(7);
+                for (int p = 0; p < 3; p++) {
+                    _tile_loadd(2, w_parts[p][rt], 64);
+                    _tile_loadd(3, values_b[c0], 64);
+                    _tile_dpbf16ps(4, 2, 3);
+                    if (blocks_here > 1) {
+                        _tile_loadd(3, values_b[c0 + 1], 64);
+                        _tile_dpbf16ps(5, 2, 3);
+                    }
+                    if (blocks_here > 2) {
+                        _tile_loadd(3, values_b[c0 + 2], 64);
+                        _tile_dpbf16ps(6, 2, 3);
+                    }
+                    if (blocks_here > 3) {
+                        _tile_loadd(3, values_b[c0 + 3], 64);
+                        _tile_dpbf16ps(7, 2, 3);
+                    }
+                }
+                const int64_t stride = AMX_MAX_HEAD_DIM * sizeof(float);
+                _tile_stored(4, outputs[0] + 16 * c0, stride);
+                if (blocks_here > 1) _tile_stored(5, outputs[0] + 16 * (c0 + 1), stride);
+                if (blocks_here > 2) _tile_stored(6, outputs[0] + 16 * (c0 + 2), stride);
+                if (blocks_here > 3) _tile_stored(7, outputs[0] + 16 * (c0 + 3), stride);
+            }
+            for (int64_t r = 0; r < 16; r++) {
+                const int64_t j = 16 * rt + r;
+                const __m512 scale = _mm512_set1_ps(correction[j]);
+                for (int64_t d = 0; d < head_dim; d += 16)
+                    _mm512_storeu_ps(acc[j] + d, _mm512_fmadd_ps(_mm512_loadu_ps(acc[j] + d), scale,
+                                                                 _mm512_load_ps(outputs[r] + d)));
+            }
+        }
+    }
+    for (int64_t j = 0; j < rows; j++) {
+        const float inv = running_sum[j] > 0.0f ? v_scale / running_sum[j] : 0.0f;
+        for (int64_t d = 0; d < head_dim; d++) acc[j][d] *= inv;
+    }
+}
+
+static void attend_rows_amx_bf16(float q[][MAX_HEAD_DIM], int64_t rows, const int64_t *row_lens,
+                                 int64_t head_dim, const void *keys, int64_t first_key,
+                                 int64_t value_offset, int64_t token_stride,
+                                 const int64_t *blocks, int64_t block_size, int64_t len,
+                                 float v_scale, float acc[][MAX_HEAD_DIM]) {
+    attend_rows_amx(q, rows, row_lens, head_dim, keys, first_key, value_offset, token_stride,
+                    blocks, block_size, len, v_scale, acc, 0);
+}
+
+static void attend_rows_amx_e4m3(float q[][MAX_HEAD_DIM], int64_t rows, const int64_t *row_lens,
+                                 int64_t head_dim, const void *keys, int64_t first_key,
+                                 int64_t value_offset, int64_t token_stride,
+                                 const int64_t *blocks, int64_t block_size, int64_t len,
+                                 float v_scale, float acc[][MAX_HEAD_DIM]) {
+    attend_rows_amx(q, rows, row_lens, head_dim, keys, first_key, value_offset, token_stride,
+                    blocks, block_size, len, v_scale, acc, 1);
+}
+#else
+int ember_prefill_use_amx(int enabled) {
+    (void)enabled;
+    return 0;
+}
+
+int ember_prefill_tiles_serve(int64_t head_dim) {
+    (void)head_dim;
+    return 0;
+}
+#endif
+
 /* Causal attention of a batch of prefill chunks (and decodes: chunks of one token) over the
    cache, which holds this step's keys and values. Request r's q_len = query_start_loc[r + 1] -
    query_start_loc[r] tokens are the last of its seq_lens[r] cached tokens; token i of the
@@ -541,8 +814,13 @@ int ember_paged_prefill_attention(
     const int fp8 = view.fp8;
     const float query_scale = view.query_scale, output_scale = view.output_scale;
     const int64_t token_stride = view.token_stride, value_offset = view.value_offset;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+    const int by_tiles = ember_prefill_tiles_serve(head_dim);
+#else
+    const int by_tiles = 0;
+#endif
 #if defined(__AVX512F__)
-    const int by_chunks = head_dim % 16 == 0; /* attend_rows_avx512 serves */
+    const int by_chunks = head_dim % 16 == 0; /* attend_rows_avx512 serves, or by_tiles */
     const int64_t tokens_per_task = by_chunks ? TILE_QUERY_ROWS / group : group >= 8 ? 1 : 8 / group;
 #else
     const int64_t tokens_per_task = group >= 8 ? 1 : 8 / group;
@@ -564,7 +842,12 @@ int ember_paged_prefill_attention(
         work += (int64_t)q_len * seq_lens[r];
     }
 
-#pragma omp parallel for schedule(dynamic, 1) if (work * num_kv_heads >= 4096)
+#pragma omp parallel if (work * num_kv_heads >= 4096)
+    {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+    if (by_tiles) configure_attention_tiles();
+#endif
+#pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < first_task[num_reqs]; task++) {
         int64_t r = 0, high = num_reqs; /* the request whose tasks hold `task` */
         while (high - r > 1) {
@@ -591,6 +874,13 @@ int ember_paged_prefill_attention(
             }
         }
         const int64_t len = first_position + tokens;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+        if (by_tiles)
+            (fp8 ? attend_rows_amx_e4m3 : attend_rows_amx_bf16)(
+                q, rows, row_lens, head_dim, kv_cache, h * head_dim, value_offset, token_stride,
+                block_table + r * table_stride, block_size, len, output_scale, acc);
+        else
+#endif
 #if defined(__AVX512F__)
         if (by_chunks)
             (fp8 ? attend_rows_e4m3 : attend_rows_bf16)(
@@ -609,6 +899,10 @@ int ember_paged_prefill_attention(
                 memcpy(out + (token * num_heads + h * group + g) * head_dim, acc[i * group + g],
                        sizeof(float) * head_dim);
         }
+    }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+    if (by_tiles) _tile_release();
+#endif
     }
     free(first_task);
     return 0;
