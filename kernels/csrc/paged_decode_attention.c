@@ -519,8 +519,7 @@ static void attend_rows_e4m3(float q[][MAX_HEAD_DIM], int64_t rows, const int64_
 #endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
 
 /* Prefill attention with AMX-BF16 tiles (Sapphire Rapids and later Xeons): tdpbf16ps multiplies
    16 rows of 32 bfloat16 by 32 x 16 bfloat16 into 16 x 16 float32 sums, 512 products an
@@ -534,33 +533,9 @@ static void attend_rows_e4m3(float q[][MAX_HEAD_DIM], int64_t rows, const int64_
 #define AMX_KEYS 32
 #define AMX_MAX_HEAD_DIM 128
 #define AMX_ROW_TILES (TILE_QUERY_ROWS / 16)
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} __attribute__((packed)) AttentionTileConfig;
-
-/* 1 when prefill attention uses AMX tiles, 0 when not, -1 before the first request (Linux
-   grants a process the tile data state on request); `ember_prefill_use_amx(0)` turns them off
-   (the AVX-512 kernel then serves). */
-static int amx_state = -1;
-
-static int amx_ready(void) {
-    int state = __atomic_load_n(&amx_state, __ATOMIC_ACQUIRE);
-    if (state < 0) {
-        state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-        __atomic_store_n(&amx_state, state, __ATOMIC_RELEASE);
-    }
-    return state;
-}
-
-int ember_prefill_use_amx(int enabled) {
-    __atomic_store_n(&amx_state, enabled ? -1 : 0, __ATOMIC_RELEASE);
-    return enabled ? amx_ready() : 0;
-}
+/* `ember_prefill_use_amx(0)` turns the tiles off (the AVX-512 kernel then serves). */
+int ember_prefill_use_amx(int enabled) { return amx_enable(enabled); }
 
 /* Whether ember_paged_prefill_attention multiplies with AMX tiles for this head size. */
 int ember_prefill_tiles_serve(int64_t head_dim) {
@@ -568,7 +543,7 @@ int ember_prefill_tiles_serve(int64_t head_dim) {
 }
 
 static void configure_attention_tiles(void) {
-    AttentionTileConfig config;
+    TileConfig config;
     memset(&config, 0, sizeof(config));
     config.palette = 1;
     for (int t = 0; t < 8; t++) { /* every tile 16 rows of 64 bytes */

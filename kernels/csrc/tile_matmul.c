@@ -186,8 +186,7 @@ static inline void store_row(void *out, int out_bf16, int64_t index, __m512 valu
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
 
 /* AMX (Sapphire Rapids and later Xeons): tdpbusd multiplies a tile of 16 activation rows of 32
    bytes (A, unsigned) by a tile of 8 rows of 64 bytes (B, signed: for each of 16 columns the 4
@@ -199,33 +198,8 @@ static inline void store_row(void *out, int out_bf16, int64_t index, __m512 valu
    read back and scaled as dot_tile scales them. */
 #define AMX_ROWS 16
 #define AMX_MIN_ROWS 16 /* fewer activation rows take the VNNI path */
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} __attribute__((packed)) TileConfig;
-
-/* 1 when the kernel uses AMX tiles (Linux grants a process the tile data state on request), 0
-   when not; -1 before the first request. `ember_tile_use_amx(0)` turns them off (the tests
-   compare both paths). */
-static int amx_state = -1;
-
-static int amx_ready(void) {
-    int state = __atomic_load_n(&amx_state, __ATOMIC_ACQUIRE);
-    if (state < 0) {
-        state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-        __atomic_store_n(&amx_state, state, __ATOMIC_RELEASE);
-    }
-    return state;
-}
-
-int ember_tile_use_amx(int enabled) {
-    __atomic_store_n(&amx_state, enabled ? -1 : 0, __ATOMIC_RELEASE);
-    return enabled ? amx_ready() : 0;
-}
+/* `ember_tile_use_amx(0)` turns the tiles off (the tests compare both paths). */
+int ember_tile_use_amx(int enabled) { return amx_enable(enabled); }
 
 /* The path ember_tile_matmul takes for a call: 2 AMX-BF16 (bfloat16 x, 16 rows and more: exact
    products of the activations as they are), 1 AMX-INT8 (float32 x, 16 rows and more: the VNNI
