@@ -157,7 +157,17 @@ def test_a_tied_head_multiplies_by_its_embedding_rows(dense, tiles, monkeypatch)
     assert model.head.packed_weight is model.embed.packed_rows  # one copy of the groups
     hidden = torch.randn(2, dense.shape[1])
     expected = hidden @ model.embed.weight[: dense.shape[0]].T
-    torch.testing.assert_close(model.head.compute_logits(hidden), expected, **BF16)
+    logits = model.head.compute_logits(hidden)
+    torch.testing.assert_close(logits, expected, **BF16)
+    if tiles:  # the tiles' float32 sums, not rounded to bfloat16 (bar the refined top 32)
+        sums = model.head.packed_weight.matmul_logits(hidden)[:, : dense.shape[0]]
+        assert sums.dtype == torch.float32
+        assert torch.equal(
+            sums.bfloat16(), model.head.packed_weight.matmul(hidden.bfloat16())[:, : dense.shape[0]]
+        )
+        assert not torch.equal(sums, sums.bfloat16().float())
+        kept = logits == sums
+        assert int(kept.sum()) >= logits.numel() - 2 * 32
 
 
 def test_the_packed_cache_file_is_per_torch_isa_where_torch_packs_the_layers(

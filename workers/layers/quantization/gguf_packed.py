@@ -45,7 +45,7 @@ REFINED_LOGITS = 32
 
 def refine_top_logits(logits: torch.Tensor, hidden_states: torch.Tensor, read_rows) -> torch.Tensor:
     """Recompute in float32 the `REFINED_LOGITS` largest of `logits` [M, V] (float32, from the
-    packed LM head, whose bfloat16 output is coarse: 0.125 apart near 20) from the weight's
+    packed LM head, whose products take bfloat16 activations) from the weight's
     rows (`read_rows(ids)`: [*ids.shape, H]): the argmax and the top of the distribution become
     float32 products."""
     top = top_k_indices(logits, min(REFINED_LOGITS, logits.shape[1]))  # [M, k]
@@ -206,7 +206,11 @@ class GGUFPackedEmbeddingMethod(UnquantizedEmbeddingMethod):
         if getattr(layer, "packed_weight", None) is None:
             return super().apply(layer, hidden_states)
         # packed at any batch size: the dense rows are read only for the refined top
-        logits = layer.packed_weight.matmul(hidden_states).float()
+        packed = layer.packed_weight
+        if isinstance(packed, TiledWeight):
+            logits = packed.matmul_logits(hidden_states)
+        else:
+            logits = packed.matmul(hidden_states).float()
         return refine_top_logits(logits, hidden_states, lambda ids: self.embedding(layer, ids))
 
     # ---- the converted-weights cache ----------------------------------------------------
