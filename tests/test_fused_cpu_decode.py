@@ -112,10 +112,14 @@ def test_rope_and_kv_write_into_an_fp8_cache_match_the_torch_references():
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8_E4M3])
 @pytest.mark.parametrize(("tokens", "rotary_dim"), [(3, 64), (200, 32)])
-def test_prefill_rotates_into_the_cache_as_the_torch_layers_do(cache_dtype, tokens, rotary_dim):
-    """`Attention.rotate_into_cache` (a float32 qkv, as a float32 model's prefill chunk has it;
-    200 tokens share the threads) against the layer's torch path, apply_rotary_emb_torch then
-    write_kv_cache_torch: the same bits in the query and the cache; a slot of -1 declines."""
+@pytest.mark.parametrize("qkv_dtype", [torch.float32, torch.bfloat16])
+def test_prefill_rotates_into_the_cache_as_the_torch_layers_do(
+    cache_dtype, tokens, rotary_dim, qkv_dtype
+):
+    """`Attention.rotate_into_cache` (a float32 qkv, as a float32 model's prefill chunk has it,
+    or the bfloat16 output of its packed projection; 200 tokens share the threads) against the
+    layer's torch path on the float32 values, apply_rotary_emb_torch then write_kv_cache_torch:
+    the same bits in the query and the cache; a slot of -1 declines."""
     from types import SimpleNamespace
 
     from ember.workers.layers.attention import Attention
@@ -131,12 +135,13 @@ def test_prefill_rotates_into_the_cache_as_the_torch_layers_do(cache_dtype, toke
     rope = SimpleNamespace(
         cos_sin_cache=torch.cat((angles.cos(), angles.sin()), dim=-1), is_neox_style=True
     )
-    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim) * 4
+    given = (torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim) * 4).to(qkv_dtype)
+    qkv = given.float()
     positions = torch.randperm(512)[:tokens]
     metadata = SimpleNamespace(slot_mapping=torch.randperm(256)[:tokens])
     expected_cache = attn.kv_cache.clone()
 
-    query = attn.rotate_into_cache(qkv, positions, rope, metadata)
+    query = attn.rotate_into_cache(given, positions, rope, metadata)
 
     kv_width = num_kv_heads * head_dim
     q, k, v = qkv.split([num_heads * head_dim, kv_width, kv_width], dim=-1)
@@ -155,9 +160,10 @@ def test_prefill_rotates_into_the_cache_as_the_torch_layers_do(cache_dtype, toke
 
     metadata.slot_mapping[-1] = -1  # a padded token: the torch path skips it, this declines
     before = attn.kv_cache.clone()
-    assert attn.rotate_into_cache(qkv, positions, rope, metadata) is None
+    assert attn.rotate_into_cache(given, positions, rope, metadata) is None
     assert torch.equal(attn.kv_cache.view(torch.uint8), before.view(torch.uint8))
-    assert attn.rotate_into_cache(qkv.bfloat16(), positions, rope, metadata) is None
+    metadata.slot_mapping[-1] = 3
+    assert attn.rotate_into_cache(qkv.half(), positions, rope, metadata) is None  # not read
 
 
 def test_silu_mul_and_bf16_norms_match_the_torch_references():

@@ -99,13 +99,19 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         rotary_emb: RotaryEmbedding,
         attn_metadata: AttentionMetadata,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """The fused projection's output qkv [T, (Hq + 2 Hkv) D]: queries and keys rotated by
         `rotary_emb`, keys and values stored in the cache, then attention -> [T, Hq*D]. The
-        rotation and the store are one C call where `rotate_into_cache` serves."""
-        query = self.rotate_into_cache(qkv, positions, rotary_emb, attn_metadata)
-        if query is not None:
-            return self.attend(query, attn_metadata)
+        rotation and the store are one C call where `rotate_into_cache` serves. `dtype`: the
+        model's activations, where qkv comes narrower (a bfloat16 projection under float32
+        activations): the values are widened to it as they are read."""
+        dtype = dtype or qkv.dtype
+        if dtype == torch.float32:  # the C call reads float32 or bfloat16 into float32 math
+            query = self.rotate_into_cache(qkv, positions, rotary_emb, attn_metadata)
+            if query is not None:
+                return self.attend(query, attn_metadata)
+        qkv = qkv.to(dtype)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         query, key, value = qkv.split([q_size, kv_size, kv_size], dim=-1)
         query, key = rotary_emb(
@@ -127,12 +133,13 @@ class Attention(nn.Module):
         [T, (Hq + 2 Hkv) D] written to the cache, in one C call over the step's tokens
         (`decode_cpu.rope_write_kv`, shared among the cores for a prefill chunk) instead of
         torch's dozen operators; the same bits (float32 math, no fused multiply-adds, torch's
-        rounding into the cache). None, having done nothing, where it does not apply: not a
-        float32 CPU qkv, GPT-J-style rotation, a first step that sets the KV scales, a cache
+        rounding into the cache; a bfloat16 qkv, the projection's output under float32
+        activations, is read into float32 math). None, having done nothing, where it does not
+        apply: not a float32 or bfloat16 CPU qkv, GPT-J-style rotation, a first step that sets the KV scales, a cache
         the kernel does not read, a slot of -1 or no compiler."""
         if (
             qkv.device.type != "cpu"
-            or qkv.dtype != torch.float32
+            or qkv.dtype not in (torch.float32, torch.bfloat16)
             or not qkv.is_contiguous()
             or not rotary_emb.is_neox_style
             or self.calculate_kv_scales

@@ -92,12 +92,20 @@ class LlamaAttention(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden_states)
         if self.q_norm is None:
+            dtype = self.qkv_proj.input_dtype(hidden_states.shape[0])
+            if dtype is not None and dtype != hidden_states.dtype:
+                # The projection computes in `dtype` (CPU packed weights: bfloat16), so its
+                # output stays in it (the values of the round trip through hidden_states'
+                # dtype): the attention layer widens it where it reads it.
+                qkv = self.qkv_proj(hidden_states.to(dtype))
+            else:
+                qkv = self.qkv_proj(hidden_states)
             attn_output = self.attn.forward_fused_qkv(
-                qkv, positions, self.rotary_emb, attn_metadata
+                qkv, positions, self.rotary_emb, attn_metadata, dtype=hidden_states.dtype
             )
             return self.o_proj(attn_output)
+        qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
         k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
