@@ -326,9 +326,6 @@ int ember_paged_decode_attention(
                    cache_format, k_scale, v_scale, &view))
         return 1;
     const int64_t group = num_heads / num_kv_heads;
-    const int fp8 = view.fp8;
-    const float query_scale = view.query_scale, output_scale = view.output_scale;
-    const int64_t token_stride = view.token_stride, value_offset = view.value_offset;
     /* A task is a request's KV heads, all of them (each block read as one stretch) when there
        are requests enough to keep the threads busy, else one. */
     int64_t task_heads = num_kv_heads;
@@ -346,14 +343,14 @@ int ember_paged_decode_attention(
         const int64_t first_head = h0 * group, heads = task_heads * group;
         for (int64_t j = 0; j < heads; j++) {
             const float *src = query + (r * num_heads + first_head + j) * head_dim;
-            for (int64_t d = 0; d < head_dim; d++) q[j][d] = src[d] * query_scale;
+            for (int64_t d = 0; d < head_dim; d++) q[j][d] = src[d] * view.query_scale;
         }
         int64_t len = seq_lens[r];
         int64_t start = sliding_window > 0 && len > sliding_window ? len - sliding_window : 0;
-        (fp8 ? attend_e4m3 : attend_bf16)(q, task_heads, group, head_dim, kv_cache,
-                                          h0 * head_dim, value_offset, token_stride,
-                                          block_table + r * table_stride, block_size, start,
-                                          len, output_scale, 0, acc);
+        (view.fp8 ? attend_e4m3 : attend_bf16)(
+            q, task_heads, group, head_dim, kv_cache, h0 * head_dim, view.value_offset,
+            view.token_stride, block_table + r * table_stride, block_size, start, len,
+            view.output_scale, 0, acc);
         for (int64_t j = 0; j < heads; j++)
             memcpy(out + (r * num_heads + first_head + j) * head_dim, acc[j],
                    sizeof(float) * head_dim);
@@ -786,9 +783,6 @@ int ember_paged_prefill_attention(
                    cache_format, k_scale, v_scale, &view))
         return 1;
     const int64_t group = num_heads / num_kv_heads;
-    const int fp8 = view.fp8;
-    const float query_scale = view.query_scale, output_scale = view.output_scale;
-    const int64_t token_stride = view.token_stride, value_offset = view.value_offset;
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
     const int by_tiles = ember_prefill_tiles_serve(head_dim);
 #else
@@ -844,30 +838,33 @@ int ember_paged_prefill_attention(
             const int64_t token = query_start_loc[r] + first_token + i;
             for (int64_t g = 0; g < group; g++) {
                 const float *src = query + (token * num_heads + h * group + g) * head_dim;
-                for (int64_t d = 0; d < head_dim; d++) q[i * group + g][d] = src[d] * query_scale;
+                for (int64_t d = 0; d < head_dim; d++)
+                    q[i * group + g][d] = src[d] * view.query_scale;
                 row_lens[i * group + g] = first_position + i + 1;
             }
         }
         const int64_t len = first_position + tokens;
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
         if (by_tiles)
-            (fp8 ? attend_rows_amx_e4m3 : attend_rows_amx_bf16)(
-                q, rows, row_lens, head_dim, kv_cache, h * head_dim, value_offset, token_stride,
-                block_table + r * table_stride, block_size, len, output_scale, acc);
+            (view.fp8 ? attend_rows_amx_e4m3 : attend_rows_amx_bf16)(
+                q, rows, row_lens, head_dim, kv_cache, h * head_dim, view.value_offset,
+                view.token_stride, block_table + r * table_stride, block_size, len,
+                view.output_scale, acc);
         else
 #endif
 #if defined(__AVX512F__)
         if (by_chunks)
-            (fp8 ? attend_rows_e4m3 : attend_rows_bf16)(
-                q, rows, row_lens, head_dim, kv_cache, h * head_dim, value_offset, token_stride,
-                block_table + r * table_stride, block_size, len, output_scale, acc);
+            (view.fp8 ? attend_rows_e4m3 : attend_rows_bf16)(
+                q, rows, row_lens, head_dim, kv_cache, h * head_dim, view.value_offset,
+                view.token_stride, block_table + r * table_stride, block_size, len,
+                view.output_scale, acc);
         else
 #endif
         /* one KV head whose "group" is the tokens' query heads */
-        (fp8 ? attend_e4m3 : attend_bf16)(q, 1, rows, head_dim, kv_cache, h * head_dim,
-                                          value_offset, token_stride,
-                                          block_table + r * table_stride, block_size, 0, len,
-                                          output_scale, tokens > 1 ? row_lens : 0, acc);
+        (view.fp8 ? attend_e4m3 : attend_bf16)(
+            q, 1, rows, head_dim, kv_cache, h * head_dim, view.value_offset, view.token_stride,
+            block_table + r * table_stride, block_size, 0, len, view.output_scale,
+            tokens > 1 ? row_lens : 0, acc);
         for (int64_t i = 0; i < tokens; i++) {
             const int64_t token = query_start_loc[r] + first_token + i;
             for (int64_t g = 0; g < group; g++)
