@@ -135,8 +135,8 @@ class Attention(nn.Module):
         torch's dozen operators; the same bits (float32 math, no fused multiply-adds, torch's
         rounding into the cache; a bfloat16 qkv, the projection's output under float32
         activations, is read into float32 math). None, having done nothing, where it does not
-        apply: not a float32 or bfloat16 CPU qkv, GPT-J-style rotation, a first step that sets the KV scales, a cache
-        the kernel does not read, a slot of -1 or no compiler."""
+        apply: not a float32 or bfloat16 CPU qkv, GPT-J-style rotation, a first step that sets
+        the KV scales, a cache the kernel does not read, a slot of -1 or no compiler."""
         if (
             qkv.device.type != "cpu"
             or qkv.dtype not in (torch.float32, torch.bfloat16)
