@@ -496,23 +496,20 @@ static inline __attribute__((always_inline)) void attend_rows_avx512(
     }
 }
 
-static void attend_rows_bf16(float q[][MAX_HEAD_DIM], int64_t rows, const int64_t *row_lens,
-                             int64_t head_dim, const void *keys, int64_t first_key,
-                             int64_t value_offset, int64_t token_stride, const int64_t *blocks,
-                             int64_t block_size, int64_t len, float v_scale,
-                             float acc[][MAX_HEAD_DIM]) {
-    attend_rows_avx512(q, rows, row_lens, head_dim, keys, first_key, value_offset, token_stride,
-                       blocks, block_size, len, v_scale, acc, 0);
-}
+/* A prefill task's attention (`attend_rows_avx512`, `attend_rows_amx`) with the cache's
+   format fixed at compile time, as attend_bf16 / attend_e4m3 fix it for `attend`. */
+#define ROWS_ARGS                                                                              \
+    float q[][MAX_HEAD_DIM], int64_t rows, const int64_t *row_lens, int64_t head_dim,         \
+        const void *keys, int64_t first_key, int64_t value_offset, int64_t token_stride,     \
+        const int64_t *blocks, int64_t block_size, int64_t len, float v_scale,               \
+        float acc[][MAX_HEAD_DIM]
+#define ROWS_CALL(KERNEL, FP8)                                                                 \
+    KERNEL(q, rows, row_lens, head_dim, keys, first_key, value_offset, token_stride, blocks,  \
+           block_size, len, v_scale, acc, FP8)
 
-static void attend_rows_e4m3(float q[][MAX_HEAD_DIM], int64_t rows, const int64_t *row_lens,
-                             int64_t head_dim, const void *keys, int64_t first_key,
-                             int64_t value_offset, int64_t token_stride, const int64_t *blocks,
-                             int64_t block_size, int64_t len, float v_scale,
-                             float acc[][MAX_HEAD_DIM]) {
-    attend_rows_avx512(q, rows, row_lens, head_dim, keys, first_key, value_offset, token_stride,
-                       blocks, block_size, len, v_scale, acc, 1);
-}
+static void attend_rows_bf16(ROWS_ARGS) { ROWS_CALL(attend_rows_avx512, 0); }
+
+static void attend_rows_e4m3(ROWS_ARGS) { ROWS_CALL(attend_rows_avx512, 1); }
 #endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -734,23 +731,9 @@ static inline __attribute__((always_inline)) void attend_rows_amx(
     }
 }
 
-static void attend_rows_amx_bf16(float q[][MAX_HEAD_DIM], int64_t rows, const int64_t *row_lens,
-                                 int64_t head_dim, const void *keys, int64_t first_key,
-                                 int64_t value_offset, int64_t token_stride,
-                                 const int64_t *blocks, int64_t block_size, int64_t len,
-                                 float v_scale, float acc[][MAX_HEAD_DIM]) {
-    attend_rows_amx(q, rows, row_lens, head_dim, keys, first_key, value_offset, token_stride,
-                    blocks, block_size, len, v_scale, acc, 0);
-}
+static void attend_rows_amx_bf16(ROWS_ARGS) { ROWS_CALL(attend_rows_amx, 0); }
 
-static void attend_rows_amx_e4m3(float q[][MAX_HEAD_DIM], int64_t rows, const int64_t *row_lens,
-                                 int64_t head_dim, const void *keys, int64_t first_key,
-                                 int64_t value_offset, int64_t token_stride,
-                                 const int64_t *blocks, int64_t block_size, int64_t len,
-                                 float v_scale, float acc[][MAX_HEAD_DIM]) {
-    attend_rows_amx(q, rows, row_lens, head_dim, keys, first_key, value_offset, token_stride,
-                    blocks, block_size, len, v_scale, acc, 1);
-}
+static void attend_rows_amx_e4m3(ROWS_ARGS) { ROWS_CALL(attend_rows_amx, 1); }
 #else
 int ember_prefill_use_amx(int enabled) {
     (void)enabled;
