@@ -37,8 +37,8 @@ DEAD_AFTER_ENV = "EMBER_DP_DEAD_AFTER_S"
 DEFAULT_DEAD_AFTER_S = 10.0
 _HEARTBEAT_S = 1.0
 _POLL_S = 0.1
-_STORE_OP_TIMEOUT_S = 30.0
-_GRACE_S = 2.0  # rank 0 keeps the store up this long after a failed check-in  # one store operation (set, add, check) on a live store
+_STORE_OP_TIMEOUT_S = 30.0  # one store operation (set, add, check) on a live store
+_GRACE_S = 2.0  # rank 0 keeps the store up this long after a failed check-in
 
 
 class DataParallelError(RuntimeError):
@@ -228,9 +228,19 @@ class DataParallelRank:
     def abandon(self) -> None:
         """This rank will not reach shutdown (its engine failed to start): stop the heartbeat,
         so the other ranks report it dead at their shutdown rather than wait."""
-        self._stop.set()
+        self._stop_heartbeat()
         self._left = True
         self._store = None
+
+    def _stop_heartbeat(self) -> None:
+        """Stop the heartbeat thread and wait for it: left running into the interpreter's exit
+        inside a store call (which a dead rank 0 makes fail), the thread was killed there and
+        the C++ runtime aborted the process ("terminate called without an active exception",
+        exit status -6 instead of the DataParallelError's)."""
+        self._stop.set()
+        heartbeat = self._heartbeat
+        if heartbeat is not None and heartbeat is not threading.current_thread():
+            heartbeat.join(timeout=_STORE_OP_TIMEOUT_S)
 
     def leave(self) -> None:
         """Meet the other ranks at shutdown: returns once every rank has finished; raises
@@ -249,7 +259,7 @@ class DataParallelRank:
                 self._wait_for("left")
             logger.info("data-parallel rank %d: all %d ranks finished", env.rank, env.size)
         finally:
-            self._stop.set()
+            self._stop_heartbeat()
             self._store = None
 
     def _wait_for(self, prefix: str) -> None:

@@ -440,8 +440,12 @@ def test_three_ranks_meet_at_start_and_shutdown_through_127_0_0_3():
 
     def join(rank: int) -> None:
         member = DataParallelRank(_dp_env(rank, 3, port, ip="127.0.0.3"))
+        heartbeat = member._heartbeat
+        assert heartbeat is not None and heartbeat.is_alive()
         time.sleep(0.5 * rank)  # ranks finish at different times
         member.leave()
+        # no heartbeat left inside a store call for the interpreter's exit to kill
+        assert not heartbeat.is_alive()
         done.append(rank)
 
     threads = [threading.Thread(target=join, args=(rank,)) for rank in range(3)]
