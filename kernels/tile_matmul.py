@@ -1,8 +1,8 @@
 """Matmuls against 4- and 8-bit weight groups laid out in tiles (`csrc/tile_matmul.c`): the
 weights of 16 rows side by side, so that one AVX-512 VNNI vpdpbusd multiplies 64 of their codes
 by a broadcast quad of activation bytes, and on AVX2 (+FMA, F16C) each half of a tile is 8 rows
-for vpmaddubsw + vpmaddwd, or for AVX-VNNI's 256-bit vpdpbusd where the CPU has it (Intel
-client chips from Alder Lake on). The layout is the same on all; the ISA is chosen when the
+whose codes are widened to int16 for vpmaddwd, or go to AVX-VNNI's 256-bit vpdpbusd where the
+CPU has it (Intel client chips from Alder Lake on). The layout is the same on all; the ISA is chosen when the
 library is built (`cpu_library.cpu_isa()`), and `kernel_name()` says which path it took. On
 CPUs with AMX the avx512 build multiplies batches of 16 rows and more with AMX tiles (`use_amx`,
 `multiplies_exactly`; `EMBER_CPU_AMX=0` turns them off).

@@ -35,9 +35,10 @@
  * activations with tdpbf16ps, as they are (no 15-bit groups); float32 ones with tdpbusd on the
  * 15-bit groups (the VNNI path's integer sums, so its outputs).
  *
- * AVX2 builds (below the AVX-512 ones) read the same tiles as two halves of 8 rows, with
- * vpmaddubsw + vpmaddwd, or with AVX-VNNI's 256-bit vpdpbusd where the build has it;
- * `ember_tile_kernel` names the build's path.
+ * AVX2 builds (below the AVX-512 ones) read the same tiles as two halves of 8 rows, with the
+ * codes widened to int16 for vpmaddwd (vpmaddubsw + vpmaddwd for one row of 4-bit codes), or
+ * with AVX-VNNI's 256-bit vpdpbusd where the build has it; `ember_tile_kernel` names the
+ * build's path.
  *
  * `ember_tile_dequantize` writes the weight back as a dense [N, K] matrix (q * scale + offset
  * in float32; bfloat16 rounded to nearest even: the values of a bfloat16 copy of the
@@ -57,7 +58,7 @@
 
 #define GROUP 32
 #define TILE_ROWS 16
-#define ROW_CHUNK 4 /* AVX-512: activation rows that share one unpacked tile (AVX2: AVX2_ROWS) */
+#define ROW_CHUNK 4 /* AVX-512: activation rows that share one unpacked tile (AVX2: VNNI_ROWS, WORD_ROWS) */
 /* 4-bit: 4 vectors of codes, 16 scales and 16 offsets; 8-bit: 8 vectors and 16 scales */
 #define TILE_BYTES(bits) ((bits) == 4 ? 4 * 64 + 64 : 8 * 64 + 32)
 /* Groups ahead whose lines are prefetched: a thread streams its row tiles one after another,
@@ -662,31 +663,35 @@ const char *ember_tile_kernel(void) { return "avx512-vnni"; }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include "vector_math.h"
 
-/* AVX2 (+FMA, F16C): the same tiles, each 64-byte vector read as two halves of 8 rows. With no
-   vpdpbusd, a quad of 4-bit products is vpmaddubsw (byte pairs into int16) then vpmaddwd (int16
-   pairs into int32), as llama.cpp does on these CPUs. vpmaddubsw saturates at 32767, so 4-bit
-   codes (0..15) times bytes in [-127, 127], at most 3810 a pair, add the 8 quads of a group in
-   int16 (30480 at most) before one vpmaddwd, by 128 for the high bytes; the high activation
-   bytes must stay in [-127, 127]: qx is rounded on 16256 = 127 * 128 steps instead of 16383,
-   and h = qx >> 7 never reaches -128.
-   8-bit codes are made signed (byte ^ 0x80 = q), widened to int16 and multiplied by qx itself
-   with vpmaddwd: one product per weight pair, where byte products (|q| * sign(h, q) and
-   |q| * sign(l, q), as llama.cpp's Q8_0 dot) took two vpmaddubsw and two vpmaddwd. The int32
-   sums are the same. */
+/* AVX2 (+FMA, F16C): the same tiles, each 64-byte vector read as two halves of 8 rows. Without
+   vpdpbusd, the codes are widened to int16 and multiplied by qx itself with vpmaddwd
+   (dot_words_block); one activation row of 4-bit codes takes byte products, vpmaddubsw by qx's
+   two bytes (dot_row_bytes), as llama.cpp does on these CPUs. vpmaddubsw saturates at 32767
+   and takes a signed byte, so qx is rounded on 16256 = 127 * 128 steps instead of 16383: the
+   high byte h = qx >> 7 stays in [-127, 127]. Both paths give the same int32 sums, and with
+   AVX-VNNI's vpdpbusd (dot_half_tile_vnni) too. */
 #define QX_MAX 16256.0f
-/* Activation rows that share one unpacked half tile: 6 for 4-bit codes (batches of up to 6
-   rows; larger ones take dot_half_tile_4bit's block), 4 for 8-bit ones, whose products keep two
-   int32 sums a row (8-bit, 49152 x 576 at 32 rows: 13.5 / 11.7 / 14.1 / 14.6 ms at 3 / 4 / 5 /
-   6 rows). */
-#define AVX2_ROWS 6
-#define AVX2_ROWS_8BIT 4
-#define VNNI_ROWS 4 /* with AVX-VNNI */
+#define VNNI_ROWS 4  /* activation rows that share one unpacked half tile with AVX-VNNI */
+#define WORD_ROWS 12 /* without: see dot_words_block */
+
+/* Where row r, group g of the activations is: without AVX-VNNI the rows of each block of
+   WORD_ROWS are side by side within a group, so that a block's rows are at fixed offsets from
+   one pointer (the rows of the last block are padded to WORD_ROWS). */
+#if defined(__AVXVNNI__)
+#define ACTIVATION_INDEX(r, g, groups) ((r) * (groups) + (g))
+#define PADDED_ROWS(m) (m)
+#else
+#define ACTIVATION_INDEX(r, g, groups) \
+    (((r) / WORD_ROWS * (groups) + (g)) * WORD_ROWS + (r) % WORD_ROWS)
+#define PADDED_ROWS(m) (((m) + WORD_ROWS - 1) / WORD_ROWS * WORD_ROWS)
+#endif
 
 typedef struct {
-    int32_t *quads; /* [M, groups, 16]: the group's 8 quads of h bytes, then 8 of l bytes */
-    float *scale;   /* [M, groups]: dx */
-    float *sum;     /* [M, groups]: dx * sum(qx) */
-    int16_t *words; /* [M, groups, 32]: qx itself (8-bit codes without AVX-VNNI; else NULL) */
+    int32_t *quads; /* [M, groups, 16] row-major: the group's 8 quads of h bytes, then 8 of l
+                       bytes (with AVX-VNNI, or one row of 4-bit codes; else NULL) */
+    float *scale;   /* [M, groups] at ACTIVATION_INDEX: dx */
+    float *sum;     /* [M, groups] at ACTIVATION_INDEX: dx * sum(qx) */
+    int16_t *words; /* [M, groups, 32] at ACTIVATION_INDEX: qx itself (without AVX-VNNI) */
     int32_t *bias;  /* [M, groups]: 128 sum(qx) (8-bit codes with AVX-VNNI; else NULL) */
 } Activations;
 
@@ -739,16 +744,19 @@ static void quantize_activations(const void *x, int x_bf16, int64_t rows, int64_
                 high[i] = _mm256_srai_epi32(q[i], 7); /* h in [-127, 127] */
                 low[i] = _mm256_and_si256(q[i], low7); /* l in [0, 127] */
             }
-            int8_t *bytes = (int8_t *)(a->quads + (r * groups + g) * 16);
-            _mm256_storeu_si256((__m256i *)bytes, bytes_of(high));
-            _mm256_storeu_si256((__m256i *)(bytes + GROUP), bytes_of(low));
+            const int64_t index = ACTIVATION_INDEX(r, g, groups);
+            if (a->quads) {
+                int8_t *bytes = (int8_t *)(a->quads + (r * groups + g) * 16); /* row-major */
+                _mm256_storeu_si256((__m256i *)bytes, bytes_of(high));
+                _mm256_storeu_si256((__m256i *)(bytes + GROUP), bytes_of(low));
+            }
             const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
             const float dx = top / QX_MAX;
-            a->scale[r * groups + g] = dx;
-            a->sum[r * groups + g] = dx * (float)sum_lanes(total);
-            if (a->bias) a->bias[r * groups + g] = 128 * sum_lanes(total);
+            a->scale[index] = dx;
+            a->sum[index] = dx * (float)sum_lanes(total);
+            if (a->bias) a->bias[index] = 128 * sum_lanes(total);
             if (a->words) { /* qx in order: packs interleaves 128-bit lanes, permute4x64 undoes it */
-                int16_t *words = a->words + (r * groups + g) * GROUP;
+                int16_t *words = a->words + index * GROUP;
                 _mm256_storeu_si256((__m256i *)words,
                                     _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8));
                 _mm256_storeu_si256((__m256i *)(words + 16),
@@ -758,132 +766,125 @@ static void quantize_activations(const void *x, int x_bf16, int64_t rows, int64_
     }
 }
 
-/* out rows [rows] of the 8 columns of one half of a row tile (`half` 0: rows 0-7 of the tile,
-   1: rows 8-15), as dot_tile of the AVX-512 build. Each code vector is loaded and unpacked once
-   and multiplied by the quads of every row before the next (rows inner), which keeps the
-   unpacking off the rows' products. */
-static inline __attribute__((always_inline)) void dot_half_tile(
-    const Activations *a, const int rows, int64_t groups, const uint8_t *tile, int bits,
-    int half, __m256 *results) {
-    const int vectors = bits == 4 ? 4 : 8;
-    const int64_t tile_bytes = TILE_BYTES(bits);
-    const __m256i nibble = _mm256_set1_epi8(0x0f), sign_bit = _mm256_set1_epi8((char)0x80);
+#if !defined(__AVXVNNI__)
+/* One activation row by 4-bit codes, with byte products: vpmaddubsw of the codes by qx's high
+   and low bytes (h = qx >> 7 in [-127, 127], l = qx & 127), whose int16 sums take the group's
+   8 quads (at most 8 * 3810) before a vpmaddwd widens them, by 128 for the high bytes. At one
+   row nothing shares the words' unpacking (vpshufb, and, shift for every 4 vectors of
+   products), and this takes fewer instructions for the same int32 sums (SmolLM2's 30 layers
+   at one row, AVX2: 2.1 -> 1.8 ms). */
+static void dot_row_bytes(const Activations *a, int64_t groups, const uint8_t *tile, int half,
+                          float *acc) {
+    const int64_t tile_bytes = TILE_BYTES(4);
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
     const __m256i ones = _mm256_set1_epi16(1), by128 = _mm256_set1_epi16(128);
-    __m256 acc[AVX2_ROWS];
-    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+    __m256 sum = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *codes = tile + g * tile_bytes;
-        if (!half) prefetch_group(codes, tile_bytes); /* half 1 finds the lines in L1 */
-        const int32_t *quads[AVX2_ROWS];
-        for (int r = 0; r < rows; r++) quads[r] = a->quads + (r * groups + g) * 16;
-        __m256i total[AVX2_ROWS];
-        if (bits == 4) {
-            /* vector c holds the codes of quad c (low nibbles) and quad c + 4 (high ones) */
-            __m256i high[AVX2_ROWS], low[AVX2_ROWS];
-            for (int c = 0; c < 4; c++) {
-                const __m256i packed =
-                    _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * half));
-                const __m256i w0 = _mm256_and_si256(packed, nibble);
-                const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
-                for (int r = 0; r < rows; r++) {
-                    const int32_t *q = quads[r];
-                    __m256i h = _mm256_add_epi16(_mm256_maddubs_epi16(w0, _mm256_set1_epi32(q[c])),
-                                                 _mm256_maddubs_epi16(w1, _mm256_set1_epi32(q[c + 4])));
-                    __m256i l = _mm256_add_epi16(_mm256_maddubs_epi16(w0, _mm256_set1_epi32(q[8 + c])),
-                                                 _mm256_maddubs_epi16(w1, _mm256_set1_epi32(q[12 + c])));
-                    high[r] = c ? _mm256_add_epi16(high[r], h) : h;
-                    low[r] = c ? _mm256_add_epi16(low[r], l) : l;
-                }
-            }
-            for (int r = 0; r < rows; r++)
-                total[r] = _mm256_add_epi32(_mm256_madd_epi16(high[r], by128),
-                                            _mm256_madd_epi16(low[r], ones));
-        } else {
-            /* 8-bit codes: each byte widened to int16 (rows 0-3 of the half, then 4-7) and
-               multiplied by the 15-bit activations as int16 pairs with vpmaddwd: lane (row,
-               pair) of a quad; the two pairs of each row add at the group's end. One product
-               per 16 weights and row, where byte products need two (qx's two bytes). */
-            __m256i front[AVX2_ROWS], back[AVX2_ROWS];
-            for (int r = 0; r < rows; r++) front[r] = back[r] = _mm256_setzero_si256();
-            for (int c = 0; c < 8; c++) {
-                const __m256i w = _mm256_xor_si256(
-                    _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * half)), sign_bit);
-                const __m256i w_front = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
-                const __m256i w_back = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
-                for (int r = 0; r < rows; r++) {
-                    int64_t quad;
-                    memcpy(&quad, a->words + (r * groups + g) * GROUP + 4 * c, sizeof(quad));
-                    const __m256i x = _mm256_set1_epi64x(quad);
-                    front[r] = _mm256_add_epi32(front[r], _mm256_madd_epi16(w_front, x));
-                    back[r] = _mm256_add_epi32(back[r], _mm256_madd_epi16(w_back, x));
-                }
-            }
-            const __m256i rows_in_order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-            for (int r = 0; r < rows; r++)
-                total[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(front[r], back[r]),
-                                                       rows_in_order);
+        if (!half) prefetch_group(codes, tile_bytes);
+        const int32_t *q = a->quads + g * 16; /* the group's 8 quads of h bytes, then 8 of l */
+        __m256i high = _mm256_setzero_si256(), low = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) { /* vector c: quad c in the low nibbles, c + 4 in the high */
+            const __m256i packed = _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * half));
+            const __m256i w0 = _mm256_and_si256(packed, nibble);
+            const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+            high = _mm256_add_epi16(high, _mm256_add_epi16(_mm256_maddubs_epi16(w0, _mm256_set1_epi32(q[c])),
+                                                           _mm256_maddubs_epi16(w1, _mm256_set1_epi32(q[c + 4]))));
+            low = _mm256_add_epi16(low, _mm256_add_epi16(_mm256_maddubs_epi16(w0, _mm256_set1_epi32(q[8 + c])),
+                                                         _mm256_maddubs_epi16(w1, _mm256_set1_epi32(q[12 + c]))));
         }
-        const uint8_t *halves = codes + 64 * vectors + 16 * half;
+        const __m256i total = _mm256_add_epi32(_mm256_madd_epi16(high, by128), _mm256_madd_epi16(low, ones));
+        const uint8_t *halves = codes + 64 * 4 + 16 * half;
+        const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)halves));
+        const __m256 offset = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(halves + 32)));
+        sum = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(total), _mm256_set1_ps(a->scale[g * WORD_ROWS])),
+                              scale, sum);
+        sum = _mm256_fmadd_ps(offset, _mm256_set1_ps(a->sum[g * WORD_ROWS]), sum);
+    }
+    _mm256_storeu_ps(acc, sum);
+}
+
+/* Without AVX-VNNI, from two rows up: the codes widened to int16 words and multiplied by qx
+   itself with vpmaddwd, 16 products an instruction into int32 pairs, where byte products take
+   two vpmaddubsw per 32 products and a vpmaddwd to widen their int16 sums. vpshufb spreads each
+   32-bit lane (a row's quad of codes, bytes b0..b3) over two vectors of words, (b0, b1) and
+   (b2, b3); a 4-bit byte's low nibble is column 4c + b and its high one 16 + 4c + b, so each
+   spread vector gives two vectors of code words, and an 8-bit one gives one, less its + 128.
+   The activations of a code word vector are then a pair of neighbouring columns (an int32 of
+   `words`), broadcast to the 8 rows of the half tile.
+   A block of up to WORD_ROWS activation rows shares each code word vector: their int32 sums
+   stay in registers over a group (12 sums, the code vector, its spread source and the
+   broadcast fill AVX2's 16 registers), their float sums [rows, 8] in `acc` (L1), and their
+   words lie side by side (ACTIVATION_INDEX), at fixed offsets from one pointer. The int32 sums
+   are those of the byte products (sum(q * qx) = 128 sum(q * h) + sum(q * l)) and the float
+   steps the same, so the outputs are the same bits. SmolLM2's 30 layers (4-bit codes) under
+   the AVX2 override, 2 threads: 32 rows 43.3 -> 34.0 ms against byte products on 6 rows an
+   unpacked half tile, 256 rows 375 -> 271 ms (8-bit codes: 41.2 -> 32.3 ms at 32 rows); 8 and
+   10 rows a block measured slower, 14 spill. */
+static inline __attribute__((always_inline)) void multiply_words(
+    __m256i *sums, const int rows, __m256i codes, const int32_t *pairs) {
+#pragma GCC unroll 12
+    for (int r = 0; r < rows; r++) {
+        __m256i pair; /* vpbroadcastd from memory where it is used: GCC hoisted the broadcasts of
+                         a group, spilling them */
+        __asm__("vpbroadcastd %1, %0" : "=x"(pair) : "m"(pairs[r * GROUP / 2]));
+        sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(codes, pair));
+        __asm__("" : "+x"(sums[r])); /* in order: GCC reassociated the adds and spilled */
+    }
+}
+
+static inline __attribute__((always_inline)) void dot_words_block(
+    const Activations *a, const int rows, int64_t groups, const uint8_t *tile, int bits,
+    int half, float *acc) {
+    const int64_t tile_bytes = TILE_BYTES(bits);
+    const __m256i front_pair = _mm256_setr_epi8(0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1,
+                                                0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1);
+    const __m256i back_pair = _mm256_setr_epi8(2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1,
+                                               2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1);
+    const __m256i nibble = _mm256_set1_epi16(0x0f), by128 = _mm256_set1_epi16(128);
+    for (int r = 0; r < rows; r++) _mm256_storeu_ps(acc + 8 * r, _mm256_setzero_ps());
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *codes = tile + g * tile_bytes;
+        if (!half) prefetch_group(codes, tile_bytes);
+        const int32_t *pairs = (const int32_t *)(a->words + g * WORD_ROWS * GROUP); /* row r: + 16 r */
+        /* the float sums stay in memory: the compiler would keep them in registers over the
+           groups, and spill the int32 sums instead */
+        __asm__("" : "+r"(acc));
+        __m256i sums[WORD_ROWS];
+        for (int r = 0; r < rows; r++) sums[r] = _mm256_setzero_si256();
+        if (bits == 4) {
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) {
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * half));
+                __m256i spread = _mm256_shuffle_epi8(packed, front_pair); /* columns 4c, 4c + 1 */
+                multiply_words(sums, rows, _mm256_and_si256(spread, nibble), pairs + 2 * c);
+                multiply_words(sums, rows, _mm256_srli_epi16(spread, 4), pairs + 8 + 2 * c);
+                spread = _mm256_shuffle_epi8(packed, back_pair); /* columns 4c + 2, 4c + 3 */
+                multiply_words(sums, rows, _mm256_and_si256(spread, nibble), pairs + 2 * c + 1);
+                multiply_words(sums, rows, _mm256_srli_epi16(spread, 4), pairs + 9 + 2 * c);
+            }
+        } else {
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++) {
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * half));
+                multiply_words(sums, rows, _mm256_sub_epi16(_mm256_shuffle_epi8(packed, front_pair), by128),
+                               pairs + 2 * c);
+                multiply_words(sums, rows, _mm256_sub_epi16(_mm256_shuffle_epi8(packed, back_pair), by128),
+                               pairs + 2 * c + 1);
+            }
+        }
+        const uint8_t *halves = codes + 64 * (bits == 4 ? 4 : 8) + 16 * half;
         const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)halves));
         for (int r = 0; r < rows; r++) {
-            const __m256 product = _mm256_mul_ps(_mm256_cvtepi32_ps(total[r]),
-                                                 _mm256_set1_ps(a->scale[r * groups + g]));
-            acc[r] = _mm256_fmadd_ps(product, scale, acc[r]);
+            const __m256 product = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[r]),
+                                                 _mm256_set1_ps(a->scale[g * WORD_ROWS + r]));
+            _mm256_storeu_ps(acc + 8 * r, _mm256_fmadd_ps(product, scale, _mm256_loadu_ps(acc + 8 * r)));
         }
         if (bits == 4) {
             const __m256 offset = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(halves + 32)));
             for (int r = 0; r < rows; r++)
-                acc[r] = _mm256_fmadd_ps(offset, _mm256_set1_ps(a->sum[r * groups + g]), acc[r]);
-        }
-    }
-    for (int r = 0; r < rows; r++) results[r] = acc[r];
-}
-
-#if !defined(__AVXVNNI__)
-/* 4-bit codes without AVX-VNNI, as dot_half_tile computes them with every row of a block: rows
-   outer within a group. The group's 8 code vectors of the half tile are unpacked once into
-   registers and stay there while each row of the block takes its 16 vpmaddubsw, and the rows'
-   float sums live in `acc` [rows, 8] (in L1) instead of registers: with rows inner, six rows'
-   high, low and float sums (18 vectors) did not fit AVX2's 16 registers and spilled on every
-   quad. The integer sums and the float steps are dot_half_tile's, so the outputs are its bits. */
-static void dot_half_tile_4bit(const Activations *a, int64_t rows, int64_t groups,
-                               const uint8_t *tile, int half, float *acc) {
-    const int64_t tile_bytes = TILE_BYTES(4);
-    const __m256i nibble = _mm256_set1_epi8(0x0f);
-    const __m256i ones = _mm256_set1_epi16(1), by128 = _mm256_set1_epi16(128);
-    for (int64_t r = 0; r < rows; r++) _mm256_storeu_ps(acc + 8 * r, _mm256_setzero_ps());
-    for (int64_t g = 0; g < groups; g++) {
-        const uint8_t *codes = tile + g * tile_bytes;
-        if (!half) prefetch_group(codes, tile_bytes);
-        __m256i w[8]; /* w[c]: quad c of the group's 32 columns, for the half's 8 rows */
-        for (int c = 0; c < 4; c++) {
-            const __m256i packed = _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * half));
-            w[c] = _mm256_and_si256(packed, nibble);
-            w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
-        }
-        const uint8_t *halves = codes + 64 * 4 + 16 * half;
-        const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)halves));
-        const __m256 offset = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(halves + 32)));
-        for (int64_t r = 0; r < rows; r++) {
-            const int32_t *q = a->quads + (r * groups + g) * 16;
-            __m256i part[8];
-            for (int c = 0; c < 8; c++)
-                part[c] = _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(q[c]));
-            const __m256i high = _mm256_add_epi16(
-                _mm256_add_epi16(_mm256_add_epi16(part[0], part[1]), _mm256_add_epi16(part[2], part[3])),
-                _mm256_add_epi16(_mm256_add_epi16(part[4], part[5]), _mm256_add_epi16(part[6], part[7])));
-            for (int c = 0; c < 8; c++)
-                part[c] = _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(q[8 + c]));
-            const __m256i low = _mm256_add_epi16(
-                _mm256_add_epi16(_mm256_add_epi16(part[0], part[1]), _mm256_add_epi16(part[2], part[3])),
-                _mm256_add_epi16(_mm256_add_epi16(part[4], part[5]), _mm256_add_epi16(part[6], part[7])));
-            const __m256i total = _mm256_add_epi32(_mm256_madd_epi16(high, by128),
-                                                   _mm256_madd_epi16(low, ones));
-            const __m256 product = _mm256_mul_ps(_mm256_cvtepi32_ps(total),
-                                                 _mm256_set1_ps(a->scale[r * groups + g]));
-            __m256 sum = _mm256_fmadd_ps(product, scale, _mm256_loadu_ps(acc + 8 * r));
-            sum = _mm256_fmadd_ps(offset, _mm256_set1_ps(a->sum[r * groups + g]), sum);
-            _mm256_storeu_ps(acc + 8 * r, sum);
+                _mm256_storeu_ps(acc + 8 * r, _mm256_fmadd_ps(offset, _mm256_set1_ps(a->sum[g * WORD_ROWS + r]),
+                                                              _mm256_loadu_ps(acc + 8 * r)));
         }
     }
 }
@@ -902,7 +903,7 @@ static inline __attribute__((always_inline)) void dot_half_tile_vnni(
     const int vectors = bits == 4 ? 4 : 8;
     const int64_t tile_bytes = TILE_BYTES(bits);
     const __m256i nibble = _mm256_set1_epi8(0x0f);
-    __m256 acc[AVX2_ROWS];
+    __m256 acc[VNNI_ROWS];
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *codes = tile + g * tile_bytes;
@@ -912,7 +913,7 @@ static inline __attribute__((always_inline)) void dot_half_tile_vnni(
         const __m256 offset = bits == 4
             ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(halves + 32)))
             : _mm256_setzero_ps();
-        __m256i high[AVX2_ROWS], low[AVX2_ROWS];
+        __m256i high[VNNI_ROWS], low[VNNI_ROWS];
         for (int r = 0; r < rows; r++) high[r] = low[r] = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
             __m256i w0, w1;
@@ -945,7 +946,6 @@ static inline __attribute__((always_inline)) void dot_half_tile_vnni(
     }
     for (int r = 0; r < rows; r++) results[r] = acc[r];
 }
-#define dot_half_tile dot_half_tile_vnni
 #endif
 
 static inline void store_half_row(void *out, int out_bf16, int64_t index, __m256 values) {
@@ -961,62 +961,70 @@ int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
     const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
     const int64_t tile_bytes = TILE_BYTES(bits);
     Activations a;
-    a.quads = malloc(sizeof(int32_t) * 16 * (size_t)(m_rows * groups));
-    a.scale = malloc(sizeof(float) * (size_t)(m_rows * groups));
-    a.sum = malloc(sizeof(float) * (size_t)(m_rows * groups));
+    const int64_t padded = PADDED_ROWS(m_rows);
+    a.scale = malloc(sizeof(float) * (size_t)(padded * groups));
+    a.sum = malloc(sizeof(float) * (size_t)(padded * groups));
 #if defined(__AVXVNNI__)
+    a.quads = malloc(sizeof(int32_t) * 16 * (size_t)(m_rows * groups));
     a.words = NULL;
     a.bias = bits == 8 ? malloc(sizeof(int32_t) * (size_t)(m_rows * groups)) : NULL;
     const int64_t chunk = VNNI_ROWS;
 #else
-    a.words = bits == 8 ? malloc(sizeof(int16_t) * GROUP * (size_t)(m_rows * groups)) : NULL;
+    /* one row of 4-bit codes: byte products (dot_row_bytes) */
+    a.quads = m_rows == 1 && bits == 4 ? malloc(sizeof(int32_t) * 16 * (size_t)groups) : NULL;
+    a.words = malloc(sizeof(int16_t) * GROUP * (size_t)(padded * groups));
     a.bias = NULL;
-    const int64_t chunk = bits == 4 ? AVX2_ROWS : AVX2_ROWS_8BIT;
+    const int64_t chunk = WORD_ROWS;
 #endif
-    if (!a.quads || !a.scale || !a.sum || (bits == 8 && !a.words && !a.bias)) {
+    if ((!a.quads && !a.words) || (m_rows == 1 && bits == 4 && !a.quads) || !a.scale || !a.sum ||
+        (bits == 8 && !a.words && !a.bias)) {
         free(a.quads), free(a.scale), free(a.sum), free(a.words), free(a.bias);
         return 3;
     }
     quantize_activations(x, x_bf16, m_rows, k, &a);
 
-    /* A task is half a row tile: 8 output columns. */
+    /* A task is half a row tile (8 output columns) for a block of rows; a thread takes the
+       blocks of a half tile one after another (its codes stay in cache), and every thread
+       the same share of each block. */
     const int64_t block = ROW_BLOCK_CHUNKS * chunk, blocks = (m_rows + block - 1) / block;
 #pragma omp parallel for collapse(2) schedule(static) if (row_tiles > 1)
-    for (int64_t b = 0; b < blocks; b++)
-    for (int64_t task = 0; task < 2 * row_tiles; task++) {
+    for (int64_t task = 0; task < 2 * row_tiles; task++)
+    for (int64_t b = 0; b < blocks; b++) {
         const int64_t t = task / 2;
         const int half = (int)(task % 2);
         const uint8_t *tile = tiles + t * groups * tile_bytes;
         const int64_t end = (b + 1) * block < m_rows ? (b + 1) * block : m_rows;
         for (int64_t r0 = b * block; r0 < end; r0 += chunk) {
-            int64_t rows = m_rows - r0 < chunk ? m_rows - r0 : chunk;
-            Activations part = {a.quads + r0 * groups * 16, a.scale + r0 * groups,
+            const int64_t rows = m_rows - r0 < chunk ? m_rows - r0 : chunk;
+            Activations part = {a.quads ? a.quads + r0 * groups * 16 : NULL, a.scale + r0 * groups,
                                 a.sum + r0 * groups,
                                 a.words ? a.words + r0 * groups * GROUP : NULL,
                                 a.bias ? a.bias + r0 * groups : NULL};
-#if !defined(__AVXVNNI__)
-            if (bits == 4 && end - r0 > chunk) {
-                float acc[8 * ROW_BLOCK_CHUNKS * AVX2_ROWS];
-                rows = end - r0; /* the whole block: one pass over the half tile's groups */
-                dot_half_tile_4bit(&part, rows, groups, tile, half, acc);
-                for (int64_t r = 0; r < rows; r++)
-                    store_half_row(out, out_bf16, (r0 + r) * n_cols + t * TILE_ROWS + 8 * half,
-                                   _mm256_loadu_ps(acc + 8 * r));
-                break;
-            }
-#endif
-            __m256 results[AVX2_ROWS];
+#if defined(__AVXVNNI__)
+            __m256 results[VNNI_ROWS];
             switch (rows) {
-                case 1: dot_half_tile(&part, 1, groups, tile, bits, half, results); break;
-                case 2: dot_half_tile(&part, 2, groups, tile, bits, half, results); break;
-                case 3: dot_half_tile(&part, 3, groups, tile, bits, half, results); break;
-                case 4: dot_half_tile(&part, 4, groups, tile, bits, half, results); break;
-                case 5: dot_half_tile(&part, 5, groups, tile, bits, half, results); break;
-                default: dot_half_tile(&part, 6, groups, tile, bits, half, results); break;
+                case 1: dot_half_tile_vnni(&part, 1, groups, tile, bits, half, results); break;
+                case 2: dot_half_tile_vnni(&part, 2, groups, tile, bits, half, results); break;
+                case 3: dot_half_tile_vnni(&part, 3, groups, tile, bits, half, results); break;
+                default: dot_half_tile_vnni(&part, 4, groups, tile, bits, half, results); break;
             }
             for (int64_t r = 0; r < rows; r++)
                 store_half_row(out, out_bf16, (r0 + r) * n_cols + t * TILE_ROWS + 8 * half,
                                results[r]);
+#else
+            float acc[8 * WORD_ROWS];
+            if (rows == 1 && part.quads) dot_row_bytes(&part, groups, tile, half, acc);
+            else switch (rows) {
+#define WORDS_CASE(n) case n: dot_words_block(&part, n, groups, tile, bits, half, acc); break;
+                WORDS_CASE(1) WORDS_CASE(2) WORDS_CASE(3) WORDS_CASE(4) WORDS_CASE(5) WORDS_CASE(6)
+                WORDS_CASE(7) WORDS_CASE(8) WORDS_CASE(9) WORDS_CASE(10) WORDS_CASE(11)
+                default: dot_words_block(&part, WORD_ROWS, groups, tile, bits, half, acc); break;
+#undef WORDS_CASE
+            }
+            for (int64_t r = 0; r < rows; r++)
+                store_half_row(out, out_bf16, (r0 + r) * n_cols + t * TILE_ROWS + 8 * half,
+                               _mm256_loadu_ps(acc + 8 * r));
+#endif
         }
     }
     free(a.quads), free(a.scale), free(a.sum), free(a.words), free(a.bias);
