@@ -16,38 +16,64 @@ import torch
 from ember.kernels.cpu_library import isa_cached, load_c_library
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 and cast back to x's dtype."""
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 and cast back to x's dtype (or
+    rounded to `out_dtype`: a float32 row's result rounded once, as a cast after it would)."""
     if x.device.type == "cuda":
         from ember.kernels.layernorm_triton import rms_norm_triton
 
-        return rms_norm_triton(x, weight, eps)
-    if _c_kernel_applies(x, weight):
-        out = torch.empty_like(x)
+        return _cast(rms_norm_triton(x, weight, eps), out_dtype)
+    c_out_dtype = out_dtype or x.dtype
+    if x.dtype == torch.float32 and _c_kernel_applies(x, weight, c_out_dtype):
+        out = torch.empty_like(x, dtype=c_out_dtype)
         if rms_norm_c(x, weight, eps, out) == 0:
             return out
-    return rms_norm_torch(x, weight, eps)
+    return _cast(rms_norm_torch(x, weight, eps), out_dtype)
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (rms_norm(x + residual), x + residual): the new hidden state and the new residual."""
+    """Return (rms_norm(x + residual), x + residual): the new hidden state and the new residual,
+    both in the residual's dtype (the hidden state rounded to `out_dtype` where given). On CPU x
+    may be narrower than a float32 residual (bfloat16: a packed layer's output, widened
+    exactly as it is read)."""
     if x.device.type == "cuda":
         from ember.kernels.layernorm_triton import fused_add_rms_norm_triton
 
-        return fused_add_rms_norm_triton(x, residual, weight, eps)
-    if _c_kernel_applies(x, weight) and _c_kernel_applies(residual, weight):
-        out, new_residual = torch.empty_like(x), torch.empty_like(x)
+        out, new_residual = fused_add_rms_norm_triton(x, residual, weight, eps)
+        return _cast(out, out_dtype), new_residual
+    c_out_dtype = out_dtype or residual.dtype
+    if (
+        residual.dtype == torch.float32
+        and _c_kernel_applies(x, weight, c_out_dtype)
+        and _c_kernel_applies(residual, weight, c_out_dtype)
+        and x.shape == residual.shape
+    ):
+        out = torch.empty_like(residual, dtype=c_out_dtype)
+        new_residual = torch.empty_like(residual)
         if rms_norm_c(x, weight, eps, out, residual, new_residual) == 0:
             return out, new_residual
-    return fused_add_rms_norm_torch(x, residual, weight, eps)
+    out, new_residual = fused_add_rms_norm_torch(x, residual, weight, eps)
+    return _cast(out, out_dtype), new_residual
 
 
-def _c_kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return x if dtype is None else x.to(dtype)
+
+
+def _c_kernel_applies(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """The C kernel reads and writes float32 or bfloat16 rows, with float32 weights."""
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and out_dtype in (torch.float32, torch.bfloat16)
         and weight.dtype == torch.float32
         and x.is_contiguous()
         and weight.is_contiguous()

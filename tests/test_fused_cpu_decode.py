@@ -361,3 +361,35 @@ def test_the_runner_is_not_selected_where_the_capability_check_fails(
     qkv_proj = packed_model.model.layers[3].self_attn.qkv_proj
     monkeypatch.setattr(qkv_proj, "packed_weight", None)  # a layer left dense
     assert "without packed tiles" in unsupported_reason(packed_model, engine_config, CPU)
+
+
+@pytest.mark.parametrize("rows", [12, 100])  # the packed tiles' batch; beyond it (dense copies)
+def test_layers_keep_bfloat16_between_norms_and_projections_with_the_same_values(
+    packed_model, rows, monkeypatch
+):
+    """Where all four projections of a layer compute in bfloat16, the layer's forward keeps its
+    values in it between the norms and the projections (`LlamaDecoderLayer.forward_narrow`):
+    the norms read and write bfloat16, the residual stays float32. The hidden states, the
+    caches and the logits are bit for bit those of the float32 round trips."""
+    from ember.workers.models.llama import LlamaDecoderLayer
+
+    model = packed_model
+    layer = model.model.layers[0]
+    expected = {layer.self_attn.qkv_proj.input_dtype(rows)}
+    expected = None if expected == {None} else torch.bfloat16
+    assert layer.narrow_dtype(rows, torch.float32) == expected
+    assert layer.narrow_dtype(rows, torch.bfloat16) is None  # nothing narrower than bfloat16
+    seq_lens = [3 + (7 * i) % 120 for i in range(rows)]
+    input_ids, positions, metadata, caches = _decode_step(model, seq_lens, seed=rows)
+    before = [cache.clone() for cache in caches]
+    with torch.inference_mode():
+        narrow = model(input_ids, positions, metadata)
+        narrow_caches = [cache.clone() for cache in caches]
+        for cache, saved in zip(caches, before):
+            cache.copy_(saved)
+        monkeypatch.setattr(LlamaDecoderLayer, "narrow_dtype", lambda self, n, dtype: None)
+        reference = model(input_ids, positions, metadata)
+    assert narrow.dtype == reference.dtype == torch.float32
+    assert torch.equal(narrow, reference)
+    for narrow_cache, cache in zip(narrow_caches, caches):
+        assert torch.equal(narrow_cache, cache)

@@ -16,11 +16,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The normed x (after adding `residual`, which is returned updated), in x's dtype or
+        the residual's, or rounded to `out_dtype`."""
+        # out_dtype only where given: the kernels' plain signature stays the one callers see
+        extra = () if out_dtype is None else (out_dtype,)
         if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps, *extra)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps, *extra)
 
 
 class GemmaRMSNorm(RMSNorm):
@@ -36,9 +43,15 @@ class GemmaRMSNorm(RMSNorm):
         return (x_f32 * (1.0 + self.weight.float())).to(x.dtype)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            return self._norm(x)
-        residual = x + residual
-        return self._norm(residual), residual
+            out = self._norm(x)
+        else:
+            residual = x + residual
+            out = self._norm(residual)
+        out = out if out_dtype is None else out.to(out_dtype)
+        return out if residual is None else (out, residual)

@@ -168,6 +168,22 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.residual_multiplier = residual_multiplier
 
+    def narrow_dtype(self, num_tokens: int, dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype narrower than the activations' `dtype` that all four projections of a
+        batch of `num_tokens` rows compute in (CPU packed weights: bfloat16), where this layer
+        can keep its values in it between the norms and the projections; else None. The plain
+        layer only: no query/key norms, no residual multiplier, the dense MLP."""
+        attention, mlp = self.self_attn, getattr(self, self.mlp_name)
+        if attention.q_norm is not None or self.residual_multiplier != 1.0:
+            return None
+        if type(mlp) is not LlamaMLP:
+            return None
+        linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        narrow = {linear.input_dtype(num_tokens) for linear in linears}
+        if len(narrow) != 1 or None in narrow or dtype in narrow:
+            return None
+        return narrow.pop()
+
     def forward(
         self,
         positions: torch.Tensor,
@@ -175,6 +191,10 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         attn_metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        activations = hidden_states.dtype if residual is None else residual.dtype
+        narrow = self.narrow_dtype(hidden_states.shape[0], activations)
+        if narrow is not None:
+            return self.forward_narrow(positions, hidden_states, residual, attn_metadata, narrow)
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
@@ -188,6 +208,37 @@ class LlamaDecoderLayer(nn.Module):
         if self.residual_multiplier != 1.0:
             hidden_states = hidden_states * self.residual_multiplier
         return hidden_states, residual
+
+    def forward_narrow(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+        attn_metadata: AttentionMetadata,
+        narrow: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` where every projection computes in `narrow` (`narrow_dtype`): the norms
+        write their output in it and read the projections' output in it, the residual stream
+        keeps the activations' dtype. Each projection rounds its input to `narrow` and its
+        output too, and the norms widen exactly and round once as a cast would, so the values
+        are `forward`'s, without its conversions: a prefill chunk's layer converted its
+        activations four times (SmolLM2 on a Sapphire Rapids, W1's prefill: 0.12 of 1.5 s)."""
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states, out_dtype=narrow)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual, narrow)
+        attention = self.self_attn
+        attn_output = attention.attn.forward_fused_qkv(
+            attention.qkv_proj(hidden_states),
+            positions,
+            attention.rotary_emb,
+            attn_metadata,
+            dtype=residual.dtype,
+        )
+        hidden_states = attention.o_proj(attn_output.to(narrow))
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, narrow)
+        return getattr(self, self.mlp_name)(hidden_states), residual
 
 
 class LlamaModel(nn.Module):
