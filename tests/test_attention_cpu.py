@@ -121,7 +121,7 @@ def test_torch_reference_on_a_bf16_cache_uses_torch_alone_and_matches_dense_atte
 @pytest.fixture(params=["amx", "vector"])
 def prefill_form(request):
     """The prefill kernel's AMX-tile form (skipped where the build or the CPU has none) or its
-    vector form (AVX-512 chunks of keys, or key by key), chosen for the test."""
+    vector form (chunks of keys with AVX-512 or AVX2, else key by key), chosen for the test."""
     tiles = attention_cpu.use_amx(request.param == "amx")
     try:
         if request.param == "amx" and not tiles:
