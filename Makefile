@@ -64,7 +64,8 @@ $(LLAMA_AVX2_DIR)/lib/libllama.so: $(BENCH_STAMP)
 bench-avx2: $(LLAMA_AVX2_DIR)/lib/libllama.so
 	EMBER_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
 	  LLAMA_CPP_LIB_PATH=$(CURDIR)/$(LLAMA_AVX2_DIR)/lib \
-	  $(PY) tools/bench_chart.py --repeat 2 --output tools/bench_cpu_avx2.png
+	  $(PY) tools/bench_chart.py --repeat 2 --output tools/bench_cpu_avx2.png \
+	  --vllm-kwargs '{"dtype": "float32"}'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -7,13 +7,15 @@ in one go, and draws them side by side in a PNG (matplotlib).
     python tools/bench_chart.py --from-json w1.jsonl single.jsonl   # chart from saved results
     EMBER_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
         LLAMA_CPP_LIB_PATH=.cache/llama-avx2/lib \
-        python tools/bench_chart.py --output tools/bench_cpu_avx2.png   # the AVX2 path
+        python tools/bench_chart.py --output tools/bench_cpu_avx2.png \
+        --vllm-kwargs '{"dtype": "float32"}'   # the AVX2 path (vLLM's CPU build: float32 there)
 
 The chart's title names the instruction set ember's kernels ran on (`EMBER_CPU_ISA`, see
 `ember.kernels.cpu_features`); under the avx2 override, llama.cpp must be an AVX2 build too
 (`LLAMA_CPP_LIB_PATH`: the directory of an AVX2 `libllama.so`, which llama-cpp-python loads
-instead of its own). `--save-json DIR` keeps the results. The figures (output tokens/s and
-peak RSS per engine) are printed as well.
+instead of its own). `--save-json DIR` keeps the results; `--vllm-kwargs` goes to vLLM's
+`LLM(...)`. An engine that fails is left out of the chart (its error is printed), the others
+are drawn. The figures (output tokens/s and peak RSS per engine) are printed as well.
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ LABELS = {
 }
 
 
-def run_workload(extra: list[str], engines: str, repeat: int, out: Path) -> list[dict]:
+def run_workload(
+    extra: list[str], engines: str, repeat: int, out: Path, vllm_kwargs: str | None = None
+) -> list[dict]:
+    """One workload's results (`bench_throughput.py --json`); an engine that failed has a row
+    whose status says so, and the run stops only where no engine wrote one."""
     cmd = [
         sys.executable,
         str(TOOLS / "bench_throughput.py"),
@@ -56,8 +62,13 @@ def run_workload(extra: list[str], engines: str, repeat: int, out: Path) -> list
         "--json",
         str(out),
     ]
-    subprocess.run(cmd, check=True)
-    return read_results(out)
+    if vllm_kwargs:
+        cmd += ["--vllm-kwargs", vllm_kwargs]
+    finished = subprocess.run(cmd, check=False)
+    rows = read_results(out) if out.exists() else []
+    if finished.returncode != 0 and not rows:
+        raise SystemExit(f"bench_throughput.py failed (exit {finished.returncode}): {cmd}")
+    return rows
 
 
 def read_results(path: Path) -> list[dict]:
@@ -107,6 +118,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--output", default=str(TOOLS / "bench_cpu.png"))
     parser.add_argument("--from-json", nargs=2, metavar=("W1_JSONL", "SINGLE_JSONL"))
+    parser.add_argument("--vllm-kwargs", default=None, help="JSON, for vLLM's LLM(...)")
     args = parser.parse_args()
     if args.from_json:
         results = {
@@ -118,7 +130,9 @@ def main() -> None:
             for index, (title, extra) in enumerate(WORKLOADS.items()):
                 out = Path(args.save_json or scratch) / f"workload{index}.jsonl"
                 out.parent.mkdir(parents=True, exist_ok=True)
-                results[title] = run_workload(extra, args.engines, args.repeat, out)
+                results[title] = run_workload(
+                    extra, args.engines, args.repeat, out, args.vllm_kwargs
+                )
     for title, rows in results.items():
         print(title)
         for row in rows:
