@@ -539,12 +539,6 @@ static inline void transpose_8x8(__m256 rows[8]) {
     }
 }
 
-static inline float max_lane8(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
 /* As attend_rows_avx512 (its comment says what each step does), by chunks of 8 keys. */
 static inline __attribute__((always_inline)) void attend_rows_avx2(
     float q[][MAX_HEAD_DIM], int64_t rows, const int64_t *row_lens, int64_t head_dim,
@@ -602,7 +596,7 @@ static inline __attribute__((always_inline)) void attend_rows_avx2(
                 visible = visible > count ? count : visible < 0 ? 0 : visible;
                 const __m256 seen = _mm256_castsi256_ps(
                     _mm256_cmpgt_epi32(_mm256_set1_epi32((int)visible), lane));
-                const float chunk_max = max_lane8(_mm256_blendv_ps(minus_infinity, score[i], seen));
+                const float chunk_max = reduce_max_ps8(_mm256_blendv_ps(minus_infinity, score[i], seen));
                 const float top = chunk_max > running_max[j] ? chunk_max : running_max[j];
                 const __m256 e = _mm256_and_ps(
                     seen, exp_ps8(_mm256_sub_ps(_mm256_blendv_ps(_mm256_set1_ps(top), score[i], seen),

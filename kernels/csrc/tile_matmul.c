@@ -741,12 +741,6 @@ static inline __m256i bytes_of(const __m256i q[4]) {
     return _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-static inline float max_lane(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
 static inline int32_t sum_lanes(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_hadd_epi32(s, s);
@@ -768,16 +762,18 @@ static void quantize_activations(const void *x, int x_bf16, int64_t rows, int64_
                 v[i] = load_row_values(x, x_bf16, first + 8 * i);
                 amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], magnitude));
             }
-            const float top = max_lane(amax);
+            const float top = reduce_max_ps8(amax);
             const __m256 inverse = _mm256_set1_ps(top > 0.0f ? QX_MAX / top : 0.0f);
-            __m256i q[4], high[4], low[4];
-            for (int i = 0; i < 4; i++) {
+            __m256i q[4];
+            for (int i = 0; i < 4; i++)
                 q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse)); /* nearest even */
-                high[i] = _mm256_srai_epi32(q[i], 7); /* h in [-127, 127] */
-                low[i] = _mm256_and_si256(q[i], low7); /* l in [0, 127] */
-            }
             const int64_t index = ACTIVATION_INDEX(r, g, groups);
-            if (a->quads) {
+            if (a->quads) { /* AVX-VNNI, or one row of 4-bit codes: qx's two bytes */
+                __m256i high[4], low[4];
+                for (int i = 0; i < 4; i++) {
+                    high[i] = _mm256_srai_epi32(q[i], 7); /* h in [-127, 127] */
+                    low[i] = _mm256_and_si256(q[i], low7); /* l in [0, 127] */
+                }
                 int8_t *bytes = (int8_t *)(a->quads + (r * groups + g) * 16); /* row-major */
                 _mm256_storeu_si256((__m256i *)bytes, bytes_of(high));
                 _mm256_storeu_si256((__m256i *)(bytes + GROUP), bytes_of(low));

@@ -77,6 +77,12 @@ static inline float reduce_add_ps8(__m256 values) {
     return _mm_cvtss_f32(sum);
 }
 
+static inline float reduce_max_ps8(__m256 values) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(values), _mm256_extractf128_ps(values, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 static inline __m256 load_bf16_8(const uint16_t *bits) {
     __m128i half = _mm_loadu_si128((const __m128i *)bits);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
