@@ -110,7 +110,8 @@ def clear_caches() -> None:
         cache.clear()
 
 
-def _cache_dir() -> str:
+def kernel_cache_dir() -> str:
+    """Where built kernels are kept: `$XDG_CACHE_HOME/ember/kernels` (~/.cache/ember/kernels)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "ember", "kernels")
 
@@ -152,10 +153,10 @@ def _load(source: str | Path, flags: tuple[str, ...]) -> ctypes.CDLL | None:
     for header in sorted(_SOURCES.glob("*.h")):  # what the source may include
         text += header.read_bytes()
     key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()
-    path = os.path.join(_cache_dir(), f"{source_path.stem}-{key[:16]}.so")
+    path = os.path.join(kernel_cache_dir(), f"{source_path.stem}-{key[:16]}.so")
     if not os.path.exists(path):
-        os.makedirs(_cache_dir(), exist_ok=True)
-        handle, staging = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
+        os.makedirs(kernel_cache_dir(), exist_ok=True)
+        handle, staging = tempfile.mkstemp(suffix=".so", dir=kernel_cache_dir())
         os.close(handle)
         command = [compiler, *flags, f"-I{_SOURCES}", str(source_path), "-o", staging, "-lm"]
         try:

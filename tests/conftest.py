@@ -20,6 +20,25 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache_dir(tmp_path_factory) -> str:
+    """The suite's own `$XDG_CACHE_HOME`, for ember and every engine it starts: what ember
+    converts from the suite's models (weights, configs, tokenizers: a few GB a run, most of it
+    from files that live only as long as the run) goes with the run's temporary directory
+    instead of piling up in the user's cache. The built C kernels, keyed by their source, flags
+    and CPU, stay the user's (a link): building them afresh would add a minute to every run."""
+    from ember.kernels.cpu_library import kernel_cache_dir
+
+    kernels = kernel_cache_dir()
+    os.makedirs(kernels, exist_ok=True)
+    cache = tmp_path_factory.mktemp("cache")
+    os.makedirs(cache / "ember")
+    os.symlink(kernels, cache / "ember" / "kernels")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+        yield str(cache)
+
+
 @pytest.fixture(scope="session")
 def default_gguf() -> str:
     from ember.workers.model_loader.resolve import default_model_path

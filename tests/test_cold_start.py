@@ -15,7 +15,11 @@ import transformers
 
 from ember.workers import hf_config
 from ember.workers.hf_config import HFConfig, load_hf_config, snapshot_config
-from ember.workers.model_loader.gguf_files import gguf_tokenizer_dir
+from ember.workers.model_loader.gguf_files import (
+    gguf_cache_dir,
+    gguf_model_dir,
+    gguf_tokenizer_dir,
+)
 from ember.workers.tokenizer_loader import load_tokenizer
 from tests.helpers import _BASE_SETTINGS, RANDOM_MODEL_SETTINGS
 
@@ -222,14 +226,13 @@ def test_a_gguf_files_tokenizer_converts_when_first_loaded(default_gguf, tmp_pat
     from concurrent.futures import ThreadPoolExecutor
 
     from ember.enginecore.arg_utils import EngineArgs
-    from ember.workers.model_loader.gguf_files import gguf_cache_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     config = EngineArgs(model=default_gguf).create_engine_config()
     cache = gguf_cache_dir(default_gguf)
     assert config.model.model_dir == cache
     assert config.model.tokenizer == default_gguf
-    assert sorted(os.listdir(cache)) == ["config.json"]
+    assert sorted(os.listdir(cache)) == ["config.json", "source.json"]
     directory, filename = os.path.split(default_gguf)
     expected_config = transformers.AutoConfig.from_pretrained(directory, gguf_file=filename)
     with open(os.path.join(cache, "config.json")) as written:
@@ -250,3 +253,34 @@ def test_a_gguf_files_tokenizer_converts_when_first_loaded(default_gguf, tmp_pat
         "tokenizer.json",
         "tokenizer_config.json",
     ]
+
+
+def test_a_gguf_files_cache_entry_goes_when_its_file_is_gone_or_changed(
+    default_gguf, tmp_path, monkeypatch
+):
+    """Each GGUF file's cache entry is keyed by its path, size and mtime; converting a file
+    removes the entries of files that were deleted or changed since (they can never be read
+    again), and keeps the others, entries without a record of their file included."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first, second = tmp_path / "first.gguf", tmp_path / "second.gguf"
+    shutil.copyfile(default_gguf, first)
+    shutil.copyfile(default_gguf, second)
+    first_entry = gguf_model_dir(str(first))
+    second_entry = gguf_model_dir(str(second))
+    assert first_entry == gguf_cache_dir(str(first)) != second_entry
+    with open(os.path.join(first_entry, "source.json")) as record:
+        assert json.load(record) == {"path": os.path.realpath(first)}
+    unrecorded = os.path.join(os.path.dirname(first_entry), "0123456789abcdef")
+    os.makedirs(unrecorded)
+    with open(os.path.join(unrecorded, "config.json"), "w") as config:
+        config.write("{}")
+
+    stat = os.stat(first)
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # first changed
+    os.unlink(second)  # second gone
+    changed_entry = gguf_model_dir(str(first))
+    assert changed_entry != first_entry
+    root = os.path.dirname(first_entry)
+    assert sorted(os.listdir(root)) == sorted(
+        os.path.basename(entry) for entry in (changed_entry, unrecorded)
+    )

