@@ -28,11 +28,12 @@ def _paged_batch(
     query_lens: list[int] | None = None,
     cache_dtype: torch.dtype = torch.bfloat16,
     query_dtype: torch.dtype = torch.float32,
+    block_size: int = 16,
 ):
     """A random cache and queries; decodes (query_lens 1) first, then chunks."""
     query_lens = query_lens or [1] * len(seq_lens)
     torch.manual_seed(len(seq_lens) * 7 + head_dim)
-    block_size, num_blocks = 16, 96
+    num_blocks = max(96, 2 * -(-max(seq_lens) // block_size))
     kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim).to(cache_dtype)
     max_blocks = -(-max(seq_lens) // block_size)
     block_table = torch.stack([torch.randperm(num_blocks)[:max_blocks] for _ in seq_lens])
@@ -98,6 +99,34 @@ def test_c_kernel_matches_the_torch_reference_on_the_same_bf16_cache(
     reference = attention.paged_attention_torch(query, kv_cache, metadata, scale, sliding_window)
     # Both read the same bfloat16 values exactly into float32 and do float32 math; they differ
     # only in the order of the sums (the kernel's softmax is online, block by block).
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+@needs_c_kernel
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(9, 3), (16, 1)])
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("sliding_window", [None, 300])
+@pytest.mark.parametrize("seq_lens", [[1000], [260, 700], [130]])
+def test_c_kernel_splits_a_few_long_requests_over_the_threads_and_merges_them(
+    num_heads, num_kv_heads, block_size, sliding_window, seq_lens
+):
+    """Fewer (request, KV head) tasks than twice the threads: each task's tokens are cut into
+    stretches of whole blocks, attended on both threads and merged by their softmax maxima and
+    sums; the stretches start inside a block under the sliding window, and with 64-token
+    blocks the last stretch of 260 tokens cut in four is empty."""
+    query, kv_cache, metadata = _paged_batch(
+        seq_lens, num_heads, num_kv_heads, 64, block_size=block_size
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = attention_cpu.paged_decode_attention_cpu(
+            query, kv_cache, metadata.block_table, metadata.seq_lens, 0.125, sliding_window
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert out is not None
+    reference = _dense_attention(query, kv_cache, metadata, 0.125, sliding_window)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
 

@@ -214,6 +214,28 @@ def test_c_kernel_reads_the_fp8_cache_as_dequantized_attention(
 
 @needs_c_kernel
 @pytest.mark.usefixtures("cpu_isa")
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_c_kernel_merges_the_stretches_of_a_long_request_over_the_fp8_cache(block_size):
+    """One long request on two threads: its stretches' sums are merged, then scaled by
+    v_scale once."""
+    query, kv_cache, metadata = paged_fp8_batch([(999, 1)], 9, 3, 64, block_size=block_size)
+    k_scale, v_scale = _scales()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = attention_cpu.paged_decode_attention_cpu(
+            query, kv_cache, metadata.block_table, metadata.seq_lens, 0.125, None,
+            k_scale=k_scale, v_scale=v_scale,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert out is not None
+    expected = dequantized_attention(query, kv_cache, metadata, 0.125, None)
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+
+
+@needs_c_kernel
+@pytest.mark.usefixtures("cpu_isa")
 def test_c_kernel_widens_every_e4m3_code_as_torch_does():
     """One cached token whose value row is all 256 codes (head_dim 256): the output is that row
     times v_scale, NaN codes included, subnormals and signs exact."""

@@ -6,8 +6,10 @@
  * context per layer. This reads each cached key and value once. Each (request, KV head) task
  * computes its G = Hq / Hkv query heads with an online softmax (one rescale per block), in
  * float32; the tasks are spread over the OpenMP threads (torch's own runtime, whose thread
- * count `torch.set_num_threads` sets). Returns 1, computing nothing, for shapes beyond its
- * fixed buffers.
+ * count `torch.set_num_threads` sets). With fewer tasks than twice the threads (a batch of one,
+ * a long context) each task's tokens are cut into stretches, attended apart and merged by
+ * their softmax maxima and sums. Returns 1, computing nothing, for shapes beyond its fixed
+ * buffers.
  *
  * With AVX-512 (16 lanes) or AVX2 + FMA (8) the scores of a block are one vector per query head
  * and their exponentials a vectorised exp (`exp_ps`, within 2 ulp of expf); elsewhere the same
@@ -42,6 +44,12 @@ static int omp_get_max_threads(void) { return 1; }
 #define MAX_HEADS 64 /* query heads of one task */
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 64
+/* Cached token-heads of a step worth the threads. The threads are still spinning from the
+   matmul before (the fused decode step), so sharing even a short context pays: batch-1 decode
+   of 100-300 tokens, SmolLM2, 2 threads: 8.9-9.3 -> 8.5-8.9 ms a step under the AVX2 override,
+   7.0 -> 6.5 with AVX-512 (4096 before, when one request's context was never split). */
+#define SPLIT_MIN_WORK 192
+#define SPLIT_MIN_TOKENS 64 /* a decode task's tokens, at least, in each of its stretches */
 #define PREFILL_ROWS 48 /* query rows of a prefill task, at most (TILE_QUERY_ROWS) */
 
 #include "vector_math.h"
@@ -82,7 +90,8 @@ static inline __attribute__((always_inline)) void attend(
     float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int64_t head_dim,
     const void *keys, int64_t first_key, int64_t value_offset, int64_t token_stride,
     const int64_t *blocks, int64_t block_size, int64_t start, int64_t len, float v_scale,
-    const int64_t *row_lens, float acc[][MAX_HEAD_DIM], const int fp8) {
+    const int64_t *row_lens, float acc[][MAX_HEAD_DIM], float *max_out, float *sum_out,
+    const int fp8) {
     const int64_t element_bytes = fp8 ? 1 : 2;
     const int64_t heads = kv_heads * group;
     float running_max[MAX_HEADS], running_sum[MAX_HEADS];
@@ -256,6 +265,13 @@ static inline __attribute__((always_inline)) void attend(
             }
         }
     }
+    if (max_out) { /* a stretch of a split task: its sums stay unnormalised, for the merge */
+        for (int64_t j = 0; j < heads; j++) {
+            max_out[j] = running_max[j];
+            sum_out[j] = running_sum[j];
+        }
+        return;
+    }
     for (int64_t j = 0; j < heads; j++) {
         float inv = running_sum[j] > 0.0f ? v_scale / running_sum[j] : 0.0f;
         for (int64_t d = 0; d < head_dim; d++) acc[j][d] *= inv;
@@ -270,10 +286,10 @@ static inline __attribute__((always_inline)) void attend(
     float q[][MAX_HEAD_DIM], int64_t kv_heads, int64_t group, int64_t head_dim,              \
         const void *keys, int64_t first_key, int64_t value_offset, int64_t token_stride,     \
         const int64_t *blocks, int64_t block_size, int64_t start, int64_t len, float v_scale, \
-        const int64_t *row_lens, float acc[][MAX_HEAD_DIM]
+        const int64_t *row_lens, float acc[][MAX_HEAD_DIM], float *max_out, float *sum_out
 #define ATTEND_CALL(GROUP, FP8)                                                                \
     attend(q, kv_heads, GROUP, head_dim, keys, first_key, value_offset, token_stride, blocks, \
-           block_size, start, len, v_scale, row_lens, acc, FP8)
+           block_size, start, len, v_scale, row_lens, acc, max_out, sum_out, FP8)
 #define ATTEND_BY_GROUP(FP8)              \
     switch (group) {                      \
     case 1: ATTEND_CALL(1, FP8); break;   \
@@ -326,35 +342,103 @@ int ember_paged_decode_attention(
                    cache_format, k_scale, v_scale, &view))
         return 1;
     const int64_t group = num_heads / num_kv_heads;
+    const int threads = omp_get_max_threads();
     /* A task is a request's KV heads, all of them (each block read as one stretch) when there
        are requests enough to keep the threads busy, else one. */
     int64_t task_heads = num_kv_heads;
-    if (num_heads > MAX_HEADS || num_reqs < 2 * omp_get_max_threads()) task_heads = 1;
-    const int64_t tasks_per_req = num_kv_heads / task_heads;
-    /* Below some 4096 cached token-heads a step is a few microseconds of work, less than what
-       waking the other threads costs (batch-1 decode: 30 -> 10 us a layer). */
-    int64_t work = 0;
-    for (int64_t r = 0; r < num_reqs; r++) work += (int64_t)seq_lens[r] * num_kv_heads;
+    if (num_heads > MAX_HEADS || num_reqs < 2 * threads) task_heads = 1;
+    const int64_t tasks_per_req = num_kv_heads / task_heads, tasks = num_reqs * tasks_per_req;
+    const int64_t heads = task_heads * group;
+    /* Below SPLIT_MIN_WORK cached token-heads a step is a microsecond or two of work, less than
+       handing it to the other threads costs. */
+    int64_t work = 0, longest = 0;
+    for (int64_t r = 0; r < num_reqs; r++) {
+        int64_t len = seq_lens[r];
+        if (sliding_window > 0 && len > sliding_window) len = sliding_window;
+        work += len * num_kv_heads;
+        if (len > longest) longest = len;
+    }
+    const int parallel = work >= SPLIT_MIN_WORK;
+    /* Too few tasks to share among the threads (a batch of one or two, a long context): each
+       task's tokens are cut into `splits` stretches of whole blocks, attended apart and merged
+       by their softmax maxima and sums (flash decoding's split). */
+    int64_t splits = 1;
+    if (parallel && threads > 1 && tasks < 2 * threads) {
+        splits = (2 * threads + tasks - 1) / tasks;
+        if (splits > longest / SPLIT_MIN_TOKENS) splits = longest / SPLIT_MIN_TOKENS;
+        if (splits < 1) splits = 1;
+    }
+    /* a stretch's unnormalised outputs [heads][head_dim], then its maxima and sums [heads] */
+    const int64_t stretch_floats = heads * (head_dim + 2);
+    float *stretches = splits > 1 ? malloc(sizeof(float) * tasks * splits * stretch_floats) : 0;
+    if (splits > 1 && !stretches) splits = 1;
 
-#pragma omp parallel for schedule(dynamic, 1) if (work >= 4096)
-    for (int64_t task = 0; task < num_reqs * tasks_per_req; task++) {
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+    for (int64_t item = 0; item < tasks * splits; item++) {
+        const int64_t task = item / splits, part = item % splits;
         int64_t r = task / tasks_per_req, h0 = (task % tasks_per_req) * task_heads;
         float q[MAX_HEADS][MAX_HEAD_DIM], acc[MAX_HEADS][MAX_HEAD_DIM];
-        const int64_t first_head = h0 * group, heads = task_heads * group;
+        const int64_t first_head = h0 * group;
         for (int64_t j = 0; j < heads; j++) {
             const float *src = query + (r * num_heads + first_head + j) * head_dim;
             for (int64_t d = 0; d < head_dim; d++) q[j][d] = src[d] * view.query_scale;
         }
         int64_t len = seq_lens[r];
         int64_t start = sliding_window > 0 && len > sliding_window ? len - sliding_window : 0;
-        (view.fp8 ? attend_e4m3 : attend_bf16)(
-            q, task_heads, group, head_dim, kv_cache, h0 * head_dim, view.value_offset,
-            view.token_stride, block_table + r * table_stride, block_size, start, len,
-            view.output_scale, 0, acc);
+        float *max_out = 0, *sum_out = 0;
+        if (splits > 1) {
+            /* whole blocks a stretch, from the block of `start` (the last may be short or
+               empty) */
+            const int64_t base = start / block_size * block_size;
+            int64_t stretch = (len - base + splits - 1) / splits;
+            stretch = (stretch + block_size - 1) / block_size * block_size;
+            const int64_t begin = base + part * stretch;
+            if (begin > start) start = begin;
+            if (begin + stretch < len) len = begin + stretch;
+            max_out = stretches + item * stretch_floats + heads * head_dim;
+            sum_out = max_out + heads;
+        }
+        if (start < len)
+            (view.fp8 ? attend_e4m3 : attend_bf16)(
+                q, task_heads, group, head_dim, kv_cache, h0 * head_dim, view.value_offset,
+                view.token_stride, block_table + r * table_stride, block_size, start, len,
+                view.output_scale, 0, acc, max_out, sum_out);
+        else /* nothing of this request's context falls in this stretch */
+            for (int64_t j = 0; j < heads; j++) {
+                memset(acc[j], 0, sizeof(float) * head_dim);
+                if (max_out) max_out[j] = -INFINITY, sum_out[j] = 0.0f;
+            }
         for (int64_t j = 0; j < heads; j++)
-            memcpy(out + (r * num_heads + first_head + j) * head_dim, acc[j],
-                   sizeof(float) * head_dim);
+            memcpy(splits > 1 ? stretches + item * stretch_floats + j * head_dim
+                              : out + (r * num_heads + first_head + j) * head_dim,
+                   acc[j], sizeof(float) * head_dim);
     }
+    /* the stretches of each task, merged: out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s */
+    for (int64_t task = 0; splits > 1 && task < tasks; task++) {
+        const int64_t r = task / tasks_per_req, h0 = (task % tasks_per_req) * task_heads;
+        const float *first = stretches + task * splits * stretch_floats;
+        for (int64_t j = 0; j < heads; j++) {
+            float top = -INFINITY, total = 0.0f;
+            for (int64_t part = 0; part < splits; part++) {
+                const float m = first[part * stretch_floats + heads * head_dim + j];
+                if (m > top) top = m;
+            }
+            float *o = out + (r * num_heads + h0 * group + j) * head_dim;
+            memset(o, 0, sizeof(float) * head_dim);
+            for (int64_t part = 0; part < splits; part++) {
+                const float *stretch = first + part * stretch_floats;
+                const float m = stretch[heads * head_dim + j];
+                if (m == -INFINITY) continue;
+                const float weight = expf(m - top);
+                total += weight * stretch[heads * head_dim + heads + j];
+                for (int64_t d = 0; d < head_dim; d++)
+                    o[d] += weight * stretch[j * head_dim + d];
+            }
+            const float inv = total > 0.0f ? view.output_scale / total : 0.0f;
+            for (int64_t d = 0; d < head_dim; d++) o[d] *= inv;
+        }
+    }
+    free(stretches);
     return 0;
 }
 
@@ -978,7 +1062,7 @@ int ember_paged_prefill_attention(
         (view.fp8 ? attend_e4m3 : attend_bf16)(
             q, 1, rows, head_dim, kv_cache, h * head_dim, view.value_offset, view.token_stride,
             block_table + r * table_stride, block_size, 0, len, view.output_scale,
-            tokens > 1 ? row_lens : 0, acc);
+            tokens > 1 ? row_lens : 0, acc, 0, 0);
         for (int64_t i = 0; i < tokens; i++) {
             const int64_t token = query_start_loc[r] + first_token + i;
             for (int64_t g = 0; g < group; g++)
