@@ -30,10 +30,14 @@ def session_cache_dir(tmp_path_factory) -> str:
     from ember.kernels.cpu_library import kernel_cache_dir
 
     kernels = kernel_cache_dir()
-    os.makedirs(kernels, exist_ok=True)
     cache = tmp_path_factory.mktemp("cache")
     os.makedirs(cache / "ember")
-    os.symlink(kernels, cache / "ember" / "kernels")
+    try:
+        os.makedirs(kernels, exist_ok=True)
+    except OSError:  # a read-only home: the kernels are built into the run's directory too
+        pass
+    else:
+        os.symlink(kernels, cache / "ember" / "kernels")
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
         yield str(cache)
