@@ -5,7 +5,7 @@ whose codes are widened to int16 for vpmaddwd, or go to AVX-VNNI's 256-bit vpdpb
 CPU has it (Intel client chips from Alder Lake on). The layout is the same on all; the ISA is chosen when the
 library is built (`cpu_library.cpu_isa()`), and `kernel_name()` says which path it took. On
 CPUs with AMX the avx512 build multiplies batches of 16 rows and more with AMX tiles (`use_amx`,
-`multiplies_exactly`; `EMBER_CPU_AMX=0` turns them off).
+`multiplies_in_bfloat16`; `EMBER_CPU_AMX=0` turns them off).
 `pack_tiles` builds the layout from GGUF-style groups (`packed_int4.QuantizedWeight`'s codes,
 scales and offsets); `tile_matmul` multiplies by it; `tile_rows` reads rows of it.
 
@@ -70,16 +70,18 @@ def use_amx(enabled: bool) -> bool:
     """Let the tile matmul use AMX tiles (or not) for batches of 16 rows and more, on CPUs
     that have them (Sapphire Rapids and later Xeons; the avx512 build); returns whether it now
     does. On by default where Linux grants the tile state, off with `EMBER_CPU_AMX=0`. See
-    `multiplies_exactly` for what changes."""
+    `multiplies_in_bfloat16` for what changes."""
     library = _library()
     return False if library is None else bool(library.ember_tile_use_amx(int(enabled)))
 
 
-def multiplies_exactly(rows: int, x_dtype: torch.dtype, bits: int) -> bool:
+def multiplies_in_bfloat16(rows: int, x_dtype: torch.dtype, bits: int) -> bool:
     """Whether `tile_matmul` of `rows` rows of `x_dtype` by `bits`-bit tiles multiplies the
-    activations as they are (AMX-BF16 tiles: bfloat16 x, 16 rows and more on an AMX CPU; exact
-    products, float32 sums) rather than in 15-bit groups (every other call; float32 x from 16
-    rows goes through AMX-INT8 tiles, whose outputs are the VNNI path's bit for bit)."""
+    activations as they are by the weights rounded to bfloat16 (AMX-BF16 tiles: bfloat16 x, 16
+    rows and more on an AMX CPU; the values of `dequantize_tiles`' bfloat16 copy, exact
+    products, float32 sums) rather than the exact weights by activations in 15-bit groups
+    (every other call; float32 x from 16 rows goes through AMX-INT8 tiles, whose outputs are
+    the VNNI path's bit for bit)."""
     library = _library()
     if library is None:
         return False

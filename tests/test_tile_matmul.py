@@ -39,9 +39,10 @@ def needs_tiles(cpu_isa):
 @pytest.mark.parametrize(
     ("rows", "n", "k"),
     # One row and one tile; a chunk of four and a partial one; more rows than two chunks with
-    # enough tiles for both threads; a model-sized shape; rows over several blocks and a
-    # partial one (prefill chunks).
-    [(1, 16, 32), (5, 48, 96), (9, 320, 64), (33, 96, 576), (211, 32, 96)],
+    # enough tiles for both threads; a model-sized shape; one block of 16 rows over an odd
+    # number of groups (AMX: each of its four chains of sums, and a lone last group); rows over
+    # several blocks and a partial one (prefill chunks).
+    [(1, 16, 32), (5, 48, 96), (9, 320, 64), (33, 96, 576), (16, 48, 160), (211, 32, 96)],
 )
 def test_tile_matmul_equals_the_quantized_reference(bits, x_dtype, rows, n, k):
     codes, scale, offset, dense = random_group_weight(n, k, bits, torch.float16, seed=rows + k)
@@ -51,18 +52,27 @@ def test_tile_matmul_equals_the_quantized_reference(bits, x_dtype, rows, n, k):
     x = torch.randn(rows, k).to(x_dtype)
     out = tile_matmul.tile_matmul(x, tiles, torch.float32)
     assert out is not None and out.shape == (rows, n) and out.dtype == torch.float32
-    if tile_matmul.multiplies_exactly(rows, x_dtype, bits):  # AMX-BF16: x as it is
+    if tile_matmul.multiplies_in_bfloat16(rows, x_dtype, bits):
+        # AMX-BF16: x as it is, by the weight's bfloat16 copy (rounded once from float32)
         quantized = x.double()
+        weight = _exact_dense(codes, scale, offset, bits).bfloat16().double()
     else:
         quantized = quantized_activations(x.float(), tile_matmul.activation_levels()).double()
-    expected = quantized @ dense.double().T
+        weight = dense.double()
+    expected = quantized @ weight.T
     # Equal up to float32 rounding, which is relative to the terms summed (a 4-bit group's
     # offset and scale parts may cancel).
-    bound = 1e-6 * (quantized.abs() @ dense.double().abs().T) + 1e-30
+    bound = 1e-6 * (quantized.abs() @ weight.abs().T) + 1e-30
     assert bool(((out.double() - expected).abs() <= bound).all())
-    # Close to the exact product.
+    # Close to the exact product: the 15-bit groups' steps, or the weights' bfloat16 rounding
+    # (each term off by |x| times its weight's rounding at most).
     exact = x.float() @ dense.T
-    torch.testing.assert_close(out, exact, rtol=0.01, atol=1e-3 * float(exact.abs().max()))
+    if tile_matmul.multiplies_in_bfloat16(rows, x_dtype, bits):
+        rounding = x.double().abs() @ (weight - dense.double()).abs().T
+        assert bool(((out.double() - exact.double()).abs() <= rounding + 2 * bound).all())
+        assert float(rounding.max()) <= 2**-8 * float((x.double().abs() @ weight.abs().T).max())
+    else:
+        torch.testing.assert_close(out, exact, rtol=0.01, atol=1e-3 * float(exact.abs().max()))
     # bfloat16 out: the float32 result rounded to nearest even.
     rounded = tile_matmul.tile_matmul(x, tiles, torch.bfloat16)
     assert torch.equal(rounded, out.bfloat16())
@@ -188,17 +198,18 @@ def test_amx_tiles_take_16_rows_and_more_and_int8_ones_give_the_vnni_outputs(cpu
     """Where the CPU has AMX (the avx512 build on Sapphire Rapids and later), batches of 16 rows
     and more go through AMX tiles. tdpbusd (float32 activations) sums the VNNI path's integers:
     equal outputs bit for bit, whole and partial blocks of 16 rows, float32 and bfloat16
-    outputs. tdpbf16ps (bfloat16 activations) multiplies the activations as they are: within
-    float32 rounding of the exact product (the reference test above), and within the 15-bit
-    groups' step of the VNNI path. Fewer rows, or AMX off, take the vector path."""
+    outputs. tdpbf16ps (bfloat16 activations) multiplies the activations as they are by the
+    weight's bfloat16 copy: within float32 rounding of that product (the reference test above),
+    and within the 15-bit groups' step and the weights' rounding of the VNNI path. Fewer rows,
+    or AMX off, take the vector path."""
     if not tile_matmul.use_amx(True):
-        assert not tile_matmul.multiplies_exactly(64, torch.bfloat16, 4)
+        assert not tile_matmul.multiplies_in_bfloat16(64, torch.bfloat16, 4)
         pytest.skip(f"the {cpu_isa} build has no AMX tiles on this CPU")
     try:
-        assert tile_matmul.multiplies_exactly(16, torch.bfloat16, 4)
-        assert tile_matmul.multiplies_exactly(64, torch.bfloat16, 8)
-        assert not tile_matmul.multiplies_exactly(15, torch.bfloat16, 4)
-        assert not tile_matmul.multiplies_exactly(64, torch.float32, 4)
+        assert tile_matmul.multiplies_in_bfloat16(16, torch.bfloat16, 4)
+        assert tile_matmul.multiplies_in_bfloat16(64, torch.bfloat16, 8)
+        assert not tile_matmul.multiplies_in_bfloat16(15, torch.bfloat16, 4)
+        assert not tile_matmul.multiplies_in_bfloat16(64, torch.float32, 4)
         cases = [(8, torch.float32), (8, torch.bfloat16), (4, torch.float32), (4, torch.bfloat16)]
         for bits, dtype in cases:
             codes, scale, offset, dense = random_group_weight(
@@ -211,7 +222,7 @@ def test_amx_tiles_take_16_rows_and_more_and_int8_ones_give_the_vnni_outputs(cpu
                 tile_matmul.use_amx(True)
                 amx = [tile_matmul.tile_matmul(x, tiles, out) for out in (dtype, torch.float32)]
                 tile_matmul.use_amx(False)
-                assert not tile_matmul.multiplies_exactly(rows, dtype, bits)
+                assert not tile_matmul.multiplies_in_bfloat16(rows, dtype, bits)
                 vnni = [tile_matmul.tile_matmul(x, tiles, out) for out in (dtype, torch.float32)]
                 if dtype == torch.bfloat16:
                     # the VNNI path's groups of 32 activations are off by half a step at most
@@ -220,6 +231,8 @@ def test_amx_tiles_take_16_rows_and_more_and_int8_ones_give_the_vnni_outputs(cpu
                     bound = (
                         0.5 * step.double() @ dense.double().abs().unflatten(-1, (-1, 32)).sum(-1).T
                     )
+                    rounding = (dense.double() - dense.bfloat16().double()).abs()
+                    bound += x.double().abs() @ rounding.T
                     assert bool(((amx[1].double() - vnni[1].double()).abs() <= bound + 1e-5).all())
                 else:
                     for a, v in zip(amx, vnni, strict=True):

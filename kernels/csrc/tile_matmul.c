@@ -32,8 +32,9 @@
  *
  * On CPUs with AMX (Sapphire Rapids and later Xeons), the AVX-512 build multiplies batches of
  * 16 rows and more with AMX tiles (`ember_tile_use_amx`, `ember_tile_path`): bfloat16
- * activations with tdpbf16ps, as they are (no 15-bit groups); float32 ones with tdpbusd on the
- * 15-bit groups (the VNNI path's integer sums, so its outputs).
+ * activations with tdpbf16ps, as they are (no 15-bit groups), by the weights dequantised to
+ * bfloat16 (a dense bfloat16 copy's values); float32 ones with tdpbusd on the 15-bit groups
+ * (the VNNI path's integer sums, so its outputs).
  *
  * AVX2 builds (below the AVX-512 ones) read the same tiles as two halves of 8 rows, with the
  * codes widened to int16 for vpmaddwd (vpmaddubsw + vpmaddwd for one row of 4-bit codes), or
@@ -215,7 +216,7 @@ static inline void store_row(void *out, int out_bf16, int64_t index, __m512 valu
         _mm512_storeu_ps((float *)out + index, values);
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include "amx.h"
 
 /* AMX (Sapphire Rapids and later Xeons): tdpbusd multiplies a tile of 16 activation rows of 32
@@ -231,9 +232,9 @@ static inline void store_row(void *out, int out_bf16, int64_t index, __m512 valu
 /* `ember_tile_use_amx(0)` turns the tiles off (the tests compare both paths). */
 int ember_tile_use_amx(int enabled) { return amx_enable(enabled); }
 
-/* The path ember_tile_matmul takes for a call: 2 AMX-BF16 (bfloat16 x, 16 rows and more: exact
-   products of the activations as they are), 1 AMX-INT8 (float32 x, 16 rows and more: the VNNI
-   path's outputs), 0 the vector path. */
+/* The path ember_tile_matmul takes for a call: 2 AMX-BF16 (bfloat16 x, 16 rows and more: the
+   activations as they are by the weights rounded to bfloat16), 1 AMX-INT8 (float32 x, 16
+   rows and more: the VNNI path's outputs), 0 the vector path. */
 int ember_tile_path(int64_t m_rows, int x_bf16, int bits) {
     (void)bits; /* both widths take both AMX paths */
     if (m_rows < AMX_MIN_ROWS || !amx_ready()) return 0;
@@ -351,218 +352,218 @@ static void amx_block(const Activations *a, int64_t r0, int rows, int64_t groups
     for (int r = 0; r < rows; r++) store_row(out, out_bf16, (r0 + r) * n_cols + column, acc[r]);
 }
 
-/* 4- and 8-bit codes times bfloat16 activations (a decode step's) with AMX-BF16's tdpbf16ps,
+/* 4- and 8-bit weights times bfloat16 activations (a decode step's) with AMX-BF16's tdpbf16ps,
    which multiplies a tile of 16 rows of 32 bfloat16 activations (A: a group, read in place from
-   x) by 16 rows of 16 pairs (B: the group's codes for 16 columns as bfloat16: codes 0..15 and
-   -127..127 are exact there, and so are their products) into 16 x 16 float32 sums. The
-   activations are not quantised at all, so a group's sum is the exact product up to float32
-   rounding (the 15-bit path is within a step of max|x| / 16383 of it), and a group's scaling
-   is one or two FMAs a row: out += sum * scale (+ offset * sum(x) for 4 bits). Groups in
-   pairs, as amx_block. */
+   x) by 16 rows of 16 pairs (B: the group's weights for 16 columns) into 16 x 16 float32 sums.
+   The weights go in dequantised, q * scale + offset rounded to bfloat16 (the values of a
+   bfloat16 copy of the dequantised GGUF weight, which larger batches multiply by), so the
+   tiles sum a row's products over all its groups and are read back once. (Exact codes, with
+   each group's sums read back and scaled, spent most of a decode step's matmul time on those
+   scalings: SmolLM2's 30 layers at 32 rows, 2 threads, 12.2 ms against 5.9 now.) */
 static void configure_bf16_tiles(void) {
     TileConfig config;
     memset(&config, 0, sizeof(config));
     config.palette = 1;
-    for (int t = 0; t < 4; t++) { /* 0, 1: float32 sums of a pair's groups; 2, 3: activations */
-        config.rows[t] = AMX_ROWS;
-        config.bytes_per_row[t] = 64;
-    }
-    for (int t = 4; t < 6; t++) { /* 4, 5: a pair's codes, 16 pairs of 16 columns */
-        config.rows[t] = GROUP / 2;
-        config.bytes_per_row[t] = 64;
-    }
-    for (int t = 6; t < 8; t++) { /* 6, 7: as 0 and 1, for odd blocks of rows */
+    for (int t = 0; t < 8; t++) { /* 0-3: float32 sums of 4 blocks; 4, 5: weights; 6, 7: x */
         config.rows[t] = AMX_ROWS;
         config.bytes_per_row[t] = 64;
     }
     _tile_loadconfig(&config);
 }
 
-/* The 32 4-bit codes of a group's 16 columns as a B tile of bfloat16 pairs (`buffer`, 16 rows
-   of 64 bytes): row 2c holds each column's codes 4c and 4c + 1, row 2c + 1 codes 4c + 2 and
-   4c + 3; vpshufb spreads a quad's bytes over two pairs of words, vpermw looks their
-   bfloat16 up. */
-static inline void bf16_codes(const uint8_t *codes, uint8_t *buffer) {
-    const __m512i nibble = _mm512_set1_epi8(0x0f);
-    static const uint16_t values[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0,
-        0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
-    const __m512i table = _mm512_loadu_si512(values);
-    const __m512i pairs_front = _mm512_set4_epi32(0x800d800c, 0x80098008, 0x80058004, 0x80018000);
-    const __m512i pairs_back = _mm512_set4_epi32(0x800f800e, 0x800b800a, 0x80078006, 0x80038002);
-    for (int c = 0; c < 8; c++) {
-        const __m512i packed = _mm512_loadu_si512(codes + 64 * (c & 3));
-        const __m512i w = c < 4 ? _mm512_and_si512(packed, nibble)
-                                : _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
-        _mm512_store_si512(buffer + 128 * c,
-                           _mm512_permutexvar_epi16(_mm512_shuffle_epi8(w, pairs_front), table));
-        _mm512_store_si512(buffer + 128 * c + 64,
-                           _mm512_permutexvar_epi16(_mm512_shuffle_epi8(w, pairs_back), table));
+/* 1 + q / 16 in float32 for the 4-bit code at bits [bit, bit + 4) of each 32-bit lane (the
+   code moved into the top of the mantissa of 1.0f), and 1 + u / 256 for a byte u. */
+#define FRACTION_4(packed, bit)                                                            \
+    _mm512_castsi512_ps(_mm512_ternarylogic_epi32(                                         \
+        (bit) <= 19 ? _mm512_slli_epi32(packed, 19 - (bit)) : _mm512_srli_epi32(packed, (bit) - 19), \
+        _mm512_set1_epi32(0x00780000), _mm512_set1_epi32(0x3f800000), 0xea))
+#define FRACTION_8(packed, bit)                                                            \
+    _mm512_castsi512_ps(_mm512_ternarylogic_epi32(                                         \
+        (bit) <= 15 ? _mm512_slli_epi32(packed, 15 - (bit)) : _mm512_srli_epi32(packed, (bit) - 15), \
+        _mm512_set1_epi32(0x007f8000), _mm512_set1_epi32(0x3f800000), 0xea))
+
+/* Two k's weights of 16 columns (float32, lane = column) as a B tile row: bfloat16 pairs,
+   rounded to nearest even. */
+static inline void store_weight_pair(uint8_t *row, __m512 even, __m512 odd) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
+                                                 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+                                                 18, 2, 17, 1, 16, 0);
+    const __m512i words = (__m512i)_mm512_cvtne2ps_pbh(odd, even); /* even's 16, then odd's */
+    _mm512_store_si512(row, _mm512_permutexvar_epi16(interleave, words));
+}
+
+/* A group's weights of 16 columns as a B tile (`buffer`, 16 rows of 64 bytes: row p holds k =
+   2p and 2p + 1 of each column), each q * scale + offset (8 bits: (u - 128) * scale for the
+   stored u = q + 128). With f = 1 + q / 16 that is f * 16 scale + (offset - 16 scale), one FMA
+   whose product and sum are exact before its one rounding: the float32 of the dense copy.
+   Vector c of the tile holds k = 4c + b in byte b of each column's lane (4 bits: k = 4c + b
+   in the low nibble and 16 + 4c + b in the high one). */
+static inline __attribute__((always_inline)) void bf16_weights(const uint8_t *codes, int bits,
+                                                                uint8_t *buffer) {
+    const uint8_t *halves = codes + 64 * (bits == 4 ? 4 : 8);
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)halves));
+    if (bits == 4) {
+        const __m512 offset = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(halves + 32)));
+        const __m512 step = _mm512_mul_ps(scale, _mm512_set1_ps(16.0f));
+        const __m512 base = _mm512_sub_ps(offset, step);
+        for (int c = 0; c < 4; c++) {
+            const __m512i packed = _mm512_loadu_si512(codes + 64 * c);
+#define NIBBLE_WEIGHT(bit) _mm512_fmadd_ps(FRACTION_4(packed, bit), step, base)
+            /* low nibbles: k = 4c .. 4c + 3, rows 2c and 2c + 1; high: k + 16, rows + 8 */
+            store_weight_pair(buffer + 64 * (2 * c), NIBBLE_WEIGHT(0), NIBBLE_WEIGHT(8));
+            store_weight_pair(buffer + 64 * (2 * c + 1), NIBBLE_WEIGHT(16), NIBBLE_WEIGHT(24));
+            store_weight_pair(buffer + 64 * (2 * c + 8), NIBBLE_WEIGHT(4), NIBBLE_WEIGHT(12));
+            store_weight_pair(buffer + 64 * (2 * c + 9), NIBBLE_WEIGHT(20), NIBBLE_WEIGHT(28));
+#undef NIBBLE_WEIGHT
+        }
+    } else {
+        const __m512 step = _mm512_mul_ps(scale, _mm512_set1_ps(256.0f));
+        const __m512 base = _mm512_mul_ps(scale, _mm512_set1_ps(-384.0f));
+        for (int c = 0; c < 8; c++) {
+            const __m512i packed = _mm512_loadu_si512(codes + 64 * c);
+#define BYTE_WEIGHT(bit) _mm512_fmadd_ps(FRACTION_8(packed, bit), step, base)
+            store_weight_pair(buffer + 64 * (2 * c), BYTE_WEIGHT(0), BYTE_WEIGHT(8));
+            store_weight_pair(buffer + 64 * (2 * c + 1), BYTE_WEIGHT(16), BYTE_WEIGHT(24));
+#undef BYTE_WEIGHT
+        }
     }
 }
 
-/* bf16_codes for 8-bit codes (q + 128 in the tiles): q in [-127, 127] is exact in bfloat16,
-   whose bits are then the top half of the float32's; each byte of a quad is sign-extended in
-   its 32-bit lane and converted, and two lanes' top halves make a pair. */
-static inline void bf16_codes_8bit(const uint8_t *codes, uint8_t *buffer) {
-    const __m512i sign_bit = _mm512_set1_epi8((char)0x80);
-    const __mmask32 odd_words = 0xAAAAAAAAu;
-    for (int c = 0; c < 8; c++) {
-        const __m512i q = _mm512_xor_si512(_mm512_loadu_si512(codes + 64 * c), sign_bit);
-        __m512i value[4]; /* byte b of each quad as float32 bits */
-        for (int b = 0; b < 4; b++)
-            value[b] = _mm512_castps_si512(_mm512_cvtepi32_ps(
-                _mm512_srai_epi32(_mm512_slli_epi32(q, 24 - 8 * b), 24)));
-        _mm512_store_si512(buffer + 128 * c,
-                           _mm512_mask_blend_epi16(odd_words, _mm512_srli_epi32(value[0], 16), value[1]));
-        _mm512_store_si512(buffer + 128 * c + 64,
-                           _mm512_mask_blend_epi16(odd_words, _mm512_srli_epi32(value[2], 16), value[3]));
-    }
-}
-
-/* Row blocks of 16 that one task multiplies by a row tile: its codes are unpacked once and
-   each group's B tile serves every block (a 32-row decode step of SmolLM2's 30 layers, 2
-   threads: 13.9 ms with a task per block and row tile, as long as two 16-row calls). */
+/* Row blocks of 16 whose sums stay in tiles (0 to 3) while a row tile's groups pass. */
 #define AMX_BLOCKS 4
 
-/* acc [blocks * 16, 16] (row b * 16 + r) += the products of groups g (and g + 1 where `pair`)
-   whose float32 sums are in sums [blocks][2][16 * 16], scaled as a group's sums are: out += sum
-   * scale (+ offset * sum(x) for 4 bits, xsum: the rows' sums of each group), g before g + 1
-   in every row. */
-static inline __attribute__((always_inline)) void bf16_scale_pair(
-    const float *xsum, int64_t rows, int64_t groups, int64_t g, int pair, const uint8_t *codes,
-    int bits, const float (*sums)[2][AMX_ROWS * 16], float *acc) {
-    const int64_t tile_bytes = TILE_BYTES(bits);
-    const uint8_t *scales = codes + 64 * (bits == 4 ? 4 : 8);
-    __m512 scale[2], offset[2];
-    for (int p = 0; p < 1 + pair; p++) { /* a lone last group has no neighbour to read */
-        scale[p] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + p * tile_bytes)));
-        offset[p] = bits == 4
-            ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + p * tile_bytes + 32)))
-            : _mm512_setzero_ps();
-    }
-    for (int64_t row = 0; row < rows; row++) {
-        const int64_t b = row / AMX_ROWS, r = row % AMX_ROWS;
-        __m512 sum = _mm512_load_ps(acc + 16 * row);
-        for (int p = 0; p < 1 + pair; p++) {
-            sum = _mm512_fmadd_ps(_mm512_load_ps(sums[b][p] + 16 * r), scale[p], sum);
-            if (bits == 4)
-                sum = _mm512_fmadd_ps(offset[p], _mm512_set1_ps(xsum[row * groups + g + p]), sum);
-        }
-        _mm512_store_ps(acc + 16 * row, sum);
-    }
-}
-
-/* A block's products of a pair of groups (codes in tiles 4 and 5) into tiles C0 and C1, then
-   `block_sums`; the activations of the block's two groups at x_block. */
-#define BF16_BLOCK_PRODUCTS(C0, C1, x_block, block_sums)                                       \
-    do {                                                                                       \
-        _tile_zero(C0);                                                                        \
-        _tile_loadd(2, x_block, row_bytes);                                                    \
-        _tile_dpbf16ps(C0, 2, 4);                                                              \
-        _tile_stored(C0, (block_sums)[0], 64);                                                 \
-        if (pair) {                                                                            \
-            _tile_zero(C1);                                                                    \
-            _tile_loadd(3, (x_block) + 2 * GROUP, row_bytes);                                  \
-            _tile_dpbf16ps(C1, 3, 5);                                                          \
-            _tile_stored(C1, (block_sums)[1], 64);                                             \
-        }                                                                                      \
+/* Block b's products of the weights in tile W into sums tile C, its x (the group's first
+   element of the chunk's first row at x_group) loaded into tile A. */
+#define BF16_DOT(C, A, W, b)                                                           \
+    do {                                                                               \
+        _tile_loadd(A, x_group + (b) * block_bytes, row_bytes);                        \
+        _tile_dpbf16ps(C, A, W);                                                       \
+    } while (0)
+/* A group's products (weights in tile W; odd_group a constant): each tdpbf16ps waits for the
+   one before it on the same sums, so one or two blocks spread their groups over all four sum
+   tiles (a chunk of one block: 4 chains, by the group's place in 4; two blocks: 2 each, by its
+   pair's parity), and x goes to tiles 6 and 7 in turn. */
+#define BF16_PRODUCTS(W, odd_group)                                                    \
+    do {                                                                               \
+        if (blocks == 1) {                                                             \
+            if (odd_pair) {                                                            \
+                if (odd_group) BF16_DOT(3, 7, W, 0);                                   \
+                else BF16_DOT(2, 6, W, 0);                                             \
+            } else {                                                                   \
+                if (odd_group) BF16_DOT(1, 7, W, 0);                                   \
+                else BF16_DOT(0, 6, W, 0);                                             \
+            }                                                                          \
+        } else if (blocks == 2) {                                                      \
+            if (odd_pair) {                                                            \
+                BF16_DOT(2, 6, W, 0);                                                  \
+                BF16_DOT(3, 7, W, 1);                                                  \
+            } else {                                                                   \
+                BF16_DOT(0, 6, W, 0);                                                  \
+                BF16_DOT(1, 7, W, 1);                                                  \
+            }                                                                          \
+        } else {                                                                       \
+            BF16_DOT(0, 6, W, 0);                                                      \
+            BF16_DOT(1, 7, W, 1);                                                      \
+            BF16_DOT(2, 6, W, 2);                                                      \
+            if (blocks > 3) BF16_DOT(3, 7, W, 3);                                      \
+        }                                                                              \
     } while (0)
 
-/* out rows (at `first`, row stride n_cols) of the 16 columns of row tile `tile`, for `rows`
-   activation rows (up to AMX_BLOCKS blocks of 16) at x_rows (row_bytes apart; whole blocks,
-   zero past the rows). Groups go in pairs (tiles 4 and 5 hold their codes, 0 and 1 a block's
-   sums, 2 and 3 its activations), and a pair's sums are scaled while the next pair's products
-   run: the tiles' stores have landed by then. */
+/* out rows [r0, r0 + rows) (row stride n_cols) of the 16 columns of row tile `tile` (at
+   column `column`), x padded to whole blocks of 16 rows (row_bytes apart). The row tile's
+   groups are dequantised into `weights` (groups x 1 KB) during the first chunk of up to
+   AMX_BLOCKS blocks, while that chunk's products run, and reused by the chunks after it. */
 static inline __attribute__((always_inline)) void amx_bf16_rows(
-    const uint16_t *x_rows, int64_t row_bytes, const float *xsum, int64_t rows, int64_t groups,
-    const uint8_t *tile, int bits, void *out, int out_bf16, int64_t n_cols, int64_t first) {
+    const uint16_t *x, int64_t row_bytes, int64_t m_rows, int64_t groups, const uint8_t *tile,
+    int bits, uint8_t *weights, void *out, int out_bf16, int64_t n_cols, int64_t column) {
     const int64_t tile_bytes = TILE_BYTES(bits);
-    const int64_t blocks = (rows + AMX_ROWS - 1) / AMX_ROWS;
     const int64_t block_bytes = AMX_ROWS * row_bytes;
-    uint8_t buffer[2][16 * 64] __attribute__((aligned(64)));
-    float sums[2][AMX_BLOCKS][2][AMX_ROWS * 16] __attribute__((aligned(64)));
-    float acc[AMX_BLOCKS * AMX_ROWS * 16] __attribute__((aligned(64)));
-    memset(acc, 0, sizeof(float) * 16 * (size_t)rows);
-    int64_t pending = -1; /* the pair whose sums wait in sums[phase ^ 1] */
-    int phase = 0;
-    for (int64_t g = 0; g < groups; g += 2) {
-        const uint8_t *codes = tile + g * tile_bytes;
-        prefetch_group(codes, tile_bytes);
-        const int pair = g + 1 < groups;
-        if (bits == 4) bf16_codes(codes, buffer[0]);
-        else bf16_codes_8bit(codes, buffer[0]);
-        _tile_loadd(4, buffer[0], 64);
-        if (pair) {
-            prefetch_group(codes + tile_bytes, tile_bytes);
-            if (bits == 4) bf16_codes(codes + tile_bytes, buffer[1]);
-            else bf16_codes_8bit(codes + tile_bytes, buffer[1]);
-            _tile_loadd(5, buffer[1], 64);
-        }
-        for (int64_t b = 0; b < blocks; b++) {
-            const uint8_t *x_block = (const uint8_t *)(x_rows + GROUP * g) + b * block_bytes;
-            if (b % 2) { /* odd blocks sum in tiles 6 and 7, while 0 and 1 are stored */
-                BF16_BLOCK_PRODUCTS(6, 7, x_block, sums[phase][b]);
-            } else {
-                BF16_BLOCK_PRODUCTS(0, 1, x_block, sums[phase][b]);
+    float sums[AMX_BLOCKS * AMX_ROWS * 16] __attribute__((aligned(64)));
+    for (int64_t r0 = 0; r0 < m_rows; r0 += AMX_BLOCKS * AMX_ROWS) {
+        const int64_t rows = m_rows - r0 < AMX_BLOCKS * AMX_ROWS ? m_rows - r0 : AMX_BLOCKS * AMX_ROWS;
+        const int64_t blocks = (rows + AMX_ROWS - 1) / AMX_ROWS;
+        const int first_chunk = r0 == 0;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        if (first_chunk) /* the first pair; each pair's products then run after the next */
+            for (int64_t g = 0; g < 2 && g < groups; g++) {
+                prefetch_group(tile + g * tile_bytes, tile_bytes);
+                bf16_weights(tile + g * tile_bytes, bits, weights + g * 1024);
+            }
+        for (int64_t g = 0; g < groups; g += 2) {
+            /* pair g / 2 + 1 dequantised first: a tile load waits for the stores it reads
+               to reach the cache, and by the next pair they have */
+            for (int64_t next = g + 2; first_chunk && next < g + 4 && next < groups; next++) {
+                prefetch_group(tile + next * tile_bytes, tile_bytes);
+                bf16_weights(tile + next * tile_bytes, bits, weights + next * 1024);
+            }
+            const uint8_t *x_group = (const uint8_t *)(x + r0 * (row_bytes / 2) + g * GROUP);
+            const int odd_pair = (g / 2) % 2;
+            _tile_loadd(4, weights + g * 1024, 64);
+            BF16_PRODUCTS(4, 0);
+            if (g + 1 < groups) {
+                x_group += 2 * GROUP;
+                _tile_loadd(5, weights + (g + 1) * 1024, 64);
+                BF16_PRODUCTS(5, 1);
             }
         }
-        if (pending >= 0)
-            bf16_scale_pair(xsum, rows, groups, pending, 1, tile + pending * tile_bytes, bits,
-                            (const float (*)[2][AMX_ROWS * 16])sums[phase ^ 1], acc);
-        pending = g;
-        phase ^= 1;
+        _tile_stored(0, sums, 64);
+        _tile_stored(1, sums + 256, 64);
+        _tile_stored(2, sums + 512, 64);
+        _tile_stored(3, sums + 768, 64);
+        for (int64_t r = 0; r < rows; r++) {
+            __m512 row = _mm512_load_ps(sums + 16 * r);
+            if (blocks == 1) /* the other chains of the one block */
+                row = _mm512_add_ps(_mm512_add_ps(row, _mm512_load_ps(sums + 256 + 16 * r)),
+                                    _mm512_add_ps(_mm512_load_ps(sums + 512 + 16 * r),
+                                                  _mm512_load_ps(sums + 768 + 16 * r)));
+            else if (blocks == 2) /* block r / 16's other chain, two tiles on */
+                row = _mm512_add_ps(row, _mm512_load_ps(sums + 512 + 16 * r));
+            store_row(out, out_bf16, (r0 + r) * n_cols + column, row);
+        }
     }
-    bf16_scale_pair(xsum, rows, groups, pending, pending + 1 < groups,
-                    tile + pending * tile_bytes, bits,
-                    (const float (*)[2][AMX_ROWS * 16])sums[phase ^ 1], acc);
-    for (int64_t r = 0; r < rows; r++)
-        store_row(out, out_bf16, first + r * n_cols, _mm512_load_ps(acc + 16 * r));
 }
 
-/* ember_tile_matmul of bfloat16 x with AMX-BF16 tiles: tasks of (AMX_BLOCKS blocks of 16
-   rows, row tile) shared by the threads; x is copied only to pad the last block to 16 rows. */
+/* ember_tile_matmul of bfloat16 x with AMX-BF16 tiles: a task is a row tile, for all the rows
+   (its weights dequantised once, into the thread's buffer); x is copied only to pad the last
+   block to 16 rows. */
 static int amx_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k, const uint8_t *tiles,
                            int bits, int64_t n_cols, void *out, int out_bf16) {
     const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
     const int64_t tile_bytes = TILE_BYTES(bits);
     const int64_t blocks = (m_rows + AMX_ROWS - 1) / AMX_ROWS, padded = blocks * AMX_ROWS;
-    const int64_t task_rows = AMX_BLOCKS * AMX_ROWS;
-    const int64_t row_tasks = (m_rows + task_rows - 1) / task_rows;
-    float *xsum = malloc(sizeof(float) * (size_t)(m_rows * groups));
     uint16_t *x_padded = padded == m_rows ? NULL : calloc((size_t)(padded * k), sizeof(uint16_t));
-    if (!xsum || (padded != m_rows && !x_padded)) {
-        free(xsum), free(x_padded);
-        return 3;
-    }
+    if (padded != m_rows && !x_padded) return 3;
     if (x_padded) memcpy(x_padded, x, sizeof(uint16_t) * (size_t)(m_rows * k));
     const uint16_t *xs = x_padded ? x_padded : x;
-    for (int64_t r = 0; r < m_rows && bits == 4; r++) /* sum(x) meets the 4-bit offsets */
-        for (int64_t g = 0; g < groups; g++) {
-            __m512 v0 = load_row_values(x, 1, r * k + g * GROUP);
-            __m512 v1 = load_row_values(x, 1, r * k + g * GROUP + 16);
-            xsum[r * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
-        }
+    int failed = 0;
 #pragma omp parallel
     {
+        /* groups rounded up to a pair: the last pair's second buffer is never read */
+        uint8_t *weights = aligned_alloc(64, (size_t)((groups + 1) / 2 * 2048));
+        if (!weights) {
+#pragma omp atomic write
+            failed = 1;
+        }
         configure_bf16_tiles();
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t b = 0; b < row_tasks; b++)
+#pragma omp for schedule(static)
         for (int64_t t = 0; t < row_tiles; t++) {
-            const int64_t r0 = b * task_rows;
-            const int64_t rows = m_rows - r0 < task_rows ? m_rows - r0 : task_rows;
+            if (!weights) continue;
             const uint8_t *tile = tiles + t * groups * tile_bytes;
-            const int64_t first = r0 * n_cols + t * TILE_ROWS;
             if (bits == 4)
-                amx_bf16_rows(xs + r0 * k, 2 * k, xsum + r0 * groups, rows, groups, tile, 4, out,
-                              out_bf16, n_cols, first);
+                amx_bf16_rows(xs, 2 * k, m_rows, groups, tile, 4, weights, out, out_bf16,
+                              n_cols, t * TILE_ROWS);
             else
-                amx_bf16_rows(xs + r0 * k, 2 * k, xsum + r0 * groups, rows, groups, tile, 8, out,
-                              out_bf16, n_cols, first);
+                amx_bf16_rows(xs, 2 * k, m_rows, groups, tile, 8, weights, out, out_bf16,
+                              n_cols, t * TILE_ROWS);
         }
         _tile_release();
+        free(weights);
     }
-    free(xsum), free(x_padded);
-    return 0;
+    free(x_padded);
+    return failed ? 3 : 0;
 }
 
 /* ember_tile_matmul with AMX tiles: tasks of (16 activation rows, row tile) shared by the
@@ -605,7 +606,7 @@ int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
     if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
     const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
     const int64_t tile_bytes = TILE_BYTES(bits);
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
     const int path = ember_tile_path(m_rows, x_bf16, bits);
     if (path == 2)
         return amx_bf16_matmul((const uint16_t *)x, m_rows, k, tiles, bits, n_cols, out, out_bf16);
@@ -1191,7 +1192,7 @@ int ember_tile_rows(const uint8_t *tiles, int bits, int64_t n_cols, int64_t k, c
 }
 
 #if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
-      defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__))
+      defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AVX512BF16__))
 /* Builds without AMX tiles: the tile matmul never uses them. */
 int ember_tile_use_amx(int enabled) {
     (void)enabled;
