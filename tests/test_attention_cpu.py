@@ -82,7 +82,9 @@ def _dense_attention(query, kv_cache, metadata, scale, sliding_window=None):
 
 @needs_c_kernel
 @pytest.mark.parametrize(
-    "num_heads, num_kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 2, 128), (16, 1, 64)]
+    "num_heads, num_kv_heads, head_dim",
+    # groups of 1, 3, 4, 6, 7 and 16 query heads a KV head (up to 8 a compile-time constant)
+    [(4, 4, 64), (9, 3, 64), (8, 2, 128), (12, 2, 64), (14, 2, 64), (16, 1, 64)],
 )
 @pytest.mark.parametrize("sliding_window", [None, 20])
 def test_c_kernel_matches_the_torch_reference_on_the_same_bf16_cache(
