@@ -318,9 +318,12 @@ def test_smollm2_packed_gguf_tp3_generates_as_tp1_packed(default_gguf, smollm2_t
     single = smollm2_tp1_chats("auto")
     # Bfloat16 partial products summed over three ranks round differently from one rank's (and
     # AMX tiles round differently again): a near-tie may flip, after which a text goes its own
-    # way. So each prompt is TP=1's tokens or leaves them at a near-tie (0.1 nats; measured:
-    # 2 of 4 prompts flip on a Sapphire Rapids CPU, 0-1 on a Zen 4), and half are identical.
-    identical = assert_diverges_only_at_near_ties(parallel, single, near_tie=0.1)
+    # way. So each prompt is TP=1's tokens or leaves them at a near-tie (0.2 nats; measured:
+    # 1-2 of 4 prompts flip on a Sapphire Rapids CPU, 0-1 on a Zen 4; the first token's top
+    # log-probabilities move by up to 0.10 nats between TP=1 and TP=3 with the prompts through
+    # dense bfloat16 copies, 0.15 through the AMX tiles' bfloat16 weights), and half are
+    # identical.
+    identical = assert_diverges_only_at_near_ties(parallel, single, near_tie=0.2)
     assert identical >= len(single) // 2
 
 
