@@ -168,24 +168,27 @@ def test_prefill_rotates_into_the_cache_as_the_torch_layers_do(
 
 def test_silu_mul_and_bf16_norms_match_the_torch_references():
     torch.manual_seed(0)
-    for size in (96, 100):  # vectors of 16 only; and a scalar tail
-        gate_up = (torch.randn(3, 2 * size) * 3).bfloat16()
+    # vectors of 16 only; a scalar tail; rows shared over the threads (16 and more)
+    for rows, size in ((3, 96), (3, 100), (40, 100)):
+        gate_up = (torch.randn(rows, 2 * size) * 3).bfloat16()
         gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's far ends, both zeros
-        out = torch.empty(3, size, dtype=torch.bfloat16)
+        out = torch.empty(rows, size, dtype=torch.bfloat16)
         assert decode_cpu.silu_mul(gate_up, out) == 0
         expected = silu_and_mul_torch(gate_up.float()).bfloat16()
         torch.testing.assert_close(out.float(), expected.float(), rtol=8e-3, atol=1e-6)
 
-    x = torch.randn(4, 576).bfloat16()
-    residual, weight = torch.randn(4, 576), torch.rand(576) + 0.5
-    normed = torch.empty(4, 576, dtype=torch.bfloat16)
-    new_residual = residual.clone()
-    assert layernorm.rms_norm_c(x, weight, 1e-5, normed, new_residual, new_residual) == 0
-    expected, expected_residual = layernorm.fused_add_rms_norm_torch(
-        x.float(), residual, weight, 1e-5
-    )
-    assert torch.equal(new_residual, expected_residual)
-    torch.testing.assert_close(normed.float(), expected.bfloat16().float(), rtol=8e-3, atol=1e-6)
+    for rows in (4, 40):  # on the caller's thread; shared over the threads
+        x = torch.randn(rows, 576).bfloat16()
+        residual, weight = torch.randn(rows, 576), torch.rand(576) + 0.5
+        normed = torch.empty(rows, 576, dtype=torch.bfloat16)
+        new_residual = residual.clone()
+        assert layernorm.rms_norm_c(x, weight, 1e-5, normed, new_residual, new_residual) == 0
+        expected, expected_residual = layernorm.fused_add_rms_norm_torch(
+            x.float(), residual, weight, 1e-5
+        )
+        assert torch.equal(new_residual, expected_residual)
+        expected = expected.bfloat16().float()
+        torch.testing.assert_close(normed.float(), expected, rtol=8e-3, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

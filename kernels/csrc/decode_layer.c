@@ -20,6 +20,11 @@
 #include "float8.h"
 #include "vector_math.h"
 
+/* Tokens from which a call shares them among OpenMP's threads (torch's own): a decode step of
+   one or a few requests stays on the caller's thread, as even an idle region costs a few
+   microseconds; a step of 32 shares them (SmolLM2's SiLU 29 us a layer on one thread). */
+#define PARALLEL_TOKENS 16
+
 /* Element i of a row of bfloat16 bits or float32 values. */
 static inline float element(const void *row, int64_t i, int bf16) {
     return bf16 ? bf16_to_float(((const uint16_t *)row)[i]) : ((const float *)row)[i];
@@ -73,8 +78,8 @@ static void rope_token(const void *row, int bf16, const float *cos, int64_t num_
     }
 }
 
-/* ember_rope_write_kv for a qkv of bfloat16 bits (qkv_bf16) or float32 values; a prefill
-   chunk's tokens (64 and more) are shared among OpenMP's threads. */
+/* ember_rope_write_kv for a qkv of bfloat16 bits (qkv_bf16) or float32 values; PARALLEL_TOKENS
+   tokens and more are shared among OpenMP's threads. */
 int ember_rope_write_kv_rows(const void *qkv, int qkv_bf16, const int64_t *positions,
                              const float *cos_sin, int64_t num_tokens, int64_t num_heads,
                              int64_t num_kv_heads, int64_t head_dim, int64_t rotary_dim,
@@ -93,7 +98,7 @@ int ember_rope_write_kv_rows(const void *qkv, int qkv_bf16, const int64_t *posit
     rope_token((const char *)qkv + (t) * row_bytes, qkv_bf16, cos_sin + positions[t] * rotary_dim, \
                num_heads, num_kv_heads, head_dim, rotary_dim, kv_cache, value_plane, slots[t],   \
                q_out + (t) * num_heads * head_dim, cache_format, k_divisor, v_divisor)
-    if (num_tokens < 64) { /* a decode step's: no parallel region (even an idle one costs) */
+    if (num_tokens < PARALLEL_TOKENS) { /* no parallel region (even an idle one costs) */
         for (int64_t t = 0; t < num_tokens; ++t) ROPE_TOKEN(t);
         return 0;
     }
@@ -114,8 +119,8 @@ int ember_rope_write_kv(const uint16_t *qkv, const int64_t *positions, const flo
 }
 
 void ember_silu_mul(const uint16_t *gate_up, int64_t num_tokens, int64_t size, uint16_t *out) {
-    /* Prefill-sized batches share the rows over torch's threads (in a build with OpenMP). */
-#pragma omp parallel for schedule(static) if (num_tokens >= 64)
+    /* PARALLEL_TOKENS rows and more are shared over torch's threads (a build with OpenMP). */
+#pragma omp parallel for schedule(static) if (num_tokens >= PARALLEL_TOKENS)
     for (int64_t t = 0; t < num_tokens; ++t) {
         const uint16_t *gate = gate_up + t * 2 * size, *up = gate + size;
         uint16_t *o = out + t * size;
