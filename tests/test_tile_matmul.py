@@ -41,8 +41,18 @@ def needs_tiles(cpu_isa):
     # One row and one tile; a chunk of four and a partial one; more rows than two chunks with
     # enough tiles for both threads; a model-sized shape; one block of 16 rows over an odd
     # number of groups (AMX: each of its four chains of sums, and a lone last group); rows over
-    # several blocks and a partial one (prefill chunks).
-    [(1, 16, 32), (5, 48, 96), (9, 320, 64), (33, 96, 576), (16, 48, 160), (211, 32, 96)],
+    # several blocks and a partial one (prefill chunks; AMX: row tiles in pairs, a last chunk
+    # of one block, two spans of rows).
+    [
+        (1, 16, 32),
+        (5, 48, 96),
+        (9, 320, 64),
+        (33, 96, 576),
+        (16, 48, 160),
+        (211, 32, 96),
+        (70, 64, 96),
+        (400, 32, 1536),
+    ],
 )
 def test_tile_matmul_equals_the_quantized_reference(bits, x_dtype, rows, n, k):
     codes, scale, offset, dense = random_group_weight(n, k, bits, torch.float16, seed=rows + k)

@@ -359,7 +359,7 @@ static void amx_block(const Activations *a, int64_t r0, int rows, int64_t groups
    bfloat16 copy of the dequantised GGUF weight, which larger batches multiply by), so the
    tiles sum a row's products over all its groups and are read back once. (Exact codes, with
    each group's sums read back and scaled, spent most of a decode step's matmul time on those
-   scalings: SmolLM2's 30 layers at 32 rows, 2 threads, 12.2 ms against 5.9 now.) */
+   scalings: SmolLM2's 30 layers at 32 rows, 2 threads, 12.0 ms against 9.3-10.2 now.) */
 static void configure_bf16_tiles(void) {
     TileConfig config;
     memset(&config, 0, sizeof(config));
@@ -395,7 +395,9 @@ static inline void store_weight_pair(uint8_t *row, __m512 even, __m512 odd) {
 /* A group's weights of 16 columns as a B tile (`buffer`, 16 rows of 64 bytes: row p holds k =
    2p and 2p + 1 of each column), each q * scale + offset (8 bits: (u - 128) * scale for the
    stored u = q + 128). With f = 1 + q / 16 that is f * 16 scale + (offset - 16 scale), one FMA
-   whose product and sum are exact before its one rounding: the float32 of the dense copy.
+   whose product and sum are exact before its one rounding: the float32 of the dense copy
+   (offset - 16 scale is itself exact while the two are within 2^12 of each other; 8 bits:
+   f = 1 + u / 256, f * 256 scale - 384 scale).
    Vector c of the tile holds k = 4c + b in byte b of each column's lane (4 bits: k = 4c + b
    in the low nibble and 16 + 4c + b in the high one). */
 static inline __attribute__((always_inline)) void bf16_weights(const uint8_t *codes, int bits,
@@ -533,14 +535,80 @@ static inline __attribute__((always_inline)) void amx_bf16_rows(
     }
 }
 
+/* amx_bf16_rows for two row tiles at once (32 columns from `first`; `weights` holds both
+   tiles' groups, the second's from groups x 1 KB on): chunks of two blocks, their four sums in
+   tiles 0-3 (block, row tile), so that each A tile of x serves two products and so does each
+   B tile (four tile loads for four products, where a row tile alone takes five for four).
+   For batches of more than AMX_PAIR_ROWS rows: SmolLM2's 30 layers, 2 threads, 256 rows 43-46
+   -> 39 ms, 512 rows 82-88 -> 68-69, 2048 373-383 -> 310-312; 32 rows 10-11 -> 12, 64 rows
+   14 -> 17. */
+#define AMX_PAIR_ROWS 64
+static inline __attribute__((always_inline)) void amx_bf16_rows_pair(
+    const uint16_t *x, const uint16_t *tail, int64_t row_bytes, int64_t m_rows, int64_t groups,
+    const uint8_t *tile0, const uint8_t *tile1, int bits, uint8_t *weights, void *out,
+    int out_bf16, int64_t n_cols, int64_t first) {
+    const int64_t tile_bytes = TILE_BYTES(bits);
+    uint8_t *weights1 = weights + groups * 1024;
+    float sums[4 * AMX_ROWS * 16] __attribute__((aligned(64)));
+    for (int64_t r0 = 0; r0 < m_rows; r0 += 2 * AMX_ROWS) {
+        const int64_t rows = m_rows - r0 < 2 * AMX_ROWS ? m_rows - r0 : 2 * AMX_ROWS;
+        const int64_t blocks = (rows + AMX_ROWS - 1) / AMX_ROWS;
+        const int first_chunk = r0 == 0;
+        const uint8_t *block_x[2];
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t r = r0 + b * AMX_ROWS;
+            block_x[b] = r + AMX_ROWS > m_rows ? (const uint8_t *)tail
+                                               : (const uint8_t *)(x + r * (row_bytes / 2));
+        }
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        if (first_chunk) {
+            bf16_weights(tile0, bits, weights);
+            bf16_weights(tile1, bits, weights1);
+        }
+        for (int64_t g = 0; g < groups; g++) {
+            if (first_chunk && g + 1 < groups) { /* the next group's, a group ahead */
+                prefetch_group(tile0 + (g + 1) * tile_bytes, tile_bytes);
+                prefetch_group(tile1 + (g + 1) * tile_bytes, tile_bytes);
+                bf16_weights(tile0 + (g + 1) * tile_bytes, bits, weights + (g + 1) * 1024);
+                bf16_weights(tile1 + (g + 1) * tile_bytes, bits, weights1 + (g + 1) * 1024);
+            }
+            const int64_t x_offset = 2 * GROUP * g;
+            _tile_loadd(4, weights + g * 1024, 64);
+            _tile_loadd(5, weights1 + g * 1024, 64);
+            _tile_loadd(6, block_x[0] + x_offset, row_bytes);
+            _tile_dpbf16ps(0, 6, 4);
+            _tile_dpbf16ps(1, 6, 5);
+            if (blocks > 1) {
+                _tile_loadd(7, block_x[1] + x_offset, row_bytes);
+                _tile_dpbf16ps(2, 7, 4);
+                _tile_dpbf16ps(3, 7, 5);
+            }
+        }
+        _tile_stored(0, sums, 64);
+        _tile_stored(1, sums + 256, 64);
+        _tile_stored(2, sums + 512, 64);
+        _tile_stored(3, sums + 768, 64);
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t b = r / AMX_ROWS, i = r % AMX_ROWS;
+            store_row(out, out_bf16, first + (r0 + r) * n_cols, _mm512_load_ps(sums + 512 * b + 16 * i));
+            store_row(out, out_bf16, first + (r0 + r) * n_cols + TILE_ROWS,
+                      _mm512_load_ps(sums + 512 * b + 256 + 16 * i));
+        }
+    }
+}
+
 /* Activation bytes a task multiplies by one row tile, at most: they stay in L2 while the
    thread's row tiles pass (their weights dequantised once a task). All the rows of a call in
    one task read them again from memory for each row tile: SmolLM2's 30 layers at 2048 rows,
    2 threads, 563 ms against 223 for dense bfloat16 copies; spans of 256 rows 334 ms. */
 #define AMX_SPAN_BYTES (1 << 20)
 
-/* ember_tile_matmul of bfloat16 x with AMX-BF16 tiles: tasks of (a span of rows, a row tile)
-   shared by the threads; a last block of fewer than 16 rows is copied, padded with zeros. */
+/* ember_tile_matmul of bfloat16 x with AMX-BF16 tiles: tasks of (a span of rows, a row tile or
+   a pair of them) shared by the threads; a last block of fewer than 16 rows is copied, padded
+   with zeros. */
 static int amx_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k, const uint8_t *tiles,
                            int bits, int64_t n_cols, void *out, int out_bf16) {
     const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
@@ -555,11 +623,14 @@ static int amx_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k, const u
     if (tail)
         memcpy(tail, x + (padded - AMX_ROWS) * k,
                sizeof(uint16_t) * (size_t)((m_rows - (padded - AMX_ROWS)) * k));
+    /* row tiles in pairs for larger batches (amx_bf16_rows_pair), where their number is even */
+    const int pairs = m_rows > AMX_PAIR_ROWS && row_tiles % 2 == 0;
     int failed = 0;
 #pragma omp parallel
     {
-        /* groups rounded up to a pair: the last pair's second buffer is never read */
-        uint8_t *weights = aligned_alloc(64, (size_t)((groups + 1) / 2 * 2048));
+        /* two row tiles' groups (one pair of groups more: amx_bf16_rows dequantises a pair at a
+           time, the last pair's second never read) */
+        uint8_t *weights = aligned_alloc(64, (size_t)((groups + 1) / 2 * 4096));
         if (!weights) {
 #pragma omp atomic write
             failed = 1;
@@ -567,14 +638,21 @@ static int amx_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k, const u
         configure_bf16_tiles();
 #pragma omp for collapse(2) schedule(static)
         for (int64_t s = 0; s < spans; s++)
-        for (int64_t t = 0; t < row_tiles; t++) {
+        for (int64_t t = 0; t < row_tiles; t += 1 + pairs) {
             if (!weights) continue;
             const int64_t r0 = s * span_rows;
             if (r0 >= m_rows) continue;
             const int64_t rows = m_rows - r0 < span_rows ? m_rows - r0 : span_rows;
             const uint8_t *tile = tiles + t * groups * tile_bytes;
             const int64_t first = r0 * n_cols + t * TILE_ROWS;
-            if (bits == 4)
+            const uint8_t *next = tile + groups * tile_bytes;
+            if (pairs && bits == 4)
+                amx_bf16_rows_pair(x + r0 * k, tail, 2 * k, rows, groups, tile, next, 4, weights,
+                                   out, out_bf16, n_cols, first);
+            else if (pairs)
+                amx_bf16_rows_pair(x + r0 * k, tail, 2 * k, rows, groups, tile, next, 8, weights,
+                                   out, out_bf16, n_cols, first);
+            else if (bits == 4)
                 amx_bf16_rows(x + r0 * k, tail, 2 * k, rows, groups, tile, 4, weights, out,
                               out_bf16, n_cols, first);
             else

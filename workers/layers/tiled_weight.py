@@ -24,9 +24,9 @@ from ember.kernels.tile_matmul import GROUP, TILE_ROWS
 TILED_MAX_TOKENS = 64
 # With AMX (the avx512 build on Sapphire Rapids and later Xeons) bfloat16 batches multiply
 # the tiles' weights dequantised in tiles, faster than the dense copies up to here: SmolLM2's
-# 30 layers, 2 cores, 100 rows 19 ms against 44, 300 rows 48 against 69, 512 76 against 85,
-# 1000 156 against 158, 2048 385 against 220.
-AMX_TILED_MAX_TOKENS = 512
+# 30 layers, 2 cores, 100 rows 18 ms against 41, 300 rows 41 against 69-84, 512 73 against
+# 85-96, 1000 132 against 158-174; 2048 310 against 220.
+AMX_TILED_MAX_TOKENS = 1024
 
 
 def dense_dtype() -> torch.dtype:
