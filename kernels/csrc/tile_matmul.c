@@ -471,6 +471,22 @@ static inline __attribute__((always_inline)) void bf16_weights(const uint8_t *co
         }                                                                              \
     } while (0)
 
+/* A chunk's start: where each of its blocks' x is (x, row_bytes apart, for the chunk at row r0;
+   a last block of fewer than 16 rows of the m_rows at `tail`), and its sums tiles zeroed. */
+static inline void start_chunk(const uint16_t *x, const uint16_t *tail, int64_t row_bytes,
+                               int64_t m_rows, int64_t r0, int64_t blocks,
+                               const uint8_t **block_x) {
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t r = r0 + b * AMX_ROWS;
+        block_x[b] = r + AMX_ROWS > m_rows ? (const uint8_t *)tail
+                                           : (const uint8_t *)(x + r * (row_bytes / 2));
+    }
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
+
 /* m_rows rows of out (row stride n_cols, the first at element `first`) for the 16 columns of
    row tile `tile`, x row_bytes apart; a last block of fewer than 16 rows is read from `tail`
    instead (those rows, then zeros; same stride). The row tile's
@@ -487,15 +503,7 @@ static inline __attribute__((always_inline)) void amx_bf16_rows(
         const int64_t blocks = (rows + AMX_ROWS - 1) / AMX_ROWS;
         const int first_chunk = r0 == 0;
         const uint8_t *block_x[AMX_BLOCKS];
-        for (int64_t b = 0; b < blocks; b++) {
-            const int64_t r = r0 + b * AMX_ROWS;
-            block_x[b] = r + AMX_ROWS > m_rows ? (const uint8_t *)tail
-                                               : (const uint8_t *)(x + r * (row_bytes / 2));
-        }
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        start_chunk(x, tail, row_bytes, m_rows, r0, blocks, block_x);
         if (first_chunk) /* the first pair; each pair's products then run after the next */
             for (int64_t g = 0; g < 2 && g < groups; g++) {
                 prefetch_group(tile + g * tile_bytes, tile_bytes);
@@ -555,15 +563,7 @@ static inline __attribute__((always_inline)) void amx_bf16_rows_pair(
         const int64_t blocks = (rows + AMX_ROWS - 1) / AMX_ROWS;
         const int first_chunk = r0 == 0;
         const uint8_t *block_x[2];
-        for (int64_t b = 0; b < blocks; b++) {
-            const int64_t r = r0 + b * AMX_ROWS;
-            block_x[b] = r + AMX_ROWS > m_rows ? (const uint8_t *)tail
-                                               : (const uint8_t *)(x + r * (row_bytes / 2));
-        }
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        start_chunk(x, tail, row_bytes, m_rows, r0, blocks, block_x);
         if (first_chunk) {
             bf16_weights(tile0, bits, weights);
             bf16_weights(tile1, bits, weights1);
