@@ -47,6 +47,8 @@ def _library() -> ctypes.CDLL | None:
     library.ember_tile_kernel.restype = ctypes.c_char_p
     library.ember_tile_use_amx.argtypes = [i32]
     library.ember_tile_use_amx.restype = ctypes.c_int
+    library.ember_tile_use_bf16_vectors.argtypes = [i32]
+    library.ember_tile_use_bf16_vectors.restype = ctypes.c_int
     library.ember_tile_path.argtypes = [i64, i32, i32]
     library.ember_tile_path.restype = ctypes.c_int
     if os.environ.get("EMBER_CPU_AMX", "").strip() == "0":
@@ -75,17 +77,39 @@ def use_amx(enabled: bool) -> bool:
     return False if library is None else bool(library.ember_tile_use_amx(int(enabled)))
 
 
-def multiplies_in_bfloat16(rows: int, x_dtype: torch.dtype, bits: int) -> bool:
-    """Whether `tile_matmul` of `rows` rows of `x_dtype` by `bits`-bit tiles multiplies the
-    activations as they are by the weights rounded to bfloat16 (AMX-BF16 tiles: bfloat16 x, 16
-    rows and more on an AMX CPU; the values of `dequantize_tiles`' bfloat16 copy, exact
-    products, float32 sums) rather than the exact weights by activations in 15-bit groups
-    (every other call; float32 x from 16 rows goes through AMX-INT8 tiles, whose outputs are
-    the VNNI path's bit for bit)."""
+def use_bf16_vectors(enabled: bool) -> bool:
+    """Let the tile matmul multiply bfloat16 batches of 16 rows and more with AVX-512 BF16's
+    vdpbf16ps (or not) on CPUs that have it but no AMX tiles (Zen 4, Cooper Lake; or AMX
+    turned off); returns whether it now does. On by default. See `multiplies_in_bfloat16`."""
+    library = _library()
+    return False if library is None else bool(library.ember_tile_use_bf16_vectors(int(enabled)))
+
+
+# `ember_tile_path`'s codes.
+_PATHS = {0: "vector", 1: "amx-int8", 2: "amx-bf16", 3: "avx512-bf16"}
+
+
+def path(rows: int, x_dtype: torch.dtype, bits: int) -> str:
+    """The kernel `tile_matmul` takes for `rows` rows of `x_dtype` by `bits`-bit tiles:
+    "amx-bf16" or "avx512-bf16" (bfloat16 x from 16 rows: AMX tiles, or AVX-512 BF16 vectors on
+    CPUs with native bfloat16 and no AMX; see `multiplies_in_bfloat16`), "amx-int8" (float32 x
+    from 16 rows on AMX CPUs), "vector" (the build's VNNI or AVX2 kernel); "none" where the
+    kernel is not available."""
     library = _library()
     if library is None:
-        return False
-    return library.ember_tile_path(rows, x_dtype == torch.bfloat16, bits) == 2
+        return "none"
+    return _PATHS[library.ember_tile_path(rows, x_dtype == torch.bfloat16, bits)]
+
+
+def multiplies_in_bfloat16(rows: int, x_dtype: torch.dtype, bits: int) -> bool:
+    """Whether `tile_matmul` of `rows` rows of `x_dtype` by `bits`-bit tiles multiplies the
+    activations as they are by the weights rounded to bfloat16 (bfloat16 x, 16 rows and more:
+    AMX-BF16 tiles on an AMX CPU, AVX-512 BF16 vectors on other CPUs with native bfloat16; the
+    values of `dequantize_tiles`' bfloat16 copy, exact products, float32 sums) rather than the
+    exact weights by activations in 15-bit groups (every other call; float32 x from 16 rows
+    goes through AMX-INT8 tiles on an AMX CPU, whose outputs are the VNNI path's bit for
+    bit)."""
+    return path(rows, x_dtype, bits) in ("amx-bf16", "avx512-bf16")
 
 
 def activation_levels() -> int:

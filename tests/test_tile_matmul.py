@@ -21,7 +21,7 @@ from ember.workers.layers.quantization import (
     get_quantization_config,
     process_weights_after_loading,
 )
-from ember.workers.layers.tiled_weight import TiledWeight, dense_dtype
+from ember.workers.layers.tiled_weight import BF16_VECTORS_MAX_TOKENS, TiledWeight, dense_dtype
 from tests.helpers import quantized_activations, random_group_weight
 
 pytestmark = pytest.mark.usefixtures("cpu_isa")
@@ -213,7 +213,7 @@ def test_amx_tiles_take_16_rows_and_more_and_int8_ones_give_the_vnni_outputs(cpu
     and within the 15-bit groups' step and the weights' rounding of the VNNI path. Fewer rows,
     or AMX off, take the vector path."""
     if not tile_matmul.use_amx(True):
-        assert not tile_matmul.multiplies_in_bfloat16(64, torch.bfloat16, 4)
+        assert tile_matmul.path(64, torch.bfloat16, 4) != "amx-bf16"
         pytest.skip(f"the {cpu_isa} build has no AMX tiles on this CPU")
     try:
         assert tile_matmul.multiplies_in_bfloat16(16, torch.bfloat16, 4)
@@ -232,8 +232,10 @@ def test_amx_tiles_take_16_rows_and_more_and_int8_ones_give_the_vnni_outputs(cpu
                 tile_matmul.use_amx(True)
                 amx = [tile_matmul.tile_matmul(x, tiles, out) for out in (dtype, torch.float32)]
                 tile_matmul.use_amx(False)
+                tile_matmul.use_bf16_vectors(False)
                 assert not tile_matmul.multiplies_in_bfloat16(rows, dtype, bits)
                 vnni = [tile_matmul.tile_matmul(x, tiles, out) for out in (dtype, torch.float32)]
+                tile_matmul.use_bf16_vectors(True)
                 if dtype == torch.bfloat16:
                     # the VNNI path's groups of 32 activations are off by half a step at most
                     levels = tile_matmul.activation_levels()
@@ -249,6 +251,46 @@ def test_amx_tiles_take_16_rows_and_more_and_int8_ones_give_the_vnni_outputs(cpu
                         assert torch.equal(a, v), (bits, rows, dtype)
     finally:
         tile_matmul.use_amx(True)
+        tile_matmul.use_bf16_vectors(True)
+
+
+@pytest.mark.usefixtures("needs_tiles")
+def test_bf16_vectors_take_16_rows_and_more_each_row_on_its_own(cpu_isa):
+    """On CPUs with AVX-512 BF16 and no AMX tiles (Zen 4, Cooper Lake; or AMX off) bfloat16
+    batches of 16 rows and more multiply by vdpbf16ps on the weights dequantised to bfloat16:
+    the AMX-BF16 path's products (the reference test above holds them to the bfloat16 copy's
+    product), within the 15-bit groups' step and the weights' rounding of the VNNI path. Each
+    row's sum is one chain over K in order, so a row's output is the same bits in any batch."""
+    tile_matmul.use_amx(False)
+    try:
+        if tile_matmul.path(16, torch.bfloat16, 4) != "avx512-bf16":
+            pytest.skip(f"the {cpu_isa} build has no AVX-512 BF16 vectors on this CPU")
+        assert tile_matmul.path(15, torch.bfloat16, 4) == "vector"
+        assert tile_matmul.path(16, torch.float32, 4) == "vector"
+        assert tile_matmul.path(16, torch.bfloat16, 8) == "avx512-bf16"
+        for bits in (4, 8):
+            codes, scale, offset, dense = random_group_weight(
+                48, 576, bits, torch.float16, seed=bits
+            )
+            tiles = tile_matmul.pack_tiles(codes, scale, offset)
+            x = torch.randn(211, 576, generator=torch.Generator().manual_seed(bits)).bfloat16()
+            whole = tile_matmul.tile_matmul(x, tiles, torch.float32)
+            # blocks of 16 rows and fewer (as even as they go), in spans: any batch, same rows
+            for first, rows in ((0, 16), (5, 17), (100, 33), (0, 200), (190, 21)):
+                part = tile_matmul.tile_matmul(x[first : first + rows], tiles, torch.float32)
+                assert torch.equal(part, whole[first : first + rows]), (bits, first, rows)
+            tile_matmul.use_bf16_vectors(False)
+            assert tile_matmul.path(211, torch.bfloat16, bits) == "vector"
+            vnni = tile_matmul.tile_matmul(x, tiles, torch.float32)
+            tile_matmul.use_bf16_vectors(True)
+            levels = tile_matmul.activation_levels()
+            step = x.float().abs().unflatten(-1, (-1, 32)).amax(-1) / levels
+            bound = 0.5 * step.double() @ dense.double().abs().unflatten(-1, (-1, 32)).sum(-1).T
+            bound += x.double().abs() @ (dense.double() - dense.bfloat16().double()).abs().T
+            assert bool(((whole.double() - vnni.double()).abs() <= bound + 1e-5).all()), bits
+    finally:
+        tile_matmul.use_amx(True)
+        tile_matmul.use_bf16_vectors(True)
 
 
 def _exact_dense(codes, scale, offset, bits) -> torch.Tensor:
@@ -294,6 +336,16 @@ def test_large_batches_never_read_the_dense_copy_of_a_tiled_layer(cpu_isa):
     serves_prefill = vnni and dense_dtype() == torch.float32
     assert layer.packed_weight.serves_prefill == serves_prefill
     assert serves_prefill == (cpu_isa == "avx2-vnni" or (vnni and not native_bfloat16()))
+    if layer.packed_weight.max_tokens == BF16_VECTORS_MAX_TOKENS:
+        # AVX-512 BF16 without AMX: every batch through the tiles, bfloat16 in and out
+        assert tile_matmul.path(4096, torch.bfloat16, 4) == "avx512-bf16"
+        big = torch.randn(2100, 128)
+        expected = big.bfloat16().double() @ dense.bfloat16().double().T
+        layer.weight.data.fill_(float("nan"))
+        out = layer(big)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, expected.float(), rtol=2**-8, atol=1e-6)
+        return
     big = torch.randn(layer.packed_weight.max_tokens + 1, 128)
     if serves_prefill:  # float32 activations in 15-bit groups, as the kernel's reference
         quantized = quantized_activations(big, tile_matmul.activation_levels()).double()

@@ -216,6 +216,207 @@ static inline void store_row(void *out, int out_bf16, int64_t index, __m512 valu
         _mm512_storeu_ps((float *)out + index, values);
 }
 
+#if defined(__AVX512BF16__)
+/* What the bfloat16 paths share (AVX-512 BF16: Zen 4, Cooper Lake, Sapphire Rapids): a row
+   tile's groups dequantised to bfloat16, in the pairs that vdpbf16ps and tdpbf16ps take. */
+
+/* 1 + q / 16 in float32 for the 4-bit code at bits [bit, bit + 4) of each 32-bit lane (the
+   code moved into the top of the mantissa of 1.0f), and 1 + u / 256 for a byte u. */
+#define FRACTION_4(packed, bit)                                                            \
+    _mm512_castsi512_ps(_mm512_ternarylogic_epi32(                                         \
+        (bit) <= 19 ? _mm512_slli_epi32(packed, 19 - (bit)) : _mm512_srli_epi32(packed, (bit) - 19), \
+        _mm512_set1_epi32(0x00780000), _mm512_set1_epi32(0x3f800000), 0xea))
+#define FRACTION_8(packed, bit)                                                            \
+    _mm512_castsi512_ps(_mm512_ternarylogic_epi32(                                         \
+        (bit) <= 15 ? _mm512_slli_epi32(packed, 15 - (bit)) : _mm512_srli_epi32(packed, (bit) - 15), \
+        _mm512_set1_epi32(0x007f8000), _mm512_set1_epi32(0x3f800000), 0xea))
+
+/* Two k's weights of 16 columns (float32, lane = column) as a B tile row: bfloat16 pairs,
+   rounded to nearest even. */
+static inline void store_weight_pair(uint8_t *row, __m512 even, __m512 odd) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
+                                                 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+                                                 18, 2, 17, 1, 16, 0);
+    const __m512i words = (__m512i)_mm512_cvtne2ps_pbh(odd, even); /* even's 16, then odd's */
+    _mm512_store_si512(row, _mm512_permutexvar_epi16(interleave, words));
+}
+
+/* A group's weights of 16 columns as a B tile (`buffer`, 16 rows of 64 bytes: row p holds k =
+   2p and 2p + 1 of each column), each q * scale + offset (8 bits: (u - 128) * scale for the
+   stored u = q + 128). With f = 1 + q / 16 that is f * 16 scale + (offset - 16 scale), one FMA
+   whose product and sum are exact before its one rounding: the float32 of the dense copy
+   (offset - 16 scale is itself exact while the two are within 2^12 of each other; 8 bits:
+   f = 1 + u / 256, f * 256 scale - 384 scale).
+   Vector c of the tile holds k = 4c + b in byte b of each column's lane (4 bits: k = 4c + b
+   in the low nibble and 16 + 4c + b in the high one). */
+static inline __attribute__((always_inline)) void bf16_weights(const uint8_t *codes, int bits,
+                                                                uint8_t *buffer) {
+    const uint8_t *halves = codes + 64 * (bits == 4 ? 4 : 8);
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)halves));
+    if (bits == 4) {
+        const __m512 offset = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(halves + 32)));
+        const __m512 step = _mm512_mul_ps(scale, _mm512_set1_ps(16.0f));
+        const __m512 base = _mm512_sub_ps(offset, step);
+        for (int c = 0; c < 4; c++) {
+            const __m512i packed = _mm512_loadu_si512(codes + 64 * c);
+#define NIBBLE_WEIGHT(bit) _mm512_fmadd_ps(FRACTION_4(packed, bit), step, base)
+            /* low nibbles: k = 4c .. 4c + 3, rows 2c and 2c + 1; high: k + 16, rows + 8 */
+            store_weight_pair(buffer + 64 * (2 * c), NIBBLE_WEIGHT(0), NIBBLE_WEIGHT(8));
+            store_weight_pair(buffer + 64 * (2 * c + 1), NIBBLE_WEIGHT(16), NIBBLE_WEIGHT(24));
+            store_weight_pair(buffer + 64 * (2 * c + 8), NIBBLE_WEIGHT(4), NIBBLE_WEIGHT(12));
+            store_weight_pair(buffer + 64 * (2 * c + 9), NIBBLE_WEIGHT(20), NIBBLE_WEIGHT(28));
+#undef NIBBLE_WEIGHT
+        }
+    } else {
+        const __m512 step = _mm512_mul_ps(scale, _mm512_set1_ps(256.0f));
+        const __m512 base = _mm512_mul_ps(scale, _mm512_set1_ps(-384.0f));
+        for (int c = 0; c < 8; c++) {
+            const __m512i packed = _mm512_loadu_si512(codes + 64 * c);
+#define BYTE_WEIGHT(bit) _mm512_fmadd_ps(FRACTION_8(packed, bit), step, base)
+            store_weight_pair(buffer + 64 * (2 * c), BYTE_WEIGHT(0), BYTE_WEIGHT(8));
+            store_weight_pair(buffer + 64 * (2 * c + 1), BYTE_WEIGHT(16), BYTE_WEIGHT(24));
+#undef BYTE_WEIGHT
+        }
+    }
+}
+
+/* bfloat16 x by the weights dequantised to bfloat16 with AVX-512 BF16's vdpbf16ps, on CPUs
+   without AMX (Zen 4, Cooper Lake; or AMX turned off): the products of the AMX-BF16 path, 16
+   columns a vector, a block's sums in registers over all of K. Each group's 16 x 16 sums of
+   the VNNI path were scaled and added to float sums row by row, and the activations
+   quantized first; here the weights are dequantised once a task for all its rows, and each
+   row's sum is one chain of vdpbf16ps over the pairs in order, whatever the block (a row's
+   output does not depend on the batch it is in).
+   SmolLM2's 30 layers, 2 threads of a Zen 4: see BF16_MIN_ROWS. */
+#define BF16_BLOCK 16 /* rows whose sums stay in registers */
+/* Activation rows from which bfloat16 x takes this path (fewer keep the VNNI path's exact
+   weights: a task's dequantisation is not worth it for a few rows). */
+#define BF16_MIN_ROWS 16
+/* Bytes of x a task reads: its rows stay in L2 while the row tiles pass. */
+#define BF16_SPAN_BYTES (1 << 20)
+
+static int bf16_vectors_on = 1;
+
+/* `ember_tile_use_bf16_vectors(0)` turns this path off (the tests compare both). */
+int ember_tile_use_bf16_vectors(int enabled) {
+    __atomic_store_n(&bf16_vectors_on, enabled != 0, __ATOMIC_RELEASE);
+    return enabled != 0;
+}
+
+/* acc[r] += the products of row r of a block of x by weight pairs [p0, p1) of `weights` (64
+   bytes a pair: 16 columns' bfloat16 pairs), for `rows` rows (a constant once inlined); the
+   block's x is laid out pair by pair (pair p of its rows side by side, `rows` x 4 bytes), so
+   that vdpbf16ps reads each broadcast from one pointer at a constant offset. */
+static inline __attribute__((always_inline)) void bf16_dot_pairs(
+    const uint32_t *x, const int rows, const uint8_t *weights, int64_t p0, int64_t p1,
+    __m512 *acc) {
+    const uint32_t *pair = x + p0 * rows;
+    for (int64_t p = p0; p < p1; p++, pair += rows) {
+        const __m512 w = _mm512_castsi512_ps(_mm512_load_si512(weights + 64 * p));
+#pragma GCC unroll 16
+        for (int r = 0; r < rows; r++)
+            /* in asm: GCC would hoist the broadcasts and spill them */
+            __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc[r]) : "v"(w), "m"(pair[r]));
+    }
+}
+
+/* out rows of one block (row stride n_cols, from element `first`) for the 16 columns of row
+   tile `tile`, the block's x pair by pair (bf16_dot_pairs). With `dequantise`, each group is
+   first dequantised into `weights` (groups x 1 KB), one group ahead of its products; the
+   blocks after the first reuse them. */
+static inline __attribute__((always_inline)) void bf16_block(
+    const uint32_t *x, const int rows, int64_t groups, const uint8_t *tile, int bits,
+    uint8_t *weights, int dequantise, void *out, int out_bf16, int64_t n_cols, int64_t first) {
+    const int64_t tile_bytes = TILE_BYTES(bits);
+    __m512 acc[BF16_BLOCK];
+#pragma GCC unroll 16
+    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    if (dequantise) {
+        bf16_weights(tile, bits, weights);
+        for (int64_t g = 0; g < groups; g++) {
+            if (g + 1 < groups) {
+                prefetch_group(tile + (g + 1) * tile_bytes, tile_bytes);
+                bf16_weights(tile + (g + 1) * tile_bytes, bits, weights + (g + 1) * 1024);
+            }
+            bf16_dot_pairs(x, rows, weights, 16 * g, 16 * g + 16, acc);
+        }
+    } else {
+        bf16_dot_pairs(x, rows, weights, 0, 16 * groups, acc);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < rows; r++) store_row(out, out_bf16, first + r * n_cols, acc[r]);
+}
+
+/* Rows of block b of the m_rows: blocks of up to BF16_BLOCK rows, as even as they go (8 to
+   16 rows from 16 on), so that a block's chains of sums cover vdpbf16ps' latency. */
+static inline int64_t bf16_block_start(int64_t b, int64_t blocks, int64_t m_rows) {
+    return b * (m_rows / blocks) + (b < m_rows % blocks ? b : m_rows % blocks);
+}
+
+/* ember_tile_matmul of bfloat16 x by vdpbf16ps: x laid out block by block, pair by pair; then
+   tasks of (a span of blocks, a row tile) shared by the threads, each with its own buffer of
+   dequantised groups. */
+static int bf16_vector_matmul(const uint16_t *x, int64_t m_rows, int64_t k, const uint8_t *tiles,
+                              int bits, int64_t n_cols, void *out, int out_bf16) {
+    const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS, pairs = k / 2;
+    const int64_t tile_bytes = TILE_BYTES(bits);
+    const int64_t blocks = (m_rows + BF16_BLOCK - 1) / BF16_BLOCK;
+    const int64_t spans = (2 * k * m_rows + BF16_SPAN_BYTES - 1) / BF16_SPAN_BYTES;
+    const int64_t span_blocks = (blocks + spans - 1) / spans;
+    const uint32_t *rows_x = (const uint32_t *)x; /* row r's pair p at r * pairs + p */
+    uint32_t *blocked = aligned_alloc(64, (size_t)((m_rows * pairs * 4 + 63) / 64 * 64));
+    if (!blocked) return 3;
+    int failed = 0;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t r0 = bf16_block_start(b, blocks, m_rows);
+            const int64_t rows = bf16_block_start(b + 1, blocks, m_rows) - r0;
+            uint32_t *block = blocked + r0 * pairs;
+            for (int64_t p = 0; p < pairs; p++)
+                for (int64_t r = 0; r < rows; r++) block[p * rows + r] = rows_x[(r0 + r) * pairs + p];
+        }
+        uint8_t *weights = aligned_alloc(64, (size_t)(groups * 1024));
+        if (!weights) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t s = 0; s < spans; s++)
+        for (int64_t t = 0; t < row_tiles; t++) {
+            if (!weights || s * span_blocks >= blocks) continue;
+            const int64_t last = (s + 1) * span_blocks < blocks ? (s + 1) * span_blocks : blocks;
+            const uint8_t *tile = tiles + t * groups * tile_bytes;
+            for (int64_t b = s * span_blocks; b < last; b++) {
+                const int64_t r0 = bf16_block_start(b, blocks, m_rows);
+                const int64_t rows = bf16_block_start(b + 1, blocks, m_rows) - r0;
+                const uint32_t *block = blocked + r0 * pairs;
+                const int64_t first = r0 * n_cols + t * TILE_ROWS;
+                const int dequantise = b == s * span_blocks;
+                switch (rows * 2 + (bits == 8)) {
+#define BF16_CASE(n)                                                                       \
+    case 2 * n:                                                                            \
+        bf16_block(block, n, groups, tile, 4, weights, dequantise, out, out_bf16, n_cols, first); \
+        break;                                                                             \
+    case 2 * n + 1:                                                                        \
+        bf16_block(block, n, groups, tile, 8, weights, dequantise, out, out_bf16, n_cols, first); \
+        break;
+                    BF16_CASE(1) BF16_CASE(2) BF16_CASE(3) BF16_CASE(4) BF16_CASE(5)
+                    BF16_CASE(6) BF16_CASE(7) BF16_CASE(8) BF16_CASE(9) BF16_CASE(10)
+                    BF16_CASE(11) BF16_CASE(12) BF16_CASE(13) BF16_CASE(14) BF16_CASE(15)
+                    BF16_CASE(16)
+#undef BF16_CASE
+                }
+            }
+        }
+        free(weights);
+    }
+    free(blocked);
+    return failed ? 3 : 0;
+}
+#endif
+
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include "amx.h"
 
@@ -231,15 +432,6 @@ static inline void store_row(void *out, int out_bf16, int64_t index, __m512 valu
 #define AMX_MIN_ROWS 16 /* fewer activation rows take the VNNI path */
 /* `ember_tile_use_amx(0)` turns the tiles off (the tests compare both paths). */
 int ember_tile_use_amx(int enabled) { return amx_enable(enabled); }
-
-/* The path ember_tile_matmul takes for a call: 2 AMX-BF16 (bfloat16 x, 16 rows and more: the
-   activations as they are by the weights rounded to bfloat16), 1 AMX-INT8 (float32 x, 16
-   rows and more: the VNNI path's outputs), 0 the vector path. */
-int ember_tile_path(int64_t m_rows, int x_bf16, int bits) {
-    (void)bits; /* both widths take both AMX paths */
-    if (m_rows < AMX_MIN_ROWS || !amx_ready()) return 0;
-    return x_bf16 ? 2 : 1;
-}
 
 static void configure_tiles(void) {
     TileConfig config;
@@ -369,66 +561,6 @@ static void configure_bf16_tiles(void) {
         config.bytes_per_row[t] = 64;
     }
     _tile_loadconfig(&config);
-}
-
-/* 1 + q / 16 in float32 for the 4-bit code at bits [bit, bit + 4) of each 32-bit lane (the
-   code moved into the top of the mantissa of 1.0f), and 1 + u / 256 for a byte u. */
-#define FRACTION_4(packed, bit)                                                            \
-    _mm512_castsi512_ps(_mm512_ternarylogic_epi32(                                         \
-        (bit) <= 19 ? _mm512_slli_epi32(packed, 19 - (bit)) : _mm512_srli_epi32(packed, (bit) - 19), \
-        _mm512_set1_epi32(0x00780000), _mm512_set1_epi32(0x3f800000), 0xea))
-#define FRACTION_8(packed, bit)                                                            \
-    _mm512_castsi512_ps(_mm512_ternarylogic_epi32(                                         \
-        (bit) <= 15 ? _mm512_slli_epi32(packed, 15 - (bit)) : _mm512_srli_epi32(packed, (bit) - 15), \
-        _mm512_set1_epi32(0x007f8000), _mm512_set1_epi32(0x3f800000), 0xea))
-
-/* Two k's weights of 16 columns (float32, lane = column) as a B tile row: bfloat16 pairs,
-   rounded to nearest even. */
-static inline void store_weight_pair(uint8_t *row, __m512 even, __m512 odd) {
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
-                                                 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
-                                                 18, 2, 17, 1, 16, 0);
-    const __m512i words = (__m512i)_mm512_cvtne2ps_pbh(odd, even); /* even's 16, then odd's */
-    _mm512_store_si512(row, _mm512_permutexvar_epi16(interleave, words));
-}
-
-/* A group's weights of 16 columns as a B tile (`buffer`, 16 rows of 64 bytes: row p holds k =
-   2p and 2p + 1 of each column), each q * scale + offset (8 bits: (u - 128) * scale for the
-   stored u = q + 128). With f = 1 + q / 16 that is f * 16 scale + (offset - 16 scale), one FMA
-   whose product and sum are exact before its one rounding: the float32 of the dense copy
-   (offset - 16 scale is itself exact while the two are within 2^12 of each other; 8 bits:
-   f = 1 + u / 256, f * 256 scale - 384 scale).
-   Vector c of the tile holds k = 4c + b in byte b of each column's lane (4 bits: k = 4c + b
-   in the low nibble and 16 + 4c + b in the high one). */
-static inline __attribute__((always_inline)) void bf16_weights(const uint8_t *codes, int bits,
-                                                                uint8_t *buffer) {
-    const uint8_t *halves = codes + 64 * (bits == 4 ? 4 : 8);
-    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)halves));
-    if (bits == 4) {
-        const __m512 offset = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(halves + 32)));
-        const __m512 step = _mm512_mul_ps(scale, _mm512_set1_ps(16.0f));
-        const __m512 base = _mm512_sub_ps(offset, step);
-        for (int c = 0; c < 4; c++) {
-            const __m512i packed = _mm512_loadu_si512(codes + 64 * c);
-#define NIBBLE_WEIGHT(bit) _mm512_fmadd_ps(FRACTION_4(packed, bit), step, base)
-            /* low nibbles: k = 4c .. 4c + 3, rows 2c and 2c + 1; high: k + 16, rows + 8 */
-            store_weight_pair(buffer + 64 * (2 * c), NIBBLE_WEIGHT(0), NIBBLE_WEIGHT(8));
-            store_weight_pair(buffer + 64 * (2 * c + 1), NIBBLE_WEIGHT(16), NIBBLE_WEIGHT(24));
-            store_weight_pair(buffer + 64 * (2 * c + 8), NIBBLE_WEIGHT(4), NIBBLE_WEIGHT(12));
-            store_weight_pair(buffer + 64 * (2 * c + 9), NIBBLE_WEIGHT(20), NIBBLE_WEIGHT(28));
-#undef NIBBLE_WEIGHT
-        }
-    } else {
-        const __m512 step = _mm512_mul_ps(scale, _mm512_set1_ps(256.0f));
-        const __m512 base = _mm512_mul_ps(scale, _mm512_set1_ps(-384.0f));
-        for (int c = 0; c < 8; c++) {
-            const __m512i packed = _mm512_loadu_si512(codes + 64 * c);
-#define BYTE_WEIGHT(bit) _mm512_fmadd_ps(FRACTION_8(packed, bit), step, base)
-            store_weight_pair(buffer + 64 * (2 * c), BYTE_WEIGHT(0), BYTE_WEIGHT(8));
-            store_weight_pair(buffer + 64 * (2 * c + 1), BYTE_WEIGHT(16), BYTE_WEIGHT(24));
-#undef BYTE_WEIGHT
-        }
-    }
 }
 
 /* Row blocks of 16 whose sums stay in tiles (0 to 3) while a row tile's groups pass. */
@@ -701,17 +833,38 @@ static int amx_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, cons
 }
 #endif
 
+/* The path ember_tile_matmul takes for a call: 2 AMX-BF16 (bfloat16 x, 16 rows and more: the
+   activations as they are by the weights rounded to bfloat16), 3 the same products with
+   AVX-512 BF16 vectors (bfloat16 x, 16 rows and more, on CPUs without AMX or with it off),
+   1 AMX-INT8 (float32 x, 16 rows and more: the VNNI path's outputs), 0 the VNNI path. */
+int ember_tile_path(int64_t m_rows, int x_bf16, int bits) {
+    (void)bits; /* both widths take every path */
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+    if (m_rows >= AMX_MIN_ROWS && amx_ready()) return x_bf16 ? 2 : 1;
+#endif
+#if defined(__AVX512BF16__)
+    if (x_bf16 && m_rows >= BF16_MIN_ROWS && __atomic_load_n(&bf16_vectors_on, __ATOMIC_ACQUIRE))
+        return 3;
+#endif
+    (void)m_rows, (void)x_bf16;
+    return 0;
+}
+
 int ember_tile_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, const uint8_t *tiles,
                       int bits, int64_t n_cols, void *out, int out_bf16) {
     if (k % GROUP || n_cols % TILE_ROWS || (bits != 4 && bits != 8)) return 2;
     const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS;
     const int64_t tile_bytes = TILE_BYTES(bits);
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
     const int path = ember_tile_path(m_rows, x_bf16, bits);
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
     if (path == 2)
         return amx_bf16_matmul((const uint16_t *)x, m_rows, k, tiles, bits, n_cols, out, out_bf16);
     if (path == 1)
         return amx_matmul(x, x_bf16, m_rows, k, tiles, bits, n_cols, out, out_bf16);
+#endif
+#if defined(__AVX512BF16__)
+    if (path == 3)
+        return bf16_vector_matmul((const uint16_t *)x, m_rows, k, tiles, bits, n_cols, out, out_bf16);
 #endif
     Activations a;
     const int64_t padded = (m_rows + VNNI_BLOCK - 1) / VNNI_BLOCK * VNNI_BLOCK;
@@ -1298,7 +1451,18 @@ int ember_tile_use_amx(int enabled) {
     (void)enabled;
     return 0;
 }
+#endif
 
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512BF16__))
+/* Builds without AVX-512 BF16: no bfloat16 vector path. */
+int ember_tile_use_bf16_vectors(int enabled) {
+    (void)enabled;
+    return 0;
+}
+#endif
+
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__))
+/* Builds without AVX-512 VNNI: every call takes the build's one path. */
 int ember_tile_path(int64_t m_rows, int x_bf16, int bits) {
     (void)m_rows, (void)x_bf16, (void)bits;
     return 0;
