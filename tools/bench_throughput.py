@@ -597,6 +597,19 @@ def hf_copy_of_gguf(gguf_path: str) -> str:
     key = f"{os.path.realpath(gguf_path)} {stat.st_size} {stat.st_mtime_ns}"
     if stamp.exists() and stamp.read_text() == key:
         return str(target)
+    # In a process of its own: the conversion holds the float32 model (1.7 GB of RSS for the
+    # default one), and Linux keeps a process's peak RSS across fork and exec, so every engine
+    # started from this process afterwards would report it as its own.
+    tools = os.path.dirname(os.path.abspath(__file__))
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import bench_throughput as b; "
+    code += "b.write_hf_copy(*sys.argv[2:])"
+    subprocess.run([sys.executable, "-c", code, tools, gguf_path, str(target), key], check=True)
+    return str(target)
+
+
+def write_hf_copy(gguf_path: str, target_dir: str, key: str) -> None:
+    """`hf_copy_of_gguf`'s conversion: the GGUF through transformers, saved to `target_dir`
+    with `key` in its stamp."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -611,12 +624,12 @@ def hf_copy_of_gguf(gguf_path: str) -> str:
     state = {name: tensor.contiguous().clone() for name, tensor in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
+    target = Path(target_dir)
     target.mkdir(parents=True, exist_ok=True)
     save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(target)
     AutoTokenizer.from_pretrained(directory, gguf_file=filename).save_pretrained(target)
-    stamp.write_text(key)
-    return str(target)
+    (target / "from-gguf.txt").write_text(key)
 
 
 def setup_vllm(args: argparse.Namespace, work: dict[str, Any], info: dict[str, Any]) -> GenerateAll:
