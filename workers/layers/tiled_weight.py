@@ -5,8 +5,9 @@ One copy of the tiles serves every use: the matmul of a decode step (SmolLM2's l
 61 us a token against torch's 4-bit kernel, its 49152 x 576 head 1.2 -> 0.6 ms), rows read
 dequantised (an embedding lookup, the LM head's refined rows), and the matmul of larger
 batches: through the tiles too where a VNNI kernel beats the dense copy's float32 matmul
-(`tiles_serve_prefill`), else through a dense copy made on the fly (bfloat16 where the CPU
-multiplies it natively, float32 elsewhere).
+(`tiles_serve_prefill`) and where bfloat16 batches take AMX tiles or AVX-512 BF16 vectors
+(`max_tokens`), else through a dense copy made on the fly (bfloat16 where the CPU multiplies
+it natively, float32 elsewhere).
 """
 
 from __future__ import annotations
