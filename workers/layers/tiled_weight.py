@@ -63,8 +63,8 @@ class TiledWeight:
     """A [N, K] weight as `tile_matmul.pack_tiles` lays it out: tiles [N / 16, K / 32, bytes].
     Batches up to `max_tokens` rows (decode steps; with AMX, prefill chunks up to
     `AMX_TILED_MAX_TOKENS` too; with AVX-512 BF16 and no AMX, every batch) go through the
-    tiles in bfloat16 as the fused decode step computes them; larger ones in float32 where `serves_prefill`, else through a dense copy
-    (`dense`)."""
+    tiles in bfloat16 as the fused decode step computes them; larger ones in float32 where
+    `serves_prefill`, else through a dense copy (`dense`)."""
 
     def __init__(self, tiles: torch.Tensor):
         self.tiles = tiles
