@@ -222,6 +222,13 @@ static inline void store_row(void *out, int out_bf16, int64_t index, __m512 valu
 /* What the bfloat16 paths share (AVX-512 BF16: Zen 4, Cooper Lake, Sapphire Rapids): a row
    tile's groups dequantised to bfloat16, in the pairs that vdpbf16ps and tdpbf16ps take. */
 
+/* Activation bytes a task of the bfloat16 paths multiplies by one row tile, at most: they stay
+   in L2 while the thread's row tiles pass (their weights dequantised once a task). All the
+   rows of a call in one task read them again from memory for each row tile (AMX: SmolLM2's 30
+   layers at 2048 rows, 2 threads, 563 ms against 223 for dense bfloat16 copies; spans of 256
+   rows 334 ms). */
+#define SPAN_BYTES (1 << 20)
+
 /* 1 + q / 16 in float32 for the 4-bit code at bits [bit, bit + 4) of each 32-bit lane (the
    code moved into the top of the mantissa of 1.0f), and 1 + u / 256 for a byte u. */
 #define FRACTION_4(packed, bit)                                                            \
@@ -298,8 +305,6 @@ static inline __attribute__((always_inline)) void bf16_weights(const uint8_t *co
    path's exact weights; below 16 rows it was not measured, and a task's dequantisation is
    shared by fewer rows there). */
 #define BF16_MIN_ROWS 16
-/* Bytes of x a task reads: its rows stay in L2 while the row tiles pass. */
-#define BF16_SPAN_BYTES (1 << 20)
 
 static int bf16_vectors_on = 1;
 
@@ -367,7 +372,7 @@ static int bf16_vector_matmul(const uint16_t *x, int64_t m_rows, int64_t k, cons
     const int64_t groups = k / GROUP, row_tiles = n_cols / TILE_ROWS, pairs = k / 2;
     const int64_t tile_bytes = TILE_BYTES(bits);
     const int64_t blocks = (m_rows + BF16_BLOCK - 1) / BF16_BLOCK;
-    const int64_t spans = (2 * k * m_rows + BF16_SPAN_BYTES - 1) / BF16_SPAN_BYTES;
+    const int64_t spans = (2 * k * m_rows + SPAN_BYTES - 1) / SPAN_BYTES;
     const int64_t span_blocks = (blocks + spans - 1) / spans;
     const uint32_t *rows_x = (const uint32_t *)x; /* row r's pair p at r * pairs + p */
     uint32_t *blocked = aligned_alloc(64, (size_t)((m_rows * pairs * 4 + 63) / 64 * 64));
@@ -738,11 +743,6 @@ static inline __attribute__((always_inline)) void amx_bf16_rows_pair(
     }
 }
 
-/* Activation bytes a task multiplies by one row tile, at most: they stay in L2 while the
-   thread's row tiles pass (their weights dequantised once a task). All the rows of a call in
-   one task read them again from memory for each row tile: SmolLM2's 30 layers at 2048 rows,
-   2 threads, 563 ms against 223 for dense bfloat16 copies; spans of 256 rows 334 ms. */
-#define AMX_SPAN_BYTES (1 << 20)
 
 /* ember_tile_matmul of bfloat16 x with AMX-BF16 tiles: tasks of (a span of rows, a row tile or
    a pair of them) shared by the threads; a last block of fewer than 16 rows is copied, padded
@@ -754,7 +754,7 @@ static int amx_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k, const u
     const int64_t blocks = (m_rows + AMX_ROWS - 1) / AMX_ROWS, padded = blocks * AMX_ROWS;
     /* spans of whole blocks, as even as they go: static shares of (span, row tile) tasks
        give each thread whole spans when there are as many as threads */
-    const int64_t spans = (2 * k * m_rows + AMX_SPAN_BYTES - 1) / AMX_SPAN_BYTES;
+    const int64_t spans = (2 * k * m_rows + SPAN_BYTES - 1) / SPAN_BYTES;
     const int64_t span_rows = (blocks + spans - 1) / spans * AMX_ROWS;
     uint16_t *tail = padded == m_rows ? NULL : calloc((size_t)(AMX_ROWS * k), sizeof(uint16_t));
     if (padded != m_rows && !tail) return 3;
