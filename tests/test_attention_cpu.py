@@ -193,6 +193,22 @@ def test_prefill_kernel_matches_the_torch_reference_on_a_mixed_batch(
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
 
+@needs_c_kernel
+def test_prefill_kernel_over_contexts_longer_than_one_packing_round(prefill_form):
+    # The AMX form packs each request's keys and values once a call, in rounds of at most 16
+    # MiB (8 KiB a chunk of 32 keys and a KV head here): two 9000-token contexts of 4 KV heads
+    # take two rounds, the short request joining the second.
+    query_lens, seq_lens = [16, 5, 16], [9000, 300, 9000]
+    query, kv_cache, metadata = _paged_batch(seq_lens, 8, 4, 64, query_lens)
+    scale = 64**-0.5
+    out = attention_cpu.paged_prefill_attention_cpu(
+        query, kv_cache, metadata.block_table, metadata.query_start_loc, metadata.seq_lens, scale
+    )
+    assert out is not None
+    reference = attention.paged_attention_torch(query, kv_cache, metadata, scale)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_paged_attention_on_cpu_sends_batches_to_the_c_kernels_and_the_rest_to_torch(
     monkeypatch,
 ):
