@@ -737,14 +737,16 @@ static void attend_rows_e4m3(ROWS_ARGS) { ROWS_CALL(attend_rows_avx2, 1); }
    each float32 operand the cache does not already hold in bfloat16 (the queries, the softmax
    weights) goes in as three bfloat16 parts whose sum is that float exactly (8 significand
    bits each): the scores and outputs are float32 sums of the exact products, as the AVX-512
-   kernel's are. Keys in 32-wide chunks: tiles 0 and 1 take a row tile's scores of the chunk's
-   two halves; 2 an A operand (a query part, a weight part), 3 a B operand (keys as columns
-   of bfloat16 pairs, values as rows of pairs); 4-7 the outputs of 64 channels.
-   The B operands are packed once a call for every task that reads them (pack_chunk_amx, all
-   the chunks of a request's KV heads before its tasks start), where each task of 16 tokens
-   packed its keys and values itself: SmolLM2's 30 layers, 2 threads of a Sapphire Rapids,
-   W1's prompts (32 of 32-256 tokens) 192 -> 166 ms, one prompt of 1000 tokens 141 -> 112,
-   of 2000 tokens 509 -> 429. */
+   kernel's are. Keys in steps of 64, two chunks of 32: tiles 0-3 take a row tile's scores of
+   the step's four sets of 16 keys, then its outputs of 64 channels; 4 an A operand (a query
+   part, a weight part), 5 a B operand (keys as columns of bfloat16 pairs, values as rows of
+   pairs). The B operands are packed once a call for every task that reads them
+   (pack_chunk_amx, all the chunks of a request's KV heads before its tasks start), where each
+   task of 16 tokens packed its keys and values itself. SmolLM2's 30 layers, 2 threads of a
+   Sapphire Rapids, W1's prompts (32 of 32-256 tokens) 192 -> 166 ms, one prompt of 1000
+   tokens 141 -> 112, of 2000 tokens 509 -> 429; then steps of 64 keys instead of 32 (one
+   softmax step a row for twice the keys) 1000 tokens 120-126 -> 109-110 ms, 2000 tokens
+   438-449 -> 385. */
 #define AMX_KEYS 32
 #define AMX_MAX_HEAD_DIM 128
 #define AMX_ROW_TILES (TILE_QUERY_ROWS / 16)
@@ -869,10 +871,11 @@ static void attend_rows_amx(float q[][MAX_HEAD_DIM], int64_t rows, const int64_t
                             float acc[][MAX_HEAD_DIM]) {
     const int64_t slices = head_dim / 32, row_tiles = (rows + 15) / 16;
     /* A operands: query parts [part][row tile][slice][16 rows][32], weight parts
-       [part][row tile][16 rows][32 keys]; B operands from `packed` (pack_chunk_amx) */
+       [part][row tile][chunk of the step][16 rows][32 keys]; B operands from `packed`
+       (pack_chunk_amx) */
     uint16_t q_parts[3][AMX_ROW_TILES][AMX_MAX_HEAD_DIM / 32][16][32] __attribute__((aligned(64)));
-    uint16_t w_parts[3][AMX_ROW_TILES][16][AMX_KEYS] __attribute__((aligned(64)));
-    float scores[TILE_QUERY_ROWS][AMX_KEYS] __attribute__((aligned(64)));
+    uint16_t w_parts[3][AMX_ROW_TILES][2][16][AMX_KEYS] __attribute__((aligned(64)));
+    float scores[TILE_QUERY_ROWS][2 * AMX_KEYS] __attribute__((aligned(64)));
     float outputs[16][AMX_MAX_HEAD_DIM] __attribute__((aligned(64)));
     float running_max[TILE_QUERY_ROWS], running_sum[TILE_QUERY_ROWS], correction[TILE_QUERY_ROWS];
     for (int64_t j = 0; j < row_tiles * 16; j++) {
@@ -888,89 +891,117 @@ static void attend_rows_amx(float q[][MAX_HEAD_DIM], int64_t rows, const int64_t
                     _mm256_store_si256((__m256i *)&q_parts[p][j / 16][s][j % 16][16 * h], parts[p]);
             }
     }
-    for (int64_t first = 0; first < len; first += AMX_KEYS) {
-        const int64_t count = len - first < AMX_KEYS ? len - first : AMX_KEYS;
-        const uint8_t *chunk = packed + first / AMX_KEYS * AMX_CHUNK_BYTES(head_dim);
-        const uint16_t (*values_b)[16][32] =
-            (const uint16_t (*)[16][32])(chunk + AMX_KEY_BYTES(head_dim));
-        /* scores of each row tile: tiles 0 and 1 (the chunk's halves) */
+    const int64_t chunk_bytes = AMX_CHUNK_BYTES(head_dim);
+    /* Two chunks of 32 keys a step (one softmax step a row for 64 keys), the second absent
+       past `len` */
+    for (int64_t first = 0; first < len; first += 2 * AMX_KEYS) {
+        const int64_t count = len - first < 2 * AMX_KEYS ? len - first : 2 * AMX_KEYS;
+        const int pair = count > AMX_KEYS;
+        const uint8_t *chunk[2];
+        chunk[0] = packed + first / AMX_KEYS * chunk_bytes;
+        chunk[1] = chunk[0] + chunk_bytes; /* read only where `pair` */
+        /* scores of each row tile: tiles 0-3 (the step's four sets of 16 keys) */
         for (int64_t rt = 0; rt < row_tiles; rt++) {
             _tile_zero(0);
             _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
             for (int64_t s = 0; s < slices; s++) {
                 for (int p = 0; p < 3; p++) {
-                    _tile_loadd(2, q_parts[p][rt][s], 64);
-                    _tile_loadd(3, KEY_TILE(chunk, slices, 0, s), 64);
-                    _tile_dpbf16ps(0, 2, 3);
-                    _tile_loadd(3, KEY_TILE(chunk, slices, 1, s), 64);
-                    _tile_dpbf16ps(1, 2, 3);
+                    _tile_loadd(4, q_parts[p][rt][s], 64);
+                    _tile_loadd(5, KEY_TILE(chunk[0], slices, 0, s), 64);
+                    _tile_dpbf16ps(0, 4, 5);
+                    _tile_loadd(5, KEY_TILE(chunk[0], slices, 1, s), 64);
+                    _tile_dpbf16ps(1, 4, 5);
+                    if (pair) {
+                        _tile_loadd(5, KEY_TILE(chunk[1], slices, 0, s), 64);
+                        _tile_dpbf16ps(2, 4, 5);
+                        _tile_loadd(5, KEY_TILE(chunk[1], slices, 1, s), 64);
+                        _tile_dpbf16ps(3, 4, 5);
+                    }
                 }
             }
-            _tile_stored(0, scores[16 * rt], AMX_KEYS * sizeof(float));
-            _tile_stored(1, scores[16 * rt] + 16, AMX_KEYS * sizeof(float));
+            const int64_t stride = 2 * AMX_KEYS * sizeof(float);
+            _tile_stored(0, scores[16 * rt], stride);
+            _tile_stored(1, scores[16 * rt] + 16, stride);
+            _tile_stored(2, scores[16 * rt] + 32, stride);
+            _tile_stored(3, scores[16 * rt] + 48, stride);
         }
         /* each row's online softmax step; its weights in three parts */
-        const __mmask32 in_chunk = count >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << count) - 1u);
+        const __mmask64 in_step = count >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << count) - 1);
         for (int64_t j = 0; j < row_tiles * 16; j++) {
-            __m256i parts[2][3];
+            __m256i parts[4][3];
             if (j < rows) {
                 const int64_t visible = row_lens[j] - first;
-                const __mmask32 seen = visible >= 32 ? in_chunk
-                    : visible <= 0 ? 0 : in_chunk & (__mmask32)((1u << visible) - 1u);
-                const __mmask16 seen_low = (__mmask16)seen, seen_high = (__mmask16)(seen >> 16);
-                const __m512 low = _mm512_load_ps(scores[j]), high = _mm512_load_ps(scores[j] + 16);
-                const float chunk_max = _mm512_reduce_max_ps(_mm512_max_ps(
-                    _mm512_mask_blend_ps(seen_low, _mm512_set1_ps(-INFINITY), low),
-                    _mm512_mask_blend_ps(seen_high, _mm512_set1_ps(-INFINITY), high)));
-                const float top = chunk_max > running_max[j] ? chunk_max : running_max[j];
-                const __m512 e_low = _mm512_maskz_mov_ps(seen_low, exp_ps(_mm512_sub_ps(low, _mm512_set1_ps(top))));
-                const __m512 e_high = _mm512_maskz_mov_ps(seen_high, exp_ps(_mm512_sub_ps(high, _mm512_set1_ps(top))));
+                const __mmask64 seen = visible >= 64 ? in_step
+                    : visible <= 0 ? 0 : in_step & (((__mmask64)1 << visible) - 1);
+                __mmask16 lanes[4];
+                __m512 x[4];
+                __m512 peak = _mm512_set1_ps(-INFINITY);
+                for (int v = 0; v < 4; v++) {
+                    lanes[v] = (__mmask16)(seen >> (16 * v));
+                    x[v] = _mm512_load_ps(scores[j] + 16 * v);
+                    peak = _mm512_mask_max_ps(peak, lanes[v], peak, x[v]);
+                }
+                const float step_max = _mm512_reduce_max_ps(peak);
+                const float top = step_max > running_max[j] ? step_max : running_max[j];
+                __m512 total = _mm512_setzero_ps();
+                for (int v = 0; v < 4; v++) {
+                    const __m512 e = _mm512_maskz_mov_ps(
+                        lanes[v], exp_ps(_mm512_sub_ps(x[v], _mm512_set1_ps(top))));
+                    total = _mm512_add_ps(total, e);
+                    if (v < 2 || pair) split_bf16(e, parts[v]);
+                }
                 correction[j] = top == running_max[j] ? 1.0f : expf(running_max[j] - top);
-                running_sum[j] = running_sum[j] * correction[j] +
-                                 _mm512_reduce_add_ps(_mm512_add_ps(e_low, e_high));
+                running_sum[j] = running_sum[j] * correction[j] + _mm512_reduce_add_ps(total);
                 running_max[j] = top;
-                split_bf16(e_low, parts[0]);
-                split_bf16(e_high, parts[1]);
             } else {
                 correction[j] = 1.0f;
-                for (int p = 0; p < 3; p++) parts[0][p] = parts[1][p] = _mm256_setzero_si256();
+                for (int v = 0; v < 4; v++)
+                    for (int p = 0; p < 3; p++) parts[v][p] = _mm256_setzero_si256();
             }
-            for (int p = 0; p < 3; p++) {
-                _mm256_store_si256((__m256i *)w_parts[p][j / 16][j % 16], parts[0][p]);
-                _mm256_store_si256((__m256i *)(w_parts[p][j / 16][j % 16] + 16), parts[1][p]);
-            }
+            for (int c = 0; c < 1 + pair; c++)
+                for (int p = 0; p < 3; p++) {
+                    _mm256_store_si256((__m256i *)w_parts[p][j / 16][c][j % 16], parts[2 * c][p]);
+                    _mm256_store_si256((__m256i *)(w_parts[p][j / 16][c][j % 16] + 16),
+                                       parts[2 * c + 1][p]);
+                }
         }
-        /* outputs: each row tile's products into tiles 4-7, 64 channels at a time, then acc =
+        /* outputs: each row tile's products into tiles 0-3, 64 channels at a time, then acc =
            acc * correction + products */
         for (int64_t rt = 0; rt < row_tiles; rt++) {
             for (int64_t c0 = 0; c0 < head_dim / 16; c0 += 4) {
                 const int64_t blocks_here = head_dim / 16 - c0 < 4 ? head_dim / 16 - c0 : 4;
-                _tile_zero(4);
-                _tile_zero(5);
-                _tile_zero(6);
-                _tile_zero(7);
-                for (int p = 0; p < 3; p++) {
-                    _tile_loadd(2, w_parts[p][rt], 64);
-                    _tile_loadd(3, values_b[c0], 64);
-                    _tile_dpbf16ps(4, 2, 3);
-                    if (blocks_here > 1) {
-                        _tile_loadd(3, values_b[c0 + 1], 64);
-                        _tile_dpbf16ps(5, 2, 3);
-                    }
-                    if (blocks_here > 2) {
-                        _tile_loadd(3, values_b[c0 + 2], 64);
-                        _tile_dpbf16ps(6, 2, 3);
-                    }
-                    if (blocks_here > 3) {
-                        _tile_loadd(3, values_b[c0 + 3], 64);
-                        _tile_dpbf16ps(7, 2, 3);
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int c = 0; c < 1 + pair; c++) {
+                    const uint16_t (*values_b)[16][32] =
+                        (const uint16_t (*)[16][32])(chunk[c] + AMX_KEY_BYTES(head_dim));
+                    for (int p = 0; p < 3; p++) {
+                        _tile_loadd(4, w_parts[p][rt][c], 64);
+                        _tile_loadd(5, values_b[c0], 64);
+                        _tile_dpbf16ps(0, 4, 5);
+                        if (blocks_here > 1) {
+                            _tile_loadd(5, values_b[c0 + 1], 64);
+                            _tile_dpbf16ps(1, 4, 5);
+                        }
+                        if (blocks_here > 2) {
+                            _tile_loadd(5, values_b[c0 + 2], 64);
+                            _tile_dpbf16ps(2, 4, 5);
+                        }
+                        if (blocks_here > 3) {
+                            _tile_loadd(5, values_b[c0 + 3], 64);
+                            _tile_dpbf16ps(3, 4, 5);
+                        }
                     }
                 }
                 const int64_t stride = AMX_MAX_HEAD_DIM * sizeof(float);
-                _tile_stored(4, outputs[0] + 16 * c0, stride);
-                if (blocks_here > 1) _tile_stored(5, outputs[0] + 16 * (c0 + 1), stride);
-                if (blocks_here > 2) _tile_stored(6, outputs[0] + 16 * (c0 + 2), stride);
-                if (blocks_here > 3) _tile_stored(7, outputs[0] + 16 * (c0 + 3), stride);
+                _tile_stored(0, outputs[0] + 16 * c0, stride);
+                if (blocks_here > 1) _tile_stored(1, outputs[0] + 16 * (c0 + 1), stride);
+                if (blocks_here > 2) _tile_stored(2, outputs[0] + 16 * (c0 + 2), stride);
+                if (blocks_here > 3) _tile_stored(3, outputs[0] + 16 * (c0 + 3), stride);
             }
             for (int64_t r = 0; r < 16; r++) {
                 const int64_t j = 16 * rt + r;
