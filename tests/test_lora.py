@@ -368,10 +368,14 @@ def _drop_fused_decode_step(worker) -> None:
     worker.model_runner.cpu_decode = None
 
 
-def _turn_amx_off(worker) -> None:
+def _vnni_path_only(worker) -> None:
+    """Every batch on the VNNI tile path, whose rows are computed each on its own: AMX tiles
+    and AVX-512 BF16 vectors off (both multiply batches of 16 rows and more by bfloat16
+    weights, fewer rows taking the exact ones)."""
     from ember.kernels import tile_matmul
 
     tile_matmul.use_amx(False)
+    tile_matmul.use_bf16_vectors(False)
 
 
 def _count_one_call_adapter_steps(worker) -> None:
@@ -441,12 +445,13 @@ def test_gguf_fused_decode_step_serves_the_steps_without_an_adapter(default_gguf
     adapter = LoRARequest("qv", 1, path)
     with LLM(default_gguf, enable_lora=True, max_lora_rank=8) as llm:
         assert llm.collective_rpc(_uses_fused_decode_step) == [True]
-        # On a CPU with AMX a matmul of 16 rows and more multiplies bfloat16 weights
+        # With AMX or AVX-512 BF16 a matmul of 16 rows and more multiplies bfloat16 weights
         # (`tile_matmul.multiplies_in_bfloat16`) where fewer rows take the exact ones by 15-bit
         # groups of activations, which moves this random adapter's flat distributions by up to
-        # half a nat (its mixed batch has twice the rows); the tiles are off here, so that every
-        # batch takes the vector path, whose rows are computed each on its own.
-        llm.collective_rpc(_turn_amx_off)
+        # half a nat (its mixed batch has twice the rows: a prefill of 24 rows against 12);
+        # both are off here, so that every batch takes the VNNI path, whose rows are computed
+        # each on its own.
+        llm.collective_rpc(_vnni_path_only)
         base = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         llm.collective_rpc(_count_one_call_adapter_steps)
         alone = llm.generate(prompts, params, lora_request=adapter)
