@@ -793,6 +793,8 @@ static inline __m256i cache_bf16(const void *cache, int64_t index, int fp8) {
 #define AMX_CHUNK_BYTES(head_dim) (AMX_KEY_BYTES(head_dim) + ((head_dim) / 16) * 1024)
 /* The keys' B tile of a chunk's half (16 keys) and slice (32 channels) */
 #define KEY_TILE(chunk, slices, half, s) ((chunk) + ((half) * (slices) + (s)) * 1024)
+/* The packed chunks of one KV head of a request of seq_len cached tokens */
+#define KEY_CHUNKS(seq_len) (((seq_len) + AMX_KEYS - 1) / AMX_KEYS)
 
 /* 32 cache values at `index` (either format) as 32 bfloat16, exactly: a bfloat16 cache's bits
    as they are (bfloat16 and e4m3 values are bfloat16 values). */
@@ -1097,7 +1099,7 @@ int ember_paged_prefill_attention(
         first_chunk[0] = 0;
         int64_t largest = 0;
         for (int64_t r = 0; r < num_reqs; r++) {
-            const int64_t chunks = (seq_lens[r] + AMX_KEYS - 1) / AMX_KEYS * num_kv_heads;
+            const int64_t chunks = KEY_CHUNKS(seq_lens[r]) * num_kv_heads;
             first_chunk[r + 1] = first_chunk[r] + chunks;
             if (chunks > largest) largest = chunks;
         }
@@ -1138,7 +1140,7 @@ int ember_paged_prefill_attention(
                 if (first_chunk[middle] <= item) r = middle;
                 else high = middle;
             }
-            const int64_t chunks = (seq_lens[r] + AMX_KEYS - 1) / AMX_KEYS;
+            const int64_t chunks = KEY_CHUNKS(seq_lens[r]);
             const int64_t h = (item - first_chunk[r]) / chunks, c = (item - first_chunk[r]) % chunks;
             (view.fp8 ? pack_chunk_amx_e4m3 : pack_chunk_amx_bf16)(
                 kv_cache, h * head_dim, view.value_offset, view.token_stride,
@@ -1177,7 +1179,7 @@ int ember_paged_prefill_attention(
         const int64_t len = first_position + tokens;
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
         if (by_tiles) {
-            const int64_t chunks = (seq_lens[r] + AMX_KEYS - 1) / AMX_KEYS;
+            const int64_t chunks = KEY_CHUNKS(seq_lens[r]);
             attend_rows_amx(q, rows, row_lens, head_dim,
                             packed + (first_chunk[r] - first_chunk[round_first] + h * chunks) * chunk_bytes,
                             len, view.output_scale, acc);
