@@ -144,8 +144,11 @@ def paged_attention(
     logits_soft_cap: float | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Causal attention of `query` [T, Hq, D] over the cached keys/values of each request.
+    """Causal attention of `query` [T, Hq, D] over the cached keys/values of each request,
+    in `out_dtype` (None: the query's; the CPU prefill kernel writes bfloat16 itself, the
+    other paths convert their output as a cast would).
 
     The keys and values of this step must already be in `kv_cache` (see `write_kv_cache`).
     Query token j of a chunk of length q_len sits at position seq_len - q_len + j and sees the
@@ -174,6 +177,7 @@ def paged_attention(
             logits_soft_cap,
             k_scale=k_scale,
             v_scale=v_scale,
+            out_dtype=out_dtype,
         )
     num_decodes = metadata.num_decodes
     kv_scales = _kv_scales(kv_cache, k_scale, v_scale)
@@ -198,6 +202,7 @@ def paged_attention(
             scale,
             k_scale=k_scale,
             v_scale=v_scale,
+            out_dtype=out_dtype or query.dtype,
         )
         if output is not None:
             return output
@@ -213,7 +218,7 @@ def paged_attention(
             v_scale=v_scale,
         )
         if decodes is not None:  # else: no compiler, or a shape beyond the kernel
-            return _beside_chunks(
+            output = _beside_chunks(
                 decodes,
                 query,
                 kv_cache,
@@ -223,7 +228,8 @@ def paged_attention(
                 logits_soft_cap,
                 kv_scales,
             )
-    return paged_attention_torch(
+            return output if out_dtype is None else output.to(out_dtype)
+    output = paged_attention_torch(
         query,
         kv_cache,
         metadata,
@@ -233,6 +239,7 @@ def paged_attention(
         k_scale=k_scale,
         v_scale=v_scale,
     )
+    return output if out_dtype is None else output.to(out_dtype)
 
 
 def paged_attention_torch(

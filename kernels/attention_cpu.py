@@ -37,7 +37,7 @@ def _library() -> ctypes.CDLL | None:
     function.restype = ctypes.c_int
     function = library.ember_paged_prefill_attention
     function.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64]
-    function.argtypes += [ctypes.c_float, ptr, i64, ptr, ptr]
+    function.argtypes += [ctypes.c_float, ptr, ctypes.c_int, i64, ptr, ptr]
     function.restype = ctypes.c_int
     library.ember_prefill_use_amx.argtypes = [ctypes.c_int]
     library.ember_prefill_use_amx.restype = ctypes.c_int
@@ -166,12 +166,16 @@ def paged_prefill_attention_cpu(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | None:
     """Causal attention of a batch of prefill chunks and decodes, `query` [T, Hq, D] float32
     (request r's tokens at `query_start_loc` [R + 1] int32, the last of its `seq_lens` [R]
     int32 cached tokens), over the bfloat16 or e4m3 cache of `block_table` [R, n] int64: one
     call for the whole batch, each key read once for a few tokens' query heads; no sliding
-    window. None when the kernel cannot serve these inputs (the caller falls back)."""
+    window. The output in `out_dtype`: float32, or bfloat16 rounded as torch's cast rounds the
+    float32 one. None when the kernel cannot serve these inputs (the caller falls back)."""
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        return None
     served = _served(
         query,
         kv_cache,
@@ -189,7 +193,7 @@ def paged_prefill_attention_cpu(
     query_start_loc = query_start_loc.contiguous()
     _, num_heads, head_dim = query.shape
     _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
-    out = torch.empty_like(query)
+    out = torch.empty_like(query, dtype=out_dtype)
     status = library.ember_paged_prefill_attention(
         query.data_ptr(),
         kv_cache.data_ptr(),
@@ -205,6 +209,7 @@ def paged_prefill_attention_cpu(
         num_blocks,
         scale,
         out.data_ptr(),
+        out_dtype == torch.bfloat16,
         cache_format,
         _scale_pointer(k_scale if cache_format == 1 else None),
         _scale_pointer(v_scale if cache_format == 1 else None),

@@ -321,9 +321,27 @@ def paged_attention_triton(
     logits_soft_cap: float | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Same contract as `ember.kernels.attention.paged_attention_torch`, in one launch, reading
-    only device tensors of `metadata` (and `max_query_len`, a host int)."""
+    only device tensors of `metadata` (and `max_query_len`, a host int); the output cast to
+    `out_dtype` where one is given, as `paged_attention` returns it."""
+    output = _paged_attention(
+        query, kv_cache, metadata, scale, sliding_window, logits_soft_cap, k_scale, v_scale
+    )
+    return output if out_dtype is None else output.to(out_dtype)
+
+
+def _paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+    logits_soft_cap: float | None,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+) -> torch.Tensor:
     num_tokens, num_query_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     queries_per_kv = num_query_heads // num_kv_heads

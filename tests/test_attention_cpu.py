@@ -209,6 +209,38 @@ def test_prefill_kernel_over_contexts_longer_than_one_packing_round(prefill_form
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
 
+@needs_c_kernel
+@pytest.mark.parametrize(
+    "num_heads, num_kv_heads, head_dim",
+    # 40: the rows' last 8 channels rounded one by one after the vectors
+    [(9, 3, 64), (8, 2, 128), (6, 2, 32), (4, 2, 40)],
+)
+def test_prefill_kernel_writes_bfloat16_as_torch_casts_its_float32_output(
+    num_heads, num_kv_heads, head_dim, prefill_form
+):
+    query_lens, seq_lens = [1, 5, 37, 250], [9, 30, 37, 250]
+    query, kv_cache, metadata = _paged_batch(
+        seq_lens, num_heads, num_kv_heads, head_dim, query_lens
+    )
+    args = (query, kv_cache, metadata.block_table, metadata.query_start_loc, metadata.seq_lens)
+    scale = head_dim**-0.5
+    out32 = attention_cpu.paged_prefill_attention_cpu(*args, scale)
+    out16 = attention_cpu.paged_prefill_attention_cpu(*args, scale, out_dtype=torch.bfloat16)
+    assert out32 is not None and out16 is not None and out16.dtype == torch.bfloat16
+    assert torch.equal(out16.view(torch.int16), out32.to(torch.bfloat16).view(torch.int16))
+    # through the dispatch too, and the paths that convert afterwards (decodes alone)
+    dispatched = attention.paged_attention(
+        query, kv_cache, metadata, scale, out_dtype=torch.bfloat16
+    )
+    assert torch.equal(dispatched.view(torch.int16), out16.view(torch.int16))
+    decodes, _, decode_metadata = _paged_batch([9, 40], num_heads, num_kv_heads, head_dim)
+    decoded = attention.paged_attention(decodes, kv_cache, decode_metadata, scale)
+    decoded16 = attention.paged_attention(
+        decodes, kv_cache, decode_metadata, scale, out_dtype=torch.bfloat16
+    )
+    assert torch.equal(decoded16.view(torch.int16), decoded.to(torch.bfloat16).view(torch.int16))
+
+
 def test_paged_attention_on_cpu_sends_batches_to_the_c_kernels_and_the_rest_to_torch(
     monkeypatch,
 ):

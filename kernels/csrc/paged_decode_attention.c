@@ -1032,6 +1032,26 @@ int ember_prefill_tiles_serve(int64_t head_dim) {
 }
 #endif
 
+/* One output row of head_dim floats, at element `index` of `out`: float32, or rounded to
+   bfloat16 where `out_bf16`. */
+static inline void store_output_row(void *out, int out_bf16, int64_t index, const float *row,
+                                    int64_t head_dim) {
+    if (!out_bf16) {
+        memcpy((float *)out + index, row, sizeof(float) * head_dim);
+        return;
+    }
+    uint16_t *dst = (uint16_t *)out + index;
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    for (; d + 16 <= head_dim; d += 16)
+        _mm256_storeu_si256((__m256i *)(dst + d), bf16_from_ps(_mm512_loadu_ps(row + d)));
+#elif defined(__AVX2__) && defined(__FMA__)
+    for (; d + 8 <= head_dim; d += 8)
+        _mm_storeu_si128((__m128i *)(dst + d), bf16_from_ps8(_mm256_loadu_ps(row + d)));
+#endif
+    for (; d < head_dim; d++) dst[d] = float_to_bf16(row[d]);
+}
+
 /* Causal attention of a batch of prefill chunks (and decodes: chunks of one token) over the
    cache, which holds this step's keys and values. Request r's q_len = query_start_loc[r + 1] -
    query_start_loc[r] tokens are the last of its seq_lens[r] cached tokens; token i of the
@@ -1040,13 +1060,15 @@ int ember_prefill_tiles_serve(int64_t head_dim) {
    A task is one KV head of a few consecutive tokens of a request (8 / group of them, so that
    their query heads, at most 8 rows, keep their sums in registers as a decode's do): each
    cached key and value it reads serves all those rows, and the rows past a token's position
-   are masked. Without a sliding window (the caller's torch path serves those). */
+   are masked. Without a sliding window (the caller's torch path serves those). `out` is
+   float32, or bfloat16 where `out_bf16` (rounded to nearest even, as torch's cast; the next
+   projection's input dtype, so its conversion pass and half the stores are saved). */
 int ember_paged_prefill_attention(
     const float *query, const void *kv_cache, const int64_t *block_table,
     int64_t table_stride, const int32_t *query_start_loc, const int32_t *seq_lens,
     int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    int64_t block_size, int64_t num_blocks, float scale, float *out, int64_t cache_format,
-    const float *k_scale, const float *v_scale) {
+    int64_t block_size, int64_t num_blocks, float scale, void *out, int out_bf16,
+    int64_t cache_format, const float *k_scale, const float *v_scale) {
     CacheView view;
     if (cache_view(num_heads, num_kv_heads, head_dim, block_size, num_blocks, scale,
                    cache_format, k_scale, v_scale, &view))
@@ -1201,8 +1223,8 @@ int ember_paged_prefill_attention(
         for (int64_t i = 0; i < tokens; i++) {
             const int64_t token = query_start_loc[r] + first_token + i;
             for (int64_t g = 0; g < group; g++)
-                memcpy(out + (token * num_heads + h * group + g) * head_dim, acc[i * group + g],
-                       sizeof(float) * head_dim);
+                store_output_row(out, out_bf16, (token * num_heads + h * group + g) * head_dim,
+                                 acc[i * group + g], head_dim);
         }
     } /* the barrier here: the round's tasks done before the next round packs over them */
     }

@@ -78,8 +78,14 @@ class Attention(nn.Module):
         )
         return self.attend(query, attn_metadata)
 
-    def attend(self, query: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
-        """query [T, Hq, D] over the cache, which holds this step's keys and values -> [T, Hq*D]."""
+    def attend(
+        self,
+        query: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        out_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """query [T, Hq, D] over the cache, which holds this step's keys and values -> [T, Hq*D]
+        in `out_dtype` (None: the query's)."""
         num_tokens = query.shape[0]
         output = paged_attention(
             query,
@@ -90,6 +96,7 @@ class Attention(nn.Module):
             logits_soft_cap=self.logits_soft_cap,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
+            out_dtype=out_dtype,
         )
         return output.view(num_tokens, self.num_heads * self.head_dim)
 
@@ -100,17 +107,19 @@ class Attention(nn.Module):
         rotary_emb: RotaryEmbedding,
         attn_metadata: AttentionMetadata,
         dtype: torch.dtype | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """The fused projection's output qkv [T, (Hq + 2 Hkv) D]: queries and keys rotated by
         `rotary_emb`, keys and values stored in the cache, then attention -> [T, Hq*D]. The
         rotation and the store are one C call where `rotate_into_cache` serves. `dtype`: the
         model's activations, where qkv comes narrower (a bfloat16 projection under float32
-        activations): the values are widened to it as they are read."""
+        activations): the values are widened to it as they are read. `out_dtype`: the output's
+        (None: `dtype`), the values of the attention's output cast to it."""
         dtype = dtype or qkv.dtype
         if dtype == torch.float32:  # the C call reads float32 or bfloat16 into float32 math
             query = self.rotate_into_cache(qkv, positions, rotary_emb, attn_metadata)
             if query is not None:
-                return self.attend(query, attn_metadata)
+                return self.attend(query, attn_metadata, out_dtype)
         qkv = qkv.to(dtype)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         query, key, value = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -120,7 +129,8 @@ class Attention(nn.Module):
             key.reshape(-1, self.num_kv_heads, self.head_dim),
             attn_metadata.derived,
         )
-        return self(query, key, value, attn_metadata)  # the module's call: its hooks see it
+        output = self(query, key, value, attn_metadata)  # the module's call: its hooks see it
+        return output if out_dtype is None else output.to(out_dtype)
 
     def rotate_into_cache(
         self,

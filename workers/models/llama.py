@@ -235,8 +235,9 @@ class LlamaDecoderLayer(nn.Module):
             attention.rotary_emb,
             attn_metadata,
             dtype=residual.dtype,
+            out_dtype=narrow,  # the CPU prefill kernel writes it directly
         )
-        hidden_states = attention.o_proj(attn_output.to(narrow))
+        hidden_states = attention.o_proj(attn_output)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, narrow)
         return getattr(self, self.mlp_name)(hidden_states), residual
 
