@@ -90,6 +90,12 @@ static int add_lora(const Model *model, const LoraWeights *weights, const int64_
                                   weights->slices, n, out);
 }
 
+/* A step's scratch buffer on a cache line, so that its rows start on lines where their widths
+   are whole lines: an AMX tile load of a row that straddles two lines reads both (SmolLM2's 30
+   layers at 32 rows, x 16 bytes off a line: 9.5-9.8 ms against 7.2-7.7; malloc's blocks are
+   only 16-byte aligned) */
+static void *scratch(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
 int ember_decode_step(const Model *model, int64_t tokens, float *residual,
                       const int64_t *positions, const int64_t *slots, const int64_t *block_table,
                       int64_t table_stride, const int32_t *seq_lens, float *hidden_out,
@@ -104,14 +110,14 @@ int ember_decode_step(const Model *model, int64_t tokens, float *residual,
     const int64_t qkv_width = (heads + 2 * kv_heads) * dim, attn_width = heads * dim;
     const int64_t cache_slots = model->num_blocks * model->block_size;
 
-    uint16_t *normed = malloc(sizeof(uint16_t) * tokens * hidden);
-    uint16_t *x = malloc(sizeof(uint16_t) * tokens * hidden);
-    uint16_t *qkv = malloc(sizeof(uint16_t) * tokens * qkv_width);
-    float *query = malloc(sizeof(float) * tokens * attn_width);
-    float *attn = malloc(sizeof(float) * tokens * attn_width);
-    uint16_t *attn_bf16 = malloc(sizeof(uint16_t) * tokens * attn_width);
-    uint16_t *gate_up = malloc(sizeof(uint16_t) * tokens * 2 * inter);
-    uint16_t *act = malloc(sizeof(uint16_t) * tokens * inter);
+    uint16_t *normed = scratch(sizeof(uint16_t) * tokens * hidden);
+    uint16_t *x = scratch(sizeof(uint16_t) * tokens * hidden);
+    uint16_t *qkv = scratch(sizeof(uint16_t) * tokens * qkv_width);
+    float *query = scratch(sizeof(float) * tokens * attn_width);
+    float *attn = scratch(sizeof(float) * tokens * attn_width);
+    uint16_t *attn_bf16 = scratch(sizeof(uint16_t) * tokens * attn_width);
+    uint16_t *gate_up = scratch(sizeof(uint16_t) * tokens * 2 * inter);
+    uint16_t *act = scratch(sizeof(uint16_t) * tokens * inter);
     int status = 3;
     if (!normed || !x || !qkv || !query || !attn || !attn_bf16 || !gate_up || !act) goto done;
 
