@@ -326,22 +326,6 @@ def paged_attention_triton(
     """Same contract as `ember.kernels.attention.paged_attention_torch`, in one launch, reading
     only device tensors of `metadata` (and `max_query_len`, a host int); the output cast to
     `out_dtype` where one is given, as `paged_attention` returns it."""
-    output = _paged_attention(
-        query, kv_cache, metadata, scale, sliding_window, logits_soft_cap, k_scale, v_scale
-    )
-    return output if out_dtype is None else output.to(out_dtype)
-
-
-def _paged_attention(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    metadata: AttentionMetadata,
-    scale: float,
-    sliding_window: int | None,
-    logits_soft_cap: float | None,
-    k_scale: torch.Tensor | None,
-    v_scale: torch.Tensor | None,
-) -> torch.Tensor:
     num_tokens, num_query_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     queries_per_kv = num_query_heads // num_kv_heads
@@ -350,7 +334,7 @@ def _paged_attention(
     block_q = block_m // queries_per_kv
     output = torch.empty_like(query, memory_format=torch.contiguous_format)
     if num_tokens == 0 or num_reqs == 0:
-        return output
+        return output if out_dtype is None else output.to(out_dtype)
     if query.stride(-1) != 1:
         query = query.contiguous()
     cache, k_scale, v_scale, fp8 = _cache_and_scales(kv_cache, k_scale, v_scale)
@@ -392,4 +376,4 @@ def _paged_attention(
         DOT_IN_FLOAT32=interpreted,
         CACHE_FP8=fp8,
     )
-    return output
+    return output if out_dtype is None else output.to(out_dtype)
